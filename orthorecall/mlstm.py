@@ -1,0 +1,291 @@
+"""The mLSTM matrix-memory recurrence, its single step and two sequence forms.
+
+Per head, with queries q_t, keys k_t, values v_t (width d) and gate
+pre-activations ĩ_t, f̃_t (REFERENCE §2.5):
+
+    log f_t = log_sigmoid(f̃_t)
+    m_t     = max(log f_t + m_{t-1}, ĩ_t)                 (stabilizer, m_0 = 0)
+    C_t     = e^{log f_t + m_{t-1} - m_t} C_{t-1} + e^{ĩ_t - m_t} k̂_t v_tᵀ
+    n_t     = e^{log f_t + m_{t-1} - m_t} n_{t-1} + e^{ĩ_t - m_t} k̂_t
+    h̃_t     = q_tᵀ R(C_t) / (max(|q_tᵀ n_t|, e^{-m_t}) + 1e-6)
+
+with k̂ = k / √d and R the read (``ReadConfig``): C itself, NS_k(C) or the
+polar factor of C. The read is used only for h̃; the state keeps the raw C.
+
+Two sequence forms compute the same thing:
+
+* ``recurrent_sequence``: ``lax.scan`` over time of ``memory_step``.
+* ``chunkwise_sequence``: ``lax.scan`` over chunks of L positions; inside a
+  chunk every position is computed at once from the chunk-start state with
+  L x L decay matrices, and the stabilizer is reproduced exactly as the
+  recurrence computes it (so the two agree to float32 rounding even for reads
+  that are not scale invariant). For a non-raw read, C_t of all L positions is
+  formed with one batched product and read at once. The chunk body runs under
+  ``jax.checkpoint``: backward keeps only chunk-boundary states.
+
+Resets (per batch element and step) mean "this step starts a new episode": the
+state is cleared (C, n, m = 0) before the step is processed.
+
+Shapes: B batch, T time, H heads, d head width. All state is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from orthorecall.newton_schulz import ReadConfig
+
+# Added to the normalizer, as in the reference.
+DENOMINATOR_EPS = 1e-6
+# Stands in for log(0) in masked decay entries: finite, so gradients through
+# the masks stay finite, and exp(_LOG_ZERO - m) underflows to exactly 0.
+_LOG_ZERO = -1e30
+
+
+class MemoryState(NamedTuple):
+    """Recurrent state of the memory, float32.
+
+    Attributes:
+        c: (B, H, d, d) matrix memory (stabilized: true memory x e^{-m}).
+        n: (B, H, d) normalizer (stabilized likewise).
+        m: (B, H) log-scale stabilizer.
+    """
+
+    c: jax.Array
+    n: jax.Array
+    m: jax.Array
+
+
+def initial_memory_state(batch_size: int, num_heads: int, head_dim: int) -> MemoryState:
+    """The all-zero state of a fresh episode (m_0 = 0)."""
+    for name, value in (("batch_size", batch_size), ("num_heads", num_heads),
+                        ("head_dim", head_dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return MemoryState(
+        c=jnp.zeros((batch_size, num_heads, head_dim, head_dim), jnp.float32),
+        n=jnp.zeros((batch_size, num_heads, head_dim), jnp.float32),
+        m=jnp.zeros((batch_size, num_heads), jnp.float32),
+    )
+
+
+def _clear(state: MemoryState, reset: jax.Array) -> MemoryState:
+    """Zeros the state of the batch elements whose ``reset`` (B,) is true."""
+    keep = jnp.logical_not(reset)
+    return MemoryState(
+        c=jnp.where(keep[:, None, None, None], state.c, 0.0),
+        n=jnp.where(keep[:, None, None], state.n, 0.0),
+        m=jnp.where(keep[:, None], state.m, 0.0),
+    )
+
+
+def _normalized_read(numerator, q_dot_n, m):
+    denominator = jnp.maximum(jnp.abs(q_dot_n), jnp.exp(-m)) + DENOMINATOR_EPS
+    return numerator / denominator[..., None]
+
+
+def memory_step(
+    state: MemoryState,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    input_gate: jax.Array,
+    forget_gate: jax.Array,
+    reset: jax.Array | None,
+    read: ReadConfig,
+) -> tuple[jax.Array, MemoryState]:
+    """One step of the recurrence.
+
+    Args:
+        state: ``MemoryState`` with leading batch B.
+        q, k, v: (B, H, d) query, key, value (any float dtype; cast to float32).
+        input_gate, forget_gate: (B, H) gate pre-activations ĩ, f̃.
+        reset: (B,) bool, or None; true clears the state before this step.
+        read: the read applied to C_t.
+
+    Returns:
+        (h̃ of shape (B, H, d) float32, the new ``MemoryState``).
+    """
+    if reset is not None:
+        state = _clear(state, reset)
+    q, k, v, i_pre, f_pre = (x.astype(jnp.float32) for x in (q, k, v, input_gate, forget_gate))
+    k = k / math.sqrt(k.shape[-1])
+    log_f = jax.nn.log_sigmoid(f_pre)
+    m = jnp.maximum(log_f + state.m, i_pre)
+    f_scale = jnp.exp(log_f + state.m - m)
+    i_scale = jnp.exp(i_pre - m)
+    c = f_scale[..., None, None] * state.c + i_scale[..., None, None] * (k[..., :, None] * v[..., None, :])
+    n = f_scale[..., None] * state.n + i_scale[..., None] * k
+    numerator = jnp.einsum("bhk,bhkv->bhv", q, read(c))
+    h = _normalized_read(numerator, jnp.sum(q * n, axis=-1), m)
+    return h, MemoryState(c, n, m)
+
+
+def _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state):
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "q, k, v must all have shape (batch, time, heads, head_dim); got "
+            f"{q.shape}, {k.shape}, {v.shape}.")
+    b, t, h, d = q.shape
+    for name, gate in (("input_gate", input_gate), ("forget_gate", forget_gate)):
+        if gate.shape != (b, t, h):
+            raise ValueError(f"{name} must have shape {(b, t, h)}, got {gate.shape}.")
+    if reset is not None and reset.shape != (b, t):
+        raise ValueError(f"reset must have shape {(b, t)} (batch, time), got {reset.shape}.")
+    if state is not None and state.c.shape != (b, h, d, d):
+        raise ValueError(
+            f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
+
+
+def recurrent_sequence(
+    q, k, v, input_gate, forget_gate, *, read: ReadConfig,
+    reset: jax.Array | None = None, state: MemoryState | None = None,
+) -> tuple[jax.Array, MemoryState]:
+    """The recurrence over a sequence, one ``memory_step`` per position.
+
+    Args:
+        q, k, v: (B, T, H, d).
+        input_gate, forget_gate: (B, T, H) pre-activations.
+        read: the read.
+        reset: optional (B, T) bool; true at t clears the state before step t.
+        state: optional initial ``MemoryState``; zeros when None.
+
+    Returns:
+        (h̃ (B, T, H, d) float32, final ``MemoryState``).
+
+    Raises:
+        ValueError: inconsistent shapes.
+    """
+    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
+    b, t, h, d = q.shape
+    if state is None:
+        state = initial_memory_state(b, h, d)
+    if reset is None:
+        reset = jnp.zeros((b, t), bool)
+    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, input_gate, forget_gate, reset)]
+
+    def body(carry, xs):
+        q_t, k_t, v_t, i_t, f_t, r_t = xs
+        out, carry = memory_step(carry, q_t, k_t, v_t, i_t, f_t, r_t, read)
+        return carry, out
+
+    final, outs = jax.lax.scan(body, state, time_major)
+    return jnp.moveaxis(outs, 0, 1), final
+
+
+def chunkwise_sequence(
+    q, k, v, input_gate, forget_gate, *, read: ReadConfig,
+    reset: jax.Array | None = None, state: MemoryState | None = None,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, MemoryState]:
+    """The same function as ``recurrent_sequence``, chunk by chunk.
+
+    ``chunk_size`` need not divide T: the tail is padded with identity steps
+    (forget 1, input 0) that leave the state unchanged and are dropped.
+
+    Args and returns: as ``recurrent_sequence``, plus ``chunk_size`` (>= 1).
+
+    Raises:
+        ValueError: inconsistent shapes or a bad chunk size.
+    """
+    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    b, t, h, d = q.shape
+    if state is None:
+        state = initial_memory_state(b, h, d)
+    if reset is None:
+        reset = jnp.zeros((b, t), bool)
+    size = min(chunk_size, t)
+    num_chunks = -(-t // size)
+    pad = num_chunks * size - t
+
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    k = k / math.sqrt(d)
+    log_f = jax.nn.log_sigmoid(forget_gate.astype(jnp.float32))
+    i_pre = input_gate.astype(jnp.float32)
+    if pad:
+        time_pad = lambda x, value: jnp.pad(
+            x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+        q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
+        log_f = time_pad(log_f, 0.0)
+        i_pre = time_pad(i_pre, _LOG_ZERO)
+        reset = time_pad(reset, False)
+
+    def to_chunks(x):
+        # (B, T, H, ...) -> (num_chunks, B, H, L, ...)
+        x = x.reshape((b, num_chunks, size) + x.shape[2:])
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 2, 3)
+    xs = (
+        to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(log_f), to_chunks(i_pre),
+        jnp.moveaxis(reset.reshape(b, num_chunks, size), 1, 0),
+    )
+
+    body = jax.checkpoint(lambda carry, chunk: _chunk(carry, chunk, read), prevent_cse=False)
+    final, outs = jax.lax.scan(body, state, xs)
+    # (num_chunks, B, H, L, d) -> (B, T, H, d)
+    outs = jnp.moveaxis(outs, 0, 1)
+    outs = jnp.moveaxis(outs, 2, 3).reshape(b, num_chunks * size, h, d)
+    return outs[:, :t], final
+
+
+def _chunk(state: MemoryState, chunk, read: ReadConfig):
+    """All positions of one chunk from the chunk-start state.
+
+    chunk: q, k̂, v (B, H, L, d); log_f, ĩ (B, H, L); reset (B, L).
+    """
+    q, k, v, log_f, i_pre, reset = chunk
+    size = q.shape[2]
+    positions = jnp.arange(size)
+    # Within-chunk segments: a reset at s starts segment s' = #resets <= s.
+    segment = jnp.cumsum(reset.astype(jnp.int32), axis=-1)             # (B, L)
+    carries_in = (segment == 0)[:, None, :]                              # (B, 1, L)
+    # First position of the segment of t (0 when no reset so far).
+    segment_start = jax.lax.cummax(jnp.where(reset, positions, 0), axis=1)  # (B, L)
+
+    cum_log_f = jnp.cumsum(log_f, axis=-1)                              # F_t, (B, H, L)
+    before = jnp.pad(cum_log_f, [(0, 0), (0, 0), (1, 0)])[..., :-1]      # F_{t-1}
+    f_before_start = jnp.take_along_axis(
+        before, jnp.broadcast_to(segment_start[:, None, :], before.shape), axis=-1)
+
+    # log of the decay from source s to target t, causal and within a segment.
+    log_decay = cum_log_f[..., :, None] - cum_log_f[..., None, :] + i_pre[..., None, :]
+    same_segment = segment[:, :, None] == segment[:, None, :]
+    causal = positions[:, None] >= positions[None, :]
+    valid = (causal & same_segment)[:, None]                            # (B, 1, L, L)
+    log_decay = jnp.where(valid, log_decay, _LOG_ZERO)
+
+    # The stabilizer exactly as the recurrence computes it: the running max of
+    # the carried-in log-scale and every source's log-weight.
+    carried = cum_log_f - f_before_start + jnp.where(carries_in, state.m[..., None], 0.0)
+    m = jnp.maximum(carried, jnp.max(log_decay, axis=-1))                # (B, H, L)
+    decay = jnp.exp(log_decay - m[..., None])                            # (B, H, L, L)
+    state_scale = jnp.where(carries_in, jnp.exp(cum_log_f + state.m[..., None] - m), 0.0)
+
+    n = state_scale[..., None] * state.n[:, :, None, :] + jnp.matmul(decay, k)  # (B, H, L, d)
+    q_dot_n = jnp.sum(q * n, axis=-1)
+    if read.is_raw:
+        scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay          # (B, H, L, L)
+        numerator = (jnp.matmul(scores, v)
+                     + state_scale[..., None] * jnp.matmul(q, state.c))
+        last_c = None
+    else:
+        # C_t for every t: state part plus sum_s decay[t, s] k̂_s v_sᵀ, as one
+        # batched (d x L) @ (L x d) product per position.
+        weighted_keys = decay[..., :, :, None] * k[..., None, :, :]      # (B, H, L, L, d)
+        c = (state_scale[..., None, None] * state.c[:, :, None]
+             + jnp.matmul(jnp.swapaxes(weighted_keys, -1, -2), v[:, :, None]))
+        numerator = jnp.einsum("bhtk,bhtkv->bhtv", q, read(c))
+        last_c = c[:, :, -1]
+    h = _normalized_read(numerator, q_dot_n, m)
+
+    if last_c is None:
+        last_weights = decay[..., -1, :]                                 # (B, H, L)
+        last_c = (state_scale[..., -1, None, None] * state.c
+                  + jnp.matmul(jnp.swapaxes(k * last_weights[..., None], -1, -2), v))
+    new_state = MemoryState(c=last_c, n=n[:, :, -1], m=m[..., -1])
+    return new_state, h

@@ -1,0 +1,286 @@
+"""Reads of a matrix memory: raw, Newton–Schulz orthogonalized, exact polar.
+
+The orthogonalized read of the reference (REFERENCE §3) replaces the memory C by
+NS_k(C): Frobenius-normalize, then k odd-polynomial iterations that push every
+non-zero singular value toward 1 while keeping the singular vectors, i.e. toward
+the orthogonal polar factor U Vᵀ of C = U Σ Vᵀ. Zero singular values stay zero,
+so a rank-deficient (or all-zero) memory maps to a partial isometry (or zero).
+
+Every iteration is X <- X (a I + b A + c A²) with A = Xᵀ X (an odd polynomial
+p(x) = a x + b x³ + c x⁵ applied to the singular values). Coefficient sets:
+
+* ``"cubic"`` (default, the reference): a, b, c = 1.5, -0.5, 0, the classic
+    Newton–Schulz step 0.5 X (3I - XᵀX). Converges for singular values in (0, √3).
+* ``"muon"``: Muon's quintic (3.4445, -4.7750, 2.0315). Fast but only drives
+    singular values into roughly [0.7, 1.2]; it does not converge to U Vᵀ.
+* ``"polar_express"``: the per-iteration schedule of Amsel et al. (2025,
+    "The Polar Express", arXiv:2505.16932), with its 1.01 safety factor; iterations
+    past the table repeat its last entry (1.875, -1.25, 0.375).
+
+All arithmetic is float32 whatever the input dtype (bfloat16 memories would
+lose the small singular values the iteration has to lift).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Smallest Frobenius norm divided by, as in the reference: keeps the all-zero
+# memory (start of a sequence, after a reset) at zero with finite gradients.
+FROBENIUS_FLOOR = 1e-6
+
+_POLAR_EXPRESS_RAW = (
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+        (1.875, -1.25, 0.375),
+)
+_POLAR_EXPRESS_SAFETY = 1.01
+# Singular values below this fraction of the largest are treated as zero by the
+# exact polar read: sqrt(float32 eps), far above float32 rounding noise
+# (about d * eps) and far below any singular value NS_5 visibly lifts.
+POLAR_RANK_RTOL = 2.0**-11.5
+
+COEFFICIENT_SETS = ("cubic", "muon", "polar_express")
+READ_KINDS = ("raw", "newton_schulz", "polar")
+
+
+def iteration_coefficients(
+        coefficients: str, num_iterations: int
+) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each of ``num_iterations`` steps of a coefficient set.
+
+    Args:
+        coefficients: one of ``COEFFICIENT_SETS``.
+        num_iterations: number of iterations, >= 0.
+
+    Returns:
+        A tuple of ``num_iterations`` (a, b, c) float triples.
+
+    Raises:
+        ValueError: unknown coefficient set or negative iteration count.
+    """
+    _check_iterations(num_iterations)
+    if coefficients == "cubic":
+        return ((1.5, -0.5, 0.0),) * num_iterations
+    if coefficients == "muon":
+        return ((3.4445, -4.7750, 2.0315),) * num_iterations
+    if coefficients == "polar_express":
+        s = _POLAR_EXPRESS_SAFETY
+        # The safety factor shrinks every polynomial but the converged last one.
+        table = [(a / s, b / s**3, c / s**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]]
+        table.append(_POLAR_EXPRESS_RAW[-1])
+        return tuple(table[min(i, len(table) - 1)] for i in range(num_iterations))
+    raise ValueError(
+            f"coefficients={coefficients!r} is not a known coefficient set; "
+            f"use one of {COEFFICIENT_SETS}.")
+
+
+def _check_iterations(num_iterations: int) -> None:
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):
+        raise ValueError(
+                f"num_iterations must be a Python int >= 0, got {num_iterations!r}.")
+    if num_iterations < 0:
+        raise ValueError(f"num_iterations must be >= 0, got {num_iterations}.")
+
+
+def _check_square(x: jax.Array, name: str) -> None:
+    if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(
+                f"{name} expects a batch of square matrices (..., d, d), got shape "
+                f"{x.shape}.")
+
+
+def frobenius_normalize(x: jax.Array) -> jax.Array:
+    """X / max(||X||_F, 1e-6) over the last two axes, in float32.
+
+    Args:
+        x: array (..., d, d) of any float dtype.
+
+    Returns:
+        float32 array of the same shape; all-zero matrices stay zero.
+
+    Raises:
+        ValueError: if ``x`` is not a batch of square matrices.
+    """
+    _check_square(x, "frobenius_normalize")
+    x = x.astype(jnp.float32)
+    norm_sq = jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)
+    # max(sqrt(s), floor) == sqrt(max(s, floor²)); taking the max before the
+    # square root keeps the gradient finite at s = 0.
+    return x * jax.lax.rsqrt(jnp.maximum(norm_sq, FROBENIUS_FLOOR**2))
+
+
+def newton_schulz(
+        x: jax.Array, num_iterations: int = 5, coefficients: str = "cubic"
+) -> jax.Array:
+    """NS_k(X): Frobenius normalization then k Newton–Schulz iterations.
+
+    ``num_iterations=0`` is the Frobenius normalization alone. Gradients flow
+    through every iteration.
+
+    Args:
+        x: array (..., d, d) of any float dtype (a batch of memories).
+        num_iterations: k >= 0.
+        coefficients: one of ``COEFFICIENT_SETS``; ``"cubic"`` is the reference.
+
+    Returns:
+        float32 array (..., d, d).
+
+    Raises:
+        ValueError: non-square input, unknown coefficients, negative k.
+    """
+    steps = iteration_coefficients(coefficients, num_iterations)
+    x = frobenius_normalize(x)
+    for a, b, c in steps:
+        gram = jnp.matmul(jnp.swapaxes(x, -1, -2), x)
+        if c == 0.0:
+            x = a * x + b * jnp.matmul(x, gram)
+        else:
+            poly = b * gram + c * jnp.matmul(gram, gram)
+            x = a * x + jnp.matmul(x, poly)
+    return x
+
+
+@jax.custom_vjp
+def _polar_factor(x: jax.Array) -> jax.Array:
+    return _polar_forward(x)[0]
+
+
+def _polar_forward(x):
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    # A memory built from fewer outer products than its width is rank
+    # deficient; its zero singular values come out of float32 arithmetic as
+    # noise around eps * σ_max. Their polar directions would be arbitrary, so
+    # anything below the relative threshold counts as zero (mapped to zero,
+    # as NS maps a zero singular value).
+    tol = jnp.max(s, axis=-1, keepdims=True) * POLAR_RANK_RTOL
+    keep = (s > tol).astype(x.dtype)
+    q = jnp.matmul(u * keep[..., None, :], vt)
+    return q, (u, s * keep, vt, keep)
+
+
+def _polar_fwd(x):
+    q, residuals = _polar_forward(x)
+    return q, residuals
+
+
+def _polar_bwd(residuals, g):
+    # For X = U Σ Vᵀ the polar factor Q = U Vᵀ has dQ = U Ω Vᵀ with
+    # Ω = (M - Mᵀ) / (σ_i + σ_j), M = Uᵀ dX V. Only sums of singular values
+    # appear, so repeated singular values are harmless; pairs whose sum is zero
+    # (the kernel of a rank-deficient memory) have no defined derivative and we
+    # give them zero, as the NS iteration does at a zero singular value.
+    u, s, vt, keep = residuals
+    v = jnp.swapaxes(vt, -1, -2)
+    m = jnp.matmul(jnp.swapaxes(u, -1, -2), jnp.matmul(g, v))
+    # Only the kept directions carry Q; the others see no cotangent.
+    both = keep[..., :, None] * keep[..., None, :]
+    denom = s[..., :, None] + s[..., None, :]
+    safe = jnp.where(both > 0, denom, 1.0)
+    omega = jnp.where(both > 0, (m - jnp.swapaxes(m, -1, -2)) / safe, 0.0)
+    return (jnp.matmul(u, jnp.matmul(omega, vt)),)
+
+
+_polar_factor.defvjp(_polar_fwd, _polar_bwd)
+
+
+def polar(x: jax.Array) -> jax.Array:
+    """The exact orthogonal polar factor U Vᵀ of X (the limit of NS_k).
+
+    Singular values below ``POLAR_RANK_RTOL * σ_max`` are treated as zero and map to zero,
+    so rank-deficient memories give a partial isometry and an all-zero memory
+    gives zero. The gradient is the analytic derivative of the polar factor
+    (finite for repeated and for zero singular values).
+
+    Args:
+        x: array (..., d, d) of any float dtype.
+
+    Returns:
+        float32 array (..., d, d).
+
+    Raises:
+        ValueError: non-square input.
+    """
+    _check_square(x, "polar")
+    return _polar_factor(x.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadConfig:
+    """How the cell reads its memory. Hashable, so it can be a static jit arg.
+
+    Attributes:
+        kind: ``"raw"`` (the baseline: C itself), ``"newton_schulz"`` (NS_k(C), the
+            orthogonalized read) or ``"polar"`` (the exact polar factor of C).
+        num_iterations: k for ``"newton_schulz"`` (the reference uses 5).
+        coefficients: coefficient set for ``"newton_schulz"``.
+    """
+
+    kind: str = "raw"
+    num_iterations: int = 5
+    coefficients: str = "cubic"
+
+    def __post_init__(self):
+        if self.kind not in READ_KINDS:
+            raise ValueError(
+                    f"ReadConfig.kind={self.kind!r} is not a known read; use one of "
+                    f"{READ_KINDS}.")
+        # Validates both fields with the messages users will see.
+        iteration_coefficients(self.coefficients, self.num_iterations)
+
+    @property
+    def is_raw(self) -> bool:
+        return self.kind == "raw"
+
+    def __call__(self, memory: jax.Array) -> jax.Array:
+        """Applies the read to memories (..., d, d); raw returns them unchanged."""
+        if self.kind == "raw":
+            return memory
+        if self.kind == "polar":
+            return polar(memory)
+        return newton_schulz(memory, self.num_iterations, self.coefficients)
+
+
+RAW = ReadConfig("raw")
+NS5 = ReadConfig("newton_schulz", 5, "cubic")
+POLAR = ReadConfig("polar")
+
+
+def read_from_name(name: str) -> ReadConfig:
+    """Parses a read name: ``raw``/``baseline``, ``nsK`` (cubic, K iterations),
+    ``nsK_muon``, ``nsK_polar_express``, ``polar``.
+
+    Raises:
+        ValueError: the name is none of these.
+    """
+    if name in ("raw", "baseline"):
+        return RAW
+    if name == "polar":
+        return POLAR
+    if name.startswith("ns"):
+        count, _, coefficients = name[2:].partition("_")
+        if count.isdigit():
+            return ReadConfig("newton_schulz", int(count), coefficients or "cubic")
+    raise ValueError(
+            f"read name {name!r} is not understood; use 'raw' (or 'baseline'), "
+            "'polar', 'nsK' (e.g. 'ns5'), 'nsK_muon' or 'nsK_polar_express'.")
+
+
+def singular_value_map(
+        sigma: Sequence[float] | jax.Array, coefficients: str, num_iterations: int
+) -> jax.Array:
+    """The scalar map the iteration applies to (already normalized) singular
+    values; useful to study coefficient sets without building matrices."""
+    s = jnp.asarray(sigma, jnp.float32)
+    for a, b, c in iteration_coefficients(coefficients, num_iterations):
+        s = a * s + b * s**3 + c * s**5
+    return s
