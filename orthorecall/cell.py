@@ -1,0 +1,316 @@
+"""The mLSTM cell as a layer: projections, causal conv, gates, memory, output.
+
+This is the block of the reference model (REFERENCE §2, "mLSTMLayer") with its
+parameters, as pure functions over explicit pytrees, with the API a
+recurrent agent needs:
+
+    state = initial_state(config, batch_size)
+    y, state = step(params, state, x_t, reset_t, config)          # one step
+    ys, state = scan(params, xs, config, reset=resets, state=state)  # sequence
+
+``x`` has width ``config.embedding_dim``. ``reset`` (per batch element and
+step) clears the memory (C, n, m) and the convolution window before the step.
+``scan`` uses the chunkwise memory form unless ``config.sequence_form`` is
+``"recurrent"``; both compute the same function.
+
+Parameters (shapes with D = embedding_dim, I = inner_dim, H = num_heads,
+K = conv_kernel_size, b = qkv_block_size):
+
+    up_proj (D, 2I); conv: kernel (K, I), bias (I,); q_proj, k_proj, v_proj
+    (I/b, b, b) as [block, out, in]; input_gate, forget_gate: kernel (3I, H),
+    bias (H,); out_norm: scale (I,) applied as 1 + scale; skip (I,);
+    down_proj (I, D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from orthorecall import mlstm
+from orthorecall.newton_schulz import ReadConfig
+
+Params = dict[str, Any]
+NORM_EPS = 1e-5
+SEQUENCE_FORMS = ("chunkwise", "recurrent")
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CellConfig:
+    """Hyper-parameters of one mLSTM cell (hashable: a static jit argument).
+
+    Attributes:
+        embedding_dim: D, width of the cell's input and output (reference 94).
+        num_heads: H (reference 4).
+        proj_factor: inner width I = proj_factor * D rounded up to a multiple
+            of ``inner_multiple`` (reference 2.0 -> 192).
+        inner_multiple: the rounding of I (reference 64).
+        conv_kernel_size: K of the causal depthwise conv (reference 4).
+        qkv_block_size: b of the block-diagonal q/k/v maps (reference 4).
+        read: the memory read (raw baseline, NS_k, polar).
+        sequence_form: "chunkwise" (default, for training) or "recurrent".
+        chunk_size: positions per chunk of the chunkwise form.
+        num_blocks: blocks in the enclosing model; scales the down-projection
+            initialization as the reference does (2 / (num_blocks sqrt(D))).
+        compute_dtype: dtype of the projections ("float32" or "bfloat16");
+            the memory recurrence and its state are always float32.
+    """
+
+    embedding_dim: int = 94
+    num_heads: int = 4
+    proj_factor: float = 2.0
+    inner_multiple: int = 64
+    conv_kernel_size: int = 4
+    qkv_block_size: int = 4
+    read: ReadConfig = ReadConfig()
+    sequence_form: str = "chunkwise"
+    chunk_size: int = 64
+    num_blocks: int = 1
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("embedding_dim", "num_heads", "inner_multiple", "conv_kernel_size",
+                     "qkv_block_size", "chunk_size", "num_blocks"):
+            _positive_int(name, getattr(self, name))
+        if not self.proj_factor > 0:
+            raise ValueError(f"proj_factor must be > 0, got {self.proj_factor!r}.")
+        if not isinstance(self.read, ReadConfig):
+            raise ValueError(f"read must be a ReadConfig, got {self.read!r}.")
+        if self.sequence_form not in SEQUENCE_FORMS:
+            raise ValueError(
+                f"sequence_form={self.sequence_form!r}; use one of {SEQUENCE_FORMS}.")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"compute_dtype={self.compute_dtype!r}; use 'float32' or 'bfloat16'.")
+        if self.inner_dim % self.num_heads:
+            raise ValueError(
+                f"inner_dim={self.inner_dim} (from embedding_dim={self.embedding_dim}, "
+                f"proj_factor={self.proj_factor}) is not divisible by "
+                f"num_heads={self.num_heads}.")
+        if self.inner_dim % self.qkv_block_size:
+            raise ValueError(
+                f"inner_dim={self.inner_dim} is not divisible by "
+                f"qkv_block_size={self.qkv_block_size}.")
+
+    @property
+    def inner_dim(self) -> int:
+        m = self.inner_multiple
+        return m * math.ceil(self.proj_factor * self.embedding_dim / m)
+
+    @property
+    def head_dim(self) -> int:
+        return self.inner_dim // self.num_heads
+
+
+class CellState(NamedTuple):
+    """Recurrent state of one cell, float32.
+
+    Attributes:
+        conv: (B, K-1, I) the last K-1 conv inputs (zeros at episode start).
+        memory: the ``mlstm.MemoryState``.
+    """
+
+    conv: jax.Array
+    memory: mlstm.MemoryState
+
+
+def init_params(key: jax.Array, config: CellConfig) -> Params:
+    """Reference initialization (REFERENCE §2) of one cell's parameters.
+
+    The conv uses PyTorch's Conv1d default (uniform ±1/sqrt(K)), which the
+    reference keeps.
+
+    Args:
+        key: a JAX PRNG key.
+        config: the cell configuration.
+
+    Returns:
+        A dict of float32 arrays (layout in the module docstring).
+    """
+    d, i, h, kk, b = (config.embedding_dim, config.inner_dim, config.num_heads,
+                      config.conv_kernel_size, config.qkv_block_size)
+    keys = jax.random.split(key, 8)
+    small = math.sqrt(2.0 / (5.0 * d))
+    normal = lambda k, shape, std: std * jax.random.normal(k, shape, jnp.float32)
+    bound = 1.0 / math.sqrt(kk)
+    uniform = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound)
+    return {
+        "up_proj": normal(keys[0], (d, 2 * i), small),
+        "conv": {"kernel": uniform(keys[1], (kk, i)), "bias": uniform(keys[2], (i,))},
+        "q_proj": normal(keys[3], (i // b, b, b), small),
+        "k_proj": normal(keys[4], (i // b, b, b), small),
+        "v_proj": normal(keys[5], (i // b, b, b), small),
+        "input_gate": {"kernel": jnp.zeros((3 * i, h)), "bias": normal(keys[6], (h,), 0.1)},
+        "forget_gate": {"kernel": jnp.zeros((3 * i, h)),
+                        "bias": jnp.linspace(3.0, 6.0, h, dtype=jnp.float32)},
+        "out_norm": {"scale": jnp.zeros((i,))},
+        "skip": jnp.ones((i,)),
+        "down_proj": normal(keys[7], (i, d), 2.0 / (config.num_blocks * math.sqrt(d))),
+    }
+
+
+def initial_state(config: CellConfig, batch_size: int) -> CellState:
+    """The state of a fresh episode for ``batch_size`` sequences."""
+    _positive_int("batch_size", batch_size)
+    return CellState(
+        conv=jnp.zeros((batch_size, config.conv_kernel_size - 1, config.inner_dim), jnp.float32),
+        memory=mlstm.initial_memory_state(batch_size, config.num_heads, config.head_dim),
+    )
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, groups: int = 1) -> jax.Array:
+    """Bias-free layer norm over the last axis (or over each of ``groups``
+    equal slices of it), eps 1e-5, scale applied as (1 + scale)."""
+    shape = x.shape
+    x = x.astype(jnp.float32).reshape(shape[:-1] + (groups, shape[-1] // groups))
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = ((x - mean) * jax.lax.rsqrt(var + NORM_EPS)).reshape(shape)
+    return x * (1.0 + scale)
+
+
+def _block_diagonal(x, weight):
+    # weight [block, out, in]: output block j = W[j] @ input block j.
+    blocks = x.reshape(x.shape[:-1] + (weight.shape[0], weight.shape[2]))
+    return jnp.einsum("...ji,joi->...jo", blocks, weight.astype(x.dtype)).reshape(x.shape)
+
+
+def _projections(params, x_m, x_c, config):
+    """q, k, v (..., H, d) and gate pre-activations (..., H) from x_m, x_c."""
+    q = _block_diagonal(x_c, params["q_proj"])
+    k = _block_diagonal(x_c, params["k_proj"])
+    v = _block_diagonal(x_m, params["v_proj"])
+    gate_input = jnp.concatenate([q, k, v], axis=-1)
+    gates = [gate_input @ params[name]["kernel"].astype(x_c.dtype) + params[name]["bias"]
+             for name in ("input_gate", "forget_gate")]
+    split = lambda t: t.reshape(t.shape[:-1] + (config.num_heads, config.head_dim))
+    return split(q), split(k), split(v), gates[0].astype(jnp.float32), gates[1].astype(jnp.float32)
+
+
+def _output(params, h, x_c, z, config):
+    """Per-head norm of h̃, learnable skip, output gate, down-projection."""
+    h = h.reshape(h.shape[:-2] + (config.inner_dim,))
+    out = layer_norm(h, params["out_norm"]["scale"], groups=config.num_heads)
+    dtype = jnp.dtype(config.compute_dtype)
+    out = (out.astype(dtype) + params["skip"].astype(dtype) * x_c) * jax.nn.silu(z)
+    return (out @ params["down_proj"].astype(dtype)).astype(jnp.float32)
+
+
+def _check_input(x, config, time_axis):
+    expected = 3 if time_axis else 2
+    if x.ndim != expected or x.shape[-1] != config.embedding_dim:
+        layout = "(batch, time, embedding_dim)" if time_axis else "(batch, embedding_dim)"
+        raise ValueError(
+            f"x must have shape {layout} with embedding_dim={config.embedding_dim}; "
+            f"got {x.shape}.")
+
+
+def step(
+    params: Params, state: CellState, x: jax.Array, reset: jax.Array | None,
+    config: CellConfig,
+) -> tuple[jax.Array, CellState]:
+    """One time step.
+
+    Args:
+        params: the cell parameters.
+        state: ``CellState`` for B sequences.
+        x: (B, D) input at this step.
+        reset: (B,) bool or None; true clears the state before this step.
+        config: the cell configuration.
+
+    Returns:
+        (y (B, D) float32, new ``CellState``).
+
+    Raises:
+        ValueError: wrong input shape.
+    """
+    _check_input(x, config, time_axis=False)
+    dtype = jnp.dtype(config.compute_dtype)
+    conv_window = state.conv
+    if reset is not None:
+        conv_window = jnp.where(reset[:, None, None], 0.0, conv_window)
+    u = x.astype(dtype) @ params["up_proj"].astype(dtype)
+    x_m, z = jnp.split(u, 2, axis=-1)
+    window = jnp.concatenate([conv_window.astype(dtype), x_m[:, None]], axis=1)  # (B, K, I)
+    conv = jnp.einsum("bki,ki->bi", window, params["conv"]["kernel"].astype(dtype))
+    x_c = jax.nn.silu(conv + params["conv"]["bias"].astype(dtype))
+    q, k, v, i_pre, f_pre = _projections(params, x_m, x_c, config)
+    h, memory = mlstm.memory_step(state.memory, q, k, v, i_pre, f_pre, reset, config.read)
+    y = _output(params, h, x_c, z, config)
+    return y, CellState(conv=window[:, 1:].astype(jnp.float32), memory=memory)
+
+
+def _causal_conv(x_m, params, history, reset):
+    """Depthwise causal conv over time that never looks across a reset.
+
+    x_m (B, T, I); history (B, K-1, I) the inputs before x_m; reset (B, T).
+    """
+    kernel = params["conv"]["kernel"].astype(x_m.dtype)
+    taps = kernel.shape[0]
+    t = x_m.shape[1]
+    padded = jnp.concatenate([history.astype(x_m.dtype), x_m], axis=1)     # (B, K-1+T, I)
+    # Episode index of every padded position; history belongs to episode 0.
+    episode = jnp.concatenate(
+        [jnp.zeros((reset.shape[0], taps - 1), jnp.int32),
+         jnp.cumsum(reset.astype(jnp.int32), axis=1)], axis=1)
+    out = params["conv"]["bias"].astype(x_m.dtype)
+    for j in range(taps):  # K taps (4), not time: a static, tiny loop.
+        same_episode = episode[:, j:j + t] == episode[:, taps - 1:]
+        out = out + jnp.where(same_episode[..., None], padded[:, j:j + t], 0.0) * kernel[j]
+    # The window carried to the next call holds only the current episode's inputs.
+    in_last_episode = episode[:, t:] == episode[:, -1:]
+    history = jnp.where(in_last_episode[..., None], padded[:, t:], 0.0)
+    return out, history.astype(jnp.float32)
+
+
+def scan(
+    params: Params, x: jax.Array, config: CellConfig, *,
+    reset: jax.Array | None = None, state: CellState | None = None,
+) -> tuple[jax.Array, CellState]:
+    """The cell over a sequence.
+
+    Args:
+        params: the cell parameters.
+        x: (B, T, D) inputs.
+        config: the cell configuration (``sequence_form`` picks the form).
+        reset: optional (B, T) bool; true at t starts a new episode at t.
+        state: optional initial ``CellState``; a fresh episode when None.
+
+    Returns:
+        (y (B, T, D) float32, final ``CellState``).
+
+    Raises:
+        ValueError: wrong shapes.
+    """
+    _check_input(x, config, time_axis=True)
+    b, t, _ = x.shape
+    if state is None:
+        state = initial_state(config, b)
+    if reset is None:
+        reset = jnp.zeros((b, t), bool)
+    elif reset.shape != (b, t):
+        raise ValueError(f"reset must have shape {(b, t)} (batch, time), got {reset.shape}.")
+    dtype = jnp.dtype(config.compute_dtype)
+    u = x.astype(dtype) @ params["up_proj"].astype(dtype)
+    x_m, z = jnp.split(u, 2, axis=-1)
+    conv, conv_state = _causal_conv(x_m, params, state.conv, reset)
+    x_c = jax.nn.silu(conv)
+    q, k, v, i_pre, f_pre = _projections(params, x_m, x_c, config)
+    if config.sequence_form == "recurrent":
+        h, memory = mlstm.recurrent_sequence(
+            q, k, v, i_pre, f_pre, read=config.read, reset=reset, state=state.memory)
+    else:
+        h, memory = mlstm.chunkwise_sequence(
+            q, k, v, i_pre, f_pre, read=config.read, reset=reset, state=state.memory,
+            chunk_size=config.chunk_size)
+    y = _output(params, h, x_c, z, config)
+    return y, CellState(conv=conv_state, memory=memory)

@@ -1,0 +1,183 @@
+"""The reference language model: embedding, mLSTM blocks, output head.
+
+REFERENCE §2: x = Embedding[tokens]; per block h = x + cell(LN(x));
+logits = Dense(LN_post(h)). Pure functions over a plain parameter pytree (so
+``jax.vmap`` can stack parameters over seeds), plus the agent-style API:
+
+    params = init_params(key, config)
+    logits = apply(params, tokens, config)                 # (B, T) -> (B, T, V)
+    state = initial_state(config, batch_size)
+    logits_t, state = step(params, state, tokens_t, reset_t, config)
+
+Parameter layout::
+
+    {"embedding": (V, D),
+     "blocks": [{"norm": {"scale": (D,)}, "mlstm": <cell params>}, ...],
+     "post_norm": {"scale": (D,)},
+     "head": {"kernel": (D, V), "bias": (V,)}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from orthorecall import cell as cell_lib
+from orthorecall.newton_schulz import ReadConfig
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The language model's hyper-parameters; defaults are the reference's at
+    vocabulary 80. Hashable, so it can be a static jit argument.
+
+    Attributes:
+        vocab_size: V.
+        num_blocks: number of residual mLSTM blocks (reference 1).
+        embedding_dim, num_heads, proj_factor, inner_multiple,
+        conv_kernel_size, qkv_block_size, read, sequence_form, chunk_size,
+        compute_dtype: as in ``cell.CellConfig``.
+    """
+
+    vocab_size: int = 80
+    num_blocks: int = 1
+    embedding_dim: int = 94
+    num_heads: int = 4
+    proj_factor: float = 2.0
+    inner_multiple: int = 64
+    conv_kernel_size: int = 4
+    qkv_block_size: int = 4
+    read: ReadConfig = ReadConfig()
+    sequence_form: str = "chunkwise"
+    chunk_size: int = 64
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) \
+                or self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be an int >= 2, got {self.vocab_size!r}.")
+        self.cell  # Validates the cell fields with their own messages.
+
+    @property
+    def cell(self) -> cell_lib.CellConfig:
+        return cell_lib.CellConfig(
+            embedding_dim=self.embedding_dim, num_heads=self.num_heads,
+            proj_factor=self.proj_factor, inner_multiple=self.inner_multiple,
+            conv_kernel_size=self.conv_kernel_size, qkv_block_size=self.qkv_block_size,
+            read=self.read, sequence_form=self.sequence_form, chunk_size=self.chunk_size,
+            num_blocks=self.num_blocks, compute_dtype=self.compute_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def init_params(key: jax.Array, config: ModelConfig) -> Params:
+    """Reference initialization: embedding N(0, 1); norms 0 (scale 1); head
+    weight and bias uniform(±1/sqrt(D)) (PyTorch Linear default); cells as in
+    ``cell.init_params``."""
+    d, v = config.embedding_dim, config.vocab_size
+    embed_key, head_w_key, head_b_key, *block_keys = jax.random.split(key, 3 + config.num_blocks)
+    bound = 1.0 / math.sqrt(d)
+    return {
+        "embedding": jax.random.normal(embed_key, (v, d), jnp.float32),
+        "blocks": [
+            {"norm": {"scale": jnp.zeros((d,))},
+             "mlstm": cell_lib.init_params(block_key, config.cell)}
+            for block_key in block_keys
+        ],
+        "post_norm": {"scale": jnp.zeros((d,))},
+        "head": {"kernel": jax.random.uniform(head_w_key, (d, v), jnp.float32, -bound, bound),
+                 "bias": jax.random.uniform(head_b_key, (v,), jnp.float32, -bound, bound)},
+    }
+
+
+def initial_state(config: ModelConfig, batch_size: int) -> list[cell_lib.CellState]:
+    """A fresh episode's state: one ``CellState`` per block."""
+    return [cell_lib.initial_state(config.cell, batch_size) for _ in range(config.num_blocks)]
+
+
+def _check_tokens(tokens, config, ndim):
+    if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        layout = "(batch, time)" if ndim == 2 else "(batch,)"
+        raise ValueError(
+            f"tokens must be an integer array of shape {layout}; got {tokens.dtype} "
+            f"{tokens.shape}.")
+
+
+def _head(params, h):
+    h = cell_lib.layer_norm(h, params["post_norm"]["scale"])
+    return h @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def apply(
+    params: Params, tokens: jax.Array, config: ModelConfig, *,
+    reset: jax.Array | None = None, state: list[cell_lib.CellState] | None = None,
+    return_state: bool = False,
+):
+    """Logits for every position of a batch of token sequences.
+
+    Args:
+        params: model parameters.
+        tokens: (B, T) integer tokens in [0, V).
+        config: the model configuration.
+        reset: optional (B, T) bool; true at t starts a new episode at t.
+        state: optional per-block states to continue from.
+        return_state: also return the final per-block states.
+
+    Returns:
+        logits (B, T, V) float32, or (logits, states) with ``return_state``.
+
+    Raises:
+        ValueError: tokens of the wrong rank or dtype.
+    """
+    _check_tokens(tokens, config, 2)
+    h = jnp.take(params["embedding"], tokens, axis=0)
+    states = state if state is not None else [None] * config.num_blocks
+    new_states = []
+    for block, block_state in zip(params["blocks"], states):
+        y, block_state = cell_lib.scan(
+            block["mlstm"], cell_lib.layer_norm(h, block["norm"]["scale"]), config.cell,
+            reset=reset, state=block_state)
+        h = h + y
+        new_states.append(block_state)
+    logits = _head(params, h)
+    return (logits, new_states) if return_state else logits
+
+
+def step(
+    params: Params, state: list[cell_lib.CellState], tokens: jax.Array,
+    reset: jax.Array | None, config: ModelConfig,
+) -> tuple[jax.Array, list[cell_lib.CellState]]:
+    """One token per sequence: for generation and agents.
+
+    Args:
+        params: model parameters.
+        state: per-block states (``initial_state``).
+        tokens: (B,) integer tokens.
+        reset: (B,) bool or None; true starts a new episode at this token.
+        config: the model configuration.
+
+    Returns:
+        (logits (B, V) float32, new per-block states).
+    """
+    _check_tokens(tokens, config, 1)
+    h = jnp.take(params["embedding"], tokens, axis=0)
+    new_states = []
+    for block, block_state in zip(params["blocks"], state):
+        y, block_state = cell_lib.step(
+            block["mlstm"], block_state, cell_lib.layer_norm(h, block["norm"]["scale"]),
+            reset, config.cell)
+        h = h + y
+        new_states.append(block_state)
+    return _head(params, h), new_states
+
+
+def count_params(params: Params) -> int:
+    """Number of scalar parameters."""
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,115 @@
+"""The mLSTM cell as a layer: forms, stepping, resets, state hand-over."""
+
+import flax.linen as nn  # noqa: F401  (the wrapper test below needs flax)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orthorecall import cell as cell_lib
+from orthorecall import newton_schulz as ns
+from orthorecall.flax_modules import MLSTMCell
+
+CONFIG = cell_lib.CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8,
+                             read=ns.NS5)
+B, T = 3, 21
+
+
+def _setup(seed=0, config=CONFIG):
+    params = cell_lib.init_params(jax.random.PRNGKey(seed), config)
+    # Non-zero gate weights, so the gates depend on the input as after training.
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), 2)
+    for name, key in zip(("input_gate", "forget_gate"), keys):
+        params[name]["kernel"] = 0.3 * jax.random.normal(key, params[name]["kernel"].shape)
+    x = jax.random.normal(jax.random.PRNGKey(seed + 2), (B, T, config.embedding_dim))
+    return params, x
+
+
+def _step_loop(params, x, reset, config, state=None):
+    state = cell_lib.initial_state(config, x.shape[0]) if state is None else state
+    outs = []
+    for t in range(x.shape[1]):
+        y, state = cell_lib.step(params, state, x[:, t], reset[:, t], config)
+        outs.append(y)
+    return jnp.stack(outs, axis=1), state
+
+
+def test_inner_and_head_widths_follow_the_reference_rounding():
+    reference = cell_lib.CellConfig()
+    assert (reference.inner_dim, reference.head_dim) == (192, 48)
+
+
+def test_chunkwise_recurrent_and_step_agree_with_resets():
+    params, x = _setup()
+    reset = np.zeros((B, T), bool)
+    reset[0, 5] = reset[1, 9] = reset[2, 0] = reset[0, 6] = True
+    reset = jnp.asarray(reset)
+    chunkwise, s1 = cell_lib.scan(params, x, CONFIG, reset=reset)
+    recurrent, s2 = cell_lib.scan(params, x, CONFIG.__class__(**{**CONFIG.__dict__,
+                                                                "sequence_form": "recurrent"}),
+                                  reset=reset)
+    stepped, s3 = _step_loop(params, x, reset, CONFIG)
+    for other, state in ((recurrent, s2), (stepped, s3)):
+        np.testing.assert_allclose(np.asarray(chunkwise), np.asarray(other), atol=2e-5, rtol=1e-4)
+        for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(state)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+def test_reset_clears_memory_and_conv_window():
+    params, x = _setup(1)
+    reset = np.zeros((B, T), bool)
+    reset[:, 10] = True
+    with_reset, _ = cell_lib.scan(params, x, CONFIG, reset=jnp.asarray(reset))
+    fresh, _ = cell_lib.scan(params, x[:, 10:], CONFIG)
+    np.testing.assert_allclose(np.asarray(with_reset[:, 10:]), np.asarray(fresh), atol=2e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("cut", [7, 12])
+def test_state_hands_over_between_calls(cut):
+    params, x = _setup(2)
+    reset = np.zeros((B, T), bool)
+    reset[1, cut - 1] = True  # a reset inside the conv window carried over
+    reset = jnp.asarray(reset)
+    whole, final = cell_lib.scan(params, x, CONFIG, reset=reset)
+    first, mid = cell_lib.scan(params, x[:, :cut], CONFIG, reset=reset[:, :cut])
+    rest, _ = _step_loop(params, x[:, cut:], reset[:, cut:], CONFIG, state=mid)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([first, rest], 1)), np.asarray(whole),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_state():
+    config = cell_lib.CellConfig(**{**CONFIG.__dict__, "compute_dtype": "bfloat16"})
+    params, x = _setup(3)
+    y, state = cell_lib.scan(params, x, config)
+    assert y.dtype == jnp.float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(state))
+    y32, _ = cell_lib.scan(params, x, CONFIG)
+    assert float(jnp.max(jnp.abs(y - y32))) < 0.1 * float(jnp.max(jnp.abs(y32)))
+
+
+def test_flax_wrapper_matches_pure_functions():
+    params, x = _setup(4)
+    module = MLSTMCell(CONFIG)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    variables = {"params": {"cell": params}}
+    y, _ = module.apply(variables, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(cell_lib.scan(params, x, CONFIG)[0]),
+                               atol=1e-6)
+    state = module.initial_state(B)
+    y0, _ = module.apply(variables, state, x[:, 0], None, method=MLSTMCell.step)
+    np.testing.assert_allclose(np.asarray(y0), np.asarray(y[:, 0]), atol=1e-5)
+
+
+def test_config_and_input_validation():
+    with pytest.raises(ValueError, match="num_heads"):
+        cell_lib.CellConfig(embedding_dim=16, num_heads=5, inner_multiple=8)
+    with pytest.raises(ValueError, match="sequence_form"):
+        cell_lib.CellConfig(sequence_form="parallel")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        cell_lib.CellConfig(compute_dtype="float16")
+    params, x = _setup(5)
+    with pytest.raises(ValueError, match="embedding_dim=16"):
+        cell_lib.scan(params, x[..., :8], CONFIG)
+    with pytest.raises(ValueError, match="reset"):
+        cell_lib.scan(params, x, CONFIG, reset=jnp.zeros((B,), bool))

@@ -1,0 +1,80 @@
+"""The reference language model: sizes, initialization, seeds, stepping."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orthorecall import model as model_lib
+from orthorecall import newton_schulz as ns
+
+
+def test_reference_size_and_layout():
+    config = model_lib.ModelConfig()
+    params = model_lib.init_params(jax.random.PRNGKey(0), config)
+    # REFERENCE §2: about 78K parameters at V = 80 (the shipped checkpoints
+    # hold exactly this many).
+    assert model_lib.count_params(params) == 77_716
+    cell = params["blocks"][0]["mlstm"]
+    assert cell["up_proj"].shape == (94, 384)
+    assert cell["q_proj"].shape == (48, 4, 4)
+    assert cell["input_gate"]["kernel"].shape == (576, 4)
+    assert params["head"]["kernel"].shape == (94, 80)
+
+
+def test_reference_initialization():
+    config = model_lib.ModelConfig(vocab_size=96)
+    params = model_lib.init_params(jax.random.PRNGKey(1), config)
+    cell = params["blocks"][0]["mlstm"]
+    np.testing.assert_allclose(np.std(cell["up_proj"]), math.sqrt(2 / (5 * 94)), rtol=0.03)
+    np.testing.assert_allclose(np.std(cell["down_proj"]), 2 / math.sqrt(94), rtol=0.03)
+    np.testing.assert_allclose(np.std(params["embedding"]), 1.0, rtol=0.03)
+    np.testing.assert_allclose(cell["forget_gate"]["bias"], [3.0, 4.0, 5.0, 6.0], rtol=1e-6)
+    assert not np.any(cell["input_gate"]["kernel"]) and not np.any(cell["forget_gate"]["kernel"])
+    assert np.all(cell["skip"] == 1.0) and not np.any(cell["out_norm"]["scale"])
+    assert np.max(np.abs(params["head"]["kernel"])) <= 1 / math.sqrt(94)
+
+
+def _tokens(seed, batch=2, length=19, vocab=80):
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, vocab)
+
+
+def test_parameters_stack_over_seeds_with_vmap():
+    config = model_lib.ModelConfig(read=ns.NS5, chunk_size=8)
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    stacked = jax.vmap(lambda k: model_lib.init_params(k, config))(keys)
+    tokens = _tokens(3)
+    batched = jax.jit(jax.vmap(lambda p: model_lib.apply(p, tokens, config)))(stacked)
+    for i, key in enumerate(keys):
+        single = model_lib.apply(model_lib.init_params(key, config), tokens, config)
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single), atol=1e-5)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_step_matches_apply_with_resets(num_blocks):
+    config = model_lib.ModelConfig(read=ns.NS5, chunk_size=8, num_blocks=num_blocks)
+    params = model_lib.init_params(jax.random.PRNGKey(4), config)
+    tokens = _tokens(5)
+    reset = np.zeros(tokens.shape, bool)
+    reset[1, 6] = True
+    logits = model_lib.apply(params, tokens, config, reset=jnp.asarray(reset))
+    state = model_lib.initial_state(config, tokens.shape[0])
+    step = jax.jit(model_lib.step, static_argnames="config")
+    for t in range(tokens.shape[1]):
+        out, state = step(params, state, tokens[:, t], jnp.asarray(reset[:, t]), config=config)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(logits[:, t]), atol=1e-4, rtol=1e-4)
+
+
+def test_validation_messages():
+    with pytest.raises(ValueError, match="vocab_size"):
+        model_lib.ModelConfig(vocab_size=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        model_lib.ModelConfig(chunk_size=0)
+    config = model_lib.ModelConfig()
+    params = model_lib.init_params(jax.random.PRNGKey(0), config)
+    with pytest.raises(ValueError, match="integer"):
+        model_lib.apply(params, jnp.zeros((2, 5)), config)
+    with pytest.raises(ValueError, match="batch, time"):
+        model_lib.apply(params, jnp.zeros((5,), jnp.int32), config)
