@@ -1,0 +1,347 @@
+"""The multi-seed, multi-read training loop with checkpoints and reports.
+
+``train_and_evaluate(config, workdir)`` validates the configuration, builds
+every seed's state for every read, resumes from the newest complete checkpoint
+in ``workdir`` when there is one (refusing a workdir that belongs to a
+different configuration), trains with one jitted step for all seeds and reads,
+evaluates every ``eval_every`` steps on each seed's reference validation set,
+checkpoints asynchronously, and writes the report (``experiments.report``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from orthorecall import checkpointing, data, training
+from orthorecall import model as model_lib
+from orthorecall.newton_schulz import read_from_name
+
+RUN_CONFIG_FILE = "run_config.json"
+METRICS_FILE = "metrics.jsonl"
+# Fields that may change between a run and its resumption.
+_RESUMABLE_FIELDS = {"train.log_every"}
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run; the message names the field."""
+
+
+def _fail(field: str, message: str):
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
+    """Read name -> ModelConfig, validating every model and read field.
+
+    Raises:
+        ConfigError: naming the offending field.
+    """
+    names = [name.strip() for name in str(config.reads).split(",") if name.strip()]
+    if not names:
+        _fail("reads", "no read given; use e.g. 'raw,ns5'.")
+    if len(set(names)) != len(names):
+        _fail("reads", f"a read is listed twice: {names}.")
+    configs = {}
+    for name in names:
+        try:
+            read = read_from_name(name)
+        except ValueError as e:
+            _fail("reads", str(e))
+        try:
+            configs[name] = model_lib.ModelConfig(
+                vocab_size=config.task.vocab_size, read=read, **config.model.to_dict())
+        except (ValueError, TypeError) as e:
+            _fail("model", str(e))
+    return configs
+
+
+def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
+    """Checks everything that can be checked before any compute.
+
+    Returns:
+        The model configuration of every read.
+
+    Raises:
+        ConfigError: naming the offending field and the constraint.
+    """
+    task = config.task
+    try:
+        data.noisy_recall_spec(vocab_size=task.vocab_size, seq_len=task.seq_len,
+                               noise_vocab_size=task.noise_vocab_size,
+                               frac_noise=task.frac_noise, multi_query=task.multi_query)
+    except (ValueError, TypeError) as e:
+        _fail("task", str(e))
+    if not task.multi_query:
+        _fail("task.multi_query", "the study uses multi_query=True; single-query training "
+              "targets are not supported by the trainer.")
+    train = config.train
+    for field in ("steps", "batch_size", "eval_every", "val_batches", "val_batch_size",
+                  "checkpoint_every", "keep_checkpoints", "log_every"):
+        value = train[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(f"train.{field}", f"must be an int >= 1, got {value!r}.")
+    if not train.learning_rate > 0:
+        _fail("train.learning_rate", f"must be > 0, got {train.learning_rate!r}.")
+    if train.schedule not in training.SCHEDULES:
+        _fail("train.schedule", f"{train.schedule!r} is not one of {training.SCHEDULES}.")
+    if train.schedule == "stretched_cosine" and train.stretch_steps < train.steps:
+        _fail("train.stretch_steps", f"must be >= train.steps ({train.steps}) for "
+              f"stretched_cosine, got {train.stretch_steps}.")
+    if train.data_source not in ("jax", "numpy"):
+        _fail("train.data_source", f"{train.data_source!r} is neither 'jax' nor 'numpy'.")
+    if train.clip_norm is not None and not train.clip_norm > 0:
+        _fail("train.clip_norm", f"must be > 0 or None, got {train.clip_norm!r}.")
+    seeds = config.seeds
+    if isinstance(seeds.num_seeds, bool) or not isinstance(seeds.num_seeds, int) \
+            or seeds.num_seeds < 1:
+        _fail("seeds.num_seeds", f"must be an int >= 1, got {seeds.num_seeds!r}.")
+    if not isinstance(seeds.first_seed, int) or seeds.first_seed < 0:
+        _fail("seeds.first_seed", f"must be an int >= 0, got {seeds.first_seed!r}.")
+    if not 0.0 < config.solved_threshold <= 1.0:
+        _fail("solved_threshold", f"must lie in (0, 1], got {config.solved_threshold!r}.")
+    return model_configs(config)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir that holds a run of a different configuration.
+
+    Raises:
+        ConfigError: listing the differing fields with both values.
+    """
+    path = workdir / RUN_CONFIG_FILE
+    if not path.exists():
+        return
+    previous = _flatten(json.loads(path.read_text())["config"])
+    current = _flatten(json.loads(config.to_json()))
+    differing = sorted(k for k in set(previous) | set(current)
+                       if k not in _RESUMABLE_FIELDS and previous.get(k) != current.get(k))
+    if differing:
+        details = "; ".join(f"{k}: workdir has {previous.get(k)!r}, now {current.get(k)!r}"
+                            for k in differing)
+        raise ConfigError(
+            f"{workdir} holds a run with a different configuration ({details}). Use another "
+            "--workdir, or repeat the original configuration to resume it.")
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _run_description(config, names) -> dict:
+    """What ``experiments.report`` needs to know about the run."""
+    return {
+        "name": config.name,
+        "regime": f"v{config.task.vocab_size}_s{config.task.seq_len}",
+        "total_steps": config.train.steps,
+        "eval_every": config.train.eval_every,
+        "reads": names,
+        "num_seeds": config.seeds.num_seeds,
+        "seeds": list(range(config.seeds.first_seed,
+                            config.seeds.first_seed + config.seeds.num_seeds)),
+        "solved_threshold": config.solved_threshold,
+        "batch_size": config.train.batch_size,
+        "vocab_size": config.task.vocab_size,
+        "seq_len": config.task.seq_len,
+        "noise_vocab_size": config.task.noise_vocab_size,
+        "frac_noise": config.task.frac_noise,
+        "multi_query": config.task.multi_query,
+        "devices": [str(d) for d in jax.devices()],
+        "config": json.loads(config.to_json()),
+    }
+
+
+class _Progress:
+    """One status line every ``log_every`` steps: rate, ETA, solved so far."""
+
+    def __init__(self, total: int, start: int, every: int, stream=sys.stdout):
+        self.total, self.start, self.every, self.stream = total, start, every, stream
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, losses: dict, solved: dict, num_seeds: int, nonfinite: dict):
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / max(elapsed, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        width = 24
+        filled = int(width * step / self.total)
+        parts = [f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}",
+                 f"{rate:.2f} steps/s", f"ETA {_duration(eta)}"]
+        for read, loss in losses.items():
+            bad = f" ({nonfinite[read]} diverged)" if nonfinite[read] else ""
+            parts.append(f"{read}: loss {loss:.3f} solved {solved[read]}/{num_seeds}{bad}")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Runs (or resumes) the study described by ``config`` in ``workdir``.
+
+    Returns:
+        The results dict written to ``workdir/results.json``.
+
+    Raises:
+        ConfigError: an invalid configuration or a workdir of another run,
+            before any compute.
+    """
+    from experiments import report  # Plotting stays out of library imports.
+
+    configs = validate_config(config)
+    names = list(configs)
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir, config)
+
+    task, train = config.task, config.train
+    mesh = training.seed_mesh()
+    num_seeds = config.seeds.num_seeds
+    seeds = config.seeds.first_seed + np.arange(training.padded_seed_count(num_seeds, mesh))
+    optimizer = training.make_optimizer(
+        learning_rate=train.learning_rate, total_steps=train.steps, schedule=train.schedule,
+        stretch_steps=train.stretch_steps, b1=train.b1, b2=train.b2, eps=train.eps,
+        weight_decay=train.weight_decay, clip_norm=train.clip_norm)
+    task_kwargs = dict(vocab_size=task.vocab_size, seq_len=task.seq_len,
+                       noise_vocab_size=task.noise_vocab_size, frac_noise=task.frac_noise)
+
+    states = {name: training.init_seed_states(seeds, configs[name], optimizer) for name in names}
+    # Data keys differ from initialization keys but are fixed by the seed.
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 1))(
+        jnp.asarray(seeds, jnp.uint32))
+    tree = training.shard_seeds({"states": states, "keys": keys}, mesh)
+    streams = None
+    if train.data_source == "numpy":
+        streams = [data.ReferenceTrainingStream(seed=int(s), batch_size=train.batch_size,
+                                                **task_kwargs) for s in seeds]
+
+    checkpointer = checkpointing.RunCheckpointer(
+        workdir / "checkpoints", save_every=train.checkpoint_every, keep=train.keep_checkpoints)
+    step, records = 0, []
+    restored = checkpointer.restore_latest(tree)
+    if restored is not None:
+        step, tree, meta = restored
+        tree = training.shard_seeds(tree, mesh)
+        records = meta["metrics"]
+        if streams is not None:
+            streams = [data.ReferenceTrainingStream.from_state(s) for s in meta["streams"]]
+        print(f"resuming {workdir} from step {step}", flush=True)
+    _atomic_write(workdir / RUN_CONFIG_FILE,
+                  json.dumps(_run_description(config, names), indent=1))
+
+    val_sets = [data.reference_validation_set(seed=int(s), num_batches=train.val_batches,
+                                              batch_size=train.val_batch_size, **task_kwargs)
+                for s in seeds]
+    val_inputs = training.shard_seeds(jnp.asarray(np.stack([v[0] for v in val_sets])), mesh)
+    val_targets = training.shard_seeds(jnp.asarray(np.stack([v[1] for v in val_sets])), mesh)
+    sample = None
+    if streams is None:
+        sample = lambda key: data.sample_noisy_recall(
+            key, batch_size=train.batch_size, is_training=True, **task_kwargs)
+    train_step = training.make_train_step(configs, optimizer, sample)
+    eval_step = training.make_eval_step(configs)
+
+    solved = {name: set() for name in names}
+    for r in records:
+        if r["accuracy"] is not None and r["accuracy"] >= config.solved_threshold:
+            solved[r["read"]].add(r["seed"])
+
+    def meta():
+        return {"step": step, "metrics": records,
+                "streams": None if streams is None else [s.state() for s in streams]}
+
+    def write_metrics():
+        _atomic_write(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+
+    progress = _Progress(train.steps, step, train.log_every)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while step < train.steps:
+            batch = None
+            if streams is not None:
+                batches = [s.next_batch() for s in streams]
+                batch = training.shard_seeds(
+                    (jnp.asarray(np.stack([b[0] for b in batches])),
+                     jnp.asarray(np.stack([b[1] for b in batches]))), mesh)
+            new_states, new_keys, step_metrics = train_step(tree["states"], tree["keys"], batch)
+            tree = {"states": new_states, "keys": new_keys}
+            step += 1
+            if step % train.eval_every == 0 or step == train.steps:
+                results = jax.device_get(eval_step(tree["states"], val_inputs, val_targets))
+                losses = jax.device_get(step_metrics)
+                for name in names:
+                    bad = np.asarray(jax.device_get(tree["states"][name].nonfinite))
+                    for i in range(num_seeds):
+                        accuracy = float(results[name]["accuracy"][i])
+                        finite = np.isfinite(accuracy) and not bad[i]
+                        records.append({
+                            "read": name, "seed": int(seeds[i]), "step": step,
+                            "accuracy": accuracy if finite else None,
+                            "loss": float(results[name]["loss"][i]) if finite else None,
+                            "train_loss": _finite_or_none(losses[name]["loss"][i]),
+                            "nonfinite": bool(bad[i]),
+                        })
+                        if finite and accuracy >= config.solved_threshold:
+                            solved[name].add(int(seeds[i]))
+                write_metrics()
+            if step % train.log_every == 0 or step == train.steps:
+                losses = jax.device_get(step_metrics)
+                nonfinite = {n: int(np.sum(jax.device_get(tree["states"][n].nonfinite)[:num_seeds]))
+                             for n in names}
+                mean_loss = {n: float(np.nanmean(np.where(
+                    np.isfinite(losses[n]["loss"][:num_seeds]), losses[n]["loss"][:num_seeds],
+                    np.nan))) for n in names}
+                progress.update(step, mean_loss, {n: len(s) for n, s in solved.items()},
+                                num_seeds, nonfinite)
+            checkpointer.save(step, tree, meta(), force=step == train.steps)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}: writing a checkpoint...", flush=True)
+        checkpointer.save(step, tree, meta(), force=True)
+        checkpointer.close()
+        write_metrics()
+        print(f"checkpoint of step {step} saved; run the same command to resume.", flush=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    checkpointer.close()
+    write_metrics()
+    results = report.build_report(workdir)
+    print(report.format_summary(results), flush=True)
+    return results
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _finite_or_none(value) -> Any:
+    value = float(value)
+    return value if np.isfinite(value) else None

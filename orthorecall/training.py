@@ -1,0 +1,207 @@
+"""Multi-seed, multi-read training on MAD noisy recall.
+
+One jitted step advances every seed of every read: per read, the model's
+parameters, optimizer state and data key carry a leading seed axis and the
+step is ``vmap``-ed over it; the reads (different static computations) sit
+side by side in the same jitted function and share each seed's batch, so seed
+s of every read sees the same initialization and the same data (a paired
+comparison, as in the reference, where seed s fixes both).
+
+Across several devices the seed axis is sharded over a one-axis ``seed`` mesh
+with ``NamedSharding`` (``jax.pmap`` is in maintenance mode); a seed count that
+does not divide the device count is padded with extra seeds whose results are
+computed and dropped.
+
+Protocol defaults (REFERENCE §4): AdamW(3e-3, betas (0.9, 0.999), eps 1e-8,
+weight decay 0.01 on every parameter), cosine to 0 over the budget without
+warmup, global gradient-norm clip 1.0 per seed, batch 64, 2,000 steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from orthorecall import evaluation
+from orthorecall import model as model_lib
+
+SCHEDULES = ("cosine", "constant", "stretched_cosine")
+
+
+def learning_rate_schedule(
+    name: str, learning_rate: float, total_steps: int, stretch_steps: int | None = None,
+) -> optax.Schedule:
+    """The learning-rate schedule of a run.
+
+    Args:
+        name: ``"cosine"`` (to 0 over ``total_steps``, the reference),
+            ``"constant"``, or ``"stretched_cosine"`` (the cosine of a
+            ``stretch_steps``-step budget, cut at ``total_steps``: the
+            replication's 4,000-step schedule run for 2,000 steps).
+        learning_rate: peak rate.
+        total_steps: the step budget.
+        stretch_steps: horizon of ``stretched_cosine``.
+
+    Raises:
+        ValueError: unknown schedule or bad horizon.
+    """
+    if name == "cosine":
+        return optax.cosine_decay_schedule(learning_rate, total_steps, alpha=0.0)
+    if name == "constant":
+        return optax.constant_schedule(learning_rate)
+    if name == "stretched_cosine":
+        if not stretch_steps or stretch_steps < total_steps:
+            raise ValueError(
+                f"stretched_cosine needs stretch_steps >= total_steps ({total_steps}); got "
+                f"{stretch_steps!r}.")
+        return optax.cosine_decay_schedule(learning_rate, stretch_steps, alpha=0.0)
+    raise ValueError(f"schedule={name!r} is not known; use one of {SCHEDULES}.")
+
+
+def make_optimizer(
+    *, learning_rate: float = 3e-3, total_steps: int = 2000, schedule: str = "cosine",
+    stretch_steps: int | None = None, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    weight_decay: float = 0.01, clip_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """AdamW with the reference's decoupled weight decay on every parameter,
+    after a global-norm gradient clip (``clip_norm=None`` disables it)."""
+    schedule_fn = learning_rate_schedule(schedule, learning_rate, total_steps, stretch_steps)
+    adamw = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+class SeedState(NamedTuple):
+    """Training state of one read; every leaf has a leading seed axis.
+
+    Attributes:
+        params: model parameters.
+        opt_state: optimizer state.
+        nonfinite: (S,) bool; a seed whose loss or gradient went NaN/Inf is
+            frozen from then on (its update is skipped) and reported.
+    """
+
+    params: Any
+    opt_state: Any
+    nonfinite: jax.Array
+
+
+def next_token_loss(params, inputs, targets, config: model_lib.ModelConfig,
+                    ignore_index: int = evaluation.IGNORE_INDEX):
+    """Mean next-token cross-entropy over scored positions (all of them for
+    training batches)."""
+    logits = model_lib.apply(params, inputs, config)
+    return evaluation.masked_metrics(logits, targets, ignore_index)[0]
+
+
+def init_seed_states(
+    seeds: np.ndarray, config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
+) -> SeedState:
+    """Initial state for an array of integer seeds: seed s initializes from
+    ``PRNGKey(s)`` whatever the read, so reads are compared on equal starts."""
+    def one(seed):
+        params = model_lib.init_params(jax.random.PRNGKey(seed), config)
+        return params, optimizer.init(params)
+    params, opt_state = jax.vmap(one)(jnp.asarray(seeds, jnp.uint32))
+    return SeedState(params, opt_state, jnp.zeros(len(seeds), bool))
+
+
+def _update_one_seed(state_params, opt_state, nonfinite, inputs, targets, config, optimizer):
+    loss, grads = jax.value_and_grad(next_token_loss)(state_params, inputs, targets, config)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, state_params)
+    new_params = optax.apply_updates(state_params, updates)
+    bad = nonfinite | ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)
+    # A diverged seed keeps its last finite parameters; the others never notice.
+    keep = lambda new, old: jnp.where(bad, old, new)
+    new_params = jax.tree_util.tree_map(keep, new_params, state_params)
+    new_opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
+    return new_params, new_opt_state, bad, loss, grad_norm
+
+
+def make_train_step(
+    configs: dict[str, model_lib.ModelConfig], optimizer: optax.GradientTransformation,
+    sample_batch: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None,
+) -> Callable:
+    """Builds the jitted step over all reads and seeds.
+
+    Args:
+        configs: read name -> model configuration (same data shapes).
+        optimizer: the per-seed optimizer.
+        sample_batch: key -> (inputs, targets) of one seed's batch, for data
+            generated on device; None when batches are passed in (numpy stream).
+
+    Returns:
+        ``step(states, keys, batch) -> (states, keys, metrics)`` where states is
+        a dict read -> ``SeedState``, keys (S,) data keys (advanced by the step
+        when data are generated on device), batch None or (inputs, targets) of
+        shape (S, B, L), and metrics a dict read -> {"loss", "grad_norm"} of
+        (S,) arrays.
+    """
+    def step(states, keys, batch):
+        if batch is None:
+            split = jax.vmap(jax.random.split)(keys)
+            keys, batch_keys = split[:, 0], split[:, 1]
+            batch = jax.vmap(sample_batch)(batch_keys)
+        inputs, targets = batch
+        new_states, metrics = {}, {}
+        for read, config in configs.items():
+            state = states[read]
+            update = functools.partial(_update_one_seed, config=config, optimizer=optimizer)
+            params, opt_state, bad, loss, grad_norm = jax.vmap(update)(
+                state.params, state.opt_state, state.nonfinite, inputs, targets)
+            new_states[read] = SeedState(params, opt_state, bad)
+            metrics[read] = {"loss": loss, "grad_norm": grad_norm}
+        return new_states, keys, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(configs: dict[str, model_lib.ModelConfig]) -> Callable:
+    """Builds the jitted evaluation of every seed of every read.
+
+    Returns:
+        ``evaluate(states, inputs, targets) -> {read: {"accuracy", "loss"}}``
+        with inputs/targets (S, num_batches, batch, L) (each seed's reference
+        validation set) and (S,) results: means over batches of per-batch
+        values, as the reference reports them.
+    """
+    def evaluate(states, inputs, targets):
+        out = {}
+        for read, config in configs.items():
+            def one_seed(params, seed_inputs, seed_targets):
+                def one_batch(batch):
+                    logits = model_lib.apply(params, batch[0], config)
+                    return evaluation.masked_metrics(logits, batch[1])[:2]
+                losses, accuracies = jax.lax.map(one_batch, (seed_inputs, seed_targets))
+                return {"loss": jnp.mean(losses), "accuracy": jnp.mean(accuracies)}
+            out[read] = jax.vmap(one_seed)(states[read].params, inputs, targets)
+        return out
+
+    return jax.jit(evaluate)
+
+
+def seed_mesh(devices=None) -> Mesh:
+    """A one-axis mesh named ``seed`` over ``devices`` (all by default)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ("seed",))
+
+
+def padded_seed_count(num_seeds: int, mesh: Mesh) -> int:
+    """Seeds rounded up to a multiple of the mesh size (padding is dropped)."""
+    size = mesh.devices.size
+    return size * math.ceil(num_seeds / size)
+
+
+def shard_seeds(tree, mesh: Mesh):
+    """Places every leaf's leading (seed) axis across the mesh."""
+    sharding = NamedSharding(mesh, PartitionSpec("seed"))
+    return jax.device_put(tree, sharding)
