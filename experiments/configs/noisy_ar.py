@@ -90,7 +90,7 @@ def _cpu() -> ml_collections.ConfigDict:
     Chosen by probes on this machine (8 seeds each, raw read unless noted):
     at this size the baseline escapes after 700-1,300 steps of a 2,000-step
     cosine (7/8 solved), far beyond a 15-minute NS5 budget (about 400 steps
-    for 24 seeds, since the NS5 read costs about 10x the raw one here). With
+    for 24 seeds, since the NS5 read costs about 8x the raw one here). With
     400 steps, lr 3e-3 left every seed near chance (17%); lr 1e-2 spread the
     seeds between 16% and 55%, and NS5 reached 46% mean vs 36% for the
     baseline on the same 8 seeds. So this preset measures the early-learning
