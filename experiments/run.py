@@ -40,7 +40,11 @@ def resolve_config_argument(argv: list[str]) -> list[str]:
     return out
 
 
+_STARTED = []
+
+
 def main(argv):
+    _STARTED.append(True)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
@@ -58,6 +62,19 @@ def main(argv):
         sys.exit(130)
 
 
-if __name__ == "__main__":
+def _run_cli():
     sys.argv = resolve_config_argument(sys.argv)
-    app.run(main)
+    try:
+        app.run(main)
+    except (AttributeError, KeyError) as e:
+        if _STARTED:  # Not a flag-parsing problem: a real error, keep its traceback.
+            raise
+        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        print(f"run: configuration error: an override names a field the configuration does "
+              f"not have ({e}); overrides given: {overrides}. The fields are listed in "
+              "experiments/configs/noisy_ar.py.", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _run_cli()

@@ -275,14 +275,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             solved[r["read"]].add(r["seed"])
 
     def meta():
-        return {"step": step, "metrics": records,
+        # A copy: Orbax writes the JSON item asynchronously, after more records are appended.
+        return {"step": step, "metrics": list(records),
                 "streams": None if streams is None else [s.state() for s in streams]}
 
     def write_metrics():
         _atomic_write(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
 
     progress = _Progress(train.steps, step, train.log_every)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C / SIGTERM only set a flag, acted on between steps: raised in the middle of a
+    # step, the interruption could drop the step's result after its input states were
+    # donated (deleted), or leave `step`, the states and the records out of step.
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:  # A second signal stops at once, without a checkpoint.
+            raise KeyboardInterrupt
+        stop_requested.append(signum)  # (No print here: a handler may interrupt a print.)
+
+    previous_handlers = {
+        signum: signal.signal(signum, request_stop)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if signum != signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         while step < train.steps:
             batch = None
@@ -322,24 +336,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 progress.update(step, mean_loss, {n: len(s) for n, s in solved.items()},
                                 num_seeds, nonfinite)
             checkpointer.save(step, tree, meta(), force=step == train.steps)
-    except KeyboardInterrupt:
+            if stop_requested:
+                break
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+    if step < train.steps:  # Stopped by a signal, between two steps.
         print(f"\ninterrupted at step {step}: writing a checkpoint...", flush=True)
         checkpointer.save(step, tree, meta(), force=True)
         checkpointer.close()
         write_metrics()
         print(f"checkpoint of step {step} saved; run the same command to resume.", flush=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        raise KeyboardInterrupt
     checkpointer.close()
     write_metrics()
     results = report.build_report(workdir)
     print(report.format_summary(results), flush=True)
     return results
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _finite_or_none(value) -> Any:

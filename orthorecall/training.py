@@ -116,7 +116,7 @@ def init_seed_states(
 
 def _update_one_seed(state_params, opt_state, nonfinite, inputs, targets, config, optimizer):
     loss, grads = jax.value_and_grad(next_token_loss)(state_params, inputs, targets, config)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, state_params)
     new_params = optax.apply_updates(state_params, updates)
     bad = nonfinite | ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)
