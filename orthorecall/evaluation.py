@@ -7,8 +7,6 @@ set: the mean over batches of those per-batch values (not a pooled mean).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,13 +39,25 @@ def masked_metrics(logits: jax.Array, targets: jax.Array, ignore_index: int = IG
     return loss, accuracy, count
 
 
-@functools.partial(jax.jit, static_argnames=("config", "ignore_index"))
-def _per_batch_metrics(params, inputs, targets, config, ignore_index):
+def per_batch_metrics(params, inputs, targets, config: model_lib.ModelConfig,
+                      ignore_index: int = IGNORE_INDEX):
+    """Loss and accuracy of every batch of a validation set (traceable).
+
+    Args:
+        params: model parameters.
+        inputs, targets: int arrays (num_batches, batch_size, T).
+
+    Returns:
+        (losses, accuracies), float32 arrays (num_batches,).
+    """
     def one_batch(batch):
         batch_inputs, batch_targets = batch
         logits = model_lib.apply(params, batch_inputs, config)
         return masked_metrics(logits, batch_targets, ignore_index)[:2]
     return jax.lax.map(one_batch, (inputs, targets))
+
+
+_per_batch_metrics = jax.jit(per_batch_metrics, static_argnames=("config", "ignore_index"))
 
 
 def evaluate(

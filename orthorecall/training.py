@@ -177,11 +177,9 @@ def make_eval_step(configs: dict[str, model_lib.ModelConfig]) -> Callable:
     def evaluate(states, inputs, targets):
         out = {}
         for read, config in configs.items():
-            def one_seed(params, seed_inputs, seed_targets):
-                def one_batch(batch):
-                    logits = model_lib.apply(params, batch[0], config)
-                    return evaluation.masked_metrics(logits, batch[1])[:2]
-                losses, accuracies = jax.lax.map(one_batch, (seed_inputs, seed_targets))
+            def one_seed(params, seed_inputs, seed_targets, config=config):
+                losses, accuracies = evaluation.per_batch_metrics(
+                    params, seed_inputs, seed_targets, config)
                 return {"loss": jnp.mean(losses), "accuracy": jnp.mean(accuracies)}
             out[read] = jax.vmap(one_seed)(states[read].params, inputs, targets)
         return out
