@@ -24,6 +24,7 @@ lose the small singular values the iteration has to lift).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -139,15 +140,48 @@ def newton_schulz(
         ValueError: non-square input, unknown coefficients, negative k.
     """
     steps = iteration_coefficients(coefficients, num_iterations)
-    x = frobenius_normalize(x)
+    return _iterations(frobenius_normalize(x), steps)
+
+
+def _forward_iterates(x, steps):
+    """The iterate after ``steps`` and, per step, its input X and Gram XᵀX."""
+    saved = []
     for a, b, c in steps:
         gram = jnp.matmul(jnp.swapaxes(x, -1, -2), x)
+        saved.append((x, gram))
+        poly = b * gram if c == 0.0 else b * gram + c * jnp.matmul(gram, gram)
+        x = a * x + jnp.matmul(x, poly)
+    return x, saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _iterations(x, steps):
+    return _forward_iterates(x, steps)[0]
+
+
+def _iterations_fwd(x, steps):
+    # Only the input is kept: backward recomputes the iterates, so the memory
+    # of the read does not grow with the iteration count.
+    return _forward_iterates(x, steps)[0], x
+
+
+def _iterations_bwd(steps, x, cotangent):
+    # Y = a X + X P(G), P(G) = b G + c G², G = XᵀX:
+    #   X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
+    _, saved = _forward_iterates(x, steps)
+    for (x, gram), (a, b, c) in zip(reversed(saved), reversed(steps)):
+        xt_ybar = jnp.matmul(jnp.swapaxes(x, -1, -2), cotangent)
         if c == 0.0:
-            x = a * x + b * jnp.matmul(x, gram)
+            poly, gram_bar = b * gram, b * xt_ybar
         else:
             poly = b * gram + c * jnp.matmul(gram, gram)
-            x = a * x + jnp.matmul(x, poly)
-    return x
+            gram_bar = b * xt_ybar + c * (jnp.matmul(gram, xt_ybar) + jnp.matmul(xt_ybar, gram))
+        cotangent = (a * cotangent + jnp.matmul(cotangent, poly)
+                     + jnp.matmul(x, gram_bar + jnp.swapaxes(gram_bar, -1, -2)))
+    return (cotangent,)
+
+
+_iterations.defvjp(_iterations_fwd, _iterations_bwd)
 
 
 @jax.custom_vjp
