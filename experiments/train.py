@@ -269,10 +269,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     train_step = training.make_train_step(configs, optimizer, sample)
     eval_step = training.make_eval_step(configs)
 
+    # As the report counts them: reached the threshold and never diverged.
     solved = {name: set() for name in names}
+
+    def count_solved(record):
+        if record["nonfinite"]:
+            solved[record["read"]].discard(record["seed"])
+        elif record["accuracy"] is not None and record["accuracy"] >= config.solved_threshold:
+            solved[record["read"]].add(record["seed"])
+
     for r in records:
-        if r["accuracy"] is not None and r["accuracy"] >= config.solved_threshold:
-            solved[r["read"]].add(r["seed"])
+        count_solved(r)
 
     def meta():
         # A copy: Orbax writes the JSON item asynchronously, after more records are appended.
@@ -323,8 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                             "train_loss": _finite_or_none(losses[name]["loss"][i]),
                             "nonfinite": bool(bad[i]),
                         })
-                        if finite and accuracy >= config.solved_threshold:
-                            solved[name].add(int(seeds[i]))
+                        count_solved(records[-1])
                 write_metrics()
             if step % train.log_every == 0 or step == train.steps:
                 losses = jax.device_get(step_metrics)
