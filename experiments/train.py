@@ -315,30 +315,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             new_states, new_keys, step_metrics = train_step(tree["states"], tree["keys"], batch)
             tree = {"states": new_states, "keys": new_keys}
             step += 1
-            if step % train.eval_every == 0 or step == train.steps:
+            evaluate_now = step % train.eval_every == 0 or step == train.steps
+            log_now = step % train.log_every == 0 or step == train.steps
+            if evaluate_now or log_now:
+                losses, bad = jax.device_get(
+                    ({n: m["loss"] for n, m in step_metrics.items()},
+                     {n: tree["states"][n].nonfinite for n in names}))
+            if evaluate_now:
                 results = jax.device_get(eval_step(tree["states"], val_inputs, val_targets))
-                losses = jax.device_get(step_metrics)
                 for name in names:
-                    bad = np.asarray(jax.device_get(tree["states"][name].nonfinite))
                     for i in range(num_seeds):
                         accuracy = float(results[name]["accuracy"][i])
-                        finite = np.isfinite(accuracy) and not bad[i]
+                        finite = np.isfinite(accuracy) and not bad[name][i]
                         records.append({
                             "read": name, "seed": int(seeds[i]), "step": step,
                             "accuracy": accuracy if finite else None,
                             "loss": float(results[name]["loss"][i]) if finite else None,
-                            "train_loss": _finite_or_none(losses[name]["loss"][i]),
-                            "nonfinite": bool(bad[i]),
+                            "train_loss": _finite_or_none(losses[name][i]),
+                            "nonfinite": bool(bad[name][i]),
                         })
                         count_solved(records[-1])
                 write_metrics()
-            if step % train.log_every == 0 or step == train.steps:
-                losses = jax.device_get(step_metrics)
-                nonfinite = {n: int(np.sum(jax.device_get(tree["states"][n].nonfinite)[:num_seeds]))
-                             for n in names}
+            if log_now:
+                nonfinite = {n: int(np.sum(bad[n][:num_seeds])) for n in names}
                 mean_loss = {n: float(np.nanmean(np.where(
-                    np.isfinite(losses[n]["loss"][:num_seeds]), losses[n]["loss"][:num_seeds],
-                    np.nan))) for n in names}
+                    np.isfinite(losses[n][:num_seeds]), losses[n][:num_seeds], np.nan)))
+                    for n in names}
                 progress.update(step, mean_loss, {n: len(s) for n, s in solved.items()},
                                 num_seeds, nonfinite)
             checkpointer.save(step, tree, meta(), force=step == train.steps)

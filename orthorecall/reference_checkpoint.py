@@ -14,6 +14,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from orthorecall import torch_format
@@ -93,7 +94,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[Params
         "post_norm": {"scale": sd["post_norm.weight"]},
         "head": {"kernel": sd["head.weight"].T, "bias": sd["head.bias"]},
     }
-    params = _contiguous(params)
+    params = jax.tree_util.tree_map(np.ascontiguousarray, params)
     dims = dict(vocab_size=vocab, embedding_dim=dim, num_heads=heads, inner_dim=inner,
                 conv_kernel_size=kernel, qkv_block_size=block)
     return params, dims
@@ -109,7 +110,7 @@ def state_dict_from_params(params: Params) -> collections.OrderedDict[str, np.nd
         raise ValueError(
             f"the reference layout holds one block; these parameters have "
             f"{len(params['blocks'])}.")
-    p = _to_numpy(params)
+    p = jax.tree_util.tree_map(np.asarray, params)
     block = p["blocks"][0]
     c = block["mlstm"]
     sd = {
@@ -146,22 +147,6 @@ _REFERENCE_NAMES = (
     "layer.mlstm_cell.fgate.bias", "layer.mlstm_cell.outnorm.weight",
     "layer.proj_down.weight", "post_norm.weight", "head.weight", "head.bias",
 )
-
-
-def _to_numpy(tree):
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_to_numpy(v) for v in tree]
-    return np.asarray(tree, np.float32)
-
-
-def _contiguous(tree):
-    if isinstance(tree, dict):
-        return {k: _contiguous(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_contiguous(v) for v in tree]
-    return np.ascontiguousarray(tree)
 
 
 def _model_config(dims: dict, read: ReadConfig, **overrides) -> ModelConfig:
