@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from orthorecall.newton_schulz import ReadConfig
 
@@ -44,6 +45,9 @@ DENOMINATOR_EPS = 1e-6
 # Stands in for log(0) in masked decay entries: finite, so gradients through
 # the masks stay finite, and exp(_LOG_ZERO - m) underflows to exactly 0.
 _LOG_ZERO = -1e30
+# The one intermediate a chunk keeps for backward besides its boundary state:
+# the read qᵀ R(C_t) (B, H, L, d), the expensive part of the forward.
+READ_CHECKPOINT_NAME = "mlstm_read"
 
 
 class MemoryState(NamedTuple):
@@ -120,7 +124,7 @@ def memory_step(
     i_scale = jnp.exp(i_pre - m)
     c = f_scale[..., None, None] * state.c + i_scale[..., None, None] * (k[..., :, None] * v[..., None, :])
     n = f_scale[..., None] * state.n + i_scale[..., None] * k
-    numerator = jnp.einsum("bhk,bhkv->bhv", q, read(c))
+    numerator = read.retrieve(c, q)
     h = _normalized_read(numerator, jnp.sum(q * n, axis=-1), m)
     return h, MemoryState(c, n, m)
 
@@ -225,7 +229,9 @@ def chunkwise_sequence(
         jnp.moveaxis(reset.reshape(b, num_chunks, size), 1, 0),
     )
 
-    body = jax.checkpoint(lambda carry, chunk: _chunk(carry, chunk, read), prevent_cse=False)
+    body = jax.checkpoint(
+        lambda carry, chunk: _chunk(carry, chunk, read), prevent_cse=False,
+        policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME))
     final, outs = jax.lax.scan(body, state, xs)
     # (num_chunks, B, H, L, d) -> (B, T, H, d)
     outs = jnp.moveaxis(outs, 0, 1)
@@ -279,7 +285,9 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
         weighted_keys = decay[..., :, :, None] * k[..., None, :, :]      # (B, H, L, L, d)
         c = (state_scale[..., None, None] * state.c[:, :, None]
              + jnp.matmul(jnp.swapaxes(weighted_keys, -1, -2), v[:, :, None]))
-        numerator = jnp.einsum("bhtk,bhtkv->bhtv", q, read(c))
+        # Saved through the chunk's checkpoint: backward then needs only the
+        # read's VJP, not a second forward read.
+        numerator = checkpoint_name(read.retrieve(c, q), READ_CHECKPOINT_NAME)
         last_c = c[:, :, -1]
     h = _normalized_read(numerator, q_dot_n, m)
 

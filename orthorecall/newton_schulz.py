@@ -30,6 +30,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from orthorecall import cpu_kernel
+
 # Smallest Frobenius norm divided by, as in the reference: keeps the all-zero
 # memory (start of a sequence, after a reset) at zero with finite gradients.
 FROBENIUS_FLOOR = 1e-6
@@ -184,6 +186,82 @@ def _iterations_bwd(steps, x, cotangent):
 _iterations.defvjp(_iterations_fwd, _iterations_bwd)
 
 
+def newton_schulz_read(
+        memory: jax.Array, query: jax.Array, num_iterations: int = 5,
+        coefficients: str = "cubic"
+) -> jax.Array:
+    """qᵀ NS_k(C): the orthogonalized memory read by a query, without forming NS_k(C).
+
+    This is what the mLSTM needs (h_j = Σ_i q_i NS_k(C)_ij) and what it runs:
+    on the CPU backend a fused kernel (``orthorecall.cpu_kernel``) keeps each
+    memory in cache through all iterations and never writes NS_k(C) or its
+    iterates to memory, forward or backward; on other backends, or when the
+    kernel is unavailable, it is ``einsum(q, newton_schulz(C))``. Both compute
+    the same function (to float32 rounding) and the same gradients.
+
+    Args:
+        memory: (..., d, d) memories, any float dtype.
+        query: (..., d) queries with the same leading shape.
+        num_iterations: k >= 0.
+        coefficients: one of ``COEFFICIENT_SETS``.
+
+    Returns:
+        float32 (..., d).
+
+    Raises:
+        ValueError: mismatched shapes, unknown coefficients, negative k.
+    """
+    _check_square(memory, "newton_schulz_read")
+    if query.shape != memory.shape[:-1]:
+        raise ValueError(
+                f"newton_schulz_read expects query of shape memory.shape[:-1] = "
+                f"{memory.shape[:-1]}, got {query.shape}.")
+    steps = iteration_coefficients(coefficients, num_iterations)
+    return _ns_read(memory.astype(jnp.float32), query.astype(jnp.float32), steps)
+
+
+def _use_cpu_kernel(steps) -> bool:
+    # Decided at trace time; GPU/TPU programs never build the CPU kernel.
+    return bool(steps) and jax.default_backend() == "cpu" and cpu_kernel.available()
+
+
+def _jax_read(memory, query, steps):
+    return jnp.einsum("...i,...ij->...j", query, _iterations(frobenius_normalize(memory), steps))
+
+
+def _jax_backward(memory, query, h_bar, steps):
+    return jax.vjp(functools.partial(_jax_read, steps=steps), memory, query)[1](h_bar)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ns_read(memory, query, steps):
+    return _ns_read_fwd(memory, query, steps)[0]
+
+
+def _ns_read_fwd(memory, query, steps):
+    jax_path = functools.partial(_jax_read, steps=steps)
+    if _use_cpu_kernel(steps):
+        h = jax.lax.platform_dependent(
+                memory, query, cpu=functools.partial(cpu_kernel.ns_read_forward, steps=steps),
+                default=jax_path)
+    else:
+        h = jax_path(memory, query)
+    return h, (memory, query)
+
+
+def _ns_read_bwd(steps, residuals, h_bar):
+    memory, query = residuals
+    jax_path = functools.partial(_jax_backward, steps=steps)
+    if _use_cpu_kernel(steps):
+        return tuple(jax.lax.platform_dependent(
+                memory, query, h_bar, cpu=functools.partial(cpu_kernel.ns_read_backward, steps=steps),
+                default=jax_path))
+    return tuple(jax_path(memory, query, h_bar))
+
+
+_ns_read.defvjp(_ns_read_fwd, _ns_read_bwd)
+
+
 @jax.custom_vjp
 def _polar_factor(x: jax.Array) -> jax.Array:
     return _polar_forward(x)[0]
@@ -282,6 +360,14 @@ class ReadConfig:
         if self.kind == "polar":
             return polar(memory)
         return newton_schulz(memory, self.num_iterations, self.coefficients)
+
+    def retrieve(self, memory: jax.Array, query: jax.Array) -> jax.Array:
+        """qᵀ R(C) for memories (..., d, d) and queries (..., d): the vector the
+        mLSTM reads. For NS_k this never forms NS_k(C) (``newton_schulz_read``)."""
+        if self.kind == "newton_schulz":
+            return newton_schulz_read(memory, query, self.num_iterations, self.coefficients)
+        return jnp.einsum("...i,...ij->...j", query.astype(jnp.float32),
+                          self(memory).astype(jnp.float32))
 
 
 RAW = ReadConfig("raw")

@@ -1,0 +1,208 @@
+"""The fused Newton–Schulz read kernel for XLA:CPU: build, load, register.
+
+XLA:CPU runs batches of small (48 x 48) products far below the machine's
+matrix-product speed and on a single thread, and the orthogonalized read is
+nothing but such products. ``kernels/ns_read.cc`` carries each memory through
+all iterations in cache, with a register-tiled product, over XLA's intra-op
+threads, and returns only h = NS_k(C)ᵀ q (forward) or (C̄, q̄) (backward,
+recomputing the iterates per matrix). ``orthorecall.newton_schulz`` uses it on
+the CPU backend; GPU/TPU lower the pure-JAX formulation instead.
+
+The kernel is compiled on first use with the system's C++ compiler against the
+XLA FFI headers that ship with jaxlib, for this machine's instruction set, and
+cached under ``$ORTHORECALL_CACHE_DIR`` (default ``~/.cache/orthorecall``),
+keyed by source, JAX version, compiler and CPU. Without a compiler (or with
+``ORTHORECALL_CPU_KERNEL=0``) the read falls back to the pure-JAX formulation,
+which computes the same function, with one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+FORWARD_TARGET = "orthorecall_ns_read_forward"
+BACKWARD_TARGET = "orthorecall_ns_read_backward"
+_SOURCE = pathlib.Path(__file__).with_name("kernels") / "ns_read.cc"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+class KernelBuildError(RuntimeError):
+    """The CPU kernel could not be compiled or loaded."""
+
+
+def enabled_by_environment() -> bool:
+    """False when ``ORTHORECALL_CPU_KERNEL`` is set to 0/false/no/off."""
+    value = os.environ.get("ORTHORECALL_CPU_KERNEL", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be loaded on another CPU sharing the cache.
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("ORTHORECALL_CACHE_DIR")
+    return pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "orthorecall"
+
+
+def build(force: bool = False) -> pathlib.Path:
+    """Compiles the kernel (if not cached) and returns the shared library path.
+
+    Raises:
+        KernelBuildError: no C++ compiler, or the compilation failed.
+    """
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelBuildError(
+            "no C++ compiler found (tried $CXX, c++, g++, clang++); install one or "
+            "set ORTHORECALL_CPU_KERNEL=0 to use the pure-JAX read.")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([
+        source, jax.__version__.encode(), compiler.encode(), " ".join(_FLAGS).encode(),
+        _cpu_signature().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"ns_read-{key}.so"
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent processes never load
+    # a half-written library.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", partial]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise KernelBuildError(
+                f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.cache
+def available() -> bool:
+    """Builds, loads and registers the kernel once per process.
+
+    Returns True when the CPU read kernel can be used; False (after one
+    warning saying why) when it is disabled or cannot be built.
+    """
+    if not enabled_by_environment():
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+        for name, symbol in ((FORWARD_TARGET, library.OrthorecallNsReadForward),
+                             (BACKWARD_TARGET, library.OrthorecallNsReadBackward)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+    except (KernelBuildError, OSError, AttributeError) as error:
+        warnings.warn(
+            f"orthorecall: the fused CPU read kernel is unavailable, using the pure-JAX "
+            f"Newton–Schulz read (same results, several times slower on CPU): {error}",
+            RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+Steps = tuple[tuple[float, float, float], ...]
+
+
+def ns_read_forward(memory: jax.Array, query: jax.Array, steps: Steps) -> jax.Array:
+    """h = NS(C)ᵀ q by the kernel: memory (..., d, d), query (..., d) float32.
+
+    ``steps`` are the (a, b, c) of each iteration. Requires ``available()``.
+    Works under jit, vmap (any leading axes are batch) and sharding of the
+    leading axes (each device reads its own shard).
+    """
+    return _operation("forward", steps)(memory, query)
+
+
+def ns_read_backward(memory: jax.Array, query: jax.Array, h_bar: jax.Array,
+                     steps: Steps) -> tuple[jax.Array, jax.Array]:
+    """(C̄, q̄), the VJP of ``ns_read_forward`` at (memory, query) for h̄."""
+    return _operation("backward", steps)(memory, query, h_bar)
+
+
+# Per operation: (target, ranks of the operands' and results' matrix axes,
+# Shardy rule: leading axes are batch, matrix axes stay whole).
+_SIGNATURES = {
+    "forward": (FORWARD_TARGET, (2, 1), (1,), "... i j, ... i -> ... j"),
+    "backward": (BACKWARD_TARGET, (2, 1, 1), (2, 1), "... i j, ... i, ... j -> ... i j, ... i"),
+}
+
+
+@functools.cache
+def _operation(direction: str, steps: Steps):
+    target, operand_ranks, result_ranks, rule = _SIGNATURES[direction]
+    coefficients = np.asarray(steps, np.float32).reshape(-1)
+
+    def call(*operands):
+        batch = operands[0].shape[:-2]
+        results = tuple(jax.ShapeDtypeStruct(batch + operands[0].shape[-2:][:rank], jnp.float32)
+                        for rank in result_ranks)
+        out = jax.ffi.ffi_call(target, results if len(results) > 1 else results[0])(
+            *operands, coefficients=coefficients)
+        return out
+
+    # Without a rule the SPMD partitioner would gather every shard onto every
+    # device and read all of them there.
+    def shardings(mesh, arg_shapes):
+        first = arg_shapes[0]
+        spec = tuple(first.sharding.spec) + (None,) * first.ndim
+        batch = spec[:first.ndim - operand_ranks[0]]
+        sharding = lambda rank: NamedSharding(mesh, PartitionSpec(*batch, *(None,) * rank))
+        results = tuple(sharding(rank) for rank in result_ranks)
+        return (tuple(sharding(rank) for rank in operand_ranks),
+                results if len(results) > 1 else results[0])
+
+    def partition(mesh, arg_shapes, result_shape):
+        operands, results = shardings(mesh, arg_shapes)
+        return mesh, call, results, operands
+
+    partitioned = custom_partitioning(call)
+    partitioned.def_partition(
+        partition, infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[1],
+        sharding_rule=rule, need_replication_factors=("i", "j"))
+
+    # custom_partitioning has no batching rule; the kernel treats every
+    # leading axis as batch, so vmap only has to line the operands up.
+    @jax.custom_batching.custom_vmap
+    def operation(*operands):
+        return partitioned(*operands)
+
+    @operation.def_vmap
+    def _batched(axis_size, in_batched, *operands):
+        operands = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                    for x, batched in zip(operands, in_batched)]
+        out = operation(*operands)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return operation

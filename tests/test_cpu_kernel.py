@@ -1,0 +1,195 @@
+"""The fused CPU read kernel against float64 numpy and the pure-JAX read."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orthorecall import cpu_kernel
+from orthorecall import newton_schulz as ns
+from tests import numpy_reference as ref
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernel._compiler() is None, reason="no C++ compiler: the kernel cannot be built here")
+
+
+def _inputs(seed, count, d, scale=1.0):
+    rng = np.random.default_rng(seed)
+    c = (scale * rng.standard_normal((count, d, d))).astype(np.float32)
+    q = rng.standard_normal((count, d)).astype(np.float32)
+    h_bar = rng.standard_normal((count, d)).astype(np.float32)
+    return c, q, h_bar
+
+
+def _numpy_read_and_vjp(c, q, h_bar, steps, eps=1e-6):
+    """h = NS(C)ᵀq in float64, and (C̄, q̄) by central differences of <h, h̄>."""
+    h = ref.newton_schulz(c, steps).T @ q
+    loss = lambda m: ref.newton_schulz(m, steps).T @ q @ h_bar
+    c_bar = np.zeros_like(c, np.float64)
+    for index in np.ndindex(*c.shape):
+        step = np.zeros_like(c, np.float64)
+        step[index] = eps
+        c_bar[index] = (loss(c + step) - loss(c - step)) / (2 * eps)
+    q_bar = ref.newton_schulz(c, steps) @ h_bar
+    return h, c_bar, q_bar
+
+
+def test_kernel_builds_and_is_used_on_cpu():
+    assert cpu_kernel.available()
+    c, q, _ = _inputs(0, 2, 8)
+    hlo = jax.jit(lambda c, q: ns.newton_schulz_read(c, q)).lower(c, q).as_text()
+    assert cpu_kernel.FORWARD_TARGET in hlo
+    grad_hlo = jax.jit(jax.grad(lambda c, q: ns.newton_schulz_read(c, q).sum())).lower(c, q).as_text()
+    assert cpu_kernel.BACKWARD_TARGET in grad_hlo
+
+
+# Widths cover no padding (16, 48), padding to 16 (5, 20) and two tiles (33).
+@pytest.mark.parametrize("d", [5, 16, 20, 33, 48])
+@pytest.mark.parametrize("coefficients,k", [("cubic", 5), ("muon", 3), ("polar_express", 6),
+                                            ("cubic", 1)])
+def test_forward_and_backward_match_float64_numpy(d, coefficients, k):
+    c, q, h_bar = _inputs(d + k, 2, d)
+    steps = ns.iteration_coefficients(coefficients, k)
+    h = np.asarray(cpu_kernel.ns_read_forward(c, q, steps))
+    c_bar, q_bar = (np.asarray(x) for x in cpu_kernel.ns_read_backward(c, q, h_bar, steps))
+    for m in range(len(c)):
+        want_h, want_c_bar, want_q_bar = _numpy_read_and_vjp(
+            c[m].astype(np.float64), q[m].astype(np.float64), h_bar[m].astype(np.float64), steps)
+        np.testing.assert_allclose(h[m], want_h, atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(q_bar[m], want_q_bar, atol=2e-5, rtol=1e-4)
+        scale = np.abs(want_c_bar).max()
+        np.testing.assert_allclose(c_bar[m], want_c_bar, atol=2e-4 * scale, rtol=2e-3)
+
+
+def test_agrees_with_pure_jax_read_on_a_large_batch():
+    # Many matrices so every thread of the pool takes chunks, with leading
+    # batch axes as the chunkwise mLSTM passes them (B, H, L, d, d).
+    c, q, h_bar = _inputs(1, 4 * 3 * 40, 48, scale=0.3)
+    c, q, h_bar = c.reshape(4, 3, 40, 48, 48), q.reshape(4, 3, 40, 48), h_bar.reshape(4, 3, 40, 48)
+    steps = ns.iteration_coefficients("cubic", 5)
+    kernel = jax.jit(lambda c, q: cpu_kernel.ns_read_forward(c, q, steps))(c, q)
+    pure = jax.jit(lambda c, q: ns._jax_read(c, q, steps))(c, q)
+    np.testing.assert_allclose(kernel, pure, atol=1e-5, rtol=1e-5)
+    kernel_bar = jax.jit(lambda *a: cpu_kernel.ns_read_backward(*a, steps))(c, q, h_bar)
+    pure_bar = jax.jit(lambda *a: ns._jax_backward(*a, steps))(c, q, h_bar)
+    for got, want in zip(kernel_bar, pure_bar):
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-4)
+
+
+def test_zero_memory_reads_zero_with_the_floor_gradient():
+    # An all-zero memory (fresh state) hits the Frobenius floor: h = 0 and the
+    # gradient is that of C / 1e-6 through the iteration (not of C / |C|).
+    c = np.zeros((1, 6, 6), np.float32)
+    q = np.ones((1, 6), np.float32)
+    h_bar = np.linspace(-1, 1, 6, dtype=np.float32)[None]
+    steps = ns.iteration_coefficients("cubic", 5)
+    assert not np.any(np.asarray(cpu_kernel.ns_read_forward(c, q, steps)))
+    got = cpu_kernel.ns_read_backward(c, q, h_bar, steps)
+    want = ns._jax_backward(c, q, h_bar, steps)
+    for g, w in zip(got, want):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_vmap_and_grad_through_the_public_read():
+    c, q, _ = _inputs(2, 6, 12)
+    c, q = c.reshape(2, 3, 12, 12), q.reshape(2, 3, 12)
+    read = ns.read_from_name("ns5")
+    loss = lambda c, q: jnp.sum(jnp.sin(read.retrieve(c, q)))
+    value, grads = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1))))(c, q)
+    steps = ns.iteration_coefficients("cubic", 5)
+    pure = lambda c, q: jnp.sum(jnp.sin(ns._jax_read(c, q, steps)))
+    want_value, want_grads = jax.vmap(jax.value_and_grad(pure, argnums=(0, 1)))(c, q)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_disabled_or_unbuildable_kernel_falls_back_to_pure_jax(monkeypatch):
+    c, q, _ = _inputs(3, 2, 8)
+    want = np.asarray(ns._jax_read(c, q, ns.iteration_coefficients("cubic", 5)))
+    try:
+        cpu_kernel.available.cache_clear()
+        monkeypatch.setenv("ORTHORECALL_CPU_KERNEL", "0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Disabling on purpose is silent.
+            assert not cpu_kernel.available()
+        hlo = jax.jit(lambda c, q: ns.newton_schulz_read(c, q)).lower(c, q).as_text()
+        assert cpu_kernel.FORWARD_TARGET not in hlo
+        np.testing.assert_allclose(ns.newton_schulz_read(c, q), want, rtol=1e-6)
+
+        cpu_kernel.available.cache_clear()
+        monkeypatch.setenv("ORTHORECALL_CPU_KERNEL", "1")
+        monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+            assert not cpu_kernel.available()
+    finally:
+        monkeypatch.undo()
+        cpu_kernel.available.cache_clear()
+    assert cpu_kernel.available()
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORTHORECALL_CACHE_DIR", str(tmp_path))
+    first = cpu_kernel.build()
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel.build() == first and first.stat().st_mtime_ns == stamp
+    # No temporary files are left next to the library.
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORTHORECALL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_FLAGS", cpu_kernel._FLAGS + ("-fno-such-orthorecall-flag",))
+    with pytest.raises(cpu_kernel.KernelBuildError, match="failed"):
+        cpu_kernel.build()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_validates_shapes():
+    with pytest.raises(ValueError, match="query of shape"):
+        ns.newton_schulz_read(jnp.zeros((2, 4, 4)), jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match="square"):
+        ns.newton_schulz_read(jnp.zeros((2, 4, 5)), jnp.zeros((2, 4)))
+
+
+_SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orthorecall import newton_schulz as ns
+mesh = Mesh(np.array(jax.devices()), ("seed",))
+rng = np.random.default_rng(0)
+c = jnp.asarray(rng.standard_normal((8, 6, 12, 12)), jnp.float32)
+q = jnp.asarray(rng.standard_normal((8, 6, 12)), jnp.float32)
+c, q = jax.device_put((c, q), NamedSharding(mesh, PartitionSpec("seed")))
+loss = lambda c, q: jnp.sum(jnp.sin(ns.newton_schulz_read(c, q)))
+step = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1))))
+compiled = step.lower(c, q).compile().as_text()
+assert "orthorecall_ns_read_backward" in compiled
+assert "all-gather" not in compiled, "the read was gathered onto every device"
+value, (c_bar, q_bar) = step(c, q)
+assert c_bar.sharding.spec[0] == "seed", c_bar.sharding
+steps = ns.iteration_coefficients("cubic", 5)
+pure = lambda c, q: jnp.sum(jnp.sin(ns._jax_read(c, q, steps)))
+want_value, (want_c, want_q) = jax.vmap(jax.value_and_grad(pure, argnums=(0, 1)))(
+    np.asarray(c), np.asarray(q))
+np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
+np.testing.assert_allclose(c_bar, want_c, rtol=1e-4, atol=1e-5)
+np.testing.assert_allclose(q_bar, want_q, rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+def test_sharded_over_eight_devices_reads_each_shard_locally():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=600,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
