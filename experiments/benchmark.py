@@ -1,6 +1,6 @@
 """Speed and memory of the reference model, the reads and the seed vmap.
 
-    python -m experiments.benchmark [--quick] [--json PATH]
+    python -m experiments.benchmark [--quick | --smoke] [--json PATH]
 
 Times (after compilation and a warm-up, medians over repeats):
 
@@ -8,8 +8,10 @@ Times (after compilation and a warm-up, medians over repeats):
   v80/s512, batch 16 (and 64 unless --quick), one seed, raw and NS5 reads;
   and 24 seeds vmapped against one seed at the same shape (length 128);
 * ``eval_forward``: the model's forward pass at v80/s512, batch 16;
-* ``read``: NS5 alone over a batch of 48x48 matrices, in GFLOP/s, next to
-  ``gemm``: one large float32 matrix product in the same process;
+* ``read``: the NS5 read alone (h = NS5(C)ᵀq over a batch of 48x48 memories,
+  the model's read: the fused kernel on CPU), forward and forward+backward, and
+  the pure-XLA formulation's forward, in GFLOP/s, next to ``gemm``: one large
+  float32 matrix product in the same process (the machine's practical limit);
 * ``train_step_memory``: peak resident memory of a process that runs one NS5
   training step at batch 64, length 1024 (measured in a child process).
 
@@ -31,7 +33,10 @@ from absl import app, flags
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repeats (under 5 minutes on 2 cores).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+_SMOKE = flags.DEFINE_bool(
+    "smoke", False, "Tiny shapes, one repeat: checks the benchmark runs (figures meaningless).")
 _MEMORY_CHILD = flags.DEFINE_bool("memory_child", False, "Internal: run one step, print peak RSS.")
+_MEMORY_SHAPE = flags.DEFINE_list("memory_shape", ["64", "1024"], "Internal: batch,length.")
 
 VOCAB, SEQ_LEN, NOISE, FRAC_NOISE = 80, 512, 16, 0.8
 
@@ -79,7 +84,7 @@ def bench_train_step(read_name, batch, seq_len, seeds, repeats):
             "tokens_per_s_per_seed": tokens / seconds / seeds}
 
 
-def bench_eval_forward(read_name, batch, repeats):
+def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
     import jax
     from orthorecall import data, model
     from orthorecall.newton_schulz import read_from_name
@@ -87,52 +92,71 @@ def bench_eval_forward(read_name, batch, repeats):
     config = model.ModelConfig(vocab_size=VOCAB, read=read_from_name(read_name))
     params = model.init_params(jax.random.PRNGKey(0), config)
     tokens, _ = data.sample_noisy_recall(
-        jax.random.PRNGKey(1), batch_size=batch, vocab_size=VOCAB, seq_len=SEQ_LEN,
+        jax.random.PRNGKey(1), batch_size=batch, vocab_size=VOCAB, seq_len=seq_len,
         noise_vocab_size=NOISE, frac_noise=FRAC_NOISE, is_training=False)
     forward = jax.jit(model.apply, static_argnames="config")
     seconds = _median_seconds(lambda: forward(params, tokens, config=config), repeats)
-    count = batch * (SEQ_LEN - 1)
-    return {"name": "eval_forward", "read": read_name, "batch": batch, "seq_len": SEQ_LEN,
+    count = batch * (seq_len - 1)
+    return {"name": "eval_forward", "read": read_name, "batch": batch, "seq_len": seq_len,
             "seeds": 1, "seconds": seconds, "tokens_per_s": count / seconds}
 
 
 def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
+    """NS5 read GFLOP/s (what the model runs, and the pure-XLA formulation for
+    comparison) next to one large matrix product's in the same process."""
     import jax
     import jax.numpy as jnp
-    from orthorecall.newton_schulz import newton_schulz
+    from orthorecall import newton_schulz as ns
 
-    x = jax.random.normal(jax.random.PRNGKey(0), (num_matrices, dim, dim))
-    ns5 = jax.jit(lambda m: newton_schulz(m, 5))
-    read_seconds = _median_seconds(lambda: ns5(x), repeats)
-    read_flops = 5 * 2 * 2 * dim**3 * num_matrices  # two d x d products per iteration
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    memory = jax.random.normal(keys[0], (num_matrices, dim, dim))
+    query = jax.random.normal(keys[1], (num_matrices, dim))
+    h_bar = jax.random.normal(keys[2], (num_matrices, dim))
+    steps = ns.iteration_coefficients("cubic", 5)
+    model_read = jax.jit(lambda c, q: ns.newton_schulz_read(c, q, 5))
+    model_read_vjp = jax.jit(lambda c, q, g: jax.vjp(ns.newton_schulz_read, c, q)[1](g))
+    xla_read = jax.jit(lambda c, q: ns._jax_read(c, q, steps))
+    implementation = "cpu_kernel" if ns._use_cpu_kernel(steps) else "xla"
+    # Nominal flops: two d x d products per iteration forward; backward adds
+    # three per iteration (its recomputation of the iterates is not counted).
+    forward_flops = 5 * 2 * 2 * dim**3 * num_matrices
+    backward_flops = 5 * 3 * 2 * dim**3 * num_matrices
     a = jax.random.normal(jax.random.PRNGKey(1), (gemm_dim, gemm_dim))
     gemm = jax.jit(lambda m: m @ m)
-    gemm_seconds = _median_seconds(lambda: gemm(a), repeats)
-    gemm_gflops = 2 * gemm_dim**3 / gemm_seconds / 1e9
-    read_gflops = read_flops / read_seconds / 1e9
-    return [
-        {"name": "read", "read": "ns5", "batch": num_matrices, "seq_len": None, "seeds": None,
-         "matrix_dim": dim, "seconds": read_seconds, "gflops": read_gflops,
-         "fraction_of_gemm": read_gflops / gemm_gflops},
-        {"name": "gemm", "read": None, "batch": None, "seq_len": None, "seeds": None,
-         "matrix_dim": gemm_dim, "seconds": gemm_seconds, "gflops": gemm_gflops},
+    gemm_gflops = 2 * gemm_dim**3 / _median_seconds(lambda: gemm(a), repeats) / 1e9
+
+    def record(implementation, passes, flops, fn):
+        gflops = flops / _median_seconds(fn, repeats) / 1e9
+        return {"name": "read", "read": "ns5", "batch": num_matrices, "seq_len": None,
+                "seeds": None, "matrix_dim": dim, "implementation": implementation,
+                "pass": passes, "gflops": gflops, "fraction_of_gemm": gflops / gemm_gflops}
+    records = [
+        record(implementation, "forward", forward_flops, lambda: model_read(memory, query)),
+        record(implementation, "forward_backward", forward_flops + backward_flops,
+               lambda: (model_read(memory, query), model_read_vjp(memory, query, h_bar))),
     ]
+    if implementation != "xla":
+        records.append(record("xla", "forward", forward_flops, lambda: xla_read(memory, query)))
+    records.append({"name": "gemm", "read": None, "batch": None, "seq_len": None, "seeds": None,
+                    "matrix_dim": gemm_dim, "gflops": gemm_gflops})
+    return records
 
 
 def bench_memory(batch=64, seq_len=1024):
     """Peak RSS of a fresh process running one NS5 training step."""
     done = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--memory_child",
-         f"--json=/dev/null"], capture_output=True, text=True, check=True,
-        env=None, timeout=3600)
+         f"--memory_shape={batch},{seq_len}"], capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory measurement failed:\n{done.stderr[-3000:]}")
     peak = int(done.stdout.strip().splitlines()[-1])
     return {"name": "train_step_memory", "read": "ns5", "batch": batch, "seq_len": seq_len,
             "seeds": 1, "peak_rss_bytes": peak}
 
 
-def _memory_child():
+def _memory_child(batch, seq_len):
     import jax
-    run = _train_step_runner("ns5", 64, 1024, 1)
+    run = _train_step_runner("ns5", batch, seq_len, 1)
     jax.block_until_ready(run())
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if platform.system() == "Darwin" else 1024
@@ -147,7 +171,8 @@ def _format(records) -> str:
         elif "gflops" in r:
             figure = f"{r['gflops']:.1f} GFLOP/s"
             if "fraction_of_gemm" in r:
-                figure += f" = {100 * r['fraction_of_gemm']:.0f}% of gemm"
+                figure += (f" = {100 * r['fraction_of_gemm']:.0f}% of gemm"
+                           f" ({r['implementation']}, {r['pass']})")
         else:
             figure = f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
         cells = [r["name"], r["read"] or "", r["batch"] or "", r["seq_len"] or "", r["seeds"] or ""]
@@ -156,33 +181,59 @@ def _format(records) -> str:
     return "\n".join(lines)
 
 
+# Shapes per mode: the train/eval shape, the seed-vmap pair, the read batch,
+# the gemm size and the memory measurement's shape.
+_MODES = {
+    "full": dict(train_batches=(16, 64), seq_len=SEQ_LEN, eval_batch=16, seed_batch=16, seed_len=128,
+                 read_matrices=8192, gemm_dim=2048, memory=(64, 1024), repeats=5),
+    "quick": dict(train_batches=(16,), seq_len=SEQ_LEN, eval_batch=16, seed_batch=2, seed_len=128,
+                  read_matrices=8192, gemm_dim=2048, memory=(64, 1024), repeats=2),
+    "smoke": dict(train_batches=(2,), seq_len=24, eval_batch=2, seed_batch=2, seed_len=16,
+                  read_matrices=32, gemm_dim=128, memory=(2, 64), repeats=1),
+}
+
+
+def run_benchmark(mode: str) -> dict:
+    """Runs every measurement; returns the JSON-able result."""
+    import jax
+    from orthorecall import newton_schulz as ns
+
+    shapes = _MODES[mode]
+    repeats = shapes["repeats"]
+    records = []
+    for read in ("raw", "ns5"):
+        for batch in shapes["train_batches"]:
+            records.append(bench_train_step(read, batch, shapes["seq_len"], 1, repeats))
+        records.append(bench_eval_forward(read, shapes["eval_batch"], repeats,
+                                          seq_len=shapes["seq_len"]))
+    for seeds in (1, 24):
+        records.append(bench_train_step("ns5", shapes["seed_batch"], shapes["seed_len"], seeds,
+                                        repeats))
+    records.extend(bench_read_and_gemm(repeats, num_matrices=shapes["read_matrices"],
+                                       gemm_dim=shapes["gemm_dim"]))
+    records.append(bench_memory(*shapes["memory"]))
+    device = jax.devices()[0]
+    uses_kernel = ns._use_cpu_kernel(ns.iteration_coefficients("cubic", 5))
+    return {"device": f"{device.platform}:{device.device_kind}",
+            "num_devices": jax.device_count(), "jax_version": jax.__version__, "mode": mode,
+            "quick": mode == "quick", "machine": platform.machine(),
+            "ns_read_implementation": "cpu_kernel" if uses_kernel else "xla",
+            "records": records}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _MEMORY_CHILD.value:
-        _memory_child()
+        batch, seq_len = (int(x) for x in _MEMORY_SHAPE.value)
+        _memory_child(batch, seq_len)
         return
-    import jax
-
-    quick = _QUICK.value
-    repeats = 2 if quick else 5
-    records = []
-    for read in ("raw", "ns5"):
-        for batch in ((16,) if quick else (16, 64)):
-            records.append(bench_train_step(read, batch, SEQ_LEN, 1, repeats))
-        records.append(bench_eval_forward(read, 16, repeats))
-    # The seed-vmap pair at a short length so --quick stays short.
-    seed_batch = 2 if quick else 16
-    for seeds in (1, 24):
-        records.append(bench_train_step("ns5", seed_batch, 128, seeds, repeats))
-    records.extend(bench_read_and_gemm(repeats))
-    records.append(bench_memory())
-    device = jax.devices()[0]
-    out = {"device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
-           "jax_version": jax.__version__, "quick": quick, "machine": platform.machine(),
-           "records": records}
-    print(f"{out['device']} x{out['num_devices']}, jax {out['jax_version']}")
-    print(_format(records))
+    if _QUICK.value and _SMOKE.value:
+        raise app.UsageError("--quick and --smoke are exclusive; pick one.")
+    out = run_benchmark("smoke" if _SMOKE.value else "quick" if _QUICK.value else "full")
+    print(f"{out['device']} x{out['num_devices']}, jax {out['jax_version']}, "
+          f"NS read: {out['ns_read_implementation']}")
+    print(_format(out["records"]))
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(out, f, indent=1)

@@ -1,0 +1,51 @@
+"""The benchmark's public contract, end to end at tiny shapes (--smoke)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NAMES = {"train_step", "eval_forward", "read", "gemm", "train_step_memory"}
+
+
+def test_smoke_run_writes_the_documented_json(tmp_path):
+    path = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--smoke",
+                           f"--json={path}"], capture_output=True, text=True, cwd=REPO,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(path.read_text())
+    assert isinstance(out["device"], str) and out["device"].startswith("cpu")
+    assert isinstance(out["jax_version"], str)
+    assert out["ns_read_implementation"] in ("cpu_kernel", "xla")
+    records = out["records"]
+    assert {r["name"] for r in records} == NAMES
+    for r in records:
+        assert {"name", "read", "batch", "seq_len", "seeds"} <= r.keys(), r
+        assert r["name"] in NAMES
+        assert r["read"] in ("raw", "ns5", None)
+    by_name = lambda name: [r for r in records if r["name"] == name]
+    assert {(r["read"], r["seeds"]) for r in by_name("train_step")} >= {
+        ("raw", 1), ("ns5", 1), ("ns5", 24)}
+    assert {r["read"] for r in by_name("eval_forward")} == {"raw", "ns5"}
+    for r in by_name("train_step") + by_name("eval_forward"):
+        assert r["tokens_per_s"] > 0
+    vmapped = [r for r in by_name("train_step") if r["seeds"] == 24][0]
+    assert abs(vmapped["tokens_per_s"] - 24 * vmapped["tokens_per_s_per_seed"]) < 1e-6 * vmapped[
+        "tokens_per_s"]
+    reads = by_name("read")
+    assert {r["pass"] for r in reads} >= {"forward", "forward_backward"}
+    gemm = by_name("gemm")[0]["gflops"]
+    for r in reads:
+        assert r["gflops"] > 0 and abs(r["fraction_of_gemm"] - r["gflops"] / gemm) < 1e-9
+    memory = by_name("train_step_memory")[0]
+    assert memory["read"] == "ns5" and memory["peak_rss_bytes"] > 50 * 2**20
+    # The table is printed too.
+    assert "train_step_memory" in done.stdout and "GFLOP/s" in done.stdout
+
+
+def test_quick_and_smoke_are_exclusive():
+    done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--smoke", "--quick"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode != 0 and "exclusive" in done.stderr
