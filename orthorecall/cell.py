@@ -58,7 +58,8 @@ class CellConfig:
         qkv_block_size: b of the block-diagonal q/k/v maps (reference 4).
         read: the memory read (raw baseline, NS_k, polar).
         sequence_form: "chunkwise" (default, for training) or "recurrent".
-        chunk_size: positions per chunk of the chunkwise form.
+        chunk_size: positions per chunk of the chunkwise form; None (default)
+            picks ``mlstm.default_chunk_size`` for the read and backend.
         num_blocks: blocks in the enclosing model; scales the down-projection
             initialization as the reference does (2 / (num_blocks sqrt(D))).
         compute_dtype: dtype of the projections ("float32" or "bfloat16");
@@ -73,14 +74,16 @@ class CellConfig:
     qkv_block_size: int = 4
     read: ReadConfig = ReadConfig()
     sequence_form: str = "chunkwise"
-    chunk_size: int = 64
+    chunk_size: int | None = None
     num_blocks: int = 1
     compute_dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("embedding_dim", "num_heads", "inner_multiple", "conv_kernel_size",
-                     "qkv_block_size", "chunk_size", "num_blocks"):
+                     "qkv_block_size", "num_blocks"):
             _positive_int(name, getattr(self, name))
+        if self.chunk_size is not None:
+            _positive_int("chunk_size", self.chunk_size)
         if not self.proj_factor > 0:
             raise ValueError(f"proj_factor must be > 0, got {self.proj_factor!r}.")
         if not isinstance(self.read, ReadConfig):

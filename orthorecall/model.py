@@ -55,7 +55,7 @@ class ModelConfig:
     qkv_block_size: int = 4
     read: ReadConfig = ReadConfig()
     sequence_form: str = "chunkwise"
-    chunk_size: int = 64
+    chunk_size: int | None = None
     compute_dtype: str = "float32"
 
     def __post_init__(self):

@@ -49,7 +49,8 @@ READS = [ns.RAW, ns.NS5, ns.ReadConfig("newton_schulz", 3, "polar_express")]
 @pytest.mark.parametrize("read", READS, ids=lambda r: f"{r.kind}{r.num_iterations}{r.coefficients}")
 @pytest.mark.parametrize("form,chunk_size", [("recurrent", None), ("chunkwise", 1),
                                              ("chunkwise", 4), ("chunkwise", 8),
-                                             ("chunkwise", 29), ("chunkwise", 64)])
+                                             ("chunkwise", 29), ("chunkwise", 64),
+                                             ("chunkwise", None)])
 def test_forms_match_float64_recurrence(read, form, chunk_size):
     q, k, v, igate, fgate, reset = _inputs(0)
     want, (c, n, m) = ref.mlstm_recurrence(q, k, v, igate, fgate, _numpy_read(read), reset)
@@ -58,6 +59,17 @@ def test_forms_match_float64_recurrence(read, form, chunk_size):
     np.testing.assert_allclose(np.asarray(state.c), c, atol=2e-5, rtol=2e-4)
     np.testing.assert_allclose(np.asarray(state.n), n, atol=2e-5, rtol=2e-4)
     np.testing.assert_allclose(np.asarray(state.m), m, atol=2e-5, rtol=2e-4)
+
+
+def test_default_chunk_size_by_read_and_backend():
+    # The CPU choice is measured (see default_chunk_size); T = 29 above makes
+    # the default chunk of a non-raw read pad its tail.
+    assert mlstm.default_chunk_size(ns.NS5, "cpu") == 16
+    assert mlstm.default_chunk_size(ns.POLAR, "cpu") == 16
+    assert mlstm.default_chunk_size(ns.RAW, "cpu") == 64
+    assert mlstm.default_chunk_size(ns.NS5, "gpu") == 64
+    assert mlstm.default_chunk_size(ns.NS5) == mlstm.default_chunk_size(
+        ns.NS5, jax.default_backend())
 
 
 def test_polar_read_matches_float64_recurrence():

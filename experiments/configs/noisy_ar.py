@@ -37,7 +37,8 @@ def _base() -> ml_collections.ConfigDict:
     config.model.inner_multiple = 64
     config.model.conv_kernel_size = 4
     config.model.qkv_block_size = 4
-    config.model.chunk_size = 64
+    # None: mlstm.default_chunk_size picks it for the read and backend.
+    config.model.chunk_size = ml_collections.config_dict.placeholder(int)
     config.model.compute_dtype = "float32"
 
     # Comma-separated read names: "raw" (baseline), "nsK" (cubic NS, K
