@@ -196,7 +196,9 @@ _MODES = {
 def run_benchmark(mode: str) -> dict:
     """Runs every measurement; returns the JSON-able result."""
     import jax
+    from orthorecall import mlstm
     from orthorecall import newton_schulz as ns
+    from orthorecall.newton_schulz import read_from_name
 
     shapes = _MODES[mode]
     repeats = shapes["repeats"]
@@ -218,6 +220,11 @@ def run_benchmark(mode: str) -> dict:
             "num_devices": jax.device_count(), "jax_version": jax.__version__, "mode": mode,
             "quick": mode == "quick", "machine": platform.machine(),
             "ns_read_implementation": "cpu_kernel" if uses_kernel else "xla",
+            "config": {"vocab_size": VOCAB, "noise_vocab_size": NOISE, "frac_noise": FRAC_NOISE,
+                       "model": "reference (ModelConfig defaults)",
+                       "chunk_size": {name: mlstm.default_chunk_size(read_from_name(name))
+                                      for name in ("raw", "ns5")},
+                       "shapes": shapes},
             "records": records}
 
 

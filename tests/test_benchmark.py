@@ -19,6 +19,7 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
     assert isinstance(out["device"], str) and out["device"].startswith("cpu")
     assert isinstance(out["jax_version"], str)
     assert out["ns_read_implementation"] in ("cpu_kernel", "xla")
+    assert out["config"]["chunk_size"] == {"raw": 64, "ns5": 16}
     records = out["records"]
     assert {r["name"] for r in records} == NAMES
     for r in records:
