@@ -193,3 +193,14 @@ def test_sharded_over_eight_devices_reads_each_shard_locally():
                           text=True, env=env, timeout=600,
                           cwd=pathlib.Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_lowering_uses_the_pure_jax_read(platform):
+    # Lowering only (no accelerator needed): the CPU kernel must not reach a
+    # GPU/TPU program, while the same function lowers with it for the CPU.
+    c, q, _ = _inputs(4, 3, 8)
+    step = jax.jit(jax.grad(lambda c, q: ns.newton_schulz_read(c, q).sum()))
+    module = jax.export.export(step, platforms=[platform])(c, q).mlir_module()
+    assert "orthorecall_ns_read" not in module
+    assert "dot_general" in module
