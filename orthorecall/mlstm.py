@@ -20,8 +20,10 @@ Two sequence forms compute the same thing:
   L x L decay matrices, and the stabilizer is reproduced exactly as the
   recurrence computes it (so the two agree to float32 rounding even for reads
   that are not scale invariant). For a non-raw read, C_t of all L positions is
-  formed with one batched product and read at once. The chunk body runs under
-  ``jax.checkpoint``: backward keeps only chunk-boundary states.
+  formed with one batched product and read at once (``ReadConfig.retrieve``:
+  the fused kernel on CPU). The chunk body runs under ``jax.checkpoint``:
+  backward keeps the chunk-boundary states and the read's output (B, H, L, d),
+  recomputes the rest, and never repeats the read itself.
 
 Resets (per batch element and step) mean "this step starts a new episode": the
 state is cleared (C, n, m = 0) before the step is processed.
