@@ -5,9 +5,10 @@
 Times (after compilation and a warm-up, medians over repeats):
 
 * ``train_step``: forward, backward and AdamW of the reference model at
-  v80/s512, batch 16 (and 64 unless --quick), one seed, raw and NS5 reads;
-  and 24 seeds vmapped against one seed at the same shape (length 128);
-* ``eval_forward``: the model's forward pass at v80/s512, batch 16;
+  v80/s512, batch 16 and 64, one seed, raw and NS5 reads; and 24 seeds
+  vmapped against one seed at the same shape (length 128; batch 2 with
+  --quick, 16 without);
+* ``eval_forward``: the model's forward pass at v80/s512, batch 16 and 64;
 * ``read``: the NS5 read alone (h = NS5(C)ᵀq over a batch of 48x48 memories,
   the model's read: the fused kernel on CPU), forward and forward+backward, and
   the pure-XLA formulation's forward, in GFLOP/s, next to ``gemm``: one large
@@ -15,8 +16,10 @@ Times (after compilation and a warm-up, medians over repeats):
 * ``train_step_memory``: peak resident memory of a process that runs one NS5
   training step at batch 64, length 1024 (measured in a child process).
 
-Prints a table and, with --json, writes the figures with the device kind,
-the JAX version and the configuration, so runs on other machines compare.
+--quick repeats twice (five times without); --smoke runs everything once at
+tiny shapes (to check the benchmark works, not to measure). Prints a table
+and, with --json, writes the figures with the device kind, the JAX version and
+the configuration, so runs on other machines compare.
 """
 
 from __future__ import annotations
@@ -184,12 +187,15 @@ def _format(records) -> str:
 # Shapes per mode: the train/eval shape, the seed-vmap pair, the read batch,
 # the gemm size and the memory measurement's shape.
 _MODES = {
-    "full": dict(train_batches=(16, 64), seq_len=SEQ_LEN, eval_batch=16, seed_batch=16, seed_len=128,
-                 read_matrices=8192, gemm_dim=2048, memory=(64, 1024), repeats=5),
-    "quick": dict(train_batches=(16,), seq_len=SEQ_LEN, eval_batch=16, seed_batch=2, seed_len=128,
-                  read_matrices=8192, gemm_dim=2048, memory=(64, 1024), repeats=2),
-    "smoke": dict(train_batches=(2,), seq_len=24, eval_batch=2, seed_batch=2, seed_len=16,
-                  read_matrices=32, gemm_dim=128, memory=(2, 64), repeats=1),
+    "full": dict(train_batches=(16, 64), eval_batches=(16, 64), seq_len=SEQ_LEN,
+                 seed_batch=16, seed_len=128, read_matrices=8192, gemm_dim=2048,
+                 memory=(64, 1024), repeats=5),
+    "quick": dict(train_batches=(16, 64), eval_batches=(16, 64), seq_len=SEQ_LEN,
+                  seed_batch=2, seed_len=128, read_matrices=8192, gemm_dim=2048,
+                  memory=(64, 1024), repeats=2),
+    "smoke": dict(train_batches=(2,), eval_batches=(2,), seq_len=24,
+                  seed_batch=2, seed_len=16, read_matrices=32, gemm_dim=128,
+                  memory=(2, 64), repeats=1),
 }
 
 
@@ -206,8 +212,8 @@ def run_benchmark(mode: str) -> dict:
     for read in ("raw", "ns5"):
         for batch in shapes["train_batches"]:
             records.append(bench_train_step(read, batch, shapes["seq_len"], 1, repeats))
-        records.append(bench_eval_forward(read, shapes["eval_batch"], repeats,
-                                          seq_len=shapes["seq_len"]))
+        for batch in shapes["eval_batches"]:
+            records.append(bench_eval_forward(read, batch, repeats, seq_len=shapes["seq_len"]))
     for seeds in (1, 24):
         records.append(bench_train_step("ns5", shapes["seed_batch"], shapes["seed_len"], seeds,
                                         repeats))
