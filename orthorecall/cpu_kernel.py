@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import inspect
 import os
 import pathlib
 import platform
@@ -176,7 +177,9 @@ def _operation(direction: str, steps: Steps):
     # device and read all of them there.
     def shardings(mesh, arg_shapes):
         first = arg_shapes[0]
-        spec = tuple(first.sharding.spec) + (None,) * first.ndim
+        # An operand without a sharding (older JAX, some propagation paths) is
+        # treated as replicated.
+        spec = tuple(getattr(first.sharding, "spec", ())) + (None,) * first.ndim
         batch = spec[:first.ndim - operand_ranks[0]]
         sharding = lambda rank: NamedSharding(mesh, PartitionSpec(*batch, *(None,) * rank))
         results = tuple(sharding(rank) for rank in result_ranks)
@@ -188,9 +191,14 @@ def _operation(direction: str, steps: Steps):
         return mesh, call, results, operands
 
     partitioned = custom_partitioning(call)
+    # Older JAX (< 0.7) lacks the replication hint; `partition` still keeps
+    # the matrix axes whole there.
+    hint = ({"need_replication_factors": ("i", "j")}
+            if "need_replication_factors" in inspect.signature(partitioned.def_partition).parameters
+            else {})
     partitioned.def_partition(
         partition, infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[1],
-        sharding_rule=rule, need_replication_factors=("i", "j"))
+        sharding_rule=rule, **hint)
 
     # custom_partitioning has no batching rule; the kernel treats every
     # leading axis as batch, so vmap only has to line the operands up.

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import jax
+from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -201,6 +202,6 @@ def test_accelerator_lowering_uses_the_pure_jax_read(platform):
     # GPU/TPU program, while the same function lowers with it for the CPU.
     c, q, _ = _inputs(4, 3, 8)
     step = jax.jit(jax.grad(lambda c, q: ns.newton_schulz_read(c, q).sum()))
-    module = jax.export.export(step, platforms=[platform])(c, q).mlir_module()
+    module = export.export(step, platforms=[platform])(c, q).mlir_module()
     assert "orthorecall_ns_read" not in module
     assert "dot_general" in module

@@ -89,7 +89,7 @@ def test_initial_state_and_splitting_a_sequence():
     first, mid = _run("chunkwise", ns.NS5, *(a[:, :cut] for a in (q, k, v, igate, fgate, reset)), 8)
     second, final2 = _run("recurrent", ns.NS5, *(a[:, cut:] for a in (q, k, v, igate, fgate, reset)),
                           state=mid)
-    np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(final2.c), np.asarray(final.c), atol=1e-5)
 
 
