@@ -169,9 +169,8 @@ def _operation(direction: str, steps: Steps):
         batch = operands[0].shape[:-2]
         results = tuple(jax.ShapeDtypeStruct(batch + operands[0].shape[-2:][:rank], jnp.float32)
                         for rank in result_ranks)
-        out = jax.ffi.ffi_call(target, results if len(results) > 1 else results[0])(
+        return jax.ffi.ffi_call(target, results if len(results) > 1 else results[0])(
             *operands, coefficients=coefficients)
-        return out
 
     # Without a rule the SPMD partitioner would gather every shard onto every
     # device and read all of them there.
@@ -191,7 +190,7 @@ def _operation(direction: str, steps: Steps):
         return mesh, call, results, operands
 
     partitioned = custom_partitioning(call)
-    # Older JAX (< 0.7) lacks the replication hint; `partition` still keeps
+    # JAX 0.6 lacks the replication hint; `partition` still keeps
     # the matrix axes whole there.
     hint = ({"need_replication_factors": ("i", "j")}
             if "need_replication_factors" in inspect.signature(partitioned.def_partition).parameters
