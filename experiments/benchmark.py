@@ -104,6 +104,12 @@ def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
             "seeds": 1, "seconds": seconds, "tokens_per_s": count / seconds}
 
 
+def _read_implementation() -> str:
+    """What the model's NS5 read runs on this backend."""
+    from orthorecall import newton_schulz as ns
+    return "cpu_kernel" if ns._use_cpu_kernel(ns.iteration_coefficients("cubic", 5)) else "xla"
+
+
 def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
     """NS5 read GFLOP/s (what the model runs, and the pure-XLA formulation for
     comparison) next to one large matrix product's in the same process."""
@@ -119,7 +125,7 @@ def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
     model_read = jax.jit(lambda c, q: ns.newton_schulz_read(c, q, 5))
     model_read_vjp = jax.jit(lambda c, q, g: jax.vjp(ns.newton_schulz_read, c, q)[1](g))
     xla_read = jax.jit(lambda c, q: ns._jax_read(c, q, steps))
-    implementation = "cpu_kernel" if ns._use_cpu_kernel(steps) else "xla"
+    implementation = _read_implementation()
     # Nominal flops: two d x d products per iteration forward; backward adds
     # three per iteration (its recomputation of the iterates is not counted).
     forward_flops = 5 * 2 * 2 * dim**3 * num_matrices
@@ -203,7 +209,6 @@ def run_benchmark(mode: str) -> dict:
     """Runs every measurement; returns the JSON-able result."""
     import jax
     from orthorecall import mlstm
-    from orthorecall import newton_schulz as ns
     from orthorecall.newton_schulz import read_from_name
 
     shapes = _MODES[mode]
@@ -221,11 +226,10 @@ def run_benchmark(mode: str) -> dict:
                                        gemm_dim=shapes["gemm_dim"]))
     records.append(bench_memory(*shapes["memory"]))
     device = jax.devices()[0]
-    uses_kernel = ns._use_cpu_kernel(ns.iteration_coefficients("cubic", 5))
     return {"device": f"{device.platform}:{device.device_kind}",
             "num_devices": jax.device_count(), "jax_version": jax.__version__, "mode": mode,
             "quick": mode == "quick", "machine": platform.machine(),
-            "ns_read_implementation": "cpu_kernel" if uses_kernel else "xla",
+            "ns_read_implementation": _read_implementation(),
             "config": {"vocab_size": VOCAB, "noise_vocab_size": NOISE, "frac_noise": FRAC_NOISE,
                        "model": "reference (ModelConfig defaults)",
                        "chunk_size": {name: mlstm.default_chunk_size(read_from_name(name))

@@ -54,8 +54,9 @@ def enabled_by_environment() -> bool:
 
 def _compiler() -> str | None:
     for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
+        path = shutil.which(candidate) if candidate else None
+        if path:
+            return path
     return None
 
 

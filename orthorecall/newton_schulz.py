@@ -238,25 +238,24 @@ def _ns_read(memory, query, steps):
     return _ns_read_fwd(memory, query, steps)[0]
 
 
-def _ns_read_fwd(memory, query, steps):
-    jax_path = functools.partial(_jax_read, steps=steps)
+def _by_backend(kernel_fn, jax_fn, steps, *operands):
+    """The kernel on the CPU backend (when built), the pure-JAX form elsewhere."""
+    jax_fn = functools.partial(jax_fn, steps=steps)
     if _use_cpu_kernel(steps):
-        h = jax.lax.platform_dependent(
-                memory, query, cpu=functools.partial(cpu_kernel.ns_read_forward, steps=steps),
-                default=jax_path)
-    else:
-        h = jax_path(memory, query)
+        return jax.lax.platform_dependent(
+                *operands, cpu=functools.partial(kernel_fn, steps=steps), default=jax_fn)
+    return jax_fn(*operands)
+
+
+def _ns_read_fwd(memory, query, steps):
+    h = _by_backend(cpu_kernel.ns_read_forward, _jax_read, steps, memory, query)
     return h, (memory, query)
 
 
 def _ns_read_bwd(steps, residuals, h_bar):
     memory, query = residuals
-    jax_path = functools.partial(_jax_backward, steps=steps)
-    if _use_cpu_kernel(steps):
-        return tuple(jax.lax.platform_dependent(
-                memory, query, h_bar, cpu=functools.partial(cpu_kernel.ns_read_backward, steps=steps),
-                default=jax_path))
-    return tuple(jax_path(memory, query, h_bar))
+    return tuple(_by_backend(cpu_kernel.ns_read_backward, _jax_backward, steps,
+                             memory, query, h_bar))
 
 
 _ns_read.defvjp(_ns_read_fwd, _ns_read_bwd)
