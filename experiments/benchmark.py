@@ -41,7 +41,7 @@ _SMOKE = flags.DEFINE_bool(
 _MEMORY_CHILD = flags.DEFINE_bool("memory_child", False, "Internal: run one step, print peak RSS.")
 _MEMORY_SHAPE = flags.DEFINE_list("memory_shape", ["64", "1024"], "Internal: batch,length.")
 
-VOCAB, SEQ_LEN, NOISE, FRAC_NOISE = 80, 512, 16, 0.8
+VOCAB, SEQ_LEN = 80, 512  # The reference task (noise vocabulary 16, p = 0.8) at v80/s512.
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -67,9 +67,8 @@ def _train_step_runner(read_name: str, batch: int, seq_len: int, seeds: int):
     seed_ids = np.arange(seeds)
     states = {read_name: training.init_seed_states(seed_ids, config, optimizer)}
     keys = jax.vmap(jax.random.PRNGKey)(jax.numpy.asarray(seed_ids, jax.numpy.uint32))
-    sample = lambda key: data.sample_noisy_recall(
-        key, batch_size=batch, vocab_size=VOCAB, seq_len=seq_len, noise_vocab_size=NOISE,
-        frac_noise=FRAC_NOISE)
+    task = data.NoisyRecallTask(vocab_size=VOCAB, seq_len=seq_len)
+    sample = lambda key: data.sample_noisy_recall(key, task, batch_size=batch)
     step = training.make_train_step({read_name: config}, optimizer, sample)
     carry = {"states": states, "keys": keys}
 
@@ -95,8 +94,8 @@ def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
     config = model.ModelConfig(vocab_size=VOCAB, read=read_from_name(read_name))
     params = model.init_params(jax.random.PRNGKey(0), config)
     tokens, _ = data.sample_noisy_recall(
-        jax.random.PRNGKey(1), batch_size=batch, vocab_size=VOCAB, seq_len=seq_len,
-        noise_vocab_size=NOISE, frac_noise=FRAC_NOISE, is_training=False)
+        jax.random.PRNGKey(1), data.NoisyRecallTask(vocab_size=VOCAB, seq_len=seq_len),
+        batch_size=batch, is_training=False)
     forward = jax.jit(model.apply, static_argnames="config")
     seconds = _median_seconds(lambda: forward(params, tokens, config=config), repeats)
     count = batch * (seq_len - 1)
@@ -208,7 +207,7 @@ _MODES = {
 def run_benchmark(mode: str) -> dict:
     """Runs every measurement; returns the JSON-able result."""
     import jax
-    from orthorecall import mlstm
+    from orthorecall import data, mlstm
     from orthorecall.newton_schulz import read_from_name
 
     shapes = _MODES[mode]
@@ -230,7 +229,7 @@ def run_benchmark(mode: str) -> dict:
             "num_devices": jax.device_count(), "jax_version": jax.__version__, "mode": mode,
             "quick": mode == "quick", "machine": platform.machine(),
             "ns_read_implementation": _read_implementation(),
-            "config": {"vocab_size": VOCAB, "noise_vocab_size": NOISE, "frac_noise": FRAC_NOISE,
+            "config": {**data.NoisyRecallTask(vocab_size=VOCAB, seq_len=SEQ_LEN).to_dict(),
                        "model": "reference (ModelConfig defaults)",
                        "chunk_size": {name: mlstm.default_chunk_size(read_from_name(name))
                                       for name in ("raw", "ns5")},

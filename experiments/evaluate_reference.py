@@ -27,10 +27,6 @@ _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Chunk length of the chunkw
 _SEQUENCE_FORM = flags.DEFINE_enum(
     "sequence_form", "chunkwise", ["chunkwise", "recurrent"], "Which form of the recurrence to run.")
 
-# The reference's task settings when a checkpoint's cfg does not record them.
-_TASK_DEFAULTS = {"noise_vocab_size": 16, "frac_noise": 0.8}
-
-
 def evaluate_checkpoint(path, *, num_batches=None, batch_size=None, chunk_size=64,
                         sequence_form="chunkwise") -> dict:
     """Loads ``path`` and evaluates it on its reference validation set.
@@ -48,20 +44,22 @@ def evaluate_checkpoint(path, *, num_batches=None, batch_size=None, chunk_size=6
 
     checkpoint = reference_checkpoint.load_reference_checkpoint(
         path, chunk_size=chunk_size, sequence_form=sequence_form)
-    cfg = {**_TASK_DEFAULTS, **checkpoint.cfg}
-    missing = [k for k in ("seed", "vocab_size", "seq_len") if k not in cfg]
-    if missing:
-        raise ValueError(f"{path}: the stored cfg lacks {missing}; cannot rebuild the validation set.")
-    if cfg["vocab_size"] != checkpoint.config.vocab_size:
+    cfg = checkpoint.cfg
+    if "seed" not in cfg:
+        raise ValueError(f"{path}: the stored cfg lacks 'seed'; cannot rebuild the validation set.")
+    try:
+        # Task fields the cfg does not record take the reference task's values.
+        task = data.NoisyRecallTask.from_mapping(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the stored cfg describes no valid task: {e}") from e
+    if task.vocab_size != checkpoint.config.vocab_size:
         raise ValueError(
-            f"{path}: cfg vocab_size={cfg['vocab_size']} but the embedding has "
+            f"{path}: cfg vocab_size={task.vocab_size} but the embedding has "
             f"{checkpoint.config.vocab_size} rows.")
     num_batches = num_batches or cfg.get("val_batches") or 16
     batch_size = batch_size or cfg.get("val_batch_size") or 16
     inputs, targets = data.reference_validation_set(
-        seed=int(cfg["seed"]), vocab_size=int(cfg["vocab_size"]), seq_len=int(cfg["seq_len"]),
-        noise_vocab_size=int(cfg["noise_vocab_size"]), frac_noise=float(cfg["frac_noise"]),
-        num_batches=num_batches, batch_size=batch_size)
+        task, seed=int(cfg["seed"]), num_batches=num_batches, batch_size=batch_size)
     start = time.perf_counter()
     metrics = evaluation.evaluate(checkpoint.params, checkpoint.config, inputs, targets)
     return {
@@ -72,10 +70,10 @@ def evaluate_checkpoint(path, *, num_batches=None, batch_size=None, chunk_size=6
         "num_sequences": metrics["num_sequences"],
         "num_batches": num_batches,
         "batch_size": batch_size,
-        "vocab_size": int(cfg["vocab_size"]),
-        "seq_len": int(cfg["seq_len"]),
-        "noise_vocab_size": int(cfg["noise_vocab_size"]),
-        "frac_noise": float(cfg["frac_noise"]),
+        "vocab_size": task.vocab_size,
+        "seq_len": task.seq_len,
+        "noise_vocab_size": task.noise_vocab_size,
+        "frac_noise": task.frac_noise,
         "read": checkpoint.config.read.kind,
         "seconds": round(time.perf_counter() - start, 3),
     }

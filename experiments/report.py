@@ -72,8 +72,6 @@ ACCURACY_PNG = "accuracy_curves.png"
 ESCAPE_PNG = "escape_curves.png"
 SOLVED_PNG = "solved_counts.png"
 CONFIDENCE = 0.95
-# The reference task when run_config.json does not say otherwise (REFERENCE.md section 4).
-_TASK_DEFAULTS = {"noise_vocab_size": 16, "frac_noise": 0.8, "multi_query": True}
 NONFINITE_POLICY = (
     "A seed whose training loss went NaN/Inf is unsolved (escape_step null, censored at the "
     "end of the run) and its final accuracy is excluded from mean_final_accuracy; "
@@ -420,17 +418,13 @@ def chance_accuracy(config: Mapping) -> float | None:
 
     None when ``config`` lacks ``vocab_size`` or ``seq_len`` or describes no valid task.
     """
-    if "vocab_size" not in config or "seq_len" not in config:
-        return None
     from orthorecall import data  # the token layout lives there; imports jax, hence lazy
 
-    task = {**_TASK_DEFAULTS, **{k: config[k] for k in _TASK_DEFAULTS if k in config}}
-    try:
-        spec = data.noisy_recall_spec(vocab_size=config["vocab_size"], seq_len=config["seq_len"],
-                                      **task)
+    try:  # Task fields the config does not record take the reference task's values.
+        task = data.NoisyRecallTask.from_mapping(config)
     except (TypeError, ValueError):
         return None
-    return 1.0 / spec.num_values
+    return 1.0 / task.num_values
 
 
 def _gcd_step(curves: Mapping[str, Mapping[int, SeedCurve]]) -> int | None:

@@ -66,6 +66,18 @@ def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mode
     return configs
 
 
+def task_from_config(config: ml_collections.ConfigDict) -> data.NoisyRecallTask:
+    """The task of ``config.task``.
+
+    Raises:
+        ConfigError: naming the offending field.
+    """
+    try:
+        return data.NoisyRecallTask(**config.task.to_dict())
+    except (ValueError, TypeError) as e:
+        _fail("task", str(e))
+
+
 def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
     """Checks everything that can be checked before any compute.
 
@@ -75,13 +87,7 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
     Raises:
         ConfigError: naming the offending field and the constraint.
     """
-    task = config.task
-    try:
-        data.noisy_recall_spec(vocab_size=task.vocab_size, seq_len=task.seq_len,
-                               noise_vocab_size=task.noise_vocab_size,
-                               frac_noise=task.frac_noise, multi_query=task.multi_query)
-    except (ValueError, TypeError) as e:
-        _fail("task", str(e))
+    task = task_from_config(config)
     if not task.multi_query:
         _fail("task.multi_query", "the study uses multi_query=True; single-query training "
               "targets are not supported by the trainer.")
@@ -222,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir.mkdir(parents=True, exist_ok=True)
     check_workdir(workdir, config)
 
-    task, train = config.task, config.train
+    task, train = task_from_config(config), config.train
     mesh = training.seed_mesh()
     num_seeds = config.seeds.num_seeds
     seeds = config.seeds.first_seed + np.arange(training.padded_seed_count(num_seeds, mesh))
@@ -230,8 +236,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         learning_rate=train.learning_rate, total_steps=train.steps, schedule=train.schedule,
         stretch_steps=train.stretch_steps, b1=train.b1, b2=train.b2, eps=train.eps,
         weight_decay=train.weight_decay, clip_norm=train.clip_norm)
-    task_kwargs = dict(vocab_size=task.vocab_size, seq_len=task.seq_len,
-                       noise_vocab_size=task.noise_vocab_size, frac_noise=task.frac_noise)
 
     states = {name: training.init_seed_states(seeds, configs[name], optimizer) for name in names}
     # Data keys differ from initialization keys but are fixed by the seed.
@@ -240,8 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tree = training.shard_seeds({"states": states, "keys": keys}, mesh)
     streams = None
     if train.data_source == "numpy":
-        streams = [data.ReferenceTrainingStream(seed=int(s), batch_size=train.batch_size,
-                                                **task_kwargs) for s in seeds]
+        streams = [data.ReferenceTrainingStream(task, seed=int(s), batch_size=train.batch_size)
+                   for s in seeds]
 
     checkpointer = checkpointing.RunCheckpointer(
         workdir / "checkpoints", save_every=train.checkpoint_every, keep=train.keep_checkpoints)
@@ -257,15 +261,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     _atomic_write(workdir / RUN_CONFIG_FILE,
                   json.dumps(_run_description(config, names), indent=1))
 
-    val_sets = [data.reference_validation_set(seed=int(s), num_batches=train.val_batches,
-                                              batch_size=train.val_batch_size, **task_kwargs)
+    val_sets = [data.reference_validation_set(task, seed=int(s), num_batches=train.val_batches,
+                                              batch_size=train.val_batch_size)
                 for s in seeds]
     val_inputs = training.shard_seeds(jnp.asarray(np.stack([v[0] for v in val_sets])), mesh)
     val_targets = training.shard_seeds(jnp.asarray(np.stack([v[1] for v in val_sets])), mesh)
     sample = None
     if streams is None:
-        sample = lambda key: data.sample_noisy_recall(
-            key, batch_size=train.batch_size, is_training=True, **task_kwargs)
+        sample = lambda key: data.sample_noisy_recall(key, task, batch_size=train.batch_size)
     train_step = training.make_train_step(configs, optimizer, sample)
     eval_step = training.make_eval_step(configs)
 

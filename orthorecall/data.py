@@ -17,13 +17,21 @@ by the copy marker when not ``multi_query``). The full token sequence therefore 
 ``inputs``/``targets`` have one token fewer: length ``seq_len - 1`` with ``multi_query``,
 ``seq_len`` without.
 
-Two generators share one validation function (:func:`noisy_recall_spec`):
+The task's parameters are one :class:`NoisyRecallTask`, validated when it is built;
+two generators take it:
 
-* :func:`generate_noisy_recall_example` / :func:`generate_noisy_recall_batch` /
-  :func:`reference_validation_set` / :class:`ReferenceTrainingStream` -- numpy,
-  bit-exact with MAD's generator for the same ``numpy.random.Generator``;
+* :func:`generate_noisy_recall_batch` / :func:`reference_validation_set` /
+  :class:`ReferenceTrainingStream` -- numpy, bit-exact with MAD's generator for the same
+  ``numpy.random.Generator``; :func:`generate_noisy_recall_example` is MAD's own
+  signature (keyword task parameters), for code written against MAD;
 * :func:`sample_noisy_recall` -- ``jax.random``, jit/vmap-able, same distribution
   (not the same bits).
+
+Usage::
+
+    task = NoisyRecallTask(vocab_size=80, seq_len=512)   # the reference's v80/s512
+    inputs, targets = reference_validation_set(task, seed=11)
+    inputs, targets = sample_noisy_recall(jax.random.key(0), task, batch_size=64)
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +53,7 @@ __all__ = [
     "VALIDATION_SEED_OFFSET",
     "MIN_SEQ_LEN",
     "NoKeyPresentedError",
-    "NoisyRecallSpec",
-    "noisy_recall_spec",
+    "NoisyRecallTask",
     "generate_noisy_recall_example",
     "generate_noisy_recall_batch",
     "reference_validation_set",
@@ -72,27 +80,102 @@ class NoKeyPresentedError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------
-# Parameters and validation (shared by the numpy and the JAX generator)
+# The task (validated once, at construction; shared by the numpy and the JAX generator)
 # ---------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class NoisyRecallSpec:
-    """Validated task parameters and the derived token layout.
+class NoisyRecallTask:
+    """The task's parameters, validated at construction, and the derived token layout.
 
-    Build it with :func:`noisy_recall_spec`, which performs all validation.
+    The defaults are the reference study's task (noise vocabulary 16, noise fraction
+    0.8, multi-query), so ``NoisyRecallTask(vocab_size=80, seq_len=512)`` is the
+    published v80/s512 regime. Frozen and hashable: a static ``jax.jit`` argument.
 
     Attributes:
-        vocab_size, seq_len, noise_vocab_size, frac_noise, multi_query, ignore_index:
-            the task parameters (validated, plain Python types).
+        vocab_size: V, total vocabulary.
+        seq_len: S, even and >= ``MIN_SEQ_LEN`` (4): at least one key-value slot and the
+            probe slot. The copy marker (not multi_query) is added on top of S; it does
+            not take a slot.
+        noise_vocab_size: N >= 0; must be >= 1 when ``frac_noise > 0``.
+        frac_noise: p in [0, 1), the probability that a slot holds noise.
+        multi_query: every repeated key is scored (the benchmark and the reference), or
+            only the probe, announced by the copy marker V-1.
+        ignore_index: the target of unscored positions; an int32 outside ``[0, V)``.
+
+    Raises:
+        ValueError: naming the parameter and the violated constraint. ``M = V - N``
+            (multi_query) or ``V - 1 - N`` must be >= 2 so that there is at least one
+            key and one value.
     """
 
     vocab_size: int
     seq_len: int
-    noise_vocab_size: int
-    frac_noise: float
-    multi_query: bool
-    ignore_index: int
+    noise_vocab_size: int = 16
+    frac_noise: float = 0.8
+    multi_query: bool = True
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self):
+        # Stored as plain Python types: jit's static-argument cache compares by ==, so
+        # vocab_size=np.int64(32) and 32 must be the same task, and 32.0 is refused.
+        vocab_size = _check_int("vocab_size", self.vocab_size, minimum=1)
+        if vocab_size > _INT32_MAX:
+            raise ValueError(f"vocab_size must fit in int32, got {vocab_size}")
+        seq_len = _check_int("seq_len", self.seq_len)
+        noise_vocab_size = _check_int("noise_vocab_size", self.noise_vocab_size, minimum=0)
+        multi_query = _check_bool("multi_query", self.multi_query)
+        ignore_index = _check_int("ignore_index", self.ignore_index)
+        frac_noise = self.frac_noise
+
+        if seq_len % 2:
+            raise ValueError(f"seq_len must be even (key-value slots of two tokens), got {seq_len}")
+        if seq_len < MIN_SEQ_LEN:
+            raise ValueError(
+                f"seq_len must be >= {MIN_SEQ_LEN} (one key-value slot plus the probe slot), "
+                f"got {seq_len}"
+            )
+        if isinstance(frac_noise, (bool, np.bool_)) or not isinstance(frac_noise, numbers.Real):
+            raise ValueError(f"frac_noise must be a real number, got {frac_noise!r}")
+        frac_noise = float(frac_noise)
+        if not 0.0 <= frac_noise < 1.0:  # also rejects NaN
+            raise ValueError(f"frac_noise must be in [0, 1), got {frac_noise}")
+        if frac_noise > 0 and noise_vocab_size < 1:
+            raise ValueError("noise_vocab_size must be >= 1 when frac_noise > 0")
+        reserved = noise_vocab_size + (0 if multi_query else 1)
+        if vocab_size - reserved < 2:
+            raise ValueError(
+                f"vocab_size too small: vocab_size - noise_vocab_size"
+                f"{'' if multi_query else ' - 1 (copy marker)'} must be >= 2 to hold at least "
+                f"one key and one value, got vocab_size={vocab_size}, "
+                f"noise_vocab_size={noise_vocab_size}"
+            )
+        if 0 <= ignore_index < vocab_size or not _INT32_MIN <= ignore_index <= _INT32_MAX:
+            raise ValueError(
+                f"ignore_index must be an int32 outside the vocabulary [0, {vocab_size}), "
+                f"got {ignore_index}"
+            )
+        for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len),
+                            ("noise_vocab_size", noise_vocab_size), ("frac_noise", frac_noise),
+                            ("multi_query", multi_query), ("ignore_index", ignore_index)):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Any]) -> "NoisyRecallTask":
+        """The task of a mapping that may hold other keys too (a run configuration, a
+        checkpoint's ``cfg``); absent task fields take the reference defaults.
+
+        Raises:
+            ValueError: as the constructor, or ``vocab_size`` / ``seq_len`` missing.
+        """
+        missing = [name for name in ("vocab_size", "seq_len") if name not in fields]
+        if missing:
+            raise ValueError(f"the task needs {missing}; got only {sorted(fields)}")
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The six parameters as a plain dict (JSON-serializable)."""
+        return dataclasses.asdict(self)
 
     @property
     def num_slots(self) -> int:
@@ -165,79 +248,13 @@ def _check_rng(rng: Any) -> np.random.Generator:
     return rng
 
 
-def noisy_recall_spec(
-    *,
-    vocab_size: int,
-    seq_len: int,
-    noise_vocab_size: int,
-    frac_noise: float,
-    multi_query: bool = True,
-    ignore_index: int = IGNORE_INDEX,
-) -> NoisyRecallSpec:
-    """Validate the task parameters; the single validation point of this module.
-
-    Args:
-        vocab_size: V, total vocabulary (int).
-        seq_len: S, even int >= ``MIN_SEQ_LEN`` (4): at least one key-value slot and
-            the probe slot. The copy marker (not multi_query) is added on top of S,
-            it does not take a slot.
-        noise_vocab_size: N >= 0 (int); must be >= 1 when ``frac_noise > 0``.
-        frac_noise: p, a real number in [0, 1).
-        multi_query: bool.
-        ignore_index: int target for unscored positions; must lie outside ``[0, V)`` so
-            it cannot be mistaken for a token.
-
-    Returns:
-        The frozen :class:`NoisyRecallSpec`.
-
-    Raises:
-        ValueError: naming the parameter and the violated constraint. Requires
-            ``M = V - N`` (multi_query) or ``V - 1 - N`` to be >= 2 so that there is
-            at least one key and one value.
-    """
-    vocab_size = _check_int("vocab_size", vocab_size, minimum=1)
-    if vocab_size > _INT32_MAX:
-        raise ValueError(f"vocab_size must fit in int32, got {vocab_size}")
-    seq_len = _check_int("seq_len", seq_len)
-    noise_vocab_size = _check_int("noise_vocab_size", noise_vocab_size, minimum=0)
-    multi_query = _check_bool("multi_query", multi_query)
-    ignore_index = _check_int("ignore_index", ignore_index)
-
-    if seq_len % 2:
-        raise ValueError(f"seq_len must be even (key-value slots of two tokens), got {seq_len}")
-    if seq_len < MIN_SEQ_LEN:
-        raise ValueError(
-            f"seq_len must be >= {MIN_SEQ_LEN} (one key-value slot plus the probe slot), "
-            f"got {seq_len}"
+def _check_task(task: Any) -> NoisyRecallTask:
+    if not isinstance(task, NoisyRecallTask):
+        raise TypeError(
+            "task must be a NoisyRecallTask (e.g. NoisyRecallTask(vocab_size=80, seq_len=512)), "
+            f"got {type(task).__name__}"
         )
-    if isinstance(frac_noise, (bool, np.bool_)) or not isinstance(frac_noise, numbers.Real):
-        raise ValueError(f"frac_noise must be a real number, got {frac_noise!r}")
-    frac_noise = float(frac_noise)
-    if not 0.0 <= frac_noise < 1.0:  # also rejects NaN
-        raise ValueError(f"frac_noise must be in [0, 1), got {frac_noise}")
-    if frac_noise > 0 and noise_vocab_size < 1:
-        raise ValueError("noise_vocab_size must be >= 1 when frac_noise > 0")
-    reserved = noise_vocab_size + (0 if multi_query else 1)
-    if vocab_size - reserved < 2:
-        raise ValueError(
-            f"vocab_size too small: vocab_size - noise_vocab_size"
-            f"{'' if multi_query else ' - 1 (copy marker)'} must be >= 2 to hold at least "
-            f"one key and one value, got vocab_size={vocab_size}, "
-            f"noise_vocab_size={noise_vocab_size}"
-        )
-    if 0 <= ignore_index < vocab_size or not _INT32_MIN <= ignore_index <= _INT32_MAX:
-        raise ValueError(
-            f"ignore_index must be an int32 outside the vocabulary [0, {vocab_size}), "
-            f"got {ignore_index}"
-        )
-    return NoisyRecallSpec(
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        noise_vocab_size=noise_vocab_size,
-        frac_noise=frac_noise,
-        multi_query=multi_query,
-        ignore_index=ignore_index,
-    )
+    return task
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,7 +263,7 @@ def noisy_recall_spec(
 
 
 def _draw_example(
-    spec: NoisyRecallSpec, is_training: bool, rng: np.random.Generator
+    task: NoisyRecallTask, is_training: bool, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """One example from ``rng`` in MAD's exact draw order; parameters already validated.
 
@@ -257,13 +274,13 @@ def _draw_example(
     literal ``rng.choice`` transcription and MAD's own fixtures).
     """
     integers, random = rng.integers, rng.random
-    p, ignore = spec.frac_noise, spec.ignore_index
-    num_slots, num_keys, num_values = spec.num_slots, spec.num_keys, spec.num_values
-    value_start, noise_start, noise_size = spec.value_start, spec.noise_start, spec.noise_vocab_size
-    multi_query = spec.multi_query
+    p, ignore = task.frac_noise, task.ignore_index
+    num_slots, num_keys, num_values = task.num_slots, task.num_keys, task.num_values
+    value_start, noise_start, noise_size = task.value_start, task.noise_start, task.noise_vocab_size
+    multi_query = task.multi_query
 
-    inputs = np.empty(spec.full_len, dtype=np.int32)
-    targets = np.full(spec.full_len, ignore, dtype=np.int32)
+    inputs = np.empty(task.full_len, dtype=np.int32)
+    targets = np.full(task.full_len, ignore, dtype=np.int32)
     kv: dict[int, int] = {}  # insertion order == first-seen order, as MAD's keys_presented
 
     r0 = int(integers(0, num_slots, dtype=np.int64))
@@ -290,7 +307,7 @@ def _draw_example(
     k_probe = presented[int(integers(0, len(presented), dtype=np.int64))]
     tail = 2 * (num_slots - 1)
     if not multi_query:
-        inputs[tail] = spec.copy_marker
+        inputs[tail] = task.copy_marker
         tail += 1
     inputs[tail] = k_probe
     inputs[tail + 1] = targets[tail + 1] = kv[k_probe]
@@ -328,7 +345,7 @@ def generate_noisy_recall_example(
 
     Args:
         vocab_size, seq_len, noise_vocab_size, frac_noise, multi_query, ignore_index:
-            task parameters, see :func:`noisy_recall_spec` (seq_len even and >= 4).
+            task parameters, see :class:`NoisyRecallTask` (seq_len even and >= 4).
         is_training: if True the targets are the next tokens (``inputs`` shifted by one,
             noise included); otherwise the recall targets above.
         rng: the ``numpy.random.Generator`` to draw from; advanced in place.
@@ -338,7 +355,7 @@ def generate_noisy_recall_example(
         ``multi_query`` else ``seq_len``.
 
     Raises:
-        ValueError: invalid parameters (see :func:`noisy_recall_spec`).
+        ValueError: invalid parameters (see :class:`NoisyRecallTask`).
         TypeError: ``rng`` is not a ``numpy.random.Generator``.
         NoKeyPresentedError: (a ``RuntimeError``) no key-value pair before the probe,
             i.e. ``r0 == P-1`` and slots ``0..P-2`` all noise; MAD fails here as well,
@@ -346,7 +363,7 @@ def generate_noisy_recall_example(
             failed example. Probability ``(1/P) * p**(P-1)``: only reachable in
             practice for very short sequences with heavy noise.
     """
-    spec = noisy_recall_spec(
+    task = NoisyRecallTask(
         vocab_size=vocab_size,
         seq_len=seq_len,
         noise_vocab_size=noise_vocab_size,
@@ -354,36 +371,28 @@ def generate_noisy_recall_example(
         multi_query=multi_query,
         ignore_index=ignore_index,
     )
-    return _draw_example(spec, _check_bool("is_training", is_training), _check_rng(rng))
+    return _draw_example(task, _check_bool("is_training", is_training), _check_rng(rng))
 
 
 def _draw_examples(
-    spec: NoisyRecallSpec, is_training: bool, rng: np.random.Generator, count: int
+    task: NoisyRecallTask, is_training: bool, rng: np.random.Generator, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [_draw_example(spec, is_training, rng) for _ in range(count)]
+    pairs = [_draw_example(task, is_training, rng) for _ in range(count)]
     return np.stack([x for x, _ in pairs]), np.stack([y for _, y in pairs])
 
 
 def generate_noisy_recall_batch(
-    *,
-    batch_size: int,
-    vocab_size: int,
-    seq_len: int,
-    noise_vocab_size: int,
-    frac_noise: float,
-    multi_query: bool,
-    is_training: bool,
-    rng: np.random.Generator,
-    ignore_index: int = IGNORE_INDEX,
+    task: NoisyRecallTask, *, batch_size: int, is_training: bool, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """``batch_size`` examples drawn one after another from ``rng`` (the reference batching).
 
     Row ``b`` equals the ``b``-th call of :func:`generate_noisy_recall_example` on the
-    same ``rng``.
+    same ``rng`` with the task's parameters.
 
     Args:
+        task: the task.
         batch_size: int >= 1.
-        others: as :func:`generate_noisy_recall_example`.
+        is_training, rng: as :func:`generate_noisy_recall_example`.
 
     Returns:
         ``(inputs, targets)``, int32 arrays of shape ``(batch_size, L)``.
@@ -393,28 +402,13 @@ def generate_noisy_recall_batch(
         :func:`generate_noisy_recall_example`.
     """
     batch_size = _check_int("batch_size", batch_size, minimum=1)
-    spec = noisy_recall_spec(
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        noise_vocab_size=noise_vocab_size,
-        frac_noise=frac_noise,
-        multi_query=multi_query,
-        ignore_index=ignore_index,
+    return _draw_examples(
+        _check_task(task), _check_bool("is_training", is_training), _check_rng(rng), batch_size
     )
-    return _draw_examples(spec, _check_bool("is_training", is_training), _check_rng(rng), batch_size)
 
 
 def reference_validation_set(
-    *,
-    seed: int,
-    vocab_size: int,
-    seq_len: int,
-    noise_vocab_size: int,
-    frac_noise: float,
-    num_batches: int = 16,
-    batch_size: int = 16,
-    multi_query: bool = True,
-    ignore_index: int = IGNORE_INDEX,
+    task: NoisyRecallTask, *, seed: int, num_batches: int = 16, batch_size: int = 16
 ) -> tuple[np.ndarray, np.ndarray]:
     """The reference's fixed validation set for a training seed.
 
@@ -423,9 +417,9 @@ def reference_validation_set(
     batch.
 
     Args:
+        task: the task.
         seed: the run's training seed, int >= 0.
         num_batches, batch_size: ints >= 1 (reference: 16 x 16 = 256 sequences).
-        others: see :func:`noisy_recall_spec`.
 
     Returns:
         ``(inputs, targets)``, int32 arrays of shape ``(num_batches, batch_size, L)``.
@@ -434,21 +428,14 @@ def reference_validation_set(
         ValueError: invalid parameters. NoKeyPresentedError: see
         :func:`generate_noisy_recall_example`.
     """
+    task = _check_task(task)
     seed = _check_int("seed", seed, minimum=0)
     num_batches = _check_int("num_batches", num_batches, minimum=1)
     batch_size = _check_int("batch_size", batch_size, minimum=1)
-    spec = noisy_recall_spec(
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        noise_vocab_size=noise_vocab_size,
-        frac_noise=frac_noise,
-        multi_query=multi_query,
-        ignore_index=ignore_index,
-    )
     rng = np.random.default_rng(VALIDATION_SEED_OFFSET + seed)
     # Consecutive batches from one rng are just consecutive examples.
-    inputs, targets = _draw_examples(spec, False, rng, num_batches * batch_size)
-    shape = (num_batches, batch_size, spec.example_len)
+    inputs, targets = _draw_examples(task, False, rng, num_batches * batch_size)
+    shape = (num_batches, batch_size, task.example_len)
     return inputs.reshape(shape), targets.reshape(shape)
 
 
@@ -463,44 +450,26 @@ class ReferenceTrainingStream:
 
     Usage::
 
-        stream = ReferenceTrainingStream(seed=0, batch_size=16, vocab_size=80,
-                                         seq_len=512, noise_vocab_size=16, frac_noise=0.8)
+        task = NoisyRecallTask(vocab_size=80, seq_len=512)
+        stream = ReferenceTrainingStream(task, seed=0, batch_size=16)
         inputs, targets = stream.next_batch()       # int32 (16, 511) each
         saved = stream.state()
         stream = ReferenceTrainingStream.from_state(saved)
     """
 
-    def __init__(
-        self,
-        *,
-        seed: int,
-        batch_size: int,
-        vocab_size: int,
-        seq_len: int,
-        noise_vocab_size: int,
-        frac_noise: float,
-        multi_query: bool = True,
-        ignore_index: int = IGNORE_INDEX,
-    ):
-        """Args: ``seed`` (int >= 0), ``batch_size`` (int >= 1), task parameters as
-        :func:`noisy_recall_spec`. Raises ValueError on invalid parameters."""
+    def __init__(self, task: NoisyRecallTask, *, seed: int, batch_size: int):
+        """Args: ``task``, ``seed`` (int >= 0), ``batch_size`` (int >= 1).
+        Raises ValueError on invalid parameters, TypeError if ``task`` is not a task."""
+        self._task = _check_task(task)
         self._seed = _check_int("seed", seed, minimum=0)
         self._batch_size = _check_int("batch_size", batch_size, minimum=1)
-        self._spec = noisy_recall_spec(
-            vocab_size=vocab_size,
-            seq_len=seq_len,
-            noise_vocab_size=noise_vocab_size,
-            frac_noise=frac_noise,
-            multi_query=multi_query,
-            ignore_index=ignore_index,
-        )
         self._rng = np.random.default_rng(self._seed)
         self._num_batches = 0
 
     @property
-    def spec(self) -> NoisyRecallSpec:
-        """The validated task parameters."""
-        return self._spec
+    def task(self) -> NoisyRecallTask:
+        """The task."""
+        return self._task
 
     @property
     def batch_size(self) -> int:
@@ -516,7 +485,7 @@ class ReferenceTrainingStream:
         """Next ``(inputs, targets)``, int32 arrays ``(batch_size, L)``; targets are the
         inputs shifted by one. Raises NoKeyPresentedError as
         :func:`generate_noisy_recall_example` (not reachable at realistic sizes)."""
-        batch = _draw_examples(self._spec, True, self._rng, self._batch_size)
+        batch = _draw_examples(self._task, True, self._rng, self._batch_size)
         self._num_batches += 1
         return batch
 
@@ -528,18 +497,8 @@ class ReferenceTrainingStream:
 
     def state(self) -> dict:
         """A deep-copied plain dict from which :meth:`from_state` resumes bit-exactly."""
-        s = self._spec
         return {
-            "config": {
-                "seed": self._seed,
-                "batch_size": self._batch_size,
-                "vocab_size": s.vocab_size,
-                "seq_len": s.seq_len,
-                "noise_vocab_size": s.noise_vocab_size,
-                "frac_noise": s.frac_noise,
-                "multi_query": s.multi_query,
-                "ignore_index": s.ignore_index,
-            },
+            "config": {"seed": self._seed, "batch_size": self._batch_size, **self._task.to_dict()},
             "bit_generator_state": copy.deepcopy(self._rng.bit_generator.state),
             "num_batches": self._num_batches,
         }
@@ -556,7 +515,9 @@ class ReferenceTrainingStream:
             config, bit_state, num_batches = (
                 state["config"], state["bit_generator_state"], state["num_batches"],
             )
-            stream = cls(**config)
+            config = dict(config)
+            seed, batch_size = config.pop("seed"), config.pop("batch_size")
+            stream = cls(NoisyRecallTask(**config), seed=seed, batch_size=batch_size)
         except (KeyError, TypeError) as exc:
             raise ValueError(
                 f"state must be a dict produced by ReferenceTrainingStream.state(): {exc!r}"
@@ -584,7 +545,7 @@ def _randint(key: jax.Array, shape: tuple[int, ...], low: int, high: int) -> jax
     return jax.random.randint(key, (size,), low, high, dtype=jnp.int32).reshape(shape)
 
 
-def _sample_slot_noise(key: jax.Array, batch_size: int, spec: NoisyRecallSpec) -> jax.Array:
+def _sample_slot_noise(key: jax.Array, batch_size: int, task: NoisyRecallTask) -> jax.Array:
     """Noise mask ``(batch, P-1)`` of the numpy generator, conditioned on >= 1 key slot.
 
     A row is degenerate (numpy raises NoKeyPresentedError) only if every slot is noise;
@@ -592,14 +553,14 @@ def _sample_slot_noise(key: jax.Array, batch_size: int, spec: NoisyRecallSpec) -
     rows until they are not degenerate samples exactly the numpy distribution
     conditioned on success. At realistic sizes the loop body runs exactly once.
     """
-    num_pairs = spec.num_slots - 1
+    num_pairs = task.num_slots - 1
     slot_index = jnp.arange(num_pairs)
 
     def draw(k):
         k_r0, k_u = jax.random.split(k)
-        r0 = _randint(k_r0, (batch_size, 1), 0, spec.num_slots)
+        r0 = _randint(k_r0, (batch_size, 1), 0, task.num_slots)
         u = jax.random.uniform(k_u, (batch_size * num_pairs,)).reshape(batch_size, num_pairs)
-        return (u < spec.frac_noise) & (slot_index != r0)
+        return (u < task.frac_noise) & (slot_index != r0)
 
     def redraw(carry):
         k, noise = carry
@@ -618,16 +579,7 @@ def _sample_slot_noise(key: jax.Array, batch_size: int, spec: NoisyRecallSpec) -
 
 
 def sample_noisy_recall(
-    key: jax.Array,
-    *,
-    batch_size: int,
-    vocab_size: int,
-    seq_len: int,
-    noise_vocab_size: int,
-    frac_noise: float,
-    multi_query: bool = True,
-    is_training: bool = True,
-    ignore_index: int = IGNORE_INDEX,
+    key: jax.Array, task: NoisyRecallTask, *, batch_size: int, is_training: bool = True
 ) -> tuple[jax.Array, jax.Array]:
     """A batch of noisy-recall examples drawn with ``jax.random`` (jit- and vmap-able).
 
@@ -646,16 +598,14 @@ def sample_noisy_recall(
     on CPU beat a ``(batch, P-1, num_keys)`` one-hot min, an O(P^2) pairwise comparison
     and a ``lax.scan`` over slots (``python -m experiments.benchmark_data``).
 
-    The parameters are validated in Python on every call (also at trace time when this
-    is called under ``jax.jit`` / ``jax.vmap``); the sampling itself is jitted and cached
-    per parameter set, so only ``key`` is traced.
+    The sampling is jitted and cached per (task, batch size), so only ``key`` is traced;
+    calling this under ``jax.jit`` / ``jax.vmap`` works the same.
 
     Args:
         key: a ``jax.random`` key, e.g. ``jax.random.key(seed)`` (a raw uint32
             ``PRNGKey`` works too but is a different input type, so it compiles anew).
+        task: the task.
         batch_size: int >= 1.
-        vocab_size, seq_len, noise_vocab_size, frac_noise, multi_query, ignore_index:
-            task parameters, see :func:`noisy_recall_spec`.
         is_training: bool; next-token targets if True, recall targets if False.
 
     Returns:
@@ -663,42 +613,35 @@ def sample_noisy_recall(
         with multi_query else seq_len.
 
     Raises:
-        ValueError: invalid parameters.
+        ValueError: invalid batch size or mode. TypeError: ``task`` is not a task.
     """
-    spec = noisy_recall_spec(
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        noise_vocab_size=noise_vocab_size,
-        frac_noise=frac_noise,
-        multi_query=multi_query,
-        ignore_index=ignore_index,
-    )
+    task = _check_task(task)
     batch_size = _check_int("batch_size", batch_size, minimum=1)
     is_training = _check_bool("is_training", is_training)
     # One compiled program serves both modes (compiling the threefry draws takes ~1 s per
     # parameter set on CPU); under an outer jit the unused targets are dead code.
-    inputs, next_tokens, recall_targets = _sample_sequences(key, spec=spec, batch_size=batch_size)
+    inputs, next_tokens, recall_targets = _sample_sequences(key, task=task, batch_size=batch_size)
     return inputs, next_tokens if is_training else recall_targets
 
 
-# Validation stays outside: jit's static-argument cache compares by ==, so e.g.
-# vocab_size=32.0 or multi_query=1 would otherwise hit a cached valid trace silently.
-@functools.partial(jax.jit, static_argnames=("spec", "batch_size"))
+# batch_size is checked outside: jit's static-argument cache compares by ==, so 4.0
+# would otherwise hit a cached trace for 4 silently (the task validates itself).
+@functools.partial(jax.jit, static_argnames=("task", "batch_size"))
 def _sample_sequences(
-    key: jax.Array, *, spec: NoisyRecallSpec, batch_size: int
+    key: jax.Array, *, task: NoisyRecallTask, batch_size: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(inputs, next-token targets, recall targets)``, int32 ``(batch_size, L)`` each."""
-    num_pairs, num_keys = spec.num_slots - 1, spec.num_keys
+    num_pairs, num_keys = task.num_slots - 1, task.num_keys
     shape = (batch_size, num_pairs)
     k_noise_mask, k_keys, k_values, k_noise_tokens, k_probe = jax.random.split(key, 5)
 
-    if spec.frac_noise > 0:
-        is_noise = _sample_slot_noise(k_noise_mask, batch_size, spec)
+    if task.frac_noise > 0:
+        is_noise = _sample_slot_noise(k_noise_mask, batch_size, task)
     else:  # no draws needed: with P >= 2, slot 0 .. P-2 all hold keys
         is_noise = jnp.zeros(shape, dtype=bool)
     slot_keys = _randint(k_keys, shape, 0, num_keys)
     value_table = _randint(
-        k_values, (batch_size, num_keys), spec.value_start, spec.value_start + spec.num_values
+        k_values, (batch_size, num_keys), task.value_start, task.value_start + task.num_values
     )
     slot_values = jnp.take_along_axis(value_table, slot_keys, axis=1)
 
@@ -721,24 +664,24 @@ def _sample_sequences(
     probe_key = probe_key.astype(jnp.int32)[:, None]
     probe_value = jnp.take_along_axis(value_table, probe_key, axis=1)
 
-    if spec.noise_vocab_size > 0:
+    if task.noise_vocab_size > 0:
         noise_tokens = _randint(
-            k_noise_tokens, shape + (2,), spec.noise_start, spec.noise_start + spec.noise_vocab_size
+            k_noise_tokens, shape + (2,), task.noise_start, task.noise_start + task.noise_vocab_size
         )
         first = jnp.where(is_noise, noise_tokens[..., 0], slot_keys)
         second = jnp.where(is_noise, noise_tokens[..., 1], slot_values)
     else:  # frac_noise == 0 here (validated), so no slot is noise
         first, second = slot_keys, slot_values
     pair_tokens = jnp.stack([first, second], axis=-1).reshape(batch_size, 2 * num_pairs)
-    marker = [] if spec.multi_query else [jnp.full((batch_size, 1), spec.copy_marker, jnp.int32)]
+    marker = [] if task.multi_query else [jnp.full((batch_size, 1), task.copy_marker, jnp.int32)]
     tokens = jnp.concatenate([pair_tokens, *marker, probe_key, probe_value], axis=1)
 
-    ignore = jnp.full((batch_size, 1), spec.ignore_index, dtype=jnp.int32)
-    scored = repeated if spec.multi_query else jnp.zeros_like(repeated)
-    value_targets = jnp.where(scored, slot_values, spec.ignore_index)
+    ignore = jnp.full((batch_size, 1), task.ignore_index, dtype=jnp.int32)
+    scored = repeated if task.multi_query else jnp.zeros_like(repeated)
+    value_targets = jnp.where(scored, slot_values, task.ignore_index)
     pair_targets = jnp.stack(
-        [jnp.full(shape, spec.ignore_index, jnp.int32), value_targets], axis=-1
+        [jnp.full(shape, task.ignore_index, jnp.int32), value_targets], axis=-1
     ).reshape(batch_size, 2 * num_pairs)
-    marker_targets = [] if spec.multi_query else [ignore]
+    marker_targets = [] if task.multi_query else [ignore]
     targets = jnp.concatenate([pair_targets, *marker_targets, ignore, probe_value], axis=1)
     return tokens[:, :-1], tokens[:, 1:], targets[:, 1:]

@@ -12,20 +12,22 @@ import pytest
 from scipy import stats
 
 from orthorecall import data
+from tests.conftest import MAD_FIXTURES
 
-# shared/ sits beside the repo checkout (/work/shared next to /work/main).
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mad_noisy_recall"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"MAD fixtures not found at {FIXTURES}")
 IGNORE = -100
 
 
 def _load_fixture(name):
-    with np.load(FIXTURES / name) as f:
+    with np.load(MAD_FIXTURES / name) as f:
         return f["inputs"], f["targets"], json.loads(str(f["params"]))
 
 
 def _task_kwargs(params):
     return {k: params[k] for k in ("vocab_size", "seq_len", "noise_vocab_size", "frac_noise", "multi_query")}
+
+
+def _task(params):
+    return data.NoisyRecallTask(**_task_kwargs(params))
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,7 +81,6 @@ def transcribed_mad_example(V, S, N, p, multi_query, is_training, rng, ignore=IG
 # ---------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     "name",
     ["v32_s128_train_seed0.npz", "v32_s128_single_query_eval_seed1.npz", "v80_s512_eval_seed10011.npz"],
@@ -88,7 +89,9 @@ def test_matches_mad_fixtures(name):
     want_x, want_y, params = _load_fixture(name)
     kwargs = dict(_task_kwargs(params), is_training=params["is_training"])
     rng = np.random.default_rng(params["seed"])
-    x, y = data.generate_noisy_recall_batch(batch_size=params["num_examples"], rng=rng, **kwargs)
+    x, y = data.generate_noisy_recall_batch(
+        _task(params), batch_size=params["num_examples"], is_training=params["is_training"], rng=rng
+    )
     assert x.dtype == y.dtype == np.int32
     np.testing.assert_array_equal(x, want_x)
     np.testing.assert_array_equal(y, want_y)
@@ -169,10 +172,10 @@ def test_minimum_length_and_vocab():
     rng = np.random.default_rng(0)
     for multi_query, length in [(True, 3), (False, 4)]:
         V = 18 if multi_query else 19  # M = 2: exactly one key (0) and one value (1)
-        x, y = data.generate_noisy_recall_batch(
-            batch_size=5, vocab_size=V, seq_len=4, noise_vocab_size=16, frac_noise=0.0,
-            multi_query=multi_query, is_training=False, rng=rng,
+        task = data.NoisyRecallTask(
+            vocab_size=V, seq_len=4, noise_vocab_size=16, frac_noise=0.0, multi_query=multi_query
         )
+        x, y = data.generate_noisy_recall_batch(task, batch_size=5, is_training=False, rng=rng)
         assert x.shape == y.shape == (5, length)
         assert (x[:, :2] == [0, 1]).all() and (y[:, -1] == 1).all()
 
@@ -182,6 +185,7 @@ def test_minimum_length_and_vocab():
 # ---------------------------------------------------------------------------------------
 
 BASE = dict(vocab_size=32, seq_len=128, noise_vocab_size=16, frac_noise=0.2, multi_query=True)
+TASK_BASE = data.NoisyRecallTask(**BASE)
 BAD = [
     (dict(seq_len=127), "seq_len must be even"),
     (dict(seq_len=2), "seq_len must be >= 4"),
@@ -211,7 +215,7 @@ def test_invalid_params_raise_value_error(override, message):
     with pytest.raises(ValueError, match=message):
         data.generate_noisy_recall_example(is_training=True, rng=np.random.default_rng(0), **kwargs)
     with pytest.raises(ValueError, match=message):
-        data.sample_noisy_recall(jax.random.key(0), batch_size=2, **kwargs)
+        data.NoisyRecallTask(**kwargs)
 
 
 def test_other_invalid_args():
@@ -219,16 +223,23 @@ def test_other_invalid_args():
     with pytest.raises(ValueError, match="is_training must be a bool"):
         data.generate_noisy_recall_example(is_training=None, rng=rng, **BASE)
     with pytest.raises(ValueError, match="is_training must be a bool"):
-        data.sample_noisy_recall(jax.random.key(0), batch_size=2, is_training=0, **BASE)
+        data.sample_noisy_recall(jax.random.key(0), TASK_BASE, batch_size=2, is_training=0)
     for bad_rng in (np.random.RandomState(0), 0, None):
         with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
             data.generate_noisy_recall_example(is_training=True, rng=bad_rng, **BASE)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        data.generate_noisy_recall_batch(batch_size=0, is_training=True, rng=rng, **BASE)
+        data.generate_noisy_recall_batch(TASK_BASE, batch_size=0, is_training=True, rng=rng)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        data.sample_noisy_recall(jax.random.key(0), batch_size=0, **BASE)
+        data.sample_noisy_recall(jax.random.key(0), TASK_BASE, batch_size=0)
     with pytest.raises(ValueError, match="seed must be >= 0"):
-        data.reference_validation_set(seed=-1, **BASE)
+        data.reference_validation_set(TASK_BASE, seed=-1)
+    for call in (lambda task: data.sample_noisy_recall(jax.random.key(0), task, batch_size=2),
+                 lambda task: data.generate_noisy_recall_batch(
+                     task, batch_size=2, is_training=True, rng=rng),
+                 lambda task: data.reference_validation_set(task, seed=0),
+                 lambda task: data.ReferenceTrainingStream(task, seed=0, batch_size=2)):
+        with pytest.raises(TypeError, match="task must be a NoisyRecallTask"):
+            call(BASE)
     with pytest.raises(TypeError):  # keyword-only public contract
         data.generate_noisy_recall_example(32, 128, 16, 0.2, True, True, rng)
     # numpy integer types are fine
@@ -243,36 +254,35 @@ def test_other_invalid_args():
 # ---------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_reference_validation_set_matches_fixture():
     want_x, want_y, params = _load_fixture("v80_s512_eval_seed10011.npz")
-    x, y = data.reference_validation_set(seed=params["seed"] - data.VALIDATION_SEED_OFFSET, **_task_kwargs(params))
+    x, y = data.reference_validation_set(_task(params), seed=params["seed"] - data.VALIDATION_SEED_OFFSET)
     assert x.shape == y.shape == (16, 16, 511) and x.dtype == y.dtype == np.int32
     np.testing.assert_array_equal(x[0], want_x)
     np.testing.assert_array_equal(y[0], want_y)
 
 
 def test_reference_validation_set_is_consecutive_batches():
-    kwargs = dict(vocab_size=32, seq_len=32, noise_vocab_size=16, frac_noise=0.5)
-    x, y = data.reference_validation_set(seed=3, num_batches=3, batch_size=4, multi_query=False, **kwargs)
+    task = data.NoisyRecallTask(vocab_size=32, seq_len=32, noise_vocab_size=16, frac_noise=0.5, multi_query=False)
+    x, y = data.reference_validation_set(task, seed=3, num_batches=3, batch_size=4)
     flat_x, flat_y = data.generate_noisy_recall_batch(
-        batch_size=12, multi_query=False, is_training=False, rng=np.random.default_rng(10003), **kwargs
+        task, batch_size=12, is_training=False, rng=np.random.default_rng(10003)
     )
     assert x.shape == (3, 4, 32)
     np.testing.assert_array_equal(x.reshape(12, 32), flat_x)
     np.testing.assert_array_equal(y.reshape(12, 32), flat_y)
 
 
-STREAM = dict(seed=5, batch_size=3, vocab_size=32, seq_len=64, noise_vocab_size=16, frac_noise=0.8)
+STREAM_TASK = data.NoisyRecallTask(vocab_size=32, seq_len=64, noise_vocab_size=16, frac_noise=0.8)
+STREAM = dict(seed=5, batch_size=3)
 
 
 def test_training_stream_matches_reference_batches():
-    stream = data.ReferenceTrainingStream(**STREAM)
+    stream = data.ReferenceTrainingStream(STREAM_TASK, **STREAM)
     rng = np.random.default_rng(STREAM["seed"])
-    task = {k: v for k, v in STREAM.items() if k not in ("seed", "batch_size")}
     for step, (x, y) in zip(range(3), stream):
         want_x, want_y = data.generate_noisy_recall_batch(
-            batch_size=3, multi_query=True, is_training=True, rng=rng, **task
+            STREAM_TASK, batch_size=3, is_training=True, rng=rng
         )
         np.testing.assert_array_equal(x, want_x)
         np.testing.assert_array_equal(y, want_y)
@@ -281,7 +291,7 @@ def test_training_stream_matches_reference_batches():
 
 
 def test_training_stream_resumes_bit_exactly():
-    stream = data.ReferenceTrainingStream(**STREAM)
+    stream = data.ReferenceTrainingStream(STREAM_TASK, **STREAM)
     for _ in range(2):
         stream.next_batch()
     saved = stream.state()
@@ -290,7 +300,7 @@ def test_training_stream_resumes_bit_exactly():
     saved["bit_generator_state"]["state"]["state"] = 0  # the stream keeps its own copy
     continued = [stream.next_batch() for _ in range(3)]
     for other in (restored, restored_json):
-        assert other.num_batches == 2 and other.spec == stream.spec
+        assert other.num_batches == 2 and other.task == stream.task
         for want, got in zip(continued, [other.next_batch() for _ in range(3)]):
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
@@ -355,12 +365,14 @@ JAX_CASES = {
 
 
 def _jax_sample(name, key, is_training=False):
-    return data.sample_noisy_recall(key, batch_size=JAX_BATCH, is_training=is_training, **JAX_CASES[name])
+    return data.sample_noisy_recall(
+        key, data.NoisyRecallTask(**JAX_CASES[name]), batch_size=JAX_BATCH, is_training=is_training
+    )
 
 
 @pytest.mark.parametrize("name", list(JAX_CASES))
 def test_jax_structure_exact(name):
-    spec = data.noisy_recall_spec(**JAX_CASES[name])
+    spec = data.NoisyRecallTask(**JAX_CASES[name])
     key = jax.random.key(7)
     x_eval, y_eval = _jax_sample(name, key, is_training=False)
     x_train, y_train = _jax_sample(name, key, is_training=True)
@@ -377,8 +389,10 @@ def test_jax_structure_exact(name):
 def test_structure_checker_accepts_numpy_reference():
     case = JAX_CASES["v29s64p0.6single"]
     rng = np.random.default_rng(1)
-    x, y = data.generate_noisy_recall_batch(batch_size=50, is_training=False, rng=rng, **case)
-    check_structure(*_full_sequences(x, y), data.noisy_recall_spec(**case))
+    x, y = data.generate_noisy_recall_batch(
+        data.NoisyRecallTask(**case), batch_size=50, is_training=False, rng=rng
+    )
+    check_structure(*_full_sequences(x, y), data.NoisyRecallTask(**case))
 
 
 def test_jax_jit_vmap_and_keys():
@@ -395,7 +409,7 @@ def test_jax_jit_vmap_and_keys():
             assert not np.array_equal(batched_x[i], batched_x[j])
     check_structure(
         *_full_sequences(batched_x.reshape(3 * JAX_BATCH, -1), batched_y.reshape(3 * JAX_BATCH, -1)),
-        data.noisy_recall_spec(**JAX_CASES[name]),
+        data.NoisyRecallTask(**JAX_CASES[name]),
     )
 
 
@@ -473,7 +487,7 @@ def _numpy_eval_examples(spec, n, seed):
 @pytest.mark.parametrize("name", ["v32s128p0.8", "v32s128p0.2", "v29s64p0.6single", "v12s6p0.9"])
 def test_jax_distribution_matches_numpy(name):
     case, n = JAX_CASES[name], 10 * JAX_BATCH
-    spec = data.noisy_recall_spec(**case)
+    spec = data.NoisyRecallTask(**case)
     ref = summaries(*_numpy_eval_examples(spec, n, seed=1234), spec)
     jax_batches = [_jax_sample(name, k) for k in jax.random.split(jax.random.key(1234), n // JAX_BATCH)]
     got = summaries(*(np.concatenate(parts) for parts in zip(*jax_batches)), spec)

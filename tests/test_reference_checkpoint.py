@@ -2,7 +2,6 @@
 imported models reproduce the accuracy and loss the reference recorded."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -15,10 +14,9 @@ from orthorecall import model as model_lib
 from orthorecall import newton_schulz as ns
 from orthorecall import reference_checkpoint as rc
 from orthorecall import torch_format
+from tests.conftest import REFERENCE_CHECKPOINTS, REPO_ROOT
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "reference_checkpoints"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
+FIXTURES = REFERENCE_CHECKPOINTS
 
 
 def _records():
@@ -103,7 +101,7 @@ def test_foreign_and_inconsistent_files_are_refused(tmp_path):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "experiments.evaluate_reference", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_prints_json_and_reports_bad_files(tmp_path):

@@ -2,9 +2,9 @@
 subprocesses: configuration errors, the report, Ctrl-C / kill and resume, re-running a
 finished run, and 8 simulated devices against one.
 
-Every run is the smoke preset shrunk further (TINY below, as in tests/test_training.py:
-identical configurations share compiled programs through a persistent compilation
-cache in the pytest session's temporary folder). The uninterrupted reference run and
+Every run is the smoke preset shrunk further (``TINY`` of tests/conftest.py, as in
+tests/test_training.py: identical configurations share compiled programs through a
+persistent compilation cache in the pytest session's temporary folder). The uninterrupted reference run and
 the 8-device run are started together, to use both cores while they compile.
 """
 
@@ -23,25 +23,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-STEPS = 24
-# Keep in sync with tests/test_training.py's TINY (same compiled programs).
-TINY = {
-    "model.embedding_dim": 16, "model.num_heads": 2, "model.inner_multiple": 8,
-    "model.chunk_size": 8, "task.vocab_size": 24, "task.noise_vocab_size": 4,
-    "task.seq_len": 16, "train.batch_size": 4, "train.val_batches": 1,
-    "train.val_batch_size": 4, "train.steps": STEPS, "train.eval_every": 4,
-    "train.checkpoint_every": 4, "train.log_every": 4, "seeds.num_seeds": 3,
-    "task.frac_noise": 0.5, "train.learning_rate": 0.003, "reads": "raw,ns5",
-    "train.keep_checkpoints": 3, "seeds.first_seed": 0,
-}
+from tests.conftest import REPO_ROOT, TINY, with_overrides
+
+STEPS = TINY["train.steps"]
 READS = ("raw", "ns5")
 TIMEOUT = 600  # Seconds; generous, the machine may be loaded.
 
 
 def command(workdir, **overrides):
     """The README's command, run from the repository root, with TINY overrides."""
-    flags = {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    flags = with_overrides(**overrides)
     return [sys.executable, "-m", "experiments.run", "--config=configs/noisy_ar.py:smoke",
             f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in flags.items()]]
 

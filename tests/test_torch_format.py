@@ -1,6 +1,6 @@
 """Tests for orthorecall.torch_format: torch.save zip checkpoints without torch.
 
-Covers the shared reference checkpoints, save/load round trips, refusal of pickled code,
+Covers the reference checkpoints shipped in tests/fixtures, save/load round trips, refusal of pickled code,
 clear errors for broken files, and (when torch is installed) a cross-check both ways
 against torch.save / torch.load.
 """
@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tests.conftest import REFERENCE_CHECKPOINTS
 from orthorecall.torch_format import (
     TorchCheckpointError,
     UnsafeCheckpointError,
@@ -26,14 +27,9 @@ from orthorecall.torch_format import (
     save_torch_checkpoint,
 )
 
-# shared/ sits beside the repo checkout (/work/shared next to /work/main).
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures" / "reference_checkpoints"
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"reference checkpoints not found at {FIXTURES} "
-    "(the shared/ folder must sit beside the repository)")
+FIXTURES = REFERENCE_CHECKPOINTS
 
-# REFERENCE.md section 6.
+# The reference's parameter names and shapes (docs/specification.md).
 EXPECTED_SHAPES = {
     "embedding.weight": (80, 94),
     "norm.weight": (94,),
@@ -135,7 +131,6 @@ def _big_endian(arr):
 # ---------------------------------------------------------------- reference fixtures
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", ["baseline", "ns5"])
 def test_reference_fixture_loads(variant):
     obj = load_torch_checkpoint(FIXTURES / f"v80_s512_{variant}_seed11_steps2000.pt")
@@ -152,7 +147,6 @@ def test_reference_fixture_loads(variant):
         assert cfg[key] == record[key], key
 
 
-@needs_fixtures
 @pytest.mark.parametrize("variant", ["baseline", "ns5"])
 def test_reference_fixture_round_trip_is_bitwise(variant, tmp_path):
     obj = load_torch_checkpoint(FIXTURES / f"v80_s512_{variant}_seed11_steps2000.pt")
@@ -445,7 +439,6 @@ def test_we_load_torch_saves(tmp_path):
         _assert_identical(ours["state_dict"][name], _torch_to_numpy(t))
 
 
-@needs_fixtures
 def test_reference_fixture_matches_torch_load():
     torch = pytest.importorskip("torch")
     path = FIXTURES / "v80_s512_ns5_seed11_steps2000.pt"

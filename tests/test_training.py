@@ -27,26 +27,15 @@ from experiments import train
 from experiments.configs.noisy_ar import get_config
 from orthorecall import checkpointing, data, training
 from orthorecall import model as model_lib
+from tests.conftest import TINY_TASK, with_overrides
 
-# The tiny study shared with tests/test_run.py (keep in sync: identical configurations
-# share compiled programs through the session's compilation cache).
-TINY = {
-    "model.embedding_dim": 16, "model.num_heads": 2, "model.inner_multiple": 8,
-    "model.chunk_size": 8, "task.vocab_size": 24, "task.noise_vocab_size": 4,
-    "task.seq_len": 16, "train.batch_size": 4, "train.val_batches": 1,
-    "train.val_batch_size": 4, "train.steps": 24, "train.eval_every": 4,
-    "train.checkpoint_every": 4, "train.log_every": 4, "seeds.num_seeds": 3,
-    # Pinned, although they are the preset's today: the tests rely on them.
-    "task.frac_noise": 0.5, "train.learning_rate": 3e-3, "reads": "raw,ns5",
-    "train.keep_checkpoints": 3, "seeds.first_seed": 0,
-}
-TASK = dict(vocab_size=24, seq_len=16, noise_vocab_size=4, frac_noise=0.5)
+TASK = data.NoisyRecallTask(**TINY_TASK)
 
 
 def tiny_config(**overrides):
     """The smoke preset + TINY + overrides (``train__steps=5`` sets train.steps)."""
     config = get_config("smoke")
-    for key, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+    for key, value in with_overrides(**overrides).items():
         node = config
         *parents, leaf = key.split(".")
         for parent in parents:
@@ -121,7 +110,7 @@ def ns5_steps():
     norm taken across seeds instead of per seed would show."""
     configs = train.validate_config(tiny_config(reads="ns5"))
     optimizer = training.make_optimizer(total_steps=NUM_STEPS + 1, eps=1e-3, clip_norm=0.1)
-    streams = [data.ReferenceTrainingStream(seed=int(s), batch_size=4, **TASK) for s in SEEDS]
+    streams = [data.ReferenceTrainingStream(TASK, seed=int(s), batch_size=4) for s in SEEDS]
     batches = []
     for _ in range(NUM_STEPS):
         pairs = [stream.next_batch() for stream in streams]
@@ -512,7 +501,7 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
     assert len(captured) == interrupt_at
     step, _, meta = _restore(workdir / "checkpoints")
     assert step == meta["step"] == interrupt_at
-    streams = [data.ReferenceTrainingStream(seed=s, batch_size=4, **TASK)
+    streams = [data.ReferenceTrainingStream(TASK, seed=s, batch_size=4)
                for s in range(first_seed, first_seed + num_seeds)]
     for stream in streams:
         for _ in range(interrupt_at):
@@ -523,7 +512,7 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
     train.train_and_evaluate(config, workdir)
     assert len(captured) == steps  # Resumed after the interruption's step, not restarted.
 
-    streams = [data.ReferenceTrainingStream(seed=s, batch_size=4, **TASK)
+    streams = [data.ReferenceTrainingStream(TASK, seed=s, batch_size=4)
                for s in range(first_seed, first_seed + num_seeds)]
     for inputs, targets in captured:
         expected = [stream.next_batch() for stream in streams]

@@ -15,6 +15,8 @@ Override any field, e.g. ``--config.train.steps=500``; unknown fields fail.
 
 import ml_collections
 
+from orthorecall.data import NoisyRecallTask
+
 REGIMES = {f"v{v}_s{s}": (v, s) for v in (80, 96) for s in (512, 768, 1024)}
 
 
@@ -22,12 +24,15 @@ def _base() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "v80_s512"
 
+    # The reference task's defaults come from NoisyRecallTask (noise vocabulary 16,
+    # noise fraction 0.8, multi-query); ignore_index stays the library's.
+    reference = NoisyRecallTask(vocab_size=80, seq_len=512)
     config.task = ml_collections.ConfigDict()
-    config.task.vocab_size = 80
-    config.task.seq_len = 512
-    config.task.noise_vocab_size = 16
-    config.task.frac_noise = 0.8
-    config.task.multi_query = True
+    config.task.vocab_size = reference.vocab_size
+    config.task.seq_len = reference.seq_len
+    config.task.noise_vocab_size = reference.noise_vocab_size
+    config.task.frac_noise = reference.frac_noise
+    config.task.multi_query = reference.multi_query
 
     config.model = ml_collections.ConfigDict()
     config.model.embedding_dim = 94
