@@ -59,10 +59,10 @@ def _train_step_runner(read_name: str, batch: int, seq_len: int, seeds: int):
     """A closure running one training step of ``seeds`` seeds."""
     import jax
     import numpy as np
-    from orthorecall import data, model, training
-    from orthorecall.newton_schulz import read_from_name
+    from orthorecall import cell, data, model, training
+    from orthorecall.reads import read_from_name
 
-    config = model.ModelConfig(vocab_size=VOCAB, read=read_from_name(read_name))
+    config = model.ModelConfig(vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(read_name)))
     optimizer = training.make_optimizer()
     seed_ids = np.arange(seeds)
     states = {read_name: training.init_seed_states(seed_ids, config, optimizer)}
@@ -88,10 +88,10 @@ def bench_train_step(read_name, batch, seq_len, seeds, repeats):
 
 def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
     import jax
-    from orthorecall import data, model
-    from orthorecall.newton_schulz import read_from_name
+    from orthorecall import cell, data, model
+    from orthorecall.reads import read_from_name
 
-    config = model.ModelConfig(vocab_size=VOCAB, read=read_from_name(read_name))
+    config = model.ModelConfig(vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(read_name)))
     params = model.init_params(jax.random.PRNGKey(0), config)
     tokens, _ = data.sample_noisy_recall(
         jax.random.PRNGKey(1), data.NoisyRecallTask(vocab_size=VOCAB, seq_len=seq_len),
@@ -101,12 +101,6 @@ def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
     count = batch * (seq_len - 1)
     return {"name": "eval_forward", "read": read_name, "batch": batch, "seq_len": seq_len,
             "seeds": 1, "seconds": seconds, "tokens_per_s": count / seconds}
-
-
-def _read_implementation() -> str:
-    """What the model's NS5 read runs on this backend."""
-    from orthorecall import newton_schulz as ns
-    return "cpu_kernel" if ns._use_cpu_kernel(ns.iteration_coefficients("cubic", 5)) else "xla"
 
 
 def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
@@ -120,11 +114,10 @@ def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
     memory = jax.random.normal(keys[0], (num_matrices, dim, dim))
     query = jax.random.normal(keys[1], (num_matrices, dim))
     h_bar = jax.random.normal(keys[2], (num_matrices, dim))
-    steps = ns.iteration_coefficients("cubic", 5)
     model_read = jax.jit(lambda c, q: ns.newton_schulz_read(c, q, 5))
     model_read_vjp = jax.jit(lambda c, q, g: jax.vjp(ns.newton_schulz_read, c, q)[1](g))
-    xla_read = jax.jit(lambda c, q: ns._jax_read(c, q, steps))
-    implementation = _read_implementation()
+    xla_read = jax.jit(lambda c, q: ns.newton_schulz_read(c, q, 5, implementation="xla"))
+    implementation = ns.read_implementation(5, "cubic")
     # Nominal flops: two d x d products per iteration forward; backward adds
     # three per iteration (its recomputation of the iterates is not counted).
     forward_flops = 5 * 2 * 2 * dim**3 * num_matrices
@@ -208,7 +201,7 @@ def run_benchmark(mode: str) -> dict:
     """Runs every measurement; returns the JSON-able result."""
     import jax
     from orthorecall import data, mlstm
-    from orthorecall.newton_schulz import read_from_name
+    from orthorecall.reads import read_from_name
 
     shapes = _MODES[mode]
     repeats = shapes["repeats"]
@@ -228,7 +221,7 @@ def run_benchmark(mode: str) -> dict:
     return {"device": f"{device.platform}:{device.device_kind}",
             "num_devices": jax.device_count(), "jax_version": jax.__version__, "mode": mode,
             "quick": mode == "quick", "machine": platform.machine(),
-            "ns_read_implementation": _read_implementation(),
+            "ns_read_implementation": read_from_name("ns5").implementation(),
             "config": {**data.NoisyRecallTask(vocab_size=VOCAB, seq_len=SEQ_LEN).to_dict(),
                        "model": "reference (ModelConfig defaults)",
                        "chunk_size": {name: mlstm.default_chunk_size(read_from_name(name))

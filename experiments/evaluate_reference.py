@@ -74,7 +74,7 @@ def evaluate_checkpoint(path, *, num_batches=None, batch_size=None, chunk_size=6
         "seq_len": task.seq_len,
         "noise_vocab_size": task.noise_vocab_size,
         "frac_noise": task.frac_noise,
-        "read": checkpoint.config.read.kind,
+        "read": checkpoint.config.cell.read.kind,
         "seconds": round(time.perf_counter() - start, 3),
     }
 

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from orthorecall import cell as cell_lib
 from orthorecall import checkpointing, data, training
 from orthorecall import model as model_lib
-from orthorecall.newton_schulz import read_from_name
+from orthorecall.validation import check_int
+from orthorecall.reads import read_from_name
 
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -39,6 +41,13 @@ class ConfigError(ValueError):
 
 def _fail(field: str, message: str):
     raise ConfigError(f"config.{field}: {message}")
+
+
+def _check_int(field: str, value, minimum: int) -> None:
+    try:
+        check_int(field, value, minimum=minimum)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
 
 
 def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
@@ -60,7 +69,8 @@ def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mode
             _fail("reads", str(e))
         try:
             configs[name] = model_lib.ModelConfig(
-                vocab_size=config.task.vocab_size, read=read, **config.model.to_dict())
+                vocab_size=config.task.vocab_size,
+                cell=cell_lib.CellConfig(read=read, **config.model.to_dict()))
         except (ValueError, TypeError) as e:
             _fail("model", str(e))
     return configs
@@ -94,9 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
     train = config.train
     for field in ("steps", "batch_size", "eval_every", "val_batches", "val_batch_size",
                   "checkpoint_every", "keep_checkpoints", "log_every"):
-        value = train[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(f"train.{field}", f"must be an int >= 1, got {value!r}.")
+        _check_int(f"train.{field}", train[field], minimum=1)
     if not train.learning_rate > 0:
         _fail("train.learning_rate", f"must be > 0, got {train.learning_rate!r}.")
     if train.schedule not in training.SCHEDULES:
@@ -108,12 +116,8 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
         _fail("train.data_source", f"{train.data_source!r} is neither 'jax' nor 'numpy'.")
     if train.clip_norm is not None and not train.clip_norm > 0:
         _fail("train.clip_norm", f"must be > 0 or None, got {train.clip_norm!r}.")
-    seeds = config.seeds
-    if isinstance(seeds.num_seeds, bool) or not isinstance(seeds.num_seeds, int) \
-            or seeds.num_seeds < 1:
-        _fail("seeds.num_seeds", f"must be an int >= 1, got {seeds.num_seeds!r}.")
-    if not isinstance(seeds.first_seed, int) or seeds.first_seed < 0:
-        _fail("seeds.first_seed", f"must be an int >= 0, got {seeds.first_seed!r}.")
+    _check_int("seeds.num_seeds", config.seeds.num_seeds, minimum=1)
+    _check_int("seeds.first_seed", config.seeds.first_seed, minimum=0)
     if not 0.0 < config.solved_threshold <= 1.0:
         _fail("solved_threshold", f"must lie in (0, 1], got {config.solved_threshold!r}.")
     return model_configs(config)

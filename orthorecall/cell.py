@@ -32,16 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from orthorecall import mlstm
-from orthorecall.newton_schulz import ReadConfig
+from orthorecall.validation import check_int
+from orthorecall.reads import ReadConfig
 
 Params = dict[str, Any]
 NORM_EPS = 1e-5
 SEQUENCE_FORMS = ("chunkwise", "recurrent")
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +75,10 @@ class CellConfig:
     compute_dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("embedding_dim", "num_heads", "inner_multiple", "conv_kernel_size",
-                     "qkv_block_size", "num_blocks"):
-            _positive_int(name, getattr(self, name))
-        if self.chunk_size is not None:
-            _positive_int("chunk_size", self.chunk_size)
+        names = ("embedding_dim", "num_heads", "inner_multiple", "conv_kernel_size",
+                 "qkv_block_size", "num_blocks") + (() if self.chunk_size is None else ("chunk_size",))
+        for name in names:  # Stored as Python ints: a static jit argument hashes them.
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         if not self.proj_factor > 0:
             raise ValueError(f"proj_factor must be > 0, got {self.proj_factor!r}.")
         if not isinstance(self.read, ReadConfig):
@@ -103,6 +98,10 @@ class CellConfig:
             raise ValueError(
                 f"inner_dim={self.inner_dim} is not divisible by "
                 f"qkv_block_size={self.qkv_block_size}.")
+
+    def replace(self, **changes) -> "CellConfig":
+        """A copy with ``changes`` applied (validated like a new configuration)."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def inner_dim(self) -> int:
@@ -163,7 +162,7 @@ def init_params(key: jax.Array, config: CellConfig) -> Params:
 
 def initial_state(config: CellConfig, batch_size: int) -> CellState:
     """The state of a fresh episode for ``batch_size`` sequences."""
-    _positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size, minimum=1)
     return CellState(
         conv=jnp.zeros((batch_size, config.conv_kernel_size - 1, config.inner_dim), jnp.float32),
         memory=mlstm.initial_memory_state(batch_size, config.num_heads, config.head_dim),

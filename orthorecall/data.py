@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from orthorecall.validation import check_bool, check_int
+
 __all__ = [
     "IGNORE_INDEX",
     "VALIDATION_SEED_OFFSET",
@@ -119,13 +121,13 @@ class NoisyRecallTask:
     def __post_init__(self):
         # Stored as plain Python types: jit's static-argument cache compares by ==, so
         # vocab_size=np.int64(32) and 32 must be the same task, and 32.0 is refused.
-        vocab_size = _check_int("vocab_size", self.vocab_size, minimum=1)
+        vocab_size = check_int("vocab_size", self.vocab_size, minimum=1)
         if vocab_size > _INT32_MAX:
             raise ValueError(f"vocab_size must fit in int32, got {vocab_size}")
-        seq_len = _check_int("seq_len", self.seq_len)
-        noise_vocab_size = _check_int("noise_vocab_size", self.noise_vocab_size, minimum=0)
-        multi_query = _check_bool("multi_query", self.multi_query)
-        ignore_index = _check_int("ignore_index", self.ignore_index)
+        seq_len = check_int("seq_len", self.seq_len)
+        noise_vocab_size = check_int("noise_vocab_size", self.noise_vocab_size, minimum=0)
+        multi_query = check_bool("multi_query", self.multi_query)
+        ignore_index = check_int("ignore_index", self.ignore_index)
         frac_noise = self.frac_noise
 
         if seq_len % 2:
@@ -221,22 +223,6 @@ class NoisyRecallTask:
     def example_len(self) -> int:
         """L: length of the returned inputs / targets (one less than full_len)."""
         return self.full_len - 1
-
-
-def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    # bool is an int subclass; True as a vocab size is certainly a mistake.
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return bool(value)
 
 
 def _check_rng(rng: Any) -> np.random.Generator:
@@ -371,7 +357,7 @@ def generate_noisy_recall_example(
         multi_query=multi_query,
         ignore_index=ignore_index,
     )
-    return _draw_example(task, _check_bool("is_training", is_training), _check_rng(rng))
+    return _draw_example(task, check_bool("is_training", is_training), _check_rng(rng))
 
 
 def _draw_examples(
@@ -401,9 +387,9 @@ def generate_noisy_recall_batch(
         ValueError, TypeError, NoKeyPresentedError: as
         :func:`generate_noisy_recall_example`.
     """
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     return _draw_examples(
-        _check_task(task), _check_bool("is_training", is_training), _check_rng(rng), batch_size
+        _check_task(task), check_bool("is_training", is_training), _check_rng(rng), batch_size
     )
 
 
@@ -429,9 +415,9 @@ def reference_validation_set(
         :func:`generate_noisy_recall_example`.
     """
     task = _check_task(task)
-    seed = _check_int("seed", seed, minimum=0)
-    num_batches = _check_int("num_batches", num_batches, minimum=1)
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    num_batches = check_int("num_batches", num_batches, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     rng = np.random.default_rng(VALIDATION_SEED_OFFSET + seed)
     # Consecutive batches from one rng are just consecutive examples.
     inputs, targets = _draw_examples(task, False, rng, num_batches * batch_size)
@@ -461,8 +447,8 @@ class ReferenceTrainingStream:
         """Args: ``task``, ``seed`` (int >= 0), ``batch_size`` (int >= 1).
         Raises ValueError on invalid parameters, TypeError if ``task`` is not a task."""
         self._task = _check_task(task)
-        self._seed = _check_int("seed", seed, minimum=0)
-        self._batch_size = _check_int("batch_size", batch_size, minimum=1)
+        self._seed = check_int("seed", seed, minimum=0)
+        self._batch_size = check_int("batch_size", batch_size, minimum=1)
         self._rng = np.random.default_rng(self._seed)
         self._num_batches = 0
 
@@ -525,7 +511,7 @@ class ReferenceTrainingStream:
         if not isinstance(bit_state, dict) or bit_state.get("bit_generator") != "PCG64":
             raise ValueError("state['bit_generator_state'] must be a PCG64 bit_generator.state dict")
         stream._rng.bit_generator.state = copy.deepcopy(bit_state)
-        stream._num_batches = _check_int("num_batches", num_batches, minimum=0)
+        stream._num_batches = check_int("num_batches", num_batches, minimum=0)
         return stream
 
 
@@ -616,8 +602,8 @@ def sample_noisy_recall(
         ValueError: invalid batch size or mode. TypeError: ``task`` is not a task.
     """
     task = _check_task(task)
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
-    is_training = _check_bool("is_training", is_training)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    is_training = check_bool("is_training", is_training)
     # One compiled program serves both modes (compiling the threefry draws takes ~1 s per
     # parameter set on CPU); under an outer jit the unused targets are dead code.
     inputs, next_tokens, recall_targets = _sample_sequences(key, task=task, batch_size=batch_size)

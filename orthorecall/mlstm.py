@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from orthorecall.newton_schulz import ReadConfig
+from orthorecall.reads import ReadConfig
+from orthorecall.validation import check_int
 
 # Added to the normalizer, as in the reference.
 DENOMINATOR_EPS = 1e-6
@@ -70,8 +71,7 @@ def initial_memory_state(batch_size: int, num_heads: int, head_dim: int) -> Memo
     """The all-zero state of a fresh episode (m_0 = 0)."""
     for name, value in (("batch_size", batch_size), ("num_heads", num_heads),
                         ("head_dim", head_dim)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        check_int(name, value, minimum=1)
     return MemoryState(
         c=jnp.zeros((batch_size, num_heads, head_dim, head_dim), jnp.float32),
         n=jnp.zeros((batch_size, num_heads, head_dim), jnp.float32),
@@ -218,8 +218,7 @@ def chunkwise_sequence(
     _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
     if chunk_size is None:
         chunk_size = default_chunk_size(read)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     b, t, h, d = q.shape
     if state is None:
         state = initial_memory_state(b, h, d)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from orthorecall import cell as cell_lib
-from orthorecall.newton_schulz import ReadConfig
+from orthorecall.validation import check_int
 
 Params = dict[str, Any]
 
@@ -39,41 +39,31 @@ class ModelConfig:
 
     Attributes:
         vocab_size: V.
-        num_blocks: number of residual mLSTM blocks (reference 1).
-        embedding_dim, num_heads, proj_factor, inner_multiple,
-        conv_kernel_size, qkv_block_size, read, sequence_form, chunk_size,
-        compute_dtype: as in ``cell.CellConfig``.
+        cell: every block's mLSTM cell (widths, read, sequence form, compute dtype);
+            ``cell.num_blocks`` is the number of residual blocks (reference 1), which
+            the cell needs for its down-projection initialization.
+
+    Example::
+
+        ModelConfig(vocab_size=96, cell=CellConfig(read=NS5, chunk_size=16))
     """
 
     vocab_size: int = 80
-    num_blocks: int = 1
-    embedding_dim: int = 94
-    num_heads: int = 4
-    proj_factor: float = 2.0
-    inner_multiple: int = 64
-    conv_kernel_size: int = 4
-    qkv_block_size: int = 4
-    read: ReadConfig = ReadConfig()
-    sequence_form: str = "chunkwise"
-    chunk_size: int | None = None
-    compute_dtype: str = "float32"
+    cell: cell_lib.CellConfig = cell_lib.CellConfig()
 
     def __post_init__(self):
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) \
-                or self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {self.vocab_size!r}.")
-        self.cell  # Validates the cell fields with their own messages.
+        object.__setattr__(self, "vocab_size", check_int("vocab_size", self.vocab_size, minimum=2))
+        if not isinstance(self.cell, cell_lib.CellConfig):
+            raise ValueError(f"cell must be a cell.CellConfig, got {self.cell!r}.")
 
     @property
-    def cell(self) -> cell_lib.CellConfig:
-        return cell_lib.CellConfig(
-            embedding_dim=self.embedding_dim, num_heads=self.num_heads,
-            proj_factor=self.proj_factor, inner_multiple=self.inner_multiple,
-            conv_kernel_size=self.conv_kernel_size, qkv_block_size=self.qkv_block_size,
-            read=self.read, sequence_form=self.sequence_form, chunk_size=self.chunk_size,
-            num_blocks=self.num_blocks, compute_dtype=self.compute_dtype)
+    def num_blocks(self) -> int:
+        """Residual mLSTM blocks (``cell.num_blocks``)."""
+        return self.cell.num_blocks
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with ``changes`` applied; cell fields through ``cell=...``, e.g.
+        ``config.replace(cell=config.cell.replace(read=NS5))``."""
         return dataclasses.replace(self, **changes)
 
 
@@ -81,7 +71,7 @@ def init_params(key: jax.Array, config: ModelConfig) -> Params:
     """Reference initialization: embedding N(0, 1); norms 0 (scale 1); head
     weight and bias uniform(±1/sqrt(D)) (PyTorch Linear default); cells as in
     ``cell.init_params``."""
-    d, v = config.embedding_dim, config.vocab_size
+    d, v = config.cell.embedding_dim, config.vocab_size
     embed_key, head_w_key, head_b_key, *block_keys = jax.random.split(key, 3 + config.num_blocks)
     bound = 1.0 / math.sqrt(d)
     return {

@@ -1,6 +1,6 @@
-"""Reads of a matrix memory: raw, Newton–Schulz orthogonalized, exact polar.
+"""The Newton–Schulz iteration NS_k and the orthogonalized read qᵀ NS_k(C).
 
-The orthogonalized read of the reference (REFERENCE §3) replaces the memory C by
+The orthogonalized read of the reference (docs/specification.md) replaces the memory C by
 NS_k(C): Frobenius-normalize, then k odd-polynomial iterations that push every
 non-zero singular value toward 1 while keeping the singular vectors, i.e. toward
 the orthogonal polar factor U Vᵀ of C = U Σ Vᵀ. Zero singular values stay zero,
@@ -23,7 +23,6 @@ lose the small singular values the iteration has to lift).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from orthorecall import cpu_kernel
+from orthorecall.validation import check_int
 
 # Smallest Frobenius norm divided by, as in the reference: keeps the all-zero
 # memory (start of a sequence, after a reset) at zero with finite gradients.
@@ -47,13 +47,10 @@ _POLAR_EXPRESS_RAW = (
         (1.875, -1.25, 0.375),
 )
 _POLAR_EXPRESS_SAFETY = 1.01
-# Singular values below this fraction of the largest are treated as zero by the
-# exact polar read: sqrt(float32 eps), far above float32 rounding noise
-# (about d * eps) and far below any singular value NS_5 visibly lifts.
-POLAR_RANK_RTOL = 2.0**-11.5
-
 COEFFICIENT_SETS = ("cubic", "muon", "polar_express")
-READ_KINDS = ("raw", "newton_schulz", "polar")
+# How newton_schulz_read may run: "auto" picks the fused CPU kernel on the CPU backend
+# (when it builds) and the XLA formulation elsewhere; "xla" always runs the latter.
+IMPLEMENTATIONS = ("auto", "xla")
 
 
 def iteration_coefficients(
@@ -71,7 +68,7 @@ def iteration_coefficients(
     Raises:
         ValueError: unknown coefficient set or negative iteration count.
     """
-    _check_iterations(num_iterations)
+    num_iterations = check_int("num_iterations", num_iterations, minimum=0)
     if coefficients == "cubic":
         return ((1.5, -0.5, 0.0),) * num_iterations
     if coefficients == "muon":
@@ -87,15 +84,8 @@ def iteration_coefficients(
             f"use one of {COEFFICIENT_SETS}.")
 
 
-def _check_iterations(num_iterations: int) -> None:
-    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int):
-        raise ValueError(
-                f"num_iterations must be a Python int >= 0, got {num_iterations!r}.")
-    if num_iterations < 0:
-        raise ValueError(f"num_iterations must be >= 0, got {num_iterations}.")
-
-
-def _check_square(x: jax.Array, name: str) -> None:
+def check_square(x: jax.Array, name: str) -> None:
+    """Raises a ValueError naming ``name`` unless ``x`` is (..., d, d)."""
     if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
         raise ValueError(
                 f"{name} expects a batch of square matrices (..., d, d), got shape "
@@ -114,7 +104,7 @@ def frobenius_normalize(x: jax.Array) -> jax.Array:
     Raises:
         ValueError: if ``x`` is not a batch of square matrices.
     """
-    _check_square(x, "frobenius_normalize")
+    check_square(x, "frobenius_normalize")
     x = x.astype(jnp.float32)
     norm_sq = jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)
     # max(sqrt(s), floor) == sqrt(max(s, floor²)); taking the max before the
@@ -188,7 +178,7 @@ _iterations.defvjp(_iterations_fwd, _iterations_bwd)
 
 def newton_schulz_read(
         memory: jax.Array, query: jax.Array, num_iterations: int = 5,
-        coefficients: str = "cubic"
+        coefficients: str = "cubic", *, implementation: str = "auto"
 ) -> jax.Array:
     """qᵀ NS_k(C): the orthogonalized memory read by a query, without forming NS_k(C).
 
@@ -198,31 +188,52 @@ def newton_schulz_read(
     iterates to memory, forward or backward; on other backends, or when the
     kernel is unavailable, it is ``einsum(q, newton_schulz(C))``. Both compute
     the same function (to float32 rounding) and the same gradients.
+    :func:`read_implementation` says which one runs.
 
     Args:
         memory: (..., d, d) memories, any float dtype.
         query: (..., d) queries with the same leading shape.
         num_iterations: k >= 0.
         coefficients: one of ``COEFFICIENT_SETS``.
+        implementation: ``"auto"`` (the kernel where it applies) or ``"xla"`` (the
+            ``einsum`` formulation on every backend, e.g. to compare the two).
 
     Returns:
         float32 (..., d).
 
     Raises:
-        ValueError: mismatched shapes, unknown coefficients, negative k.
+        ValueError: mismatched shapes, unknown coefficients or implementation,
+            negative k.
     """
-    _check_square(memory, "newton_schulz_read")
+    check_square(memory, "newton_schulz_read")
     if query.shape != memory.shape[:-1]:
         raise ValueError(
                 f"newton_schulz_read expects query of shape memory.shape[:-1] = "
                 f"{memory.shape[:-1]}, got {query.shape}.")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+                f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}.")
     steps = iteration_coefficients(coefficients, num_iterations)
-    return _ns_read(memory.astype(jnp.float32), query.astype(jnp.float32), steps)
+    use_kernel = implementation == "auto" and _kernel_applies(steps, jax.default_backend())
+    return _ns_read(memory.astype(jnp.float32), query.astype(jnp.float32), steps, use_kernel)
 
 
-def _use_cpu_kernel(steps) -> bool:
+def read_implementation(
+        num_iterations: int = 5, coefficients: str = "cubic", backend: str | None = None
+) -> str:
+    """What :func:`newton_schulz_read` (``implementation="auto"``) runs on ``backend``
+    (default: JAX's default backend): ``"cpu_kernel"`` or ``"xla"``.
+
+    Raises:
+        ValueError: unknown coefficients or negative k.
+    """
+    steps = iteration_coefficients(coefficients, num_iterations)
+    return "cpu_kernel" if _kernel_applies(steps, backend or jax.default_backend()) else "xla"
+
+
+def _kernel_applies(steps, backend: str) -> bool:
     # Decided at trace time; GPU/TPU programs never build the CPU kernel.
-    return bool(steps) and jax.default_backend() == "cpu" and cpu_kernel.available()
+    return bool(steps) and backend == "cpu" and cpu_kernel.available()
 
 
 def _jax_read(memory, query, steps):
@@ -233,165 +244,32 @@ def _jax_backward(memory, query, h_bar, steps):
     return jax.vjp(functools.partial(_jax_read, steps=steps), memory, query)[1](h_bar)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _ns_read(memory, query, steps):
-    return _ns_read_fwd(memory, query, steps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ns_read(memory, query, steps, use_kernel):
+    return _ns_read_fwd(memory, query, steps, use_kernel)[0]
 
 
-def _by_backend(kernel_fn, jax_fn, steps, *operands):
-    """The kernel on the CPU backend (when built), the pure-JAX form elsewhere."""
+def _by_backend(kernel_fn, jax_fn, steps, use_kernel, *operands):
+    """The kernel in CPU programs (when asked for), the pure-JAX form elsewhere."""
     jax_fn = functools.partial(jax_fn, steps=steps)
-    if _use_cpu_kernel(steps):
+    if use_kernel:
         return jax.lax.platform_dependent(
                 *operands, cpu=functools.partial(kernel_fn, steps=steps), default=jax_fn)
     return jax_fn(*operands)
 
 
-def _ns_read_fwd(memory, query, steps):
-    h = _by_backend(cpu_kernel.ns_read_forward, _jax_read, steps, memory, query)
+def _ns_read_fwd(memory, query, steps, use_kernel):
+    h = _by_backend(cpu_kernel.ns_read_forward, _jax_read, steps, use_kernel, memory, query)
     return h, (memory, query)
 
 
-def _ns_read_bwd(steps, residuals, h_bar):
+def _ns_read_bwd(steps, use_kernel, residuals, h_bar):
     memory, query = residuals
-    return tuple(_by_backend(cpu_kernel.ns_read_backward, _jax_backward, steps,
+    return tuple(_by_backend(cpu_kernel.ns_read_backward, _jax_backward, steps, use_kernel,
                              memory, query, h_bar))
 
 
 _ns_read.defvjp(_ns_read_fwd, _ns_read_bwd)
-
-
-@jax.custom_vjp
-def _polar_factor(x: jax.Array) -> jax.Array:
-    return _polar_forward(x)[0]
-
-
-def _polar_forward(x):
-    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
-    # A memory built from fewer outer products than its width is rank
-    # deficient; its zero singular values come out of float32 arithmetic as
-    # noise around eps * σ_max. Their polar directions would be arbitrary, so
-    # anything below the relative threshold counts as zero (mapped to zero,
-    # as NS maps a zero singular value).
-    tol = jnp.max(s, axis=-1, keepdims=True) * POLAR_RANK_RTOL
-    keep = (s > tol).astype(x.dtype)
-    q = jnp.matmul(u * keep[..., None, :], vt)
-    return q, (u, s * keep, vt, keep)
-
-
-def _polar_fwd(x):
-    q, residuals = _polar_forward(x)
-    return q, residuals
-
-
-def _polar_bwd(residuals, g):
-    # For X = U Σ Vᵀ the polar factor Q = U Vᵀ has dQ = U Ω Vᵀ with
-    # Ω = (M - Mᵀ) / (σ_i + σ_j), M = Uᵀ dX V. Only sums of singular values
-    # appear, so repeated singular values are harmless; pairs whose sum is zero
-    # (the kernel of a rank-deficient memory) have no defined derivative and we
-    # give them zero, as the NS iteration does at a zero singular value.
-    u, s, vt, keep = residuals
-    v = jnp.swapaxes(vt, -1, -2)
-    m = jnp.matmul(jnp.swapaxes(u, -1, -2), jnp.matmul(g, v))
-    # Only the kept directions carry Q; the others see no cotangent.
-    both = keep[..., :, None] * keep[..., None, :]
-    denom = s[..., :, None] + s[..., None, :]
-    safe = jnp.where(both > 0, denom, 1.0)
-    omega = jnp.where(both > 0, (m - jnp.swapaxes(m, -1, -2)) / safe, 0.0)
-    return (jnp.matmul(u, jnp.matmul(omega, vt)),)
-
-
-_polar_factor.defvjp(_polar_fwd, _polar_bwd)
-
-
-def polar(x: jax.Array) -> jax.Array:
-    """The exact orthogonal polar factor U Vᵀ of X (the limit of NS_k).
-
-    Singular values below ``POLAR_RANK_RTOL * σ_max`` are treated as zero and map to zero,
-    so rank-deficient memories give a partial isometry and an all-zero memory
-    gives zero. The gradient is the analytic derivative of the polar factor
-    (finite for repeated and for zero singular values).
-
-    Args:
-        x: array (..., d, d) of any float dtype.
-
-    Returns:
-        float32 array (..., d, d).
-
-    Raises:
-        ValueError: non-square input.
-    """
-    _check_square(x, "polar")
-    return _polar_factor(x.astype(jnp.float32))
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadConfig:
-    """How the cell reads its memory. Hashable, so it can be a static jit arg.
-
-    Attributes:
-        kind: ``"raw"`` (the baseline: C itself), ``"newton_schulz"`` (NS_k(C), the
-            orthogonalized read) or ``"polar"`` (the exact polar factor of C).
-        num_iterations: k for ``"newton_schulz"`` (the reference uses 5).
-        coefficients: coefficient set for ``"newton_schulz"``.
-    """
-
-    kind: str = "raw"
-    num_iterations: int = 5
-    coefficients: str = "cubic"
-
-    def __post_init__(self):
-        if self.kind not in READ_KINDS:
-            raise ValueError(
-                    f"ReadConfig.kind={self.kind!r} is not a known read; use one of "
-                    f"{READ_KINDS}.")
-        # Validates both fields with the messages users will see.
-        iteration_coefficients(self.coefficients, self.num_iterations)
-
-    @property
-    def is_raw(self) -> bool:
-        return self.kind == "raw"
-
-    def __call__(self, memory: jax.Array) -> jax.Array:
-        """Applies the read to memories (..., d, d); raw returns them unchanged."""
-        if self.kind == "raw":
-            return memory
-        if self.kind == "polar":
-            return polar(memory)
-        return newton_schulz(memory, self.num_iterations, self.coefficients)
-
-    def retrieve(self, memory: jax.Array, query: jax.Array) -> jax.Array:
-        """qᵀ R(C) for memories (..., d, d) and queries (..., d): the vector the
-        mLSTM reads. For NS_k this never forms NS_k(C) (``newton_schulz_read``)."""
-        if self.kind == "newton_schulz":
-            return newton_schulz_read(memory, query, self.num_iterations, self.coefficients)
-        return jnp.einsum("...i,...ij->...j", query.astype(jnp.float32),
-                          self(memory).astype(jnp.float32))
-
-
-RAW = ReadConfig("raw")
-NS5 = ReadConfig("newton_schulz", 5, "cubic")
-POLAR = ReadConfig("polar")
-
-
-def read_from_name(name: str) -> ReadConfig:
-    """Parses a read name: ``raw``/``baseline``, ``nsK`` (cubic, K iterations),
-    ``nsK_muon``, ``nsK_polar_express``, ``polar``.
-
-    Raises:
-        ValueError: the name is none of these.
-    """
-    if name in ("raw", "baseline"):
-        return RAW
-    if name == "polar":
-        return POLAR
-    if name.startswith("ns"):
-        count, _, coefficients = name[2:].partition("_")
-        if count.isdigit():
-            return ReadConfig("newton_schulz", int(count), coefficients or "cubic")
-    raise ValueError(
-            f"read name {name!r} is not understood; use 'raw' (or 'baseline'), "
-            "'polar', 'nsK' (e.g. 'ns5'), 'nsK_muon' or 'nsK_polar_express'.")
 
 
 def singular_value_map(

@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 from orthorecall import torch_format
+from orthorecall.cell import CellConfig
 from orthorecall.model import ModelConfig, Params
-from orthorecall.newton_schulz import ReadConfig, read_from_name
+from orthorecall.reads import ReadConfig, read_from_name
 
 # cfg["variant"] values the reference uses, and how we read them.
 _VARIANT_READS = {"baseline": "raw", "ns5": "ns5"}
@@ -42,7 +43,7 @@ class ReferenceCheckpoint:
 
 def read_for_variant(variant: str) -> ReadConfig:
     """The read of a reference variant name ("baseline", "ns5", or any name
-    ``newton_schulz.read_from_name`` understands)."""
+    ``reads.read_from_name`` understands)."""
     try:
         return read_from_name(_VARIANT_READS.get(variant, variant))
     except ValueError:
@@ -149,25 +150,25 @@ _REFERENCE_NAMES = (
 )
 
 
-def _model_config(dims: dict, read: ReadConfig, **overrides) -> ModelConfig:
+def _model_config(dims: dict, read: ReadConfig, **cell_overrides) -> ModelConfig:
     # proj_factor 2 with rounding to 64 gives the reference inner width; when a
     # checkpoint's width disagrees, the inner width is taken as it is.
-    config = ModelConfig(
-        vocab_size=dims["vocab_size"], embedding_dim=dims["embedding_dim"],
-        num_heads=dims["num_heads"], conv_kernel_size=dims["conv_kernel_size"],
-        qkv_block_size=dims["qkv_block_size"], read=read, **overrides)
-    if config.cell.inner_dim != dims["inner_dim"]:
-        config = config.replace(proj_factor=dims["inner_dim"] / dims["embedding_dim"],
-                                inner_multiple=1)
-    return config
+    cell = CellConfig(
+        embedding_dim=dims["embedding_dim"], num_heads=dims["num_heads"],
+        conv_kernel_size=dims["conv_kernel_size"], qkv_block_size=dims["qkv_block_size"],
+        read=read, **cell_overrides)
+    if cell.inner_dim != dims["inner_dim"]:
+        cell = cell.replace(proj_factor=dims["inner_dim"] / dims["embedding_dim"],
+                            inner_multiple=1)
+    return ModelConfig(vocab_size=dims["vocab_size"], cell=cell)
 
 
-def load_reference_checkpoint(path: str | os.PathLike, **config_overrides) -> ReferenceCheckpoint:
+def load_reference_checkpoint(path: str | os.PathLike, **cell_overrides) -> ReferenceCheckpoint:
     """Loads a reference ``.pt`` checkpoint into our parameters.
 
     Args:
         path: a ``torch.save`` file of ``{"state_dict": ..., "cfg": ...}``.
-        **config_overrides: ``ModelConfig`` fields to set (e.g. ``chunk_size``,
+        **cell_overrides: ``CellConfig`` fields to set (e.g. ``chunk_size``,
             ``sequence_form``); the read comes from ``cfg["variant"]``.
 
     Returns:
@@ -188,7 +189,7 @@ def load_reference_checkpoint(path: str | os.PathLike, **config_overrides) -> Re
     if "variant" not in cfg:
         raise ValueError(f"{os.fspath(path)}: cfg has no 'variant' (baseline or ns5).")
     params, dims = params_from_state_dict(obj["state_dict"])
-    config = _model_config(dims, read_for_variant(cfg["variant"]), **config_overrides)
+    config = _model_config(dims, read_for_variant(cfg["variant"]), **cell_overrides)
     return ReferenceCheckpoint(params=params, config=config, cfg=cfg)
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from orthorecall import cell as cell_lib
-from orthorecall import newton_schulz as ns
+from orthorecall import reads
 from orthorecall.flax_modules import MLSTMCell
 
 CONFIG = cell_lib.CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8,
-                             read=ns.NS5)
+                             read=reads.NS5)
 B, T = 3, 21
 
 

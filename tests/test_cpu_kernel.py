@@ -14,6 +14,7 @@ import pytest
 
 from orthorecall import cpu_kernel
 from orthorecall import newton_schulz as ns
+from orthorecall import reads
 from tests import numpy_reference as ref
 
 pytestmark = pytest.mark.skipif(
@@ -39,6 +40,15 @@ def _numpy_read_and_vjp(c, q, h_bar, steps, eps=1e-6):
         c_bar[index] = (loss(c + step) - loss(c - step)) / (2 * eps)
     q_bar = ref.newton_schulz(c, steps) @ h_bar
     return h, c_bar, q_bar
+
+
+def _xla_read(c, q):
+    """The pure-JAX formulation of the NS5 read, the kernel's reference in JAX."""
+    return ns.newton_schulz_read(c, q, 5, implementation="xla")
+
+
+def _xla_backward(c, q, h_bar):
+    return jax.vjp(_xla_read, c, q)[1](h_bar)
 
 
 def test_kernel_builds_and_is_used_on_cpu():
@@ -75,10 +85,10 @@ def test_agrees_with_pure_jax_read_on_a_large_batch():
     c, q, h_bar = c.reshape(4, 3, 40, 48, 48), q.reshape(4, 3, 40, 48), h_bar.reshape(4, 3, 40, 48)
     steps = ns.iteration_coefficients("cubic", 5)
     kernel = jax.jit(lambda c, q: cpu_kernel.ns_read_forward(c, q, steps))(c, q)
-    pure = jax.jit(lambda c, q: ns._jax_read(c, q, steps))(c, q)
+    pure = jax.jit(_xla_read)(c, q)
     np.testing.assert_allclose(kernel, pure, atol=1e-5, rtol=1e-5)
     kernel_bar = jax.jit(lambda *a: cpu_kernel.ns_read_backward(*a, steps))(c, q, h_bar)
-    pure_bar = jax.jit(lambda *a: ns._jax_backward(*a, steps))(c, q, h_bar)
+    pure_bar = jax.jit(_xla_backward)(c, q, h_bar)
     for got, want in zip(kernel_bar, pure_bar):
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-4)
 
@@ -92,7 +102,7 @@ def test_zero_memory_reads_zero_with_the_floor_gradient():
     steps = ns.iteration_coefficients("cubic", 5)
     assert not np.any(np.asarray(cpu_kernel.ns_read_forward(c, q, steps)))
     got = cpu_kernel.ns_read_backward(c, q, h_bar, steps)
-    want = ns._jax_backward(c, q, h_bar, steps)
+    want = _xla_backward(c, q, h_bar)
     for g, w in zip(got, want):
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, w, rtol=1e-6)
@@ -101,11 +111,10 @@ def test_zero_memory_reads_zero_with_the_floor_gradient():
 def test_vmap_and_grad_through_the_public_read():
     c, q, _ = _inputs(2, 6, 12)
     c, q = c.reshape(2, 3, 12, 12), q.reshape(2, 3, 12)
-    read = ns.read_from_name("ns5")
+    read = reads.read_from_name("ns5")
     loss = lambda c, q: jnp.sum(jnp.sin(read.retrieve(c, q)))
     value, grads = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1))))(c, q)
-    steps = ns.iteration_coefficients("cubic", 5)
-    pure = lambda c, q: jnp.sum(jnp.sin(ns._jax_read(c, q, steps)))
+    pure = lambda c, q: jnp.sum(jnp.sin(_xla_read(c, q)))
     want_value, want_grads = jax.vmap(jax.value_and_grad(pure, argnums=(0, 1)))(c, q)
     np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, want_grads):
@@ -114,7 +123,7 @@ def test_vmap_and_grad_through_the_public_read():
 
 def test_disabled_or_unbuildable_kernel_falls_back_to_pure_jax(monkeypatch):
     c, q, _ = _inputs(3, 2, 8)
-    want = np.asarray(ns._jax_read(c, q, ns.iteration_coefficients("cubic", 5)))
+    want = np.asarray(_xla_read(c, q))
     try:
         cpu_kernel.available.cache_clear()
         monkeypatch.setenv("ORTHORECALL_CPU_KERNEL", "0")
@@ -176,8 +185,7 @@ assert "orthorecall_ns_read_backward" in compiled
 assert "all-gather" not in compiled, "the read was gathered onto every device"
 value, (c_bar, q_bar) = step(c, q)
 assert c_bar.sharding.spec[0] == "seed", c_bar.sharding
-steps = ns.iteration_coefficients("cubic", 5)
-pure = lambda c, q: jnp.sum(jnp.sin(ns._jax_read(c, q, steps)))
+pure = lambda c, q: jnp.sum(jnp.sin(ns.newton_schulz_read(c, q, implementation="xla")))
 want_value, (want_c, want_q) = jax.vmap(jax.value_and_grad(pure, argnums=(0, 1)))(
     np.asarray(c), np.asarray(q))
 np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 
 from orthorecall import mlstm
 from orthorecall import newton_schulz as ns
+from orthorecall import reads
 from tests import numpy_reference as ref
 
 B, T, H, D = 2, 29, 2, 6
@@ -43,7 +44,7 @@ def _run(form, read, q, k, v, igate, fgate, reset, chunk_size=None, state=None):
                                     chunk_size=chunk_size)
 
 
-READS = [ns.RAW, ns.NS5, ns.ReadConfig("newton_schulz", 3, "polar_express")]
+READS = [reads.RAW, reads.NS5, reads.ReadConfig("newton_schulz", 3, "polar_express")]
 
 
 @pytest.mark.parametrize("read", READS, ids=lambda r: f"{r.kind}{r.num_iterations}{r.coefficients}")
@@ -64,12 +65,12 @@ def test_forms_match_float64_recurrence(read, form, chunk_size):
 def test_default_chunk_size_by_read_and_backend():
     # The CPU choice is measured (see default_chunk_size); T = 29 above makes
     # the default chunk of a non-raw read pad its tail.
-    assert mlstm.default_chunk_size(ns.NS5, "cpu") == 16
-    assert mlstm.default_chunk_size(ns.POLAR, "cpu") == 16
-    assert mlstm.default_chunk_size(ns.RAW, "cpu") == 64
-    assert mlstm.default_chunk_size(ns.NS5, "gpu") == 64
-    assert mlstm.default_chunk_size(ns.NS5) == mlstm.default_chunk_size(
-        ns.NS5, jax.default_backend())
+    assert mlstm.default_chunk_size(reads.NS5, "cpu") == 16
+    assert mlstm.default_chunk_size(reads.POLAR, "cpu") == 16
+    assert mlstm.default_chunk_size(reads.RAW, "cpu") == 64
+    assert mlstm.default_chunk_size(reads.NS5, "gpu") == 64
+    assert mlstm.default_chunk_size(reads.NS5) == mlstm.default_chunk_size(
+        reads.NS5, jax.default_backend())
 
 
 def test_polar_read_matches_float64_recurrence():
@@ -78,16 +79,16 @@ def test_polar_read_matches_float64_recurrence():
     q, k, v, igate, fgate, reset = _inputs(1, with_reset=False)
     want, _ = ref.mlstm_recurrence(q, k, v, igate, fgate, ref.polar)
     for form, chunk in (("recurrent", None), ("chunkwise", 8)):
-        got, _ = _run(form, ns.POLAR, q, k, v, igate, fgate, None, chunk)
+        got, _ = _run(form, reads.POLAR, q, k, v, igate, fgate, None, chunk)
         np.testing.assert_allclose(np.asarray(got), want, atol=2e-3, rtol=2e-3)
 
 
 def test_initial_state_and_splitting_a_sequence():
     q, k, v, igate, fgate, reset = _inputs(2)
-    whole, final = _run("chunkwise", ns.NS5, q, k, v, igate, fgate, reset, 8)
+    whole, final = _run("chunkwise", reads.NS5, q, k, v, igate, fgate, reset, 8)
     cut = 13
-    first, mid = _run("chunkwise", ns.NS5, *(a[:, :cut] for a in (q, k, v, igate, fgate, reset)), 8)
-    second, final2 = _run("recurrent", ns.NS5, *(a[:, cut:] for a in (q, k, v, igate, fgate, reset)),
+    first, mid = _run("chunkwise", reads.NS5, *(a[:, :cut] for a in (q, k, v, igate, fgate, reset)), 8)
+    second, final2 = _run("recurrent", reads.NS5, *(a[:, cut:] for a in (q, k, v, igate, fgate, reset)),
                           state=mid)
     np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(final2.c), np.asarray(final.c), atol=1e-5)
@@ -97,22 +98,22 @@ def test_reset_equals_fresh_start():
     q, k, v, igate, fgate, _ = _inputs(3, with_reset=False)
     reset = np.zeros((B, T), bool)
     reset[:, 11] = True
-    with_reset, _ = _run("chunkwise", ns.NS5, q, k, v, igate, fgate, reset, 8)
-    fresh, _ = _run("chunkwise", ns.NS5, *(a[:, 11:] for a in (q, k, v, igate, fgate)), None, 8)
+    with_reset, _ = _run("chunkwise", reads.NS5, q, k, v, igate, fgate, reset, 8)
+    fresh, _ = _run("chunkwise", reads.NS5, *(a[:, 11:] for a in (q, k, v, igate, fgate)), None, 8)
     np.testing.assert_allclose(np.asarray(with_reset)[:, 11:], np.asarray(fresh), atol=1e-5, rtol=1e-4)
 
 
 def test_memory_step_is_one_recurrent_step():
     q, k, v, igate, fgate, reset = _inputs(4)
-    seq, _ = _run("recurrent", ns.NS5, q, k, v, igate, fgate, reset)
+    seq, _ = _run("recurrent", reads.NS5, q, k, v, igate, fgate, reset)
     state = mlstm.initial_memory_state(B, H, D)
     for t in range(4):
         h, state = mlstm.memory_step(state, q[:, t], k[:, t], v[:, t], igate[:, t], fgate[:, t],
-                                     jnp.asarray(reset[:, t]), ns.NS5)
+                                     jnp.asarray(reset[:, t]), reads.NS5)
         np.testing.assert_allclose(np.asarray(h), np.asarray(seq[:, t]), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("read", [ns.RAW, ns.NS5], ids=["raw", "ns5"])
+@pytest.mark.parametrize("read", [reads.RAW, reads.NS5], ids=["raw", "ns5"])
 def test_gradients_agree_between_forms(read):
     q, k, v, igate, fgate, reset = _inputs(5)
     weight = jnp.asarray(np.random.default_rng(9).standard_normal((B, T, H, D)), jnp.float32)
@@ -136,12 +137,12 @@ def test_gradients_agree_between_forms(read):
 def test_gradient_matches_float64_finite_differences():
     q, k, v, igate, fgate, reset = _inputs(6)
     weight = np.random.default_rng(10).standard_normal((B, T, H, D))
-    read64 = _numpy_read(ns.NS5)
+    read64 = _numpy_read(reads.NS5)
 
     def f64(ig):
         return np.sum(ref.mlstm_recurrence(q, k, v, ig, fgate, read64, reset)[0] * weight)
 
-    grad = jax.grad(lambda ig: jnp.sum(_run("chunkwise", ns.NS5, q, k, v, ig, fgate, reset, 8)[0]
+    grad = jax.grad(lambda ig: jnp.sum(_run("chunkwise", reads.NS5, q, k, v, ig, fgate, reset, 8)[0]
                                        * weight))(jnp.asarray(igate))
     direction = np.random.default_rng(11).standard_normal(igate.shape)
     eps = 1e-5
@@ -155,7 +156,7 @@ def test_zero_state_start_has_finite_gradients():
     q, k, v, igate, fgate, _ = _inputs(7, with_reset=False)
     igate = igate.copy()
     igate[:, 0] = -80.0
-    grads = jax.grad(lambda ig: jnp.sum(_run("chunkwise", ns.NS5, q, k, v, ig, fgate, None, 8)[0]))(
+    grads = jax.grad(lambda ig: jnp.sum(_run("chunkwise", reads.NS5, q, k, v, ig, fgate, None, 8)[0]))(
         jnp.asarray(igate))
     assert np.all(np.isfinite(np.asarray(grads)))
 
@@ -163,8 +164,8 @@ def test_zero_state_start_has_finite_gradients():
 def test_shape_errors():
     q, k, v, igate, fgate, _ = _inputs(8)
     with pytest.raises(ValueError, match="input_gate"):
-        mlstm.chunkwise_sequence(q, k, v, igate[:, :-1], fgate, read=ns.RAW)
+        mlstm.chunkwise_sequence(q, k, v, igate[:, :-1], fgate, read=reads.RAW)
     with pytest.raises(ValueError, match="reset"):
-        mlstm.recurrent_sequence(q, k, v, igate, fgate, read=ns.RAW, reset=jnp.zeros((B,), bool))
+        mlstm.recurrent_sequence(q, k, v, igate, fgate, read=reads.RAW, reset=jnp.zeros((B,), bool))
     with pytest.raises(ValueError, match="chunk_size"):
-        mlstm.chunkwise_sequence(q, k, v, igate, fgate, read=ns.RAW, chunk_size=0)
+        mlstm.chunkwise_sequence(q, k, v, igate, fgate, read=reads.RAW, chunk_size=0)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from orthorecall import model as model_lib
-from orthorecall import newton_schulz as ns
+from orthorecall import reads
+from orthorecall.cell import CellConfig
 
 
 def test_reference_size_and_layout():
@@ -42,7 +43,7 @@ def _tokens(seed, batch=2, length=19, vocab=80):
 
 
 def test_parameters_stack_over_seeds_with_vmap():
-    config = model_lib.ModelConfig(read=ns.NS5, chunk_size=8)
+    config = model_lib.ModelConfig(cell=CellConfig(read=reads.NS5, chunk_size=8))
     keys = jax.random.split(jax.random.PRNGKey(2), 3)
     stacked = jax.vmap(lambda k: model_lib.init_params(k, config))(keys)
     tokens = _tokens(3)
@@ -54,7 +55,8 @@ def test_parameters_stack_over_seeds_with_vmap():
 
 @pytest.mark.parametrize("num_blocks", [1, 2])
 def test_step_matches_apply_with_resets(num_blocks):
-    config = model_lib.ModelConfig(read=ns.NS5, chunk_size=8, num_blocks=num_blocks)
+    config = model_lib.ModelConfig(
+        cell=CellConfig(read=reads.NS5, chunk_size=8, num_blocks=num_blocks))
     params = model_lib.init_params(jax.random.PRNGKey(4), config)
     tokens = _tokens(5)
     reset = np.zeros(tokens.shape, bool)
@@ -71,7 +73,11 @@ def test_validation_messages():
     with pytest.raises(ValueError, match="vocab_size"):
         model_lib.ModelConfig(vocab_size=1)
     with pytest.raises(ValueError, match="chunk_size"):
-        model_lib.ModelConfig(chunk_size=0)
+        model_lib.ModelConfig(cell=CellConfig(chunk_size=0))
+    with pytest.raises(ValueError, match="cell must be a cell.CellConfig"):
+        model_lib.ModelConfig(cell={"embedding_dim": 16})
+    with pytest.raises(ValueError, match="vocab_size must be an integer"):
+        model_lib.ModelConfig(vocab_size=80.0)
     config = model_lib.ModelConfig()
     params = model_lib.init_params(jax.random.PRNGKey(0), config)
     with pytest.raises(ValueError, match="integer"):

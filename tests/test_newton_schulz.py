@@ -1,4 +1,5 @@
-"""The reads against float64 numpy, their limits and their gradients."""
+"""The Newton–Schulz iteration and read against float64 numpy, their limits and their
+gradients, and the read's implementations."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from orthorecall import newton_schulz as ns
+from orthorecall import reads
 from tests import numpy_reference as ref
 
 
@@ -51,72 +53,8 @@ def test_singular_values_converge_to_one_as_k_grows():
     assert all(a >= b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-4
     # And the limit is the polar factor.
-    np.testing.assert_allclose(np.asarray(ns.newton_schulz(x, 60)), np.asarray(ns.polar(x)),
+    np.testing.assert_allclose(np.asarray(ns.newton_schulz(x, 60)), np.asarray(reads.polar(x)),
                                atol=1e-4)
-
-
-def test_polar_matches_numpy_and_handles_rank_deficiency():
-    rng = np.random.default_rng(4)
-    full = rng.standard_normal((3, 10, 10)).astype(np.float32)
-    low = (rng.standard_normal((3, 10, 3)) @ rng.standard_normal((3, 3, 10))).astype(np.float32)
-    for x in (full, low):
-        got = np.asarray(ns.polar(jnp.asarray(x)))
-        want = np.stack([ref.polar(m) for m in x])
-        np.testing.assert_allclose(got, want, atol=1e-4)
-    s = np.linalg.svd(np.asarray(ns.polar(jnp.asarray(low)), np.float64), compute_uv=False)
-    np.testing.assert_allclose(s[:, :3], 1.0, atol=1e-5)
-    np.testing.assert_allclose(s[:, 3:], 0.0, atol=1e-5)
-
-
-@pytest.mark.parametrize("read", [ns.ReadConfig("newton_schulz", 5), ns.ReadConfig("newton_schulz", 0),
-                                  ns.ReadConfig("newton_schulz", 5, "muon"), ns.POLAR])
-def test_zero_memory_has_finite_value_and_gradient(read):
-    zero = jnp.zeros((2, 8, 8))
-    value = read(zero)
-    assert np.all(np.asarray(value) == 0.0)
-    probe = jnp.asarray(_matrices(5, count=2, d=8))
-    grad = jax.grad(lambda c: jnp.sum(read(c) * probe))(zero)
-    assert np.all(np.isfinite(np.asarray(grad)))
-
-
-def test_float32_arithmetic_for_bfloat16_inputs():
-    x = jnp.asarray(_matrices(6)).astype(jnp.bfloat16)
-    for read in (ns.NS5, ns.POLAR):
-        out = read(x)
-        assert out.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(out), np.asarray(read(x.astype(jnp.float32))),
-                                   atol=1e-6)
-
-
-def _directional_fd(f64, x, direction, eps=1e-6):
-    return (f64(x + eps * direction) - f64(x - eps * direction)) / (2 * eps)
-
-
-@pytest.mark.parametrize("name", ["ns5", "ns3_muon", "ns5_polar_express", "ns0", "polar"])
-def test_gradients_match_finite_differences(name):
-    read = ns.read_from_name(name)
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((10, 10))
-    weight = rng.standard_normal((10, 10))
-    if read.kind == "polar":
-        f64 = lambda m: np.sum(ref.polar(m) * weight)
-    else:
-        steps = ns.iteration_coefficients(read.coefficients, read.num_iterations)
-        f64 = lambda m: np.sum(ref.newton_schulz(m, steps) * weight)
-    grad = np.asarray(jax.grad(lambda m: jnp.sum(read(m) * weight))(jnp.asarray(x, jnp.float32)),
-                      np.float64)
-    for trial in range(3):
-        direction = rng.standard_normal((10, 10))
-        want = _directional_fd(f64, x, direction)
-        got = np.sum(grad * direction)
-        assert abs(got - want) <= 1e-3 * max(1.0, abs(want)), (trial, got, want)
-
-
-def test_polar_gradient_finite_for_rank_deficient_memory():
-    rng = np.random.default_rng(8)
-    low = jnp.asarray((rng.standard_normal((12, 2)) @ rng.standard_normal((2, 12))), jnp.float32)
-    grad = jax.grad(lambda c: jnp.sum(ns.polar(c) * jnp.arange(144.0).reshape(12, 12)))(low)
-    assert np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_muon_does_not_converge_but_stays_near_one():
@@ -126,17 +64,25 @@ def test_muon_does_not_converge_but_stays_near_one():
     assert np.max(np.abs(mapped - 1.0)) > 0.1  # not the polar limit
 
 
-def test_read_names_and_validation():
-    assert ns.read_from_name("baseline") == ns.RAW
-    assert ns.read_from_name("ns5") == ns.NS5
-    assert ns.read_from_name("ns7_muon") == ns.ReadConfig("newton_schulz", 7, "muon")
-    with pytest.raises(ValueError, match="read name"):
-        ns.read_from_name("ns_five")
-    with pytest.raises(ValueError, match="coefficients"):
-        ns.ReadConfig("newton_schulz", 5, "quartic")
-    with pytest.raises(ValueError, match="num_iterations"):
-        ns.ReadConfig("newton_schulz", -1)
-    with pytest.raises(ValueError, match="kind"):
-        ns.ReadConfig("orthogonal")
-    with pytest.raises(ValueError, match="square"):
-        ns.newton_schulz(jnp.zeros((3, 4)))
+def test_xla_implementation_equals_the_default_one():
+    # On the CPU backend "auto" is the fused kernel (when it builds): both must agree.
+    c = jnp.asarray(_matrices(9, count=5, d=12))
+    q = jnp.asarray(np.random.default_rng(9).standard_normal((5, 12)), jnp.float32)
+    auto = ns.newton_schulz_read(c, q, 5)
+    xla = ns.newton_schulz_read(c, q, 5, implementation="xla")
+    np.testing.assert_allclose(np.asarray(auto), np.asarray(xla), atol=2e-5, rtol=1e-4)
+    want = np.einsum("bi,bij->bj", np.asarray(q), np.asarray(ns.newton_schulz(c, 5)))
+    np.testing.assert_allclose(np.asarray(xla), want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="implementation='cuda' is not known"):
+        ns.newton_schulz_read(c, q, 5, implementation="cuda")
+
+
+def test_read_implementation_by_backend():
+    # Accelerators never run the CPU kernel; zero iterations have nothing to fuse.
+    assert ns.read_implementation(5, "cubic", backend="gpu") == "xla"
+    assert ns.read_implementation(5, "cubic", backend="tpu") == "xla"
+    assert ns.read_implementation(0, "cubic", backend="cpu") == "xla"
+    from orthorecall import cpu_kernel
+
+    expected = "cpu_kernel" if cpu_kernel.available() else "xla"
+    assert ns.read_implementation(5, "cubic", backend="cpu") == expected

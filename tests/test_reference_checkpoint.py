@@ -11,7 +11,8 @@ import pytest
 
 from experiments.evaluate_reference import evaluate_checkpoint
 from orthorecall import model as model_lib
-from orthorecall import newton_schulz as ns
+from orthorecall.cell import CellConfig
+from orthorecall import reads
 from orthorecall import reference_checkpoint as rc
 from orthorecall import torch_format
 from tests.conftest import REFERENCE_CHECKPOINTS, REPO_ROOT
@@ -42,8 +43,8 @@ def test_reproduces_recorded_validation_accuracy_and_loss(variant):
 def test_import_maps_variant_to_read_and_shapes():
     baseline = rc.load_reference_checkpoint(_path("baseline"))
     ns5 = rc.load_reference_checkpoint(_path("ns5"))
-    assert baseline.config.read == ns.RAW and ns5.config.read == ns.NS5
-    assert baseline.config == model_lib.ModelConfig(read=ns.RAW)
+    assert baseline.config.cell.read == reads.RAW and ns5.config.cell.read == reads.NS5
+    assert baseline.config == model_lib.ModelConfig(cell=CellConfig(read=reads.RAW))
     assert ns5.cfg["seed"] == 11 and ns5.cfg["vocab_size"] == 80
     template = model_lib.init_params(jax.random.PRNGKey(0), ns5.config)
     shapes = jax.tree_util.tree_map(np.shape, template)
@@ -94,7 +95,7 @@ def test_foreign_and_inconsistent_files_are_refused(tmp_path):
     torch_format.save_torch_checkpoint(tmp_path / "odd.pt", odd)
     with pytest.raises(ValueError, match="variant 'transformer'"):
         rc.load_reference_checkpoint(tmp_path / "odd.pt")
-    two_blocks = model_lib.init_params(jax.random.PRNGKey(0), model_lib.ModelConfig(num_blocks=2))
+    two_blocks = model_lib.init_params(jax.random.PRNGKey(0), model_lib.ModelConfig(cell=CellConfig(num_blocks=2)))
     with pytest.raises(ValueError, match="one block"):
         rc.save_reference_checkpoint(tmp_path / "two.pt", two_blocks, {"variant": "ns5"})
 

@@ -1,0 +1,113 @@
+"""The reads (raw, NS_k, exact polar) as the cell uses them: against float64 numpy,
+their gradients, zero memories, names and validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orthorecall import newton_schulz as ns
+from orthorecall import reads
+from tests import numpy_reference as ref
+
+
+def _matrices(seed, count=6, d=12, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (scale * rng.standard_normal((count, d, d))).astype(np.float32)
+
+
+def test_polar_matches_numpy_and_handles_rank_deficiency():
+    rng = np.random.default_rng(4)
+    full = rng.standard_normal((3, 10, 10)).astype(np.float32)
+    low = (rng.standard_normal((3, 10, 3)) @ rng.standard_normal((3, 3, 10))).astype(np.float32)
+    for x in (full, low):
+        got = np.asarray(reads.polar(jnp.asarray(x)))
+        want = np.stack([ref.polar(m) for m in x])
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    s = np.linalg.svd(np.asarray(reads.polar(jnp.asarray(low)), np.float64), compute_uv=False)
+    np.testing.assert_allclose(s[:, :3], 1.0, atol=1e-5)
+    np.testing.assert_allclose(s[:, 3:], 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("read", [reads.ReadConfig("newton_schulz", 5), reads.ReadConfig("newton_schulz", 0),
+                                  reads.ReadConfig("newton_schulz", 5, "muon"), reads.POLAR])
+def test_zero_memory_has_finite_value_and_gradient(read):
+    zero = jnp.zeros((2, 8, 8))
+    value = read(zero)
+    assert np.all(np.asarray(value) == 0.0)
+    probe = jnp.asarray(_matrices(5, count=2, d=8))
+    grad = jax.grad(lambda c: jnp.sum(read(c) * probe))(zero)
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_float32_arithmetic_for_bfloat16_inputs():
+    x = jnp.asarray(_matrices(6)).astype(jnp.bfloat16)
+    for read in (reads.NS5, reads.POLAR):
+        out = read(x)
+        assert out.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(out), np.asarray(read(x.astype(jnp.float32))),
+                                   atol=1e-6)
+
+
+def _directional_fd(f64, x, direction, eps=1e-6):
+    return (f64(x + eps * direction) - f64(x - eps * direction)) / (2 * eps)
+
+
+@pytest.mark.parametrize("name", ["ns5", "ns3_muon", "ns5_polar_express", "ns0", "polar"])
+def test_gradients_match_finite_differences(name):
+    read = reads.read_from_name(name)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((10, 10))
+    weight = rng.standard_normal((10, 10))
+    if read.kind == "polar":
+        f64 = lambda m: np.sum(ref.polar(m) * weight)
+    else:
+        steps = ns.iteration_coefficients(read.coefficients, read.num_iterations)
+        f64 = lambda m: np.sum(ref.newton_schulz(m, steps) * weight)
+    grad = np.asarray(jax.grad(lambda m: jnp.sum(read(m) * weight))(jnp.asarray(x, jnp.float32)),
+                      np.float64)
+    for trial in range(3):
+        direction = rng.standard_normal((10, 10))
+        want = _directional_fd(f64, x, direction)
+        got = np.sum(grad * direction)
+        assert abs(got - want) <= 1e-3 * max(1.0, abs(want)), (trial, got, want)
+
+
+def test_polar_gradient_finite_for_rank_deficient_memory():
+    rng = np.random.default_rng(8)
+    low = jnp.asarray((rng.standard_normal((12, 2)) @ rng.standard_normal((2, 12))), jnp.float32)
+    grad = jax.grad(lambda c: jnp.sum(reads.polar(c) * jnp.arange(144.0).reshape(12, 12)))(low)
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_read_names_and_validation():
+    assert reads.read_from_name("baseline") == reads.RAW
+    assert reads.read_from_name("ns5") == reads.NS5
+    assert reads.read_from_name("ns7_muon") == reads.ReadConfig("newton_schulz", 7, "muon")
+    with pytest.raises(ValueError, match="read name"):
+        reads.read_from_name("ns_five")
+    with pytest.raises(ValueError, match="coefficients"):
+        reads.ReadConfig("newton_schulz", 5, "quartic")
+    with pytest.raises(ValueError, match="num_iterations"):
+        reads.ReadConfig("newton_schulz", -1)
+    with pytest.raises(ValueError, match="kind"):
+        reads.ReadConfig("orthogonal")
+    with pytest.raises(ValueError, match="square"):
+        ns.newton_schulz(jnp.zeros((3, 4)))
+
+
+def test_read_configs_are_canonical_and_report_their_implementation():
+    assert reads.ReadConfig("newton_schulz", np.int64(5)) == reads.NS5
+    assert hash(reads.ReadConfig("newton_schulz", np.int64(5))) == hash(reads.NS5)
+    assert reads.RAW.implementation() == reads.POLAR.implementation() == "xla"
+    assert reads.NS5.implementation(backend="gpu") == "xla"
+    assert reads.NS5.implementation(backend="cpu") == ns.read_implementation(5, "cubic", "cpu")
+
+
+@pytest.mark.parametrize("read", [reads.RAW, reads.NS5, reads.POLAR,
+                                  reads.ReadConfig("newton_schulz", 3, "polar_express")])
+def test_retrieve_is_the_query_times_the_read(read):
+    c = jnp.asarray(_matrices(10, count=4, d=8))
+    q = jnp.asarray(np.random.default_rng(10).standard_normal((4, 8)), jnp.float32)
+    want = np.einsum("bi,bij->bj", np.asarray(q, np.float64), np.asarray(read(c), np.float64))
+    np.testing.assert_allclose(np.asarray(read.retrieve(c, q)), want, atol=2e-5, rtol=1e-4)
