@@ -1,4 +1,5 @@
-"""What several test modules share: the fixture files and the tiny study.
+"""What several test modules share: the fixture files, the tiny study, and the report
+tests' synthetic study (``report_study``).
 
 Test modules import these names (``from tests.conftest import TINY``); pytest has
 already imported this module as ``tests.conftest``, so it is the same module object.
@@ -7,6 +8,8 @@ already imported this module as ``tests.conftest``, so it is the same module obj
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Shipped with the repository (tests/fixtures/*/NOTICE says where each comes from): a
@@ -36,3 +39,12 @@ TINY_TASK = {name.split(".", 1)[1]: value for name, value in TINY.items()
 def with_overrides(**overrides) -> dict:
     """TINY with overrides given as ``train__steps=5`` for ``train.steps``."""
     return {**TINY, **{name.replace("__", "."): value for name, value in overrides.items()}}
+
+
+@pytest.fixture(scope="session")
+def report_study(tmp_path_factory):
+    """The synthetic raw/ns5 study of tests/report_fixtures.py with its report built, once
+    for every report test module: ``(workdir, results)``. Tests only read it."""
+    from tests import report_fixtures  # imports experiments.report, for its tests only
+
+    return report_fixtures.build_study(tmp_path_factory.mktemp("study"))
