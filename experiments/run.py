@@ -1,13 +1,18 @@
 """Train and compare reads over many seeds: the study's main command.
 
     python -m experiments.run --config=configs/noisy_ar.py[:PRESET] [--workdir=DIR]
-        [--config.train.steps=500 ...]
+        [--config.train.steps=500 ...] [--notensorboard] [--verbosity=0]
 
-``configs/...`` resolves relative to the current directory first, then to
-this package (``experiments/configs/``), so the command works from the
-repository root. Re-running the same command on the same workdir resumes from
-its newest complete checkpoint; a workdir of a different configuration is
-refused. Ctrl-C (or SIGTERM) stops after writing a checkpoint.
+``configs/...`` resolves relative to the current directory first, then to this
+package (``experiments/configs/``), so the command works from the repository root.
+Every ``--config.FIELD=VALUE`` override must name a field of the configuration.
+Re-running the same command on the same workdir resumes from its newest complete
+checkpoint; a workdir of a different configuration is refused. Ctrl-C (or SIGTERM)
+stops after writing a checkpoint.
+
+Progress is a bar on a terminal and plain status lines otherwise; training curves also
+go to TensorBoard (``tensorboard --logdir DIR/tensorboard``). Library logging (Orbax,
+JAX) is shown from WARNING up; ``--verbosity=0`` shows its INFO messages too.
 """
 
 from __future__ import annotations
@@ -15,46 +20,132 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+from collections.abc import Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-_HERE = pathlib.Path(__file__).resolve().parent
+_CONFIGS_HOME = pathlib.Path(__file__).resolve().parent
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Configuration file, optionally with ':PRESET'.", lock_config=True)
+    "config", None, "Configuration file, optionally with ':PRESET' "
+    "(configs/noisy_ar.py resolves to experiments/configs/noisy_ar.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder (default: workdirs/<config.name>).")
+_TENSORBOARD = flags.DEFINE_bool(
+    "tensorboard", True, "Write TensorBoard event files under <workdir>/tensorboard.")
 
 
-def resolve_config_argument(argv: list[str]) -> list[str]:
-    """Rewrites ``--config=configs/x.py[:preset]`` to this package's configs
-    folder when the path does not exist relative to the current directory."""
-    out = []
+class UsageError(Exception):
+    """The command line cannot run; the message says what to change."""
+
+
+def resolve_config_path(argument: str) -> str:
+    """``PATH[:PRESET]`` with PATH resolved: as given when it exists relative to the
+    current directory, else relative to this package (``configs/noisy_ar.py`` ->
+    ``experiments/configs/noisy_ar.py``)."""
+    path, sep, preset = argument.partition(":")
+    if not os.path.exists(path) and (_CONFIGS_HOME / path).is_file():
+        path = str(_CONFIGS_HOME / path)
+    return f"{path}{sep}{preset}"
+
+
+def _config_argument(argv: Sequence[str]) -> tuple[int, str] | None:
+    """(index, value) of the last ``--config=VALUE`` / ``--config VALUE`` in argv."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            found = (i, arg.split("=", 1)[1])
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            found = (i + 1, argv[i + 1])
+    return found
+
+
+def load_config(path: str, display: str | None = None):
+    """The configuration of ``PATH[:PRESET]``, loaded as ``--config`` loads it.
+
+    Raises:
+        UsageError: the file cannot be loaded or its ``get_config`` refuses the preset.
+    """
+    holder = flags.FlagValues()  # Throwaway: the real flags are parsed afterwards.
+    flag = config_flags.DEFINE_config_file("config", flag_values=holder, sys_argv=[])
+    try:
+        holder(["run", f"--config={path}"])
+        config = flag.value
+        config.keys()  # ml_collections defers a file it could not load until first use.
+    except flags.Error as e:  # get_config raised, e.g. for an unknown preset
+        raise UsageError(f"--config={display or path}: "
+                         f"{str(e).strip().splitlines()[-1]}") from None
+    except OSError:
+        raise UsageError(f"--config={display or path}: no such file (looked in the current "
+                         f"directory and in {_CONFIGS_HOME})") from None
+    return config
+
+
+def check_overrides(config, argv: Sequence[str]) -> None:
+    """Refuses ``--config.a.b=...`` overrides that name no field of ``config``.
+
+    Raises:
+        UsageError: naming each unknown field and the fields its parent has.
+    """
+    problems = []
     for arg in argv:
-        if arg.startswith("--config="):
-            path, sep, preset = arg[len("--config="):].partition(":")
-            if not os.path.exists(path) and (_HERE / path).exists():
-                arg = f"--config={_HERE / path}{sep}{preset}"
-        out.append(arg)
-    return out
+        if not arg.startswith(("--config.", "-config.", "--noconfig.")):
+            continue
+        field = arg.split("=", 1)[0].split(".", 1)[1]
+        node, path = config, ["config"]
+        for part in field.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
+                problems.append(f"--config.{field}: {'.'.join(path)} has no field {part!r} "
+                                f"(its fields: {known})")
+                break
+            node, path = node[part], path + [part]
+    if problems:
+        raise UsageError("; ".join(problems) + ". The fields are defined in "
+                         "experiments/configs/noisy_ar.py.")
 
 
-_STARTED = []
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, after resolving the configuration's path and checking the
+    overrides against the configuration (ml_collections would otherwise fail on an
+    unknown field with a bare AttributeError from inside flag parsing).
+
+    Exits with status 2 and a message on stderr when the command line is wrong (absl
+    alone would exit 1 on a bad value and raise on an unknown field).
+    """
+    argv = list(argv)
+    found = _config_argument(argv)
+    try:
+        if found is not None:
+            index, value = found
+            resolved = resolve_config_path(value)
+            argv[index] = argv[index].replace(value, resolved) if "=" in argv[index] else resolved
+            check_overrides(load_config(resolved, display=value), argv)
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:  # e.g. a value of the wrong type
+            raise UsageError(f"{e}. Pass --helpshort to see the flags.") from None
+    except UsageError as e:
+        print(f"run: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
-def main(argv):
-    _STARTED.append(True)
+def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/noisy_ar.py[:PRESET] is required.")
+    if not flags.FLAGS["verbosity"].present:
+        # absl turns INFO on for every library once flags are parsed; Orbax alone would
+        # print dozens of lines per checkpoint over the progress display.
+        logging.set_verbosity(logging.WARNING)
     from experiments import train
 
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
     try:
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir, tensorboard=_TENSORBOARD.value)
     except train.ConfigError as e:
         print(f"run: configuration error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -62,19 +153,5 @@ def main(argv):
         sys.exit(130)
 
 
-def _run_cli():
-    sys.argv = resolve_config_argument(sys.argv)
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:
-        if _STARTED:  # Not a flag-parsing problem: a real error, keep its traceback.
-            raise
-        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-        print(f"run: configuration error: an override names a field the configuration does "
-              f"not have ({e}); overrides given: {overrides}. The fields are listed in "
-              "experiments/configs/noisy_ar.py.", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    _run_cli()
+    app.run(main, flags_parser=parse_flags)

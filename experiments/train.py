@@ -14,15 +14,15 @@ import json
 import os
 import pathlib
 import signal
-import sys
-import time
-from typing import Any
+from typing import IO, Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments.progress import Progress
+from experiments.summaries import RunSummaries, finite_mean
 from orthorecall import cell as cell_lib
 from orthorecall import checkpointing, data, training
 from orthorecall import model as model_lib
@@ -31,6 +31,7 @@ from orthorecall.reads import read_from_name
 
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 # Fields that may change between a run and its resumption.
 _RESUMABLE_FIELDS = {"train.log_every"}
 
@@ -183,39 +184,17 @@ def _run_description(config, names) -> dict:
     }
 
 
-class _Progress:
-    """One status line every ``log_every`` steps: rate, ETA, solved so far."""
-
-    def __init__(self, total: int, start: int, every: int, stream=sys.stdout):
-        self.total, self.start, self.every, self.stream = total, start, every, stream
-        self.t0 = time.perf_counter()
-
-    def update(self, step: int, losses: dict, solved: dict, num_seeds: int, nonfinite: dict):
-        if step % self.every and step != self.total:
-            return
-        elapsed = time.perf_counter() - self.t0
-        rate = (step - self.start) / max(elapsed, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        width = 24
-        filled = int(width * step / self.total)
-        parts = [f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}",
-                 f"{rate:.2f} steps/s", f"ETA {_duration(eta)}"]
-        for read, loss in losses.items():
-            bad = f" ({nonfinite[read]} diverged)" if nonfinite[read] else ""
-            parts.append(f"{read}: loss {loss:.3f} solved {solved[read]}/{num_seeds}{bad}")
-        print(" | ".join(parts), file=self.stream, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       tensorboard: bool = True, console: IO[str] | None = None) -> dict:
     """Runs (or resumes) the study described by ``config`` in ``workdir``.
+
+    Args:
+        config: the study's configuration (``experiments/configs/noisy_ar.py``).
+        workdir: where checkpoints, metrics, TensorBoard events and the report go.
+        tensorboard: also write TensorBoard event files under ``workdir/tensorboard``
+            (``experiments.summaries``).
+        console: where progress goes (default stdout): a progress bar when it is a
+            terminal, plain status lines otherwise (``experiments.progress``).
 
     Returns:
         The results dict written to ``workdir/results.json``.
@@ -253,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     checkpointer = checkpointing.RunCheckpointer(
         workdir / "checkpoints", save_every=train.checkpoint_every, keep=train.keep_checkpoints)
-    step, records = 0, []
+    step, records, resumed_from = 0, [], None
     restored = checkpointer.restore_latest(tree)
     if restored is not None:
         step, tree, meta = restored
@@ -261,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         records = meta["metrics"]
         if streams is not None:
             streams = [data.ReferenceTrainingStream.from_state(s) for s in meta["streams"]]
-        print(f"resuming {workdir} from step {step}", flush=True)
+        resumed_from = step
     _atomic_write(workdir / RUN_CONFIG_FILE,
                   json.dumps(_run_description(config, names), indent=1))
 
@@ -296,7 +275,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     def write_metrics():
         _atomic_write(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
 
-    progress = _Progress(train.steps, step, train.log_every)
+    summaries = None
+    if tensorboard:
+        summaries = RunSummaries(workdir / TENSORBOARD_DIR, names, seeds[:num_seeds],
+                                 purge_step=resumed_from)
+    progress = Progress(train.steps, step, train.log_every, stream=console)
+    if resumed_from is not None:
+        progress.note(f"resuming {workdir} from step {resumed_from}")
     # Ctrl-C / SIGTERM only set a flag, acted on between steps: raised in the middle of a
     # step, the interruption could drop the step's result after its input states were
     # donated (deleted), or leave `step`, the states and the records out of step.
@@ -312,50 +297,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         for signum in (signal.SIGINT, signal.SIGTERM)
         if signum != signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN}
     try:
-        while step < train.steps:
-            batch = None
-            if streams is not None:
-                batches = [s.next_batch() for s in streams]
-                batch = training.shard_seeds(
-                    (jnp.asarray(np.stack([b[0] for b in batches])),
-                     jnp.asarray(np.stack([b[1] for b in batches]))), mesh)
-            new_states, new_keys, step_metrics = train_step(tree["states"], tree["keys"], batch)
-            tree = {"states": new_states, "keys": new_keys}
-            step += 1
-            evaluate_now = step % train.eval_every == 0 or step == train.steps
-            log_now = step % train.log_every == 0 or step == train.steps
-            if evaluate_now or log_now:
-                losses, bad = jax.device_get(
-                    ({n: m["loss"] for n, m in step_metrics.items()},
-                     {n: tree["states"][n].nonfinite for n in names}))
-            if evaluate_now:
-                results = jax.device_get(eval_step(tree["states"], val_inputs, val_targets))
-                for name in names:
-                    for i in range(num_seeds):
-                        accuracy = float(results[name]["accuracy"][i])
-                        finite = np.isfinite(accuracy) and not bad[name][i]
-                        records.append({
-                            "read": name, "seed": int(seeds[i]), "step": step,
-                            "accuracy": accuracy if finite else None,
-                            "loss": float(results[name]["loss"][i]) if finite else None,
-                            "train_loss": _finite_or_none(losses[name][i]),
-                            "nonfinite": bool(bad[name][i]),
-                        })
-                        count_solved(records[-1])
-                write_metrics()
-            if log_now:
-                nonfinite = {n: int(np.sum(bad[n][:num_seeds])) for n in names}
-                mean_loss = {n: float(np.nanmean(np.where(
-                    np.isfinite(losses[n][:num_seeds]), losses[n][:num_seeds], np.nan)))
-                    for n in names}
-                progress.update(step, mean_loss, {n: len(s) for n, s in solved.items()},
-                                num_seeds, nonfinite)
-            checkpointer.save(step, tree, meta(), force=step == train.steps)
-            if stop_requested:
-                break
+        with progress:
+            while step < train.steps:
+                batch = None
+                if streams is not None:
+                    batches = [s.next_batch() for s in streams]
+                    batch = training.shard_seeds(
+                        (jnp.asarray(np.stack([b[0] for b in batches])),
+                         jnp.asarray(np.stack([b[1] for b in batches]))), mesh)
+                new_states, new_keys, step_metrics = train_step(tree["states"], tree["keys"],
+                                                                batch)
+                tree = {"states": new_states, "keys": new_keys}
+                step += 1
+                progress.advance(step)
+                evaluate_now = step % train.eval_every == 0 or step == train.steps
+                log_now = step % train.log_every == 0 or step == train.steps
+                if evaluate_now or log_now:
+                    # Padding seeds (several devices) are dropped here, once.
+                    metrics, bad = jax.device_get(
+                        ({n: m for n, m in step_metrics.items()},
+                         {n: tree["states"][n].nonfinite for n in names}))
+                    metrics = {n: {k: v[:num_seeds] for k, v in m.items()}
+                               for n, m in metrics.items()}
+                    bad = {n: b[:num_seeds] for n, b in bad.items()}
+                if evaluate_now:
+                    results = jax.device_get(eval_step(tree["states"], val_inputs, val_targets))
+                    new_records = _evaluation_records(step, names, seeds[:num_seeds], results,
+                                                      metrics, bad)
+                    for record in new_records:
+                        records.append(record)
+                        count_solved(record)
+                    write_metrics()
+                    if summaries is not None:
+                        summaries.evaluation(step, new_records,
+                                             {n: len(s) for n, s in solved.items()})
+                    if progress.is_bar:  # The bar keeps no history: one line per evaluation.
+                        progress.note(_evaluation_line(step, names, new_records, solved,
+                                                       num_seeds))
+                if log_now:
+                    nonfinite = {n: int(np.sum(bad[n])) for n in names}
+                    mean_loss = {n: finite_mean(metrics[n]["loss"]) for n in names}
+                    progress.update(step, mean_loss, {n: len(s) for n, s in solved.items()},
+                                    num_seeds, nonfinite)
+                    if summaries is not None:
+                        summaries.train(step, metrics)
+                checkpointer.save(step, tree, meta(), force=step == train.steps)
+                if stop_requested:
+                    break
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+        if summaries is not None:
+            summaries.close()
     if step < train.steps:  # Stopped by a signal, between two steps.
         print(f"\ninterrupted at step {step}: writing a checkpoint...", flush=True)
         checkpointer.save(step, tree, meta(), force=True)
@@ -368,6 +361,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     results = report.build_report(workdir)
     print(report.format_summary(results), flush=True)
     return results
+
+
+def _evaluation_records(step, names, seeds, results, metrics, bad) -> list[dict]:
+    """The metrics.jsonl rows of one evaluation: one per read and seed."""
+    records = []
+    for name in names:
+        for i, seed in enumerate(seeds):
+            accuracy = float(results[name]["accuracy"][i])
+            finite = np.isfinite(accuracy) and not bad[name][i]
+            records.append({
+                "read": name, "seed": int(seed), "step": step,
+                "accuracy": accuracy if finite else None,
+                "loss": float(results[name]["loss"][i]) if finite else None,
+                "train_loss": _finite_or_none(metrics[name]["loss"][i]),
+                "nonfinite": bool(bad[name][i]),
+            })
+    return records
+
+
+def _evaluation_line(step, names, records, solved, num_seeds) -> str:
+    parts = []
+    for name in names:
+        accuracy = finite_mean([r["accuracy"] for r in records
+                                 if r["read"] == name and r["accuracy"] is not None])
+        mean = "n/a" if accuracy is None else f"{100 * accuracy:.1f}%"
+        parts.append(f"{name}: mean accuracy {mean}, solved {len(solved[name])}/{num_seeds}")
+    return f"evaluation at step {step}: " + " | ".join(parts)
 
 
 def _finite_or_none(value) -> Any:

@@ -25,6 +25,10 @@ import pytest
 
 from tests.conftest import REPO_ROOT, TINY, with_overrides
 
+# Every test here starts the command in a subprocess (and most train): `make test-fast`
+# leaves them out.
+pytestmark = pytest.mark.slow
+
 STEPS = TINY["train.steps"]
 READS = ("raw", "ns5")
 TIMEOUT = 600  # Seconds; generous, the machine may be loaded.
@@ -208,6 +212,34 @@ def test_readme_command_writes_the_report(reference_runs):
     assert "raw" in (workdir / "results.md").read_text()
 
 
+def test_console_is_readable(reference_runs):
+    """Not a terminal here: plain progress lines, no library INFO logging (absl's
+    "I1125 08:12:13.456 ..." lines, which Orbax writes dozens of per checkpoint)."""
+    _, out = reference_runs["one"]
+    assert not re.search(r"^I\d{4} ", out, re.M), out[:3000]
+    assert f"] {STEPS}/{STEPS} | " in out
+    assert "\x1b[" not in out  # no terminal control codes in a log file
+
+
+def test_tensorboard_curves_equal_the_metrics(reference_runs):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    workdir, _ = reference_runs["one"]
+    rows = metrics_rows(workdir)
+    for read in READS:
+        for seed in range(3):
+            reader = accumulator.EventAccumulator(str(workdir / "tensorboard" / read / f"seed_{seed}"))
+            reader.Reload()
+            got = [(e.step, e.value) for e in reader.Scalars("val/accuracy")]
+            want = [(r["step"], r["accuracy"]) for r in rows
+                    if r["read"] == read and r["seed"] == seed]
+            assert [s for s, _ in got] == [s for s, _ in want]
+            np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+        reader = accumulator.EventAccumulator(str(workdir / "tensorboard" / read / "all_seeds"))
+        reader.Reload()
+        assert {"train/loss_mean", "val/accuracy_mean", "val/solved"} <= set(
+            reader.Tags()["scalars"])
+
+
 def test_rerun_of_a_finished_run_does_not_start_over(reference_runs, env, tmp_path):
     workdir = tmp_path / "finished"
     shutil.copytree(reference_runs["one"][0], workdir)
@@ -224,6 +256,18 @@ def test_rerun_of_a_finished_run_does_not_start_over(reference_runs, env, tmp_pa
     assert rerun.pop("workdir") == str(workdir)
     results.pop("workdir")
     assert rerun == results
+
+
+def test_verbosity_brings_library_logging_back_and_tensorboard_can_be_off(
+        reference_runs, env, tmp_path):
+    workdir = tmp_path / "finished"
+    shutil.copytree(reference_runs["one"][0], workdir)
+    shutil.rmtree(workdir / "tensorboard")
+    code, out = run(command(workdir) + ["--verbosity=0", "--notensorboard"], tmp_path / "log",
+                    env)
+    assert code == 0, out
+    assert re.search(r"^I\d{4} ", out, re.M), out[:3000]  # e.g. Orbax restoring
+    assert not (workdir / "tensorboard").exists()
 
 
 def test_ctrl_c_kill_and_resume_match_an_uninterrupted_run(reference_runs, env, tmp_path):
