@@ -89,10 +89,7 @@ class RunCheckpointer:
             return step, restored["state"], restored["meta"]
         return None
 
-    def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
+        """Waits for pending asynchronous saves to be on disk, then releases Orbax."""
         self._manager.wait_until_finished()
         self._manager.close()

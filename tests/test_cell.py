@@ -1,6 +1,5 @@
 """The mLSTM cell as a layer: forms, stepping, resets, state hand-over."""
 
-import flax.linen as nn  # noqa: F401  (the wrapper test below needs flax)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 
 from orthorecall import cell as cell_lib
 from orthorecall import reads
-from orthorecall.flax_modules import MLSTMCell
 
 CONFIG = cell_lib.CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8,
                              read=reads.NS5)
@@ -86,19 +84,6 @@ def test_bfloat16_compute_keeps_float32_state():
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(state))
     y32, _ = cell_lib.scan(params, x, CONFIG)
     assert float(jnp.max(jnp.abs(y - y32))) < 0.1 * float(jnp.max(jnp.abs(y32)))
-
-
-def test_flax_wrapper_matches_pure_functions():
-    params, x = _setup(4)
-    module = MLSTMCell(CONFIG)
-    variables = module.init(jax.random.PRNGKey(0), x)
-    variables = {"params": {"cell": params}}
-    y, _ = module.apply(variables, x)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(cell_lib.scan(params, x, CONFIG)[0]),
-                               atol=1e-6)
-    state = module.initial_state(B)
-    y0, _ = module.apply(variables, state, x[:, 0], None, method=MLSTMCell.step)
-    np.testing.assert_allclose(np.asarray(y0), np.asarray(y[:, 0]), atol=1e-5)
 
 
 def test_config_and_input_validation():

@@ -7,7 +7,7 @@ Select a preset with ``--config=configs/noisy_ar.py:PRESET``:
   batch 64, 24 seeds, 2,000 steps, baseline and NS5 reads, evaluation every
   200 steps on 16 x 16 validation sequences per seed.
 * ``cpu`` (default): a reduced regime that runs the 24-seed, two-read
-  comparison on a 2-core CPU in about 15 minutes (see ``_cpu``).
+  comparison on a 2-core CPU in about 5 minutes (see ``_cpu``).
 * ``smoke``: a few seeds and steps to exercise the whole pipeline quickly.
 
 Override any field, e.g. ``--config.train.steps=500``; unknown fields fail.
@@ -91,12 +91,13 @@ def _regime(name: str) -> ml_collections.ConfigDict:
 
 def _cpu() -> ml_collections.ConfigDict:
     """The CPU regime: the reference architecture at a small width on a short,
-    easier task, sized for 24 seeds x 2 reads in about 15-20 minutes on 2 cores.
+    easier task: 24 seeds x 2 reads in 4 min 26 s on 2 cores with the fused CPU
+    read (19 min 45 s before it existed, which is what the preset was sized for).
 
     Chosen by probes on this machine (8 seeds each, raw read unless noted):
     at this size the baseline escapes after 700-1,300 steps of a 2,000-step
     cosine (7/8 solved), far beyond a 15-minute NS5 budget (about 400 steps
-    for 24 seeds, since the NS5 read costs about 8x the raw one here). With
+    for 24 seeds, since the NS5 read then cost about 8x the raw one here). With
     400 steps, lr 3e-3 left every seed near chance (17%); lr 1e-2 spread the
     seeds between 16% and 55%, and NS5 reached 46% mean vs 36% for the
     baseline on the same 8 seeds. So this preset measures the early-learning
