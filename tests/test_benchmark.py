@@ -1,13 +1,18 @@
 """The benchmark's public contract, end to end at tiny shapes (--smoke)."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import pytest
+
+from tests.conftest import REPO_ROOT as REPO
+
 NAMES = {"train_step", "eval_forward", "read", "gemm", "train_step_memory"}
 
+
+# Both start the benchmark in a subprocess (the smoke run compiles every step).
+pytestmark = pytest.mark.slow
 
 def test_smoke_run_writes_the_documented_json(tmp_path):
     path = tmp_path / "bench.json"

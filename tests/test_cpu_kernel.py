@@ -64,6 +64,7 @@ def test_kernel_builds_and_is_used_on_cpu():
 @pytest.mark.parametrize("d", [5, 16, 20, 33, 48])
 @pytest.mark.parametrize("coefficients,k", [("cubic", 5), ("muon", 3), ("polar_express", 6),
                                             ("cubic", 1)])
+@pytest.mark.slow
 def test_forward_and_backward_match_float64_numpy(d, coefficients, k):
     c, q, h_bar = _inputs(d + k, 2, d)
     steps = ns.iteration_coefficients(coefficients, k)
@@ -78,6 +79,7 @@ def test_forward_and_backward_match_float64_numpy(d, coefficients, k):
         np.testing.assert_allclose(c_bar[m], want_c_bar, atol=2e-4 * scale, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_agrees_with_pure_jax_read_on_a_large_batch():
     # Many matrices so every thread of the pool takes chunks, with leading
     # batch axes as the chunkwise mLSTM passes them (B, H, L, d, d).
@@ -93,6 +95,7 @@ def test_agrees_with_pure_jax_read_on_a_large_batch():
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_zero_memory_reads_zero_with_the_floor_gradient():
     # An all-zero memory (fresh state) hits the Frobenius floor: h = 0 and the
     # gradient is that of C / 1e-6 through the iteration (not of C / |C|).
@@ -108,6 +111,7 @@ def test_zero_memory_reads_zero_with_the_floor_gradient():
         np.testing.assert_allclose(g, w, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_and_grad_through_the_public_read():
     c, q, _ = _inputs(2, 6, 12)
     c, q = c.reshape(2, 3, 12, 12), q.reshape(2, 3, 12)
@@ -121,6 +125,7 @@ def test_vmap_and_grad_through_the_public_read():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_disabled_or_unbuildable_kernel_falls_back_to_pure_jax(monkeypatch):
     c, q, _ = _inputs(3, 2, 8)
     want = np.asarray(_xla_read(c, q))
@@ -145,6 +150,7 @@ def test_disabled_or_unbuildable_kernel_falls_back_to_pure_jax(monkeypatch):
     assert cpu_kernel.available()
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("ORTHORECALL_CACHE_DIR", str(tmp_path))
     first = cpu_kernel.build()
@@ -195,6 +201,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_sharded_over_eight_devices_reads_each_shard_locally():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -254,6 +253,7 @@ def test_other_invalid_args():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reference_validation_set_matches_fixture():
     want_x, want_y, params = _load_fixture("v80_s512_eval_seed10011.npz")
     x, y = data.reference_validation_set(_task(params), seed=params["seed"] - data.VALIDATION_SEED_OFFSET)
@@ -371,6 +371,7 @@ def _jax_sample(name, key, is_training=False):
 
 
 @pytest.mark.parametrize("name", list(JAX_CASES))
+@pytest.mark.slow
 def test_jax_structure_exact(name):
     spec = data.NoisyRecallTask(**JAX_CASES[name])
     key = jax.random.key(7)
@@ -395,6 +396,7 @@ def test_structure_checker_accepts_numpy_reference():
     check_structure(*_full_sequences(x, y), data.NoisyRecallTask(**case))
 
 
+@pytest.mark.slow
 def test_jax_jit_vmap_and_keys():
     name = "v12s6p0.9"  # vmap also runs through the layout-redraw while_loop
     keys = jax.random.split(jax.random.key(42), 3)
@@ -485,6 +487,7 @@ def _numpy_eval_examples(spec, n, seed):
 
 
 @pytest.mark.parametrize("name", ["v32s128p0.8", "v32s128p0.2", "v29s64p0.6single", "v12s6p0.9"])
+@pytest.mark.slow
 def test_jax_distribution_matches_numpy(name):
     case, n = JAX_CASES[name], 10 * JAX_BATCH
     spec = data.NoisyRecallTask(**case)

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from orthorecall import cell as cell_lib
 from orthorecall import model as model_lib
@@ -13,6 +14,7 @@ CELL = cell_lib.CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, chun
 B, T = 3, 21
 
 
+@pytest.mark.slow
 def test_cell_wrapper_matches_pure_functions():
     params = cell_lib.init_params(jax.random.PRNGKey(4), CELL)
     x = jax.random.normal(jax.random.PRNGKey(5), (B, T, CELL.embedding_dim))
@@ -29,6 +31,7 @@ def test_cell_wrapper_matches_pure_functions():
     np.testing.assert_allclose(np.asarray(y0), np.asarray(y[:, 0]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_language_model_wrapper_matches_pure_functions():
     config = model_lib.ModelConfig(vocab_size=24, cell=CELL)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, 24)

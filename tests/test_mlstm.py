@@ -52,6 +52,7 @@ READS = [reads.RAW, reads.NS5, reads.ReadConfig("newton_schulz", 3, "polar_expre
                                              ("chunkwise", 4), ("chunkwise", 8),
                                              ("chunkwise", 29), ("chunkwise", 64),
                                              ("chunkwise", None)])
+@pytest.mark.slow
 def test_forms_match_float64_recurrence(read, form, chunk_size):
     q, k, v, igate, fgate, reset = _inputs(0)
     want, (c, n, m) = ref.mlstm_recurrence(q, k, v, igate, fgate, _numpy_read(read), reset)
@@ -73,6 +74,7 @@ def test_default_chunk_size_by_read_and_backend():
         reads.NS5, jax.default_backend())
 
 
+@pytest.mark.slow
 def test_polar_read_matches_float64_recurrence():
     # The polar factor is ill-conditioned when the memory is nearly rank
     # deficient (early steps), so the tolerance is looser than for NS.
@@ -83,6 +85,7 @@ def test_polar_read_matches_float64_recurrence():
         np.testing.assert_allclose(np.asarray(got), want, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_initial_state_and_splitting_a_sequence():
     q, k, v, igate, fgate, reset = _inputs(2)
     whole, final = _run("chunkwise", reads.NS5, q, k, v, igate, fgate, reset, 8)
@@ -94,6 +97,7 @@ def test_initial_state_and_splitting_a_sequence():
     np.testing.assert_allclose(np.asarray(final2.c), np.asarray(final.c), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reset_equals_fresh_start():
     q, k, v, igate, fgate, _ = _inputs(3, with_reset=False)
     reset = np.zeros((B, T), bool)
@@ -103,6 +107,7 @@ def test_reset_equals_fresh_start():
     np.testing.assert_allclose(np.asarray(with_reset)[:, 11:], np.asarray(fresh), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_memory_step_is_one_recurrent_step():
     q, k, v, igate, fgate, reset = _inputs(4)
     seq, _ = _run("recurrent", reads.NS5, q, k, v, igate, fgate, reset)
@@ -114,6 +119,7 @@ def test_memory_step_is_one_recurrent_step():
 
 
 @pytest.mark.parametrize("read", [reads.RAW, reads.NS5], ids=["raw", "ns5"])
+@pytest.mark.slow
 def test_gradients_agree_between_forms(read):
     q, k, v, igate, fgate, reset = _inputs(5)
     weight = jnp.asarray(np.random.default_rng(9).standard_normal((B, T, H, D)), jnp.float32)
@@ -134,6 +140,7 @@ def test_gradients_agree_between_forms(read):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6 * scale, rtol=5e-4)
 
 
+@pytest.mark.slow
 def test_gradient_matches_float64_finite_differences():
     q, k, v, igate, fgate, reset = _inputs(6)
     weight = np.random.default_rng(10).standard_normal((B, T, H, D))
@@ -151,6 +158,7 @@ def test_gradient_matches_float64_finite_differences():
     assert abs(got - want) < 2e-3 * max(1.0, abs(want)), (got, want)
 
 
+@pytest.mark.slow
 def test_zero_state_start_has_finite_gradients():
     # Queries that see a zero memory (the very first step with ĩ -> -inf).
     q, k, v, igate, fgate, _ = _inputs(7, with_reset=False)

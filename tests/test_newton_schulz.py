@@ -1,7 +1,6 @@
 """The Newton–Schulz iteration and read against float64 numpy, their limits and their
 gradients, and the read's implementations."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,6 +43,7 @@ def test_polar_express_schedule_values():
     assert steps[7] == steps[9] == (1.875, -1.25, 0.375)
 
 
+@pytest.mark.slow
 def test_singular_values_converge_to_one_as_k_grows():
     x = jnp.asarray(_matrices(3, count=4, d=16))
     errors = []
@@ -64,6 +64,7 @@ def test_muon_does_not_converge_but_stays_near_one():
     assert np.max(np.abs(mapped - 1.0)) > 0.1  # not the polar limit
 
 
+@pytest.mark.slow
 def test_xla_implementation_equals_the_default_one():
     # On the CPU backend "auto" is the fused kernel (when it builds): both must agree.
     c = jnp.asarray(_matrices(9, count=5, d=12))

@@ -31,6 +31,7 @@ def test_polar_matches_numpy_and_handles_rank_deficiency():
 
 @pytest.mark.parametrize("read", [reads.ReadConfig("newton_schulz", 5), reads.ReadConfig("newton_schulz", 0),
                                   reads.ReadConfig("newton_schulz", 5, "muon"), reads.POLAR])
+@pytest.mark.slow
 def test_zero_memory_has_finite_value_and_gradient(read):
     zero = jnp.zeros((2, 8, 8))
     value = read(zero)
@@ -40,6 +41,7 @@ def test_zero_memory_has_finite_value_and_gradient(read):
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
+@pytest.mark.slow
 def test_float32_arithmetic_for_bfloat16_inputs():
     x = jnp.asarray(_matrices(6)).astype(jnp.bfloat16)
     for read in (reads.NS5, reads.POLAR):
@@ -54,6 +56,7 @@ def _directional_fd(f64, x, direction, eps=1e-6):
 
 
 @pytest.mark.parametrize("name", ["ns5", "ns3_muon", "ns5_polar_express", "ns0", "polar"])
+@pytest.mark.slow
 def test_gradients_match_finite_differences(name):
     read = reads.read_from_name(name)
     rng = np.random.default_rng(7)
@@ -73,6 +76,7 @@ def test_gradients_match_finite_differences(name):
         assert abs(got - want) <= 1e-3 * max(1.0, abs(want)), (trial, got, want)
 
 
+@pytest.mark.slow
 def test_polar_gradient_finite_for_rank_deficient_memory():
     rng = np.random.default_rng(8)
     low = jnp.asarray((rng.standard_normal((12, 2)) @ rng.standard_normal((2, 12))), jnp.float32)

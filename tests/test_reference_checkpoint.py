@@ -105,6 +105,7 @@ def _cli(*args):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_prints_json_and_reports_bad_files(tmp_path):
     done = _cli(f"--checkpoint={_path('ns5')}", "--num_batches=1", "--batch_size=2")
     assert done.returncode == 0, done.stderr

@@ -128,6 +128,7 @@ def ns5_steps():
                 trajectory=trajectory, losses=losses, grad_norms=grad_norms)
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_match_single_seed_runs(ns5_steps):
     """N seeds in one vmapped step = N separate single-seed runs on the same batches.
 
@@ -168,6 +169,7 @@ def test_vmapped_seeds_match_single_seed_runs(ns5_steps):
     assert moved > 1e-3
 
 
+@pytest.mark.slow
 def test_nonfinite_seed_is_frozen_and_others_unaffected(ns5_steps):
     """Seed 1 gets a batch with no scored position (loss 0/0 = NaN, NaN gradients) at
     step 2: it is flagged, keeps its step-1 parameters and optimizer state, stays frozen
@@ -203,6 +205,7 @@ def test_nonfinite_seed_is_frozen_and_others_unaffected(ns5_steps):
                             _seed_slice(after3["ns5"].opt_state, i))
 
 
+@pytest.mark.slow
 def test_flagged_seed_is_not_updated_even_with_a_finite_loss(ns5_steps):
     s = ns5_steps
     flagged = copy.deepcopy(s["trajectory"][1])
@@ -287,6 +290,7 @@ def _cosine(peak, horizon):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "stretched_cosine"])
+@pytest.mark.slow
 def test_make_optimizer_matches_pytorch_adamw(optimizer_problem, schedule):
     """Defaults = AdamW(3e-3, (0.9, 0.999), 1e-8, weight decay 0.01) after a global-norm
     clip of 1.0. The params are O(1) float32 (rounding ~1e-7) and move by ~1e-2 over
@@ -354,6 +358,7 @@ def _restore(directory, like=None):
         checkpointer.close()
 
 
+@pytest.mark.slow
 def test_identical_runs_are_identical(two_runs):
     a, b = two_runs
     metrics = (a / "metrics.jsonl").read_bytes()
@@ -384,6 +389,7 @@ def _no_compute(monkeypatch):
     monkeypatch.setattr(training, "make_train_step", fail)
 
 
+@pytest.mark.slow
 def test_different_config_in_same_workdir_is_refused(two_runs, tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(two_runs[0], workdir)
@@ -428,6 +434,7 @@ def test_invalid_configs_fail_before_any_compute(overrides, expected, tmp_path, 
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_half_written_and_damaged_checkpoints_are_skipped(two_runs, tmp_path):
     directory = tmp_path / "checkpoints"
     shutil.copytree(two_runs[0] / "checkpoints", directory)
@@ -463,6 +470,7 @@ def test_half_written_and_damaged_checkpoints_are_skipped(two_runs, tmp_path):
     assert _restore(directory, state) is None
 
 
+@pytest.mark.slow
 def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_path,
                                                                            monkeypatch):
     """With data_source="numpy", seed s trains on ReferenceTrainingStream(seed=s) batch
