@@ -59,6 +59,7 @@ def _train_step_runner(read_name: str, batch: int, seq_len: int, seeds: int):
     """A closure running one training step of ``seeds`` seeds."""
     import jax
     import numpy as np
+
     from orthorecall import cell, data, model, training
     from orthorecall.reads import read_from_name
 
@@ -88,6 +89,7 @@ def bench_train_step(read_name, batch, seq_len, seeds, repeats):
 
 def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
     import jax
+
     from orthorecall import cell, data, model
     from orthorecall.reads import read_from_name
 
@@ -107,7 +109,7 @@ def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
     """NS5 read GFLOP/s (what the model runs, and the pure-XLA formulation for
     comparison) next to one large matrix product's in the same process."""
     import jax
-    import jax.numpy as jnp
+
     from orthorecall import newton_schulz as ns
 
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -177,8 +179,8 @@ def _format(records) -> str:
         else:
             figure = f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
         cells = [r["name"], r["read"] or "", r["batch"] or "", r["seq_len"] or "", r["seeds"] or ""]
-        lines.append(f"{cells[0]:<18}{cells[1]:<6}{str(cells[2]):>7}{str(cells[3]):>6}"
-                     f"{str(cells[4]):>6}  {figure}")
+        lines.append(f"{cells[0]:<18}{cells[1]:<6}{cells[2]!s:>7}{cells[3]!s:>6}"
+                     f"{cells[4]!s:>6}  {figure}")
     return "\n".join(lines)
 
 
@@ -200,6 +202,7 @@ _MODES = {
 def run_benchmark(mode: str) -> dict:
     """Runs every measurement; returns the JSON-able result."""
     import jax
+
     from orthorecall import data, mlstm
     from orthorecall.reads import read_from_name
 

@@ -106,9 +106,10 @@ def benchmark_first_occurrence(batch_size: int, seq_len: int, repeats: int) -> N
         jitted = jax.jit(fn, static_argnums=2)
         out = jax.block_until_ready(jitted(slot_keys, is_noise, spec.num_keys))
         expected = expected or out
-        assert all(np.array_equal(a, b) for a, b in zip(out, expected)), name
+        assert all(np.array_equal(a, b) for a, b in zip(out, expected, strict=True)), name
         seconds = _median_seconds(
-            lambda _: jax.block_until_ready(jitted(slot_keys, is_noise, spec.num_keys)), repeats
+            lambda _, jitted=jitted: jax.block_until_ready(jitted(slot_keys, is_noise, spec.num_keys)),
+            repeats,
         )
         print(f"{name:>28s}: {seconds * 1e3:9.3f} ms/batch")
 

@@ -57,7 +57,7 @@ class Progress:
         """Whether a progress bar is drawn (else plain lines)."""
         return self._bar is not None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self._bar is not None:
             self._bar.start()
         return self

@@ -70,7 +70,7 @@ class RunSummaries:
         Non-finite values (diverged seeds) are not written."""
         for read, values in metrics.items():
             for name, loss, grad_norm in zip(self._seed_names, values["loss"],
-                                             values["grad_norm"]):
+                                             values["grad_norm"], strict=True):
                 self._scalar(read, name, "train/loss", loss, step)
                 self._scalar(read, name, "train/grad_norm", grad_norm, step)
             self._scalar(read, ALL_SEEDS, "train/loss_mean", finite_mean(values["loss"]), step)
@@ -78,7 +78,7 @@ class RunSummaries:
     def evaluation(self, step: int, records: Sequence[Mapping], solved: Mapping[str, int]) -> None:
         """The evaluation records of ``step`` (the trainer's metrics.jsonl rows: read,
         seed, accuracy, loss, nonfinite) and the seeds solved so far per read."""
-        index = {seed: name for seed, name in zip(self.seeds, self._seed_names)}
+        index = {seed: name for seed, name in zip(self.seeds, self._seed_names, strict=True)}
         by_read: dict[str, list[Mapping]] = {}
         for record in records:
             by_read.setdefault(record["read"], []).append(record)

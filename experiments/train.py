@@ -26,8 +26,8 @@ from experiments.summaries import RunSummaries, finite_mean
 from orthorecall import cell as cell_lib
 from orthorecall import checkpointing, data, training
 from orthorecall import model as model_lib
-from orthorecall.validation import check_int
 from orthorecall.reads import read_from_name
+from orthorecall.validation import check_int
 
 RUN_CONFIG_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from orthorecall import mlstm
-from orthorecall.validation import check_int
 from orthorecall.reads import ReadConfig
+from orthorecall.validation import check_int
 
 Params = dict[str, Any]
 NORM_EPS = 1e-5
@@ -99,7 +99,7 @@ class CellConfig:
                 f"inner_dim={self.inner_dim} is not divisible by "
                 f"qkv_block_size={self.qkv_block_size}.")
 
-    def replace(self, **changes) -> "CellConfig":
+    def replace(self, **changes) -> CellConfig:
         """A copy with ``changes`` applied (validated like a new configuration)."""
         return dataclasses.replace(self, **changes)
 

@@ -64,7 +64,7 @@ def _cpu_signature() -> str:
     # -march=native code must not be loaded on another CPU sharing the cache.
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
         return "".join(sorted(set(lines)))
     except OSError:
         return platform.processor() or platform.machine()
@@ -209,7 +209,7 @@ def _operation(direction: str, steps: Steps):
     @operation.def_vmap
     def _batched(axis_size, in_batched, *operands):
         operands = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-                    for x, batched in zip(operands, in_batched)]
+                    for x, batched in zip(operands, in_batched, strict=True)]
         out = operation(*operands)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 

@@ -52,14 +52,14 @@ from orthorecall.validation import check_bool, check_int
 
 __all__ = [
     "IGNORE_INDEX",
-    "VALIDATION_SEED_OFFSET",
     "MIN_SEQ_LEN",
+    "VALIDATION_SEED_OFFSET",
     "NoKeyPresentedError",
     "NoisyRecallTask",
-    "generate_noisy_recall_example",
-    "generate_noisy_recall_batch",
-    "reference_validation_set",
     "ReferenceTrainingStream",
+    "generate_noisy_recall_batch",
+    "generate_noisy_recall_example",
+    "reference_validation_set",
     "sample_noisy_recall",
 ]
 
@@ -163,7 +163,7 @@ class NoisyRecallTask:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_mapping(cls, fields: Mapping[str, Any]) -> "NoisyRecallTask":
+    def from_mapping(cls, fields: Mapping[str, Any]) -> NoisyRecallTask:
         """The task of a mapping that may hold other keys too (a run configuration, a
         checkpoint's ``cfg``); absent task fields take the reference defaults.
 
@@ -490,7 +490,7 @@ class ReferenceTrainingStream:
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> "ReferenceTrainingStream":
+    def from_state(cls, state: dict) -> ReferenceTrainingStream:
         """Rebuild a stream from :meth:`state`; its next batch is the one the saved
         stream would have produced next.
 

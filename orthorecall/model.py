@@ -61,7 +61,7 @@ class ModelConfig:
         """Residual mLSTM blocks (``cell.num_blocks``)."""
         return self.cell.num_blocks
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         """A copy with ``changes`` applied; cell fields through ``cell=...``, e.g.
         ``config.replace(cell=config.cell.replace(read=NS5))``."""
         return dataclasses.replace(self, **changes)
@@ -130,7 +130,7 @@ def apply(
     h = jnp.take(params["embedding"], tokens, axis=0)
     states = state if state is not None else [None] * config.num_blocks
     new_states = []
-    for block, block_state in zip(params["blocks"], states):
+    for block, block_state in zip(params["blocks"], states, strict=True):
         y, block_state = cell_lib.scan(
             block["mlstm"], cell_lib.layer_norm(h, block["norm"]["scale"]), config.cell,
             reset=reset, state=block_state)
@@ -159,7 +159,7 @@ def step(
     _check_tokens(tokens, config, 1)
     h = jnp.take(params["embedding"], tokens, axis=0)
     new_states = []
-    for block, block_state in zip(params["blocks"], state):
+    for block, block_state in zip(params["blocks"], state, strict=True):
         y, block_state = cell_lib.step(
             block["mlstm"], block_state, cell_lib.layer_norm(h, block["norm"]["scale"]),
             reset, config.cell)

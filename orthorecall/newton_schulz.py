@@ -24,7 +24,7 @@ lose the small singular values the iteration has to lift).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +161,7 @@ def _iterations_bwd(steps, x, cotangent):
     # Y = a X + X P(G), P(G) = b G + c G², G = XᵀX:
     #   X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
     _, saved = _forward_iterates(x, steps)
-    for (x, gram), (a, b, c) in zip(reversed(saved), reversed(steps)):
+    for (x, gram), (a, b, c) in zip(reversed(saved), reversed(steps), strict=True):
         xt_ybar = jnp.matmul(jnp.swapaxes(x, -1, -2), cotangent)
         if c == 0.0:
             poly, gram_bar = b * gram, b * xt_ybar

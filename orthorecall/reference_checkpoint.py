@@ -12,7 +12,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np

@@ -182,7 +182,7 @@ class _Unpickler(pickle.Unpickler):
         if 0 in size:
             return np.zeros(size, storage.dtype)
         # Bounds check before as_strided, which would otherwise read arbitrary memory.
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if last >= storage.size:
             self._fail(f"tensor view reaches element {last} of a {storage.size}-element storage")
         view = np.lib.stride_tricks.as_strided(

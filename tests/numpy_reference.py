@@ -37,14 +37,14 @@ def mlstm_recurrence(q, k, v, igate, fgate, read, reset=None, state=None):
     q, k, v, igate, fgate = (np.asarray(a, np.float64) for a in (q, k, v, igate, fgate))
     b, t, h, d = q.shape
     if state is None:
-        c = np.zeros((b, h, d, d)); n = np.zeros((b, h, d)); m = np.zeros((b, h))
+        c, n, m = np.zeros((b, h, d, d)), np.zeros((b, h, d)), np.zeros((b, h))
     else:
         c, n, m = (np.array(a, np.float64) for a in state)
     out = np.zeros((b, t, h, d))
     for bi in range(b):
         for ti in range(t):
             if reset is not None and reset[bi, ti]:
-                c[bi] = 0.0; n[bi] = 0.0; m[bi] = 0.0
+                c[bi], n[bi], m[bi] = 0.0, 0.0, 0.0
             for hi in range(h):
                 log_f = log_sigmoid(fgate[bi, ti, hi])
                 m_new = max(log_f + m[bi, hi], igate[bi, ti, hi])

@@ -37,7 +37,7 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
     assert {r["read"] for r in by_name("eval_forward")} == {"raw", "ns5"}
     for r in by_name("train_step") + by_name("eval_forward"):
         assert r["tokens_per_s"] > 0
-    vmapped = [r for r in by_name("train_step") if r["seeds"] == 24][0]
+    vmapped = next(r for r in by_name("train_step") if r["seeds"] == 24)
     assert abs(vmapped["tokens_per_s"] - 24 * vmapped["tokens_per_s_per_seed"]) < 1e-6 * vmapped[
         "tokens_per_s"]
     reads = by_name("read")

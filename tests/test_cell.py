@@ -72,7 +72,7 @@ def test_state_hands_over_between_calls(cut):
     reset = np.zeros((B, T), bool)
     reset[1, cut - 1] = True  # a reset inside the conv window carried over
     reset = jnp.asarray(reset)
-    whole, final = cell_lib.scan(params, x, CONFIG, reset=reset)
+    whole, _ = cell_lib.scan(params, x, CONFIG, reset=reset)
     first, mid = cell_lib.scan(params, x[:, :cut], CONFIG, reset=reset[:, :cut])
     rest, _ = _step_loop(params, x[:, cut:], reset[:, cut:], CONFIG, state=mid)
     np.testing.assert_allclose(np.asarray(jnp.concatenate([first, rest], 1)), np.asarray(whole),

@@ -7,14 +7,13 @@ import sys
 import warnings
 
 import jax
-from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
-from orthorecall import cpu_kernel
+from orthorecall import cpu_kernel, reads
 from orthorecall import newton_schulz as ns
-from orthorecall import reads
 from tests import numpy_reference as ref
 
 pytestmark = pytest.mark.skipif(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -224,7 +225,7 @@ def test_other_invalid_args():
     with pytest.raises(ValueError, match="is_training must be a bool"):
         data.sample_noisy_recall(jax.random.key(0), TASK_BASE, batch_size=2, is_training=0)
     for bad_rng in (np.random.RandomState(0), 0, None):
-        with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        with pytest.raises(TypeError, match=r"rng must be a numpy\.random\.Generator"):
             data.generate_noisy_recall_example(is_training=True, rng=bad_rng, **BASE)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         data.generate_noisy_recall_batch(TASK_BASE, batch_size=0, is_training=True, rng=rng)
@@ -479,10 +480,8 @@ def _numpy_eval_examples(spec, n, seed):
     rng = np.random.default_rng(seed)
     rows = []
     while len(rows) < n:
-        try:
+        with contextlib.suppress(data.NoKeyPresentedError):
             rows.append(data._draw_example(spec, False, rng))
-        except data.NoKeyPresentedError:
-            pass
     return np.stack([x for x, _ in rows]), np.stack([y for _, y in rows])
 
 

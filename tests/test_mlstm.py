@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from orthorecall import mlstm
+from orthorecall import mlstm, reads
 from orthorecall import newton_schulz as ns
-from orthorecall import reads
 from tests import numpy_reference as ref
 
 B, T, H, D = 2, 29, 2, 6
@@ -78,7 +77,7 @@ def test_default_chunk_size_by_read_and_backend():
 def test_polar_read_matches_float64_recurrence():
     # The polar factor is ill-conditioned when the memory is nearly rank
     # deficient (early steps), so the tolerance is looser than for NS.
-    q, k, v, igate, fgate, reset = _inputs(1, with_reset=False)
+    q, k, v, igate, fgate, _ = _inputs(1, with_reset=False)
     want, _ = ref.mlstm_recurrence(q, k, v, igate, fgate, ref.polar)
     for form, chunk in (("recurrent", None), ("chunkwise", 8)):
         got, _ = _run(form, reads.POLAR, q, k, v, igate, fgate, None, chunk)

@@ -78,7 +78,7 @@ def test_validation_messages():
         model_lib.ModelConfig(vocab_size=1)
     with pytest.raises(ValueError, match="chunk_size"):
         model_lib.ModelConfig(cell=CellConfig(chunk_size=0))
-    with pytest.raises(ValueError, match="cell must be a cell.CellConfig"):
+    with pytest.raises(ValueError, match=r"cell must be a cell\.CellConfig"):
         model_lib.ModelConfig(cell={"embedding_dim": 16})
     with pytest.raises(ValueError, match="vocab_size must be an integer"):
         model_lib.ModelConfig(vocab_size=80.0)

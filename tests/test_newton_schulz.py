@@ -1,6 +1,8 @@
 """The Newton–Schulz iteration and read against float64 numpy, their limits and their
 gradients, and the read's implementations."""
 
+import itertools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,7 +52,7 @@ def test_singular_values_converge_to_one_as_k_grows():
     for k in (1, 3, 5, 10, 20, 40):
         s = np.linalg.svd(np.asarray(ns.newton_schulz(x, k), np.float64), compute_uv=False)
         errors.append(np.max(np.abs(s - 1.0)))
-    assert all(a >= b for a, b in zip(errors, errors[1:])), errors
+    assert all(a >= b for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 1e-4
     # And the limit is the polar factor.
     np.testing.assert_allclose(np.asarray(ns.newton_schulz(x, 60)), np.asarray(reads.polar(x)),

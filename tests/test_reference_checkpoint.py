@@ -11,10 +11,9 @@ import pytest
 
 from experiments.evaluate_reference import evaluate_checkpoint
 from orthorecall import model as model_lib
-from orthorecall.cell import CellConfig
-from orthorecall import reads
+from orthorecall import reads, torch_format
 from orthorecall import reference_checkpoint as rc
-from orthorecall import torch_format
+from orthorecall.cell import CellConfig
 from tests.conftest import REFERENCE_CHECKPOINTS, REPO_ROOT
 
 FIXTURES = REFERENCE_CHECKPOINTS
@@ -88,7 +87,7 @@ def test_foreign_and_inconsistent_files_are_refused(tmp_path):
     partial = torch_format.load_torch_checkpoint(_path("baseline"))
     del partial["state_dict"]["head.bias"]
     torch_format.save_torch_checkpoint(tmp_path / "partial.pt", partial)
-    with pytest.raises(ValueError, match="missing \\['head.bias'\\]"):
+    with pytest.raises(ValueError, match=r"missing \['head\.bias'\]"):
         rc.load_reference_checkpoint(tmp_path / "partial.pt")
     odd = torch_format.load_torch_checkpoint(_path("baseline"))
     odd["cfg"]["variant"] = "transformer"

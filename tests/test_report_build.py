@@ -8,8 +8,17 @@ import json
 import pytest
 
 from experiments.report import build, plots, records, tables
-from tests.report_fixtures import (NUM_SEEDS, SOLVED_ACC, STEPS, TOTAL_STEPS, final, make_config,
-                                   seed_rows, write_regime_workdirs, write_workdir)
+from tests.report_fixtures import (
+    NUM_SEEDS,
+    SOLVED_ACC,
+    STEPS,
+    TOTAL_STEPS,
+    final,
+    make_config,
+    seed_rows,
+    write_regime_workdirs,
+    write_workdir,
+)
 
 
 def test_results_json_contract(report_study):

@@ -10,8 +10,15 @@ import re
 import pytest
 
 from experiments.report import build, records
-from tests.report_fixtures import (CHANCE, STEPS, analyze_workdir, make_config, row, seed_rows,
-                                   write_workdir)
+from tests.report_fixtures import (
+    CHANCE,
+    STEPS,
+    analyze_workdir,
+    make_config,
+    row,
+    seed_rows,
+    write_workdir,
+)
 
 
 def test_resumed_run_keeps_last_occurrence(tmp_path):

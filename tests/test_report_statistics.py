@@ -12,9 +12,19 @@ from scipy import stats
 
 from experiments.report import statistics
 from experiments.report.records import SeedCurve
-from tests.report_fixtures import (NS5_ESCAPES, NUM_SEEDS, RAW_ESCAPES, STEPS, TOTAL_STEPS,
-                                   analyze_workdir, final, make_config, seed_rows, study_rows,
-                                   write_workdir)
+from tests.report_fixtures import (
+    NS5_ESCAPES,
+    NUM_SEEDS,
+    RAW_ESCAPES,
+    STEPS,
+    TOTAL_STEPS,
+    analyze_workdir,
+    final,
+    make_config,
+    seed_rows,
+    study_rows,
+    write_workdir,
+)
 
 
 def _expected_escapes(escapes):

@@ -315,7 +315,7 @@ def test_ctrl_c_kill_and_resume_match_an_uninterrupted_run(reference_runs, env, 
 
 def test_eight_devices_match_one(reference_runs):
     one, _ = reference_runs["one"]
-    eight, out = reference_runs["eight"]
+    eight, _ = reference_runs["eight"]
     assert len(json.loads((eight / "run_config.json").read_text())["devices"]) == 8
     results = json.loads((eight / "results.json").read_text())
     for read in READS:  # The 5 padding seeds never leak into the results.

@@ -19,13 +19,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tests.conftest import REFERENCE_CHECKPOINTS
 from orthorecall.torch_format import (
     TorchCheckpointError,
     UnsafeCheckpointError,
     load_torch_checkpoint,
     save_torch_checkpoint,
 )
+from tests.conftest import REFERENCE_CHECKPOINTS
 
 FIXTURES = REFERENCE_CHECKPOINTS
 
@@ -330,7 +330,7 @@ def test_not_a_zip(content, tmp_path):
 
 def test_zip_without_data_pkl(tmp_path):
     path = _write_zip(tmp_path / "other.zip", {"readme.txt": b"hello"})
-    with pytest.raises(TorchCheckpointError, match="data.pkl"):
+    with pytest.raises(TorchCheckpointError, match=r"data\.pkl"):
         load_torch_checkpoint(path)
 
 

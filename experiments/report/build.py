@@ -15,14 +15,26 @@ from typing import Any
 
 import numpy as np
 
-from experiments.report.plots import (plot_accuracy_curves, plot_escape_curves,
-                                      plot_solved_counts, solved_counts)
-from experiments.report.records import (ACCURACY_PNG, ESCAPE_PNG, METRICS_FILE, RESULTS_JSON,
-                                        RESULTS_MD, SOLVED_PNG, load_metrics, load_run_config)
+from experiments.report.plots import (
+    plot_accuracy_curves,
+    plot_escape_curves,
+    plot_solved_counts,
+    solved_counts,
+)
+from experiments.report.records import (
+    ACCURACY_PNG,
+    ESCAPE_PNG,
+    METRICS_FILE,
+    RESULTS_JSON,
+    RESULTS_MD,
+    SOLVED_PNG,
+    load_metrics,
+    load_run_config,
+)
 from experiments.report.statistics import analyze, finite_or_none
 from experiments.report.tables import format_markdown, run_title
 
-__all__ = ["build_report", "find_regime_workdirs", "build_regime_reports"]
+__all__ = ["build_regime_reports", "build_report", "find_regime_workdirs"]
 
 
 def _jsonable(x: Any) -> Any:

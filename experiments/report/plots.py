@@ -49,7 +49,7 @@ def plot_accuracy_curves(curves: Mapping[str, Mapping[int, SeedCurve]], results:
     reads = list(results["reads"])
     fig = _figure(5.2 * len(reads) + 0.6, 4.4)
     axes = fig.subplots(1, len(reads), sharey=True, squeeze=False)[0]
-    for i, (ax, read) in enumerate(zip(axes, reads)):
+    for i, (ax, read) in enumerate(zip(axes, reads, strict=True)):
         summary = results["reads"][read]
         # Diverged seeds are drawn last, or the chance plateau's grey would hide them.
         styles = {"solved": dict(color=f"C{i}", alpha=0.8, linewidth=1.3, zorder=2),
@@ -57,7 +57,7 @@ def plot_accuracy_curves(curves: Mapping[str, Mapping[int, SeedCurve]], results:
                   "diverged": dict(color="tab:red", alpha=0.9, linewidth=1.2, linestyle="--",
                                    zorder=3)}
         counts = dict.fromkeys(styles, 0)
-        for seed, solved, bad in zip(summary["seeds"], summary["is_solved"], summary["nonfinite"]):
+        for seed, solved, bad in zip(summary["seeds"], summary["is_solved"], summary["nonfinite"], strict=True):
             kind = "diverged" if bad else "solved" if solved else "unsolved"
             counts[kind] += 1
             curve = curves[read][seed]

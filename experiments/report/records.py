@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "METRICS_FILE",
+    "ACCURACY_PNG",
     "CONFIG_FILE",
+    "ESCAPE_PNG",
+    "METRICS_FILE",
     "RESULTS_JSON",
     "RESULTS_MD",
-    "ACCURACY_PNG",
-    "ESCAPE_PNG",
     "SOLVED_PNG",
-    "SeedCurve",
     "Metrics",
+    "SeedCurve",
     "load_metrics",
     "load_run_config",
 ]

@@ -21,18 +21,18 @@ import numpy as np
 from experiments.report.records import Metrics, SeedCurve
 
 __all__ = [
-    "DEFAULT_THRESHOLD",
     "CONFIDENCE",
+    "DEFAULT_THRESHOLD",
     "NONFINITE_POLICY",
+    "analyze",
+    "chance_accuracy",
+    "compare_reads",
+    "escape_events",
     "finite_or_none",
     "mean_confidence_interval",
-    "welch_difference",
     "seed_outcome",
-    "escape_events",
     "summarize_read",
-    "compare_reads",
-    "chance_accuracy",
-    "analyze",
+    "welch_difference",
 ]
 
 DEFAULT_THRESHOLD = 0.8
@@ -145,7 +145,7 @@ def seed_outcome(curve: SeedCurve, threshold: float, final_step: int) -> dict:
 
 def _mean_sample(read_summary: Mapping) -> list[float]:
     """The final accuracies that enter the mean: finite, of seeds that did not diverge."""
-    return [acc for acc, bad in zip(read_summary["final_accuracy"], read_summary["nonfinite"])
+    return [acc for acc, bad in zip(read_summary["final_accuracy"], read_summary["nonfinite"], strict=True)
             if not bad and acc is not None and math.isfinite(acc)]
 
 

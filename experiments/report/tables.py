@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-__all__ = ["format_markdown", "format_summary", "run_title", "format_p"]
+__all__ = ["format_markdown", "format_p", "format_summary", "run_title"]
 
 
 def _pct(x: float | None) -> str:
@@ -101,7 +101,7 @@ def format_markdown(results: Mapping) -> str:
             lines += [f"Incomplete: {read} has metrics for {s['num_seeds']} of {configured} "
                       "configured seeds.", ""]
         # Diverged seeds may stop early by design; other early stops are unfinished runs.
-        unfinished = [str(seed) for seed, last, bad in zip(s["seeds"], s["last_step"], s["nonfinite"])
+        unfinished = [str(seed) for seed, last, bad in zip(s["seeds"], s["last_step"], s["nonfinite"], strict=True)
                       if last < end and not bad]
         if unfinished:
             lines += [f"Unfinished: {read} seeds {', '.join(unfinished)} have no evaluation at "
