@@ -37,7 +37,8 @@ from absl import app, flags
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repeats (under 5 minutes on 2 cores).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 _SMOKE = flags.DEFINE_bool(
-    "smoke", False, "Tiny shapes, one repeat: checks the benchmark runs (figures meaningless).")
+    "smoke", False, "Tiny shapes, one repeat: checks the benchmark runs (figures meaningless)."
+)
 _MEMORY_CHILD = flags.DEFINE_bool("memory_child", False, "Internal: run one step, print peak RSS.")
 _MEMORY_SHAPE = flags.DEFINE_list("memory_shape", ["64", "1024"], "Internal: batch,length.")
 
@@ -46,6 +47,7 @@ VOCAB, SEQ_LEN = 80, 512  # The reference task (noise vocabulary 16, p = 0.8) at
 
 def _median_seconds(fn, repeats: int) -> float:
     import jax
+
     jax.block_until_ready(fn())  # Compilation and warm-up.
     times = []
     for _ in range(repeats):
@@ -63,7 +65,9 @@ def _train_step_runner(read_name: str, batch: int, seq_len: int, seeds: int):
     from orthorecall import cell, data, model, training
     from orthorecall.reads import read_from_name
 
-    config = model.ModelConfig(vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(read_name)))
+    config = model.ModelConfig(
+        vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(read_name))
+    )
     optimizer = training.make_optimizer()
     seed_ids = np.arange(seeds)
     states = {read_name: training.init_seed_states(seed_ids, config, optimizer)}
@@ -76,15 +80,23 @@ def _train_step_runner(read_name: str, batch: int, seq_len: int, seeds: int):
     def run():
         carry["states"], carry["keys"], metrics = step(carry["states"], carry["keys"], None)
         return metrics
+
     return run
 
 
 def bench_train_step(read_name, batch, seq_len, seeds, repeats):
     seconds = _median_seconds(_train_step_runner(read_name, batch, seq_len, seeds), repeats)
     tokens = seeds * batch * (seq_len - 1)
-    return {"name": "train_step", "read": read_name, "batch": batch, "seq_len": seq_len,
-            "seeds": seeds, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "tokens_per_s_per_seed": tokens / seconds / seeds}
+    return {
+        "name": "train_step",
+        "read": read_name,
+        "batch": batch,
+        "seq_len": seq_len,
+        "seeds": seeds,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_s_per_seed": tokens / seconds / seeds,
+    }
 
 
 def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
@@ -93,16 +105,28 @@ def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
     from orthorecall import cell, data, model
     from orthorecall.reads import read_from_name
 
-    config = model.ModelConfig(vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(read_name)))
+    config = model.ModelConfig(
+        vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(read_name))
+    )
     params = model.init_params(jax.random.PRNGKey(0), config)
     tokens, _ = data.sample_noisy_recall(
-        jax.random.PRNGKey(1), data.NoisyRecallTask(vocab_size=VOCAB, seq_len=seq_len),
-        batch_size=batch, is_training=False)
+        jax.random.PRNGKey(1),
+        data.NoisyRecallTask(vocab_size=VOCAB, seq_len=seq_len),
+        batch_size=batch,
+        is_training=False,
+    )
     forward = jax.jit(model.apply, static_argnames="config")
     seconds = _median_seconds(lambda: forward(params, tokens, config=config), repeats)
     count = batch * (seq_len - 1)
-    return {"name": "eval_forward", "read": read_name, "batch": batch, "seq_len": seq_len,
-            "seeds": 1, "seconds": seconds, "tokens_per_s": count / seconds}
+    return {
+        "name": "eval_forward",
+        "read": read_name,
+        "batch": batch,
+        "seq_len": seq_len,
+        "seeds": 1,
+        "seconds": seconds,
+        "tokens_per_s": count / seconds,
+    }
 
 
 def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
@@ -130,35 +154,74 @@ def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
 
     def record(implementation, passes, flops, fn):
         gflops = flops / _median_seconds(fn, repeats) / 1e9
-        return {"name": "read", "read": "ns5", "batch": num_matrices, "seq_len": None,
-                "seeds": None, "matrix_dim": dim, "implementation": implementation,
-                "pass": passes, "gflops": gflops, "fraction_of_gemm": gflops / gemm_gflops}
+        return {
+            "name": "read",
+            "read": "ns5",
+            "batch": num_matrices,
+            "seq_len": None,
+            "seeds": None,
+            "matrix_dim": dim,
+            "implementation": implementation,
+            "pass": passes,
+            "gflops": gflops,
+            "fraction_of_gemm": gflops / gemm_gflops,
+        }
+
     records = [
         record(implementation, "forward", forward_flops, lambda: model_read(memory, query)),
-        record(implementation, "forward_backward", forward_flops + backward_flops,
-               lambda: (model_read(memory, query), model_read_vjp(memory, query, h_bar))),
+        record(
+            implementation,
+            "forward_backward",
+            forward_flops + backward_flops,
+            lambda: (model_read(memory, query), model_read_vjp(memory, query, h_bar)),
+        ),
     ]
     if implementation != "xla":
         records.append(record("xla", "forward", forward_flops, lambda: xla_read(memory, query)))
-    records.append({"name": "gemm", "read": None, "batch": None, "seq_len": None, "seeds": None,
-                    "matrix_dim": gemm_dim, "gflops": gemm_gflops})
+    records.append(
+        {
+            "name": "gemm",
+            "read": None,
+            "batch": None,
+            "seq_len": None,
+            "seeds": None,
+            "matrix_dim": gemm_dim,
+            "gflops": gemm_gflops,
+        }
+    )
     return records
 
 
 def bench_memory(batch=64, seq_len=1024):
     """Peak RSS of a fresh process running one NS5 training step."""
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", "--memory_child",
-         f"--memory_shape={batch},{seq_len}"], capture_output=True, text=True, timeout=3600)
+        [
+            sys.executable,
+            "-m",
+            "experiments.benchmark",
+            "--memory_child",
+            f"--memory_shape={batch},{seq_len}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the memory measurement failed:\n{done.stderr[-3000:]}")
     peak = int(done.stdout.strip().splitlines()[-1])
-    return {"name": "train_step_memory", "read": "ns5", "batch": batch, "seq_len": seq_len,
-            "seeds": 1, "peak_rss_bytes": peak}
+    return {
+        "name": "train_step_memory",
+        "read": "ns5",
+        "batch": batch,
+        "seq_len": seq_len,
+        "seeds": 1,
+        "peak_rss_bytes": peak,
+    }
 
 
 def _memory_child(batch, seq_len):
     import jax
+
     run = _train_step_runner("ns5", batch, seq_len, 1)
     jax.block_until_ready(run())
     # ru_maxrss is in KiB on Linux (bytes on macOS).
@@ -174,28 +237,55 @@ def _format(records) -> str:
         elif "gflops" in r:
             figure = f"{r['gflops']:.1f} GFLOP/s"
             if "fraction_of_gemm" in r:
-                figure += (f" = {100 * r['fraction_of_gemm']:.0f}% of gemm"
-                           f" ({r['implementation']}, {r['pass']})")
+                figure += (
+                    f" = {100 * r['fraction_of_gemm']:.0f}% of gemm"
+                    f" ({r['implementation']}, {r['pass']})"
+                )
         else:
             figure = f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
         cells = [r["name"], r["read"] or "", r["batch"] or "", r["seq_len"] or "", r["seeds"] or ""]
-        lines.append(f"{cells[0]:<18}{cells[1]:<6}{cells[2]!s:>7}{cells[3]!s:>6}"
-                     f"{cells[4]!s:>6}  {figure}")
+        lines.append(
+            f"{cells[0]:<18}{cells[1]:<6}{cells[2]!s:>7}{cells[3]!s:>6}{cells[4]!s:>6}  {figure}"
+        )
     return "\n".join(lines)
 
 
 # Shapes per mode: the train/eval shape, the seed-vmap pair, the read batch,
 # the gemm size and the memory measurement's shape.
 _MODES = {
-    "full": dict(train_batches=(16, 64), eval_batches=(16, 64), seq_len=SEQ_LEN,
-                 seed_batch=16, seed_len=128, read_matrices=8192, gemm_dim=2048,
-                 memory=(64, 1024), repeats=5),
-    "quick": dict(train_batches=(16, 64), eval_batches=(16, 64), seq_len=SEQ_LEN,
-                  seed_batch=2, seed_len=128, read_matrices=8192, gemm_dim=2048,
-                  memory=(64, 1024), repeats=2),
-    "smoke": dict(train_batches=(2,), eval_batches=(2,), seq_len=24,
-                  seed_batch=2, seed_len=16, read_matrices=32, gemm_dim=128,
-                  memory=(2, 64), repeats=1),
+    "full": dict(
+        train_batches=(16, 64),
+        eval_batches=(16, 64),
+        seq_len=SEQ_LEN,
+        seed_batch=16,
+        seed_len=128,
+        read_matrices=8192,
+        gemm_dim=2048,
+        memory=(64, 1024),
+        repeats=5,
+    ),
+    "quick": dict(
+        train_batches=(16, 64),
+        eval_batches=(16, 64),
+        seq_len=SEQ_LEN,
+        seed_batch=2,
+        seed_len=128,
+        read_matrices=8192,
+        gemm_dim=2048,
+        memory=(64, 1024),
+        repeats=2,
+    ),
+    "smoke": dict(
+        train_batches=(2,),
+        eval_batches=(2,),
+        seq_len=24,
+        seed_batch=2,
+        seed_len=16,
+        read_matrices=32,
+        gemm_dim=128,
+        memory=(2, 64),
+        repeats=1,
+    ),
 }
 
 
@@ -215,22 +305,34 @@ def run_benchmark(mode: str) -> dict:
         for batch in shapes["eval_batches"]:
             records.append(bench_eval_forward(read, batch, repeats, seq_len=shapes["seq_len"]))
     for seeds in (1, 24):
-        records.append(bench_train_step("ns5", shapes["seed_batch"], shapes["seed_len"], seeds,
-                                        repeats))
-    records.extend(bench_read_and_gemm(repeats, num_matrices=shapes["read_matrices"],
-                                       gemm_dim=shapes["gemm_dim"]))
+        records.append(
+            bench_train_step("ns5", shapes["seed_batch"], shapes["seed_len"], seeds, repeats)
+        )
+    records.extend(
+        bench_read_and_gemm(
+            repeats, num_matrices=shapes["read_matrices"], gemm_dim=shapes["gemm_dim"]
+        )
+    )
     records.append(bench_memory(*shapes["memory"]))
     device = jax.devices()[0]
-    return {"device": f"{device.platform}:{device.device_kind}",
-            "num_devices": jax.device_count(), "jax_version": jax.__version__, "mode": mode,
-            "quick": mode == "quick", "machine": platform.machine(),
-            "ns_read_implementation": read_from_name("ns5").implementation(),
-            "config": {**data.NoisyRecallTask(vocab_size=VOCAB, seq_len=SEQ_LEN).to_dict(),
-                       "model": "reference (ModelConfig defaults)",
-                       "chunk_size": {name: mlstm.default_chunk_size(read_from_name(name))
-                                      for name in ("raw", "ns5")},
-                       "shapes": shapes},
-            "records": records}
+    return {
+        "device": f"{device.platform}:{device.device_kind}",
+        "num_devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "mode": mode,
+        "quick": mode == "quick",
+        "machine": platform.machine(),
+        "ns_read_implementation": read_from_name("ns5").implementation(),
+        "config": {
+            **data.NoisyRecallTask(vocab_size=VOCAB, seq_len=SEQ_LEN).to_dict(),
+            "model": "reference (ModelConfig defaults)",
+            "chunk_size": {
+                name: mlstm.default_chunk_size(read_from_name(name)) for name in ("raw", "ns5")
+            },
+            "shapes": shapes,
+        },
+        "records": records,
+    }
 
 
 def main(argv):
@@ -243,8 +345,10 @@ def main(argv):
     if _QUICK.value and _SMOKE.value:
         raise app.UsageError("--quick and --smoke are exclusive; pick one.")
     out = run_benchmark("smoke" if _SMOKE.value else "quick" if _QUICK.value else "full")
-    print(f"{out['device']} x{out['num_devices']}, jax {out['jax_version']}, "
-          f"NS read: {out['ns_read_implementation']}")
+    print(
+        f"{out['device']} x{out['num_devices']}, jax {out['jax_version']}, "
+        f"NS read: {out['ns_read_implementation']}"
+    )
     print(_format(out["records"]))
     if _JSON.value:
         with open(_JSON.value, "w") as f:

@@ -60,7 +60,11 @@ def benchmark_generators(batch_size: int, seq_len: int, repeats: int) -> None:
 def _scatter_min(slot_keys, is_noise, num_keys):
     b, n = slot_keys.shape
     index = jnp.arange(n)
-    first = jnp.full((b, num_keys), n).at[jnp.arange(b)[:, None], slot_keys].min(jnp.where(is_noise, n, index))
+    first = (
+        jnp.full((b, num_keys), n)
+        .at[jnp.arange(b)[:, None], slot_keys]
+        .min(jnp.where(is_noise, n, index))
+    )
     return first < n, ~is_noise & (index > jnp.take_along_axis(first, slot_keys, axis=1))
 
 
@@ -76,7 +80,9 @@ def _pairwise(slot_keys, is_noise, num_keys):
     n = slot_keys.shape[1]
     index = jnp.arange(n)
     earlier_same = (
-        (slot_keys[:, :, None] == slot_keys[:, None, :]) & ~is_noise[:, None, :] & (index[None, :] < index[:, None])
+        (slot_keys[:, :, None] == slot_keys[:, None, :])
+        & ~is_noise[:, None, :]
+        & (index[None, :] < index[:, None])
     )
     presented = ((slot_keys[..., None] == jnp.arange(num_keys)) & ~is_noise[..., None]).any(axis=1)
     return presented, ~is_noise & earlier_same.any(axis=-1)
@@ -101,25 +107,35 @@ def benchmark_first_occurrence(batch_size: int, seq_len: int, repeats: int) -> N
     slot_keys = jax.random.randint(k_keys, shape, 0, spec.num_keys)
     is_noise = jax.random.uniform(k_noise, shape) < spec.frac_noise
     expected = None
-    for name, fn in [("scatter-min (used)", _scatter_min), ("one-hot min", _one_hot_min),
-                     ("pairwise O(P^2)", _pairwise), ("lax.scan over slots", _scan)]:
+    for name, fn in [
+        ("scatter-min (used)", _scatter_min),
+        ("one-hot min", _one_hot_min),
+        ("pairwise O(P^2)", _pairwise),
+        ("lax.scan over slots", _scan),
+    ]:
         jitted = jax.jit(fn, static_argnums=2)
         out = jax.block_until_ready(jitted(slot_keys, is_noise, spec.num_keys))
         expected = expected or out
         assert all(np.array_equal(a, b) for a, b in zip(out, expected, strict=True)), name
         seconds = _median_seconds(
-            lambda _, jitted=jitted: jax.block_until_ready(jitted(slot_keys, is_noise, spec.num_keys)),
+            lambda _, jitted=jitted: jax.block_until_ready(
+                jitted(slot_keys, is_noise, spec.num_keys)
+            ),
             repeats,
         )
         print(f"{name:>28s}: {seconds * 1e3:9.3f} ms/batch")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--variants", action="store_true", help="also time first-occurrence variants")
+    parser.add_argument(
+        "--variants", action="store_true", help="also time first-occurrence variants"
+    )
     args = parser.parse_args()
     task = data.NoisyRecallTask(vocab_size=VOCAB_SIZE, seq_len=args.seq_len)
     print(f"batch {args.batch_size}, {task}, {jax.devices()[0].platform}")

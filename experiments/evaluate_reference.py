@@ -20,15 +20,20 @@ from absl import app, flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Path of a reference .pt checkpoint.")
 _NUM_BATCHES = flags.DEFINE_integer(
-    "num_batches", None, "Validation batches (default: the checkpoint's val_batches, else 16).")
+    "num_batches", None, "Validation batches (default: the checkpoint's val_batches, else 16)."
+)
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", None, "Sequences per batch (default: the checkpoint's val_batch_size, else 16).")
+    "batch_size", None, "Sequences per batch (default: the checkpoint's val_batch_size, else 16)."
+)
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Chunk length of the chunkwise form.")
 _SEQUENCE_FORM = flags.DEFINE_enum(
-    "sequence_form", "chunkwise", ["chunkwise", "recurrent"], "Which form of the recurrence to run.")
+    "sequence_form", "chunkwise", ["chunkwise", "recurrent"], "Which form of the recurrence to run."
+)
 
-def evaluate_checkpoint(path, *, num_batches=None, batch_size=None, chunk_size=64,
-                        sequence_form="chunkwise") -> dict:
+
+def evaluate_checkpoint(
+    path, *, num_batches=None, batch_size=None, chunk_size=64, sequence_form="chunkwise"
+) -> dict:
     """Loads ``path`` and evaluates it on its reference validation set.
 
     Returns:
@@ -43,7 +48,8 @@ def evaluate_checkpoint(path, *, num_batches=None, batch_size=None, chunk_size=6
     from orthorecall import data, evaluation, reference_checkpoint
 
     checkpoint = reference_checkpoint.load_reference_checkpoint(
-        path, chunk_size=chunk_size, sequence_form=sequence_form)
+        path, chunk_size=chunk_size, sequence_form=sequence_form
+    )
     cfg = checkpoint.cfg
     if "seed" not in cfg:
         raise ValueError(f"{path}: the stored cfg lacks 'seed'; cannot rebuild the validation set.")
@@ -55,11 +61,13 @@ def evaluate_checkpoint(path, *, num_batches=None, batch_size=None, chunk_size=6
     if task.vocab_size != checkpoint.config.vocab_size:
         raise ValueError(
             f"{path}: cfg vocab_size={task.vocab_size} but the embedding has "
-            f"{checkpoint.config.vocab_size} rows.")
+            f"{checkpoint.config.vocab_size} rows."
+        )
     num_batches = num_batches or cfg.get("val_batches") or 16
     batch_size = batch_size or cfg.get("val_batch_size") or 16
     inputs, targets = data.reference_validation_set(
-        task, seed=int(cfg["seed"]), num_batches=num_batches, batch_size=batch_size)
+        task, seed=int(cfg["seed"]), num_batches=num_batches, batch_size=batch_size
+    )
     start = time.perf_counter()
     metrics = evaluation.evaluate(checkpoint.params, checkpoint.config, inputs, targets)
     return {
@@ -88,11 +96,21 @@ def main(argv):
         if flag.value is not None and flag.value < 1:
             raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}.")
     from orthorecall import torch_format
+
     try:
         result = evaluate_checkpoint(
-            _CHECKPOINT.value, num_batches=_NUM_BATCHES.value, batch_size=_BATCH_SIZE.value,
-            chunk_size=_CHUNK_SIZE.value, sequence_form=_SEQUENCE_FORM.value)
-    except (FileNotFoundError, IsADirectoryError, torch_format.TorchCheckpointError, ValueError) as e:
+            _CHECKPOINT.value,
+            num_batches=_NUM_BATCHES.value,
+            batch_size=_BATCH_SIZE.value,
+            chunk_size=_CHUNK_SIZE.value,
+            sequence_form=_SEQUENCE_FORM.value,
+        )
+    except (
+        FileNotFoundError,
+        IsADirectoryError,
+        torch_format.TorchCheckpointError,
+        ValueError,
+    ) as e:
         print(f"evaluate_reference: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))

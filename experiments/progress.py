@@ -34,11 +34,22 @@ class Progress:
             is; None (default) decides from whether ``stream`` is a terminal.
     """
 
-    def __init__(self, total: int, start: int, every: int, *, stream: IO[str] | None = None,
-                 force_terminal: bool | None = None):
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        every: int,
+        *,
+        stream: IO[str] | None = None,
+        force_terminal: bool | None = None,
+    ):
         self.total, self.start, self.every = total, start, every
-        self.console = Console(file=stream or sys.stdout, force_terminal=force_terminal,
-                               highlight=False, soft_wrap=True)
+        self.console = Console(
+            file=stream or sys.stdout,
+            force_terminal=force_terminal,
+            highlight=False,
+            soft_wrap=True,
+        )
         self._t0 = time.perf_counter()
         self._bar = None
         if self.console.is_terminal:
@@ -48,9 +59,12 @@ class Progress:
                 rich_progress.TextColumn("{task.fields[rate]}"),
                 rich_progress.TimeRemainingColumn(),
                 rich_progress.TextColumn("{task.fields[status]}"),
-                console=self.console, transient=False)
-            self._task = self._bar.add_task("train", total=total, completed=start, rate="",
-                                            status="")
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._bar.add_task(
+                "train", total=total, completed=start, rate="", status=""
+            )
 
     @property
     def is_bar(self) -> bool:
@@ -79,8 +93,14 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, completed=step, rate=self._rate(step))
 
-    def update(self, step: int, losses: Mapping[str, float | None], solved: Mapping[str, int],
-               num_seeds: int, nonfinite: Mapping[str, int]) -> None:
+    def update(
+        self,
+        step: int,
+        losses: Mapping[str, float | None],
+        solved: Mapping[str, int],
+        num_seeds: int,
+        nonfinite: Mapping[str, int],
+    ) -> None:
         """The per-read status at ``step``: mean training loss, seeds solved so far and
         diverged seeds (a loss of None: no seed has a finite one). On a terminal it replaces the bar's status text; otherwise a
         plain line is printed every ``every`` steps and at the last step."""
@@ -99,8 +119,14 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else math.nan
         width = 24
         filled = int(width * step / self.total)
-        line = " | ".join([f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}",
-                           f"{rate:.2f} steps/s", f"ETA {_duration(eta)}", status])
+        line = " | ".join(
+            [
+                f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}",
+                f"{rate:.2f} steps/s",
+                f"ETA {_duration(eta)}",
+                status,
+            ]
+        )
         self.console.print(line, markup=False)
 
     def _steps_per_second(self, step: int) -> float:

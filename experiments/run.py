@@ -28,12 +28,16 @@ from ml_collections import config_flags
 _CONFIGS_HOME = pathlib.Path(__file__).resolve().parent
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Configuration file, optionally with ':PRESET' "
-    "(configs/noisy_ar.py resolves to experiments/configs/noisy_ar.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output folder (default: workdirs/<config.name>).")
+    "config",
+    None,
+    "Configuration file, optionally with ':PRESET' "
+    "(configs/noisy_ar.py resolves to experiments/configs/noisy_ar.py).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: workdirs/<config.name>).")
 _TENSORBOARD = flags.DEFINE_bool(
-    "tensorboard", True, "Write TensorBoard event files under <workdir>/tensorboard.")
+    "tensorboard", True, "Write TensorBoard event files under <workdir>/tensorboard."
+)
 
 
 class UsageError(Exception):
@@ -74,11 +78,12 @@ def load_config(path: str, display: str | None = None):
         config = flag.value
         config.keys()  # ml_collections defers a file it could not load until first use.
     except flags.Error as e:  # get_config raised, e.g. for an unknown preset
-        raise UsageError(f"--config={display or path}: "
-                         f"{str(e).strip().splitlines()[-1]}") from None
+        raise UsageError(f"--config={display or path}: {str(e).strip().splitlines()[-1]}") from None
     except OSError:
-        raise UsageError(f"--config={display or path}: no such file (looked in the current "
-                         f"directory and in {_CONFIGS_HOME})") from None
+        raise UsageError(
+            f"--config={display or path}: no such file (looked in the current "
+            f"directory and in {_CONFIGS_HOME})"
+        ) from None
     return config
 
 
@@ -97,13 +102,16 @@ def check_overrides(config, argv: Sequence[str]) -> None:
         for part in field.split("."):
             if not hasattr(node, "keys") or part not in node:
                 known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none)"
-                problems.append(f"--config.{field}: {'.'.join(path)} has no field {part!r} "
-                                f"(its fields: {known})")
+                problems.append(
+                    f"--config.{field}: {'.'.join(path)} has no field {part!r} "
+                    f"(its fields: {known})"
+                )
                 break
             node, path = node[part], path + [part]
     if problems:
-        raise UsageError("; ".join(problems) + ". The fields are defined in "
-                         "experiments/configs/noisy_ar.py.")
+        raise UsageError(
+            "; ".join(problems) + ". The fields are defined in experiments/configs/noisy_ar.py."
+        )
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -45,8 +45,13 @@ class RunSummaries:
         purge_step: on resume, the step resumed from (see the module docstring).
     """
 
-    def __init__(self, directory: str | os.PathLike, reads: Sequence[str], seeds: Sequence[int],
-                 purge_step: int | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        reads: Sequence[str],
+        seeds: Sequence[int],
+        purge_step: int | None = None,
+    ):
         self.directory = os.fspath(directory)
         self.seeds = [int(s) for s in seeds]
         width = len(str(max(self.seeds)))  # Runs sort by name: zero-pad the seeds.
@@ -54,11 +59,15 @@ class RunSummaries:
         # the same second would truncate its predecessor's file without a suffix.
         suffix = f".{os.getpid()}.{time.time_ns()}"
         self._writers = {
-            (read, name): SummaryWriter(os.path.join(self.directory, read, name),
-                                        purge_step=purge_step, flush_secs=30,
-                                        filename_suffix=suffix)
+            (read, name): SummaryWriter(
+                os.path.join(self.directory, read, name),
+                purge_step=purge_step,
+                flush_secs=30,
+                filename_suffix=suffix,
+            )
             for read in reads
-            for name in [ALL_SEEDS] + [f"seed_{s:0{width}d}" for s in self.seeds]}
+            for name in [ALL_SEEDS] + [f"seed_{s:0{width}d}" for s in self.seeds]
+        }
         self._seed_names = [f"seed_{s:0{width}d}" for s in self.seeds]
 
     def _scalar(self, read: str, run: str, tag: str, value, step: int) -> None:
@@ -69,8 +78,9 @@ class RunSummaries:
         """Training metrics at ``step``: read -> {"loss": per seed, "grad_norm": per seed}.
         Non-finite values (diverged seeds) are not written."""
         for read, values in metrics.items():
-            for name, loss, grad_norm in zip(self._seed_names, values["loss"],
-                                             values["grad_norm"], strict=True):
+            for name, loss, grad_norm in zip(
+                self._seed_names, values["loss"], values["grad_norm"], strict=True
+            ):
                 self._scalar(read, name, "train/loss", loss, step)
                 self._scalar(read, name, "train/grad_norm", grad_norm, step)
             self._scalar(read, ALL_SEEDS, "train/loss_mean", finite_mean(values["loss"]), step)
@@ -91,8 +101,9 @@ class RunSummaries:
             self._scalar(read, ALL_SEEDS, "val/accuracy_mean", finite_mean(accuracy), step)
             self._scalar(read, ALL_SEEDS, "val/loss_mean", finite_mean(loss), step)
             self._scalar(read, ALL_SEEDS, "val/solved", solved[read], step)
-            self._scalar(read, ALL_SEEDS, "val/diverged",
-                         sum(bool(r["nonfinite"]) for r in rows), step)
+            self._scalar(
+                read, ALL_SEEDS, "val/diverged", sum(bool(r["nonfinite"]) for r in rows), step
+            )
 
     def flush(self) -> None:
         for writer in self._writers.values():

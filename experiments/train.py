@@ -71,7 +71,8 @@ def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mode
         try:
             configs[name] = model_lib.ModelConfig(
                 vocab_size=config.task.vocab_size,
-                cell=cell_lib.CellConfig(read=read, **config.model.to_dict()))
+                cell=cell_lib.CellConfig(read=read, **config.model.to_dict()),
+            )
         except (ValueError, TypeError) as e:
             _fail("model", str(e))
     return configs
@@ -100,19 +101,33 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
     """
     task = task_from_config(config)
     if not task.multi_query:
-        _fail("task.multi_query", "the study uses multi_query=True; single-query training "
-              "targets are not supported by the trainer.")
+        _fail(
+            "task.multi_query",
+            "the study uses multi_query=True; single-query training "
+            "targets are not supported by the trainer.",
+        )
     train = config.train
-    for field in ("steps", "batch_size", "eval_every", "val_batches", "val_batch_size",
-                  "checkpoint_every", "keep_checkpoints", "log_every"):
+    for field in (
+        "steps",
+        "batch_size",
+        "eval_every",
+        "val_batches",
+        "val_batch_size",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+    ):
         _check_int(f"train.{field}", train[field], minimum=1)
     if not train.learning_rate > 0:
         _fail("train.learning_rate", f"must be > 0, got {train.learning_rate!r}.")
     if train.schedule not in training.SCHEDULES:
         _fail("train.schedule", f"{train.schedule!r} is not one of {training.SCHEDULES}.")
     if train.schedule == "stretched_cosine" and train.stretch_steps < train.steps:
-        _fail("train.stretch_steps", f"must be >= train.steps ({train.steps}) for "
-              f"stretched_cosine, got {train.stretch_steps}.")
+        _fail(
+            "train.stretch_steps",
+            f"must be >= train.steps ({train.steps}) for "
+            f"stretched_cosine, got {train.stretch_steps}.",
+        )
     if train.data_source not in ("jax", "numpy"):
         _fail("train.data_source", f"{train.data_source!r} is neither 'jax' nor 'numpy'.")
     if train.clip_norm is not None and not train.clip_norm > 0:
@@ -145,14 +160,19 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> N
         return
     previous = _flatten(json.loads(path.read_text())["config"])
     current = _flatten(json.loads(config.to_json()))
-    differing = sorted(k for k in set(previous) | set(current)
-                       if k not in _RESUMABLE_FIELDS and previous.get(k) != current.get(k))
+    differing = sorted(
+        k
+        for k in set(previous) | set(current)
+        if k not in _RESUMABLE_FIELDS and previous.get(k) != current.get(k)
+    )
     if differing:
-        details = "; ".join(f"{k}: workdir has {previous.get(k)!r}, now {current.get(k)!r}"
-                            for k in differing)
+        details = "; ".join(
+            f"{k}: workdir has {previous.get(k)!r}, now {current.get(k)!r}" for k in differing
+        )
         raise ConfigError(
             f"{workdir} holds a run with a different configuration ({details}). Use another "
-            "--workdir, or repeat the original configuration to resume it.")
+            "--workdir, or repeat the original configuration to resume it."
+        )
 
 
 def _atomic_write(path: pathlib.Path, text: str) -> None:
@@ -170,8 +190,9 @@ def _run_description(config, names) -> dict:
         "eval_every": config.train.eval_every,
         "reads": names,
         "num_seeds": config.seeds.num_seeds,
-        "seeds": list(range(config.seeds.first_seed,
-                            config.seeds.first_seed + config.seeds.num_seeds)),
+        "seeds": list(
+            range(config.seeds.first_seed, config.seeds.first_seed + config.seeds.num_seeds)
+        ),
         "solved_threshold": config.solved_threshold,
         "batch_size": config.train.batch_size,
         "vocab_size": config.task.vocab_size,
@@ -184,8 +205,13 @@ def _run_description(config, names) -> dict:
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       tensorboard: bool = True, console: IO[str] | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    tensorboard: bool = True,
+    console: IO[str] | None = None,
+) -> dict:
     """Runs (or resumes) the study described by ``config`` in ``workdir``.
 
     Args:
@@ -216,22 +242,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     num_seeds = config.seeds.num_seeds
     seeds = config.seeds.first_seed + np.arange(training.padded_seed_count(num_seeds, mesh))
     optimizer = training.make_optimizer(
-        learning_rate=train.learning_rate, total_steps=train.steps, schedule=train.schedule,
-        stretch_steps=train.stretch_steps, b1=train.b1, b2=train.b2, eps=train.eps,
-        weight_decay=train.weight_decay, clip_norm=train.clip_norm)
+        learning_rate=train.learning_rate,
+        total_steps=train.steps,
+        schedule=train.schedule,
+        stretch_steps=train.stretch_steps,
+        b1=train.b1,
+        b2=train.b2,
+        eps=train.eps,
+        weight_decay=train.weight_decay,
+        clip_norm=train.clip_norm,
+    )
 
     states = {name: training.init_seed_states(seeds, configs[name], optimizer) for name in names}
     # Data keys differ from initialization keys but are fixed by the seed.
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 1))(
-        jnp.asarray(seeds, jnp.uint32))
+        jnp.asarray(seeds, jnp.uint32)
+    )
     tree = training.shard_seeds({"states": states, "keys": keys}, mesh)
     streams = None
     if train.data_source == "numpy":
-        streams = [data.ReferenceTrainingStream(task, seed=int(s), batch_size=train.batch_size)
-                   for s in seeds]
+        streams = [
+            data.ReferenceTrainingStream(task, seed=int(s), batch_size=train.batch_size)
+            for s in seeds
+        ]
 
     checkpointer = checkpointing.RunCheckpointer(
-        workdir / "checkpoints", save_every=train.checkpoint_every, keep=train.keep_checkpoints)
+        workdir / "checkpoints", save_every=train.checkpoint_every, keep=train.keep_checkpoints
+    )
     step, records, resumed_from = 0, [], None
     restored = checkpointer.restore_latest(tree)
     if restored is not None:
@@ -241,12 +278,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if streams is not None:
             streams = [data.ReferenceTrainingStream.from_state(s) for s in meta["streams"]]
         resumed_from = step
-    _atomic_write(workdir / RUN_CONFIG_FILE,
-                  json.dumps(_run_description(config, names), indent=1))
+    _atomic_write(workdir / RUN_CONFIG_FILE, json.dumps(_run_description(config, names), indent=1))
 
-    val_sets = [data.reference_validation_set(task, seed=int(s), num_batches=train.val_batches,
-                                              batch_size=train.val_batch_size)
-                for s in seeds]
+    val_sets = [
+        data.reference_validation_set(
+            task, seed=int(s), num_batches=train.val_batches, batch_size=train.val_batch_size
+        )
+        for s in seeds
+    ]
     val_inputs = training.shard_seeds(jnp.asarray(np.stack([v[0] for v in val_sets])), mesh)
     val_targets = training.shard_seeds(jnp.asarray(np.stack([v[1] for v in val_sets])), mesh)
     sample = None
@@ -269,16 +308,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     def meta():
         # A copy: Orbax writes the JSON item asynchronously, after more records are appended.
-        return {"step": step, "metrics": list(records),
-                "streams": None if streams is None else [s.state() for s in streams]}
+        return {
+            "step": step,
+            "metrics": list(records),
+            "streams": None if streams is None else [s.state() for s in streams],
+        }
 
     def write_metrics():
         _atomic_write(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
 
     summaries = None
     if tensorboard:
-        summaries = RunSummaries(workdir / TENSORBOARD_DIR, names, seeds[:num_seeds],
-                                 purge_step=resumed_from)
+        summaries = RunSummaries(
+            workdir / TENSORBOARD_DIR, names, seeds[:num_seeds], purge_step=resumed_from
+        )
     progress = Progress(train.steps, step, train.log_every, stream=console)
     if resumed_from is not None:
         progress.note(f"resuming {workdir} from step {resumed_from}")
@@ -295,7 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     previous_handlers = {
         signum: signal.signal(signum, request_stop)
         for signum in (signal.SIGINT, signal.SIGTERM)
-        if signum != signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN}
+        if signum != signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN
+    }
     try:
         with progress:
             while step < train.steps:
@@ -303,10 +347,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if streams is not None:
                     batches = [s.next_batch() for s in streams]
                     batch = training.shard_seeds(
-                        (jnp.asarray(np.stack([b[0] for b in batches])),
-                         jnp.asarray(np.stack([b[1] for b in batches]))), mesh)
-                new_states, new_keys, step_metrics = train_step(tree["states"], tree["keys"],
-                                                                batch)
+                        (
+                            jnp.asarray(np.stack([b[0] for b in batches])),
+                            jnp.asarray(np.stack([b[1] for b in batches])),
+                        ),
+                        mesh,
+                    )
+                new_states, new_keys, step_metrics = train_step(tree["states"], tree["keys"], batch)
                 tree = {"states": new_states, "keys": new_keys}
                 step += 1
                 progress.advance(step)
@@ -315,30 +362,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if evaluate_now or log_now:
                     # Padding seeds (several devices) are dropped here, once.
                     metrics, bad = jax.device_get(
-                        ({n: m for n, m in step_metrics.items()},
-                         {n: tree["states"][n].nonfinite for n in names}))
-                    metrics = {n: {k: v[:num_seeds] for k, v in m.items()}
-                               for n, m in metrics.items()}
+                        (
+                            {n: m for n, m in step_metrics.items()},
+                            {n: tree["states"][n].nonfinite for n in names},
+                        )
+                    )
+                    metrics = {
+                        n: {k: v[:num_seeds] for k, v in m.items()} for n, m in metrics.items()
+                    }
                     bad = {n: b[:num_seeds] for n, b in bad.items()}
                 if evaluate_now:
                     results = jax.device_get(eval_step(tree["states"], val_inputs, val_targets))
-                    new_records = _evaluation_records(step, names, seeds[:num_seeds], results,
-                                                      metrics, bad)
+                    new_records = _evaluation_records(
+                        step, names, seeds[:num_seeds], results, metrics, bad
+                    )
                     for record in new_records:
                         records.append(record)
                         count_solved(record)
                     write_metrics()
                     if summaries is not None:
-                        summaries.evaluation(step, new_records,
-                                             {n: len(s) for n, s in solved.items()})
+                        summaries.evaluation(
+                            step, new_records, {n: len(s) for n, s in solved.items()}
+                        )
                     if progress.is_bar:  # The bar keeps no history: one line per evaluation.
-                        progress.note(_evaluation_line(step, names, new_records, solved,
-                                                       num_seeds))
+                        progress.note(_evaluation_line(step, names, new_records, solved, num_seeds))
                 if log_now:
                     nonfinite = {n: int(np.sum(bad[n])) for n in names}
                     mean_loss = {n: finite_mean(metrics[n]["loss"]) for n in names}
-                    progress.update(step, mean_loss, {n: len(s) for n, s in solved.items()},
-                                    num_seeds, nonfinite)
+                    progress.update(
+                        step,
+                        mean_loss,
+                        {n: len(s) for n, s in solved.items()},
+                        num_seeds,
+                        nonfinite,
+                    )
                     if summaries is not None:
                         summaries.train(step, metrics)
                 checkpointer.save(step, tree, meta(), force=step == train.steps)
@@ -370,21 +427,26 @@ def _evaluation_records(step, names, seeds, results, metrics, bad) -> list[dict]
         for i, seed in enumerate(seeds):
             accuracy = float(results[name]["accuracy"][i])
             finite = np.isfinite(accuracy) and not bad[name][i]
-            records.append({
-                "read": name, "seed": int(seed), "step": step,
-                "accuracy": accuracy if finite else None,
-                "loss": float(results[name]["loss"][i]) if finite else None,
-                "train_loss": _finite_or_none(metrics[name]["loss"][i]),
-                "nonfinite": bool(bad[name][i]),
-            })
+            records.append(
+                {
+                    "read": name,
+                    "seed": int(seed),
+                    "step": step,
+                    "accuracy": accuracy if finite else None,
+                    "loss": float(results[name]["loss"][i]) if finite else None,
+                    "train_loss": _finite_or_none(metrics[name]["loss"][i]),
+                    "nonfinite": bool(bad[name][i]),
+                }
+            )
     return records
 
 
 def _evaluation_line(step, names, records, solved, num_seeds) -> str:
     parts = []
     for name in names:
-        accuracy = finite_mean([r["accuracy"] for r in records
-                                 if r["read"] == name and r["accuracy"] is not None])
+        accuracy = finite_mean(
+            [r["accuracy"] for r in records if r["read"] == name and r["accuracy"] is not None]
+        )
         mean = "n/a" if accuracy is None else f"{100 * accuracy:.1f}%"
         parts.append(f"{name}: mean accuracy {mean}, solved {len(solved[name])}/{num_seeds}")
     return f"evaluation at step {step}: " + " | ".join(parts)

@@ -75,8 +75,14 @@ class CellConfig:
     compute_dtype: str = "float32"
 
     def __post_init__(self):
-        names = ("embedding_dim", "num_heads", "inner_multiple", "conv_kernel_size",
-                 "qkv_block_size", "num_blocks") + (() if self.chunk_size is None else ("chunk_size",))
+        names = (
+            "embedding_dim",
+            "num_heads",
+            "inner_multiple",
+            "conv_kernel_size",
+            "qkv_block_size",
+            "num_blocks",
+        ) + (() if self.chunk_size is None else ("chunk_size",))
         for name in names:  # Stored as Python ints: a static jit argument hashes them.
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         if not self.proj_factor > 0:
@@ -84,20 +90,20 @@ class CellConfig:
         if not isinstance(self.read, ReadConfig):
             raise ValueError(f"read must be a ReadConfig, got {self.read!r}.")
         if self.sequence_form not in SEQUENCE_FORMS:
-            raise ValueError(
-                f"sequence_form={self.sequence_form!r}; use one of {SEQUENCE_FORMS}.")
+            raise ValueError(f"sequence_form={self.sequence_form!r}; use one of {SEQUENCE_FORMS}.")
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(
-                f"compute_dtype={self.compute_dtype!r}; use 'float32' or 'bfloat16'.")
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; use 'float32' or 'bfloat16'.")
         if self.inner_dim % self.num_heads:
             raise ValueError(
                 f"inner_dim={self.inner_dim} (from embedding_dim={self.embedding_dim}, "
                 f"proj_factor={self.proj_factor}) is not divisible by "
-                f"num_heads={self.num_heads}.")
+                f"num_heads={self.num_heads}."
+            )
         if self.inner_dim % self.qkv_block_size:
             raise ValueError(
                 f"inner_dim={self.inner_dim} is not divisible by "
-                f"qkv_block_size={self.qkv_block_size}.")
+                f"qkv_block_size={self.qkv_block_size}."
+            )
 
     def replace(self, **changes) -> CellConfig:
         """A copy with ``changes`` applied (validated like a new configuration)."""
@@ -138,8 +144,13 @@ def init_params(key: jax.Array, config: CellConfig) -> Params:
     Returns:
         A dict of float32 arrays (layout in the module docstring).
     """
-    d, i, h, kk, b = (config.embedding_dim, config.inner_dim, config.num_heads,
-                      config.conv_kernel_size, config.qkv_block_size)
+    d, i, h, kk, b = (
+        config.embedding_dim,
+        config.inner_dim,
+        config.num_heads,
+        config.conv_kernel_size,
+        config.qkv_block_size,
+    )
     keys = jax.random.split(key, 8)
     small = math.sqrt(2.0 / (5.0 * d))
     normal = lambda k, shape, std: std * jax.random.normal(k, shape, jnp.float32)
@@ -152,8 +163,10 @@ def init_params(key: jax.Array, config: CellConfig) -> Params:
         "k_proj": normal(keys[4], (i // b, b, b), small),
         "v_proj": normal(keys[5], (i // b, b, b), small),
         "input_gate": {"kernel": jnp.zeros((3 * i, h)), "bias": normal(keys[6], (h,), 0.1)},
-        "forget_gate": {"kernel": jnp.zeros((3 * i, h)),
-                        "bias": jnp.linspace(3.0, 6.0, h, dtype=jnp.float32)},
+        "forget_gate": {
+            "kernel": jnp.zeros((3 * i, h)),
+            "bias": jnp.linspace(3.0, 6.0, h, dtype=jnp.float32),
+        },
         "out_norm": {"scale": jnp.zeros((i,))},
         "skip": jnp.ones((i,)),
         "down_proj": normal(keys[7], (i, d), 2.0 / (config.num_blocks * math.sqrt(d))),
@@ -192,8 +205,10 @@ def _projections(params, x_m, x_c, config):
     k = _block_diagonal(x_c, params["k_proj"])
     v = _block_diagonal(x_m, params["v_proj"])
     gate_input = jnp.concatenate([q, k, v], axis=-1)
-    gates = [gate_input @ params[name]["kernel"].astype(x_c.dtype) + params[name]["bias"]
-             for name in ("input_gate", "forget_gate")]
+    gates = [
+        gate_input @ params[name]["kernel"].astype(x_c.dtype) + params[name]["bias"]
+        for name in ("input_gate", "forget_gate")
+    ]
     split = lambda t: t.reshape(t.shape[:-1] + (config.num_heads, config.head_dim))
     return split(q), split(k), split(v), gates[0].astype(jnp.float32), gates[1].astype(jnp.float32)
 
@@ -212,12 +227,15 @@ def _check_input(x, config, time_axis):
     if x.ndim != expected or x.shape[-1] != config.embedding_dim:
         layout = "(batch, time, embedding_dim)" if time_axis else "(batch, embedding_dim)"
         raise ValueError(
-            f"x must have shape {layout} with embedding_dim={config.embedding_dim}; "
-            f"got {x.shape}.")
+            f"x must have shape {layout} with embedding_dim={config.embedding_dim}; got {x.shape}."
+        )
 
 
 def step(
-    params: Params, state: CellState, x: jax.Array, reset: jax.Array | None,
+    params: Params,
+    state: CellState,
+    x: jax.Array,
+    reset: jax.Array | None,
     config: CellConfig,
 ) -> tuple[jax.Array, CellState]:
     """One time step.
@@ -259,15 +277,19 @@ def _causal_conv(x_m, params, history, reset):
     kernel = params["conv"]["kernel"].astype(x_m.dtype)
     taps = kernel.shape[0]
     t = x_m.shape[1]
-    padded = jnp.concatenate([history.astype(x_m.dtype), x_m], axis=1)     # (B, K-1+T, I)
+    padded = jnp.concatenate([history.astype(x_m.dtype), x_m], axis=1)  # (B, K-1+T, I)
     # Episode index of every padded position; history belongs to episode 0.
     episode = jnp.concatenate(
-        [jnp.zeros((reset.shape[0], taps - 1), jnp.int32),
-         jnp.cumsum(reset.astype(jnp.int32), axis=1)], axis=1)
+        [
+            jnp.zeros((reset.shape[0], taps - 1), jnp.int32),
+            jnp.cumsum(reset.astype(jnp.int32), axis=1),
+        ],
+        axis=1,
+    )
     out = params["conv"]["bias"].astype(x_m.dtype)
     for j in range(taps):  # K taps (4), not time: a static, tiny loop.
-        same_episode = episode[:, j:j + t] == episode[:, taps - 1:]
-        out = out + jnp.where(same_episode[..., None], padded[:, j:j + t], 0.0) * kernel[j]
+        same_episode = episode[:, j : j + t] == episode[:, taps - 1 :]
+        out = out + jnp.where(same_episode[..., None], padded[:, j : j + t], 0.0) * kernel[j]
     # The window carried to the next call holds only the current episode's inputs.
     in_last_episode = episode[:, t:] == episode[:, -1:]
     history = jnp.where(in_last_episode[..., None], padded[:, t:], 0.0)
@@ -275,8 +297,12 @@ def _causal_conv(x_m, params, history, reset):
 
 
 def scan(
-    params: Params, x: jax.Array, config: CellConfig, *,
-    reset: jax.Array | None = None, state: CellState | None = None,
+    params: Params,
+    x: jax.Array,
+    config: CellConfig,
+    *,
+    reset: jax.Array | None = None,
+    state: CellState | None = None,
 ) -> tuple[jax.Array, CellState]:
     """The cell over a sequence.
 
@@ -309,10 +335,19 @@ def scan(
     q, k, v, i_pre, f_pre = _projections(params, x_m, x_c, config)
     if config.sequence_form == "recurrent":
         h, memory = mlstm.recurrent_sequence(
-            q, k, v, i_pre, f_pre, read=config.read, reset=reset, state=state.memory)
+            q, k, v, i_pre, f_pre, read=config.read, reset=reset, state=state.memory
+        )
     else:
         h, memory = mlstm.chunkwise_sequence(
-            q, k, v, i_pre, f_pre, read=config.read, reset=reset, state=state.memory,
-            chunk_size=config.chunk_size)
+            q,
+            k,
+            v,
+            i_pre,
+            f_pre,
+            read=config.read,
+            reset=reset,
+            state=state.memory,
+            chunk_size=config.chunk_size,
+        )
     y = _output(params, h, x_c, z, config)
     return y, CellState(conv=conv_state, memory=memory)

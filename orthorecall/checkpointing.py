@@ -40,10 +40,14 @@ class RunCheckpointer:
             raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}.")
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_every,
-            enable_async_checkpointing=True, create=True)
+            max_to_keep=keep,
+            save_interval_steps=save_every,
+            enable_async_checkpointing=True,
+            create=True,
+        )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta"))
+            self.directory, options=options, item_names=("state", "meta")
+        )
 
     def complete_steps(self) -> list[int]:
         """Steps of the checkpoints whose directories are complete, newest first."""
@@ -62,9 +66,12 @@ class RunCheckpointer:
         if step in self._manager.all_steps():
             return False
         return self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)),
-            force=force)
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
 
     def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
         """Restores the newest complete checkpoint.
@@ -80,11 +87,15 @@ class RunCheckpointer:
         for step in self.complete_steps():
             try:
                 restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                  meta=ocp.args.JsonRestore()))
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
             except Exception as e:  # A damaged checkpoint must not stop a resume.
-                logging.warning("checkpoint %d could not be restored (%s); trying an older one",
-                                step, e)
+                logging.warning(
+                    "checkpoint %d could not be restored (%s); trying an older one", step, e
+                )
                 continue
             return step, restored["state"], restored["meta"]
         return None

@@ -85,11 +85,20 @@ def build(force: bool = False) -> pathlib.Path:
     if compiler is None:
         raise KernelBuildError(
             "no C++ compiler found (tried $CXX, c++, g++, clang++); install one or "
-            "set ORTHORECALL_CPU_KERNEL=0 to use the pure-JAX read.")
+            "set ORTHORECALL_CPU_KERNEL=0 to use the pure-JAX read."
+        )
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([
-        source, jax.__version__.encode(), compiler.encode(), " ".join(_FLAGS).encode(),
-        _cpu_signature().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                jax.__version__.encode(),
+                compiler.encode(),
+                " ".join(_FLAGS).encode(),
+                _cpu_signature().encode(),
+            ]
+        )
+    ).hexdigest()[:16]
     target = _cache_dir() / f"ns_read-{key}.so"
     if target.exists() and not force:
         return target
@@ -103,7 +112,8 @@ def build(force: bool = False) -> pathlib.Path:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise KernelBuildError(
-                f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
+                f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-4000:]}"
+            )
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -122,14 +132,18 @@ def available() -> bool:
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
-        for name, symbol in ((FORWARD_TARGET, library.OrthorecallNsReadForward),
-                             (BACKWARD_TARGET, library.OrthorecallNsReadBackward)):
+        for name, symbol in (
+            (FORWARD_TARGET, library.OrthorecallNsReadForward),
+            (BACKWARD_TARGET, library.OrthorecallNsReadBackward),
+        ):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as error:
         warnings.warn(
             f"orthorecall: the fused CPU read kernel is unavailable, using the pure-JAX "
             f"Newton–Schulz read (same results, several times slower on CPU): {error}",
-            RuntimeWarning, stacklevel=2)
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     return True
 
@@ -147,8 +161,9 @@ def ns_read_forward(memory: jax.Array, query: jax.Array, steps: Steps) -> jax.Ar
     return _operation("forward", steps)(memory, query)
 
 
-def ns_read_backward(memory: jax.Array, query: jax.Array, h_bar: jax.Array,
-                     steps: Steps) -> tuple[jax.Array, jax.Array]:
+def ns_read_backward(
+    memory: jax.Array, query: jax.Array, h_bar: jax.Array, steps: Steps
+) -> tuple[jax.Array, jax.Array]:
     """(C̄, q̄), the VJP of ``ns_read_forward`` at (memory, query) for h̄."""
     return _operation("backward", steps)(memory, query, h_bar)
 
@@ -168,10 +183,13 @@ def _operation(direction: str, steps: Steps):
 
     def call(*operands):
         batch = operands[0].shape[:-2]
-        results = tuple(jax.ShapeDtypeStruct(batch + operands[0].shape[-2:][:rank], jnp.float32)
-                        for rank in result_ranks)
+        results = tuple(
+            jax.ShapeDtypeStruct(batch + operands[0].shape[-2:][:rank], jnp.float32)
+            for rank in result_ranks
+        )
         return jax.ffi.ffi_call(target, results if len(results) > 1 else results[0])(
-            *operands, coefficients=coefficients)
+            *operands, coefficients=coefficients
+        )
 
     # Without a rule the SPMD partitioner would gather every shard onto every
     # device and read all of them there.
@@ -180,11 +198,13 @@ def _operation(direction: str, steps: Steps):
         # An operand without a sharding (older JAX, some propagation paths) is
         # treated as replicated.
         spec = tuple(getattr(first.sharding, "spec", ())) + (None,) * first.ndim
-        batch = spec[:first.ndim - operand_ranks[0]]
+        batch = spec[: first.ndim - operand_ranks[0]]
         sharding = lambda rank: NamedSharding(mesh, PartitionSpec(*batch, *(None,) * rank))
         results = tuple(sharding(rank) for rank in result_ranks)
-        return (tuple(sharding(rank) for rank in operand_ranks),
-                results if len(results) > 1 else results[0])
+        return (
+            tuple(sharding(rank) for rank in operand_ranks),
+            results if len(results) > 1 else results[0],
+        )
 
     def partition(mesh, arg_shapes, result_shape):
         operands, results = shardings(mesh, arg_shapes)
@@ -193,12 +213,17 @@ def _operation(direction: str, steps: Steps):
     partitioned = custom_partitioning(call)
     # JAX 0.6 lacks the replication hint; `partition` still keeps
     # the matrix axes whole there.
-    hint = ({"need_replication_factors": ("i", "j")}
-            if "need_replication_factors" in inspect.signature(partitioned.def_partition).parameters
-            else {})
+    hint = (
+        {"need_replication_factors": ("i", "j")}
+        if "need_replication_factors" in inspect.signature(partitioned.def_partition).parameters
+        else {}
+    )
     partitioned.def_partition(
-        partition, infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[1],
-        sharding_rule=rule, **hint)
+        partition,
+        infer_sharding_from_operands=lambda m, a, r: shardings(m, a)[1],
+        sharding_rule=rule,
+        **hint,
+    )
 
     # custom_partitioning has no batching rule; the kernel treats every
     # leading axis as batch, so vmap only has to line the operands up.
@@ -208,8 +233,10 @@ def _operation(direction: str, steps: Steps):
 
     @operation.def_vmap
     def _batched(axis_size, in_batched, *operands):
-        operands = [x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-                    for x, batched in zip(operands, in_batched, strict=True)]
+        operands = [
+            x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+            for x, batched in zip(operands, in_batched, strict=True)
+        ]
         out = operation(*operands)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 

@@ -157,9 +157,14 @@ class NoisyRecallTask:
                 f"ignore_index must be an int32 outside the vocabulary [0, {vocab_size}), "
                 f"got {ignore_index}"
             )
-        for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len),
-                            ("noise_vocab_size", noise_vocab_size), ("frac_noise", frac_noise),
-                            ("multi_query", multi_query), ("ignore_index", ignore_index)):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("seq_len", seq_len),
+            ("noise_vocab_size", noise_vocab_size),
+            ("frac_noise", frac_noise),
+            ("multi_query", multi_query),
+            ("ignore_index", ignore_index),
+        ):
             object.__setattr__(self, name, value)
 
     @classmethod
@@ -272,7 +277,9 @@ def _draw_example(
     r0 = int(integers(0, num_slots, dtype=np.int64))
     for i in range(num_slots - 1):
         if p > 0 and i != r0 and random() < p:
-            inputs[2 * i : 2 * i + 2] = noise_start + integers(0, noise_size, size=2, dtype=np.int64)
+            inputs[2 * i : 2 * i + 2] = noise_start + integers(
+                0, noise_size, size=2, dtype=np.int64
+            )
             continue
         k = int(integers(0, num_keys, dtype=np.int64))
         v = kv.get(k)
@@ -499,7 +506,9 @@ class ReferenceTrainingStream:
         """
         try:
             config, bit_state, num_batches = (
-                state["config"], state["bit_generator_state"], state["num_batches"],
+                state["config"],
+                state["bit_generator_state"],
+                state["num_batches"],
             )
             config = dict(config)
             seed, batch_size = config.pop("seed"), config.pop("batch_size")
@@ -509,7 +518,9 @@ class ReferenceTrainingStream:
                 f"state must be a dict produced by ReferenceTrainingStream.state(): {exc!r}"
             ) from exc
         if not isinstance(bit_state, dict) or bit_state.get("bit_generator") != "PCG64":
-            raise ValueError("state['bit_generator_state'] must be a PCG64 bit_generator.state dict")
+            raise ValueError(
+                "state['bit_generator_state'] must be a PCG64 bit_generator.state dict"
+            )
         stream._rng.bit_generator.state = copy.deepcopy(bit_state)
         stream._num_batches = check_int("num_batches", num_batches, minimum=0)
         return stream

@@ -30,8 +30,7 @@ def masked_metrics(logits: jax.Array, targets: jax.Array, ignore_index: int = IG
     scored = targets != ignore_index
     safe_targets = jnp.where(scored, targets, 0)
     logits = logits.astype(jnp.float32)
-    nll = -jnp.take_along_axis(
-        jax.nn.log_softmax(logits), safe_targets[..., None], axis=-1)[..., 0]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), safe_targets[..., None], axis=-1)[..., 0]
     count = jnp.sum(scored)
     loss = jnp.sum(jnp.where(scored, nll, 0.0)) / count
     correct = jnp.argmax(logits, axis=-1) == safe_targets
@@ -39,8 +38,9 @@ def masked_metrics(logits: jax.Array, targets: jax.Array, ignore_index: int = IG
     return loss, accuracy, count
 
 
-def per_batch_metrics(params, inputs, targets, config: model_lib.ModelConfig,
-                      ignore_index: int = IGNORE_INDEX):
+def per_batch_metrics(
+    params, inputs, targets, config: model_lib.ModelConfig, ignore_index: int = IGNORE_INDEX
+):
     """Loss and accuracy of every batch of a validation set (traceable).
 
     Args:
@@ -50,10 +50,12 @@ def per_batch_metrics(params, inputs, targets, config: model_lib.ModelConfig,
     Returns:
         (losses, accuracies), float32 arrays (num_batches,).
     """
+
     def one_batch(batch):
         batch_inputs, batch_targets = batch
         logits = model_lib.apply(params, batch_inputs, config)
         return masked_metrics(logits, batch_targets, ignore_index)[:2]
+
     return jax.lax.map(one_batch, (inputs, targets))
 
 
@@ -61,7 +63,10 @@ _per_batch_metrics = jax.jit(per_batch_metrics, static_argnames=("config", "igno
 
 
 def evaluate(
-    params, config: model_lib.ModelConfig, inputs, targets,
+    params,
+    config: model_lib.ModelConfig,
+    inputs,
+    targets,
     ignore_index: int = IGNORE_INDEX,
 ) -> dict:
     """Evaluates a model on a validation set of batches.
@@ -85,14 +90,20 @@ def evaluate(
     if inputs.ndim != 3 or inputs.shape != targets.shape:
         raise ValueError(
             "inputs and targets must both have shape (num_batches, batch_size, T); got "
-            f"{inputs.shape} and {targets.shape}.")
+            f"{inputs.shape} and {targets.shape}."
+        )
     if inputs.min() < 0 or inputs.max() >= config.vocab_size:
         raise ValueError(
             f"input tokens must lie in [0, {config.vocab_size}); found "
-            f"[{inputs.min()}, {inputs.max()}]. Does the data's vocab_size match the model?")
+            f"[{inputs.min()}, {inputs.max()}]. Does the data's vocab_size match the model?"
+        )
     losses, accuracies = _per_batch_metrics(
-        params, jnp.asarray(inputs, jnp.int32), jnp.asarray(targets, jnp.int32),
-        config, ignore_index)
+        params,
+        jnp.asarray(inputs, jnp.int32),
+        jnp.asarray(targets, jnp.int32),
+        config,
+        ignore_index,
+    )
     losses, accuracies = np.asarray(losses, np.float64), np.asarray(accuracies, np.float64)
     return {
         "accuracy": float(accuracies.mean()),

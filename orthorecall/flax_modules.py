@@ -27,8 +27,9 @@ class MLSTMCell(nn.Module):
     def setup(self):
         self.cell_params = self.param("cell", lambda key: cell_lib.init_params(key, self.config))
 
-    def __call__(self, x: jax.Array, reset: jax.Array | None = None,
-                 state: cell_lib.CellState | None = None):
+    def __call__(
+        self, x: jax.Array, reset: jax.Array | None = None, state: cell_lib.CellState | None = None
+    ):
         """(B, T, D) inputs -> ((B, T, D) outputs, final state)."""
         return cell_lib.scan(self.cell_params, x, self.config, reset=reset, state=state)
 

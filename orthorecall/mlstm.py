@@ -69,8 +69,11 @@ class MemoryState(NamedTuple):
 
 def initial_memory_state(batch_size: int, num_heads: int, head_dim: int) -> MemoryState:
     """The all-zero state of a fresh episode (m_0 = 0)."""
-    for name, value in (("batch_size", batch_size), ("num_heads", num_heads),
-                        ("head_dim", head_dim)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("num_heads", num_heads),
+        ("head_dim", head_dim),
+    ):
         check_int(name, value, minimum=1)
     return MemoryState(
         c=jnp.zeros((batch_size, num_heads, head_dim, head_dim), jnp.float32),
@@ -124,7 +127,9 @@ def memory_step(
     m = jnp.maximum(log_f + state.m, i_pre)
     f_scale = jnp.exp(log_f + state.m - m)
     i_scale = jnp.exp(i_pre - m)
-    c = f_scale[..., None, None] * state.c + i_scale[..., None, None] * (k[..., :, None] * v[..., None, :])
+    c = f_scale[..., None, None] * state.c + i_scale[..., None, None] * (
+        k[..., :, None] * v[..., None, :]
+    )
     n = f_scale[..., None] * state.n + i_scale[..., None] * k
     numerator = read.retrieve(c, q)
     h = _normalized_read(numerator, jnp.sum(q * n, axis=-1), m)
@@ -135,7 +140,8 @@ def _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state):
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             "q, k, v must all have shape (batch, time, heads, head_dim); got "
-            f"{q.shape}, {k.shape}, {v.shape}.")
+            f"{q.shape}, {k.shape}, {v.shape}."
+        )
     b, t, h, d = q.shape
     for name, gate in (("input_gate", input_gate), ("forget_gate", forget_gate)):
         if gate.shape != (b, t, h):
@@ -143,13 +149,19 @@ def _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state):
     if reset is not None and reset.shape != (b, t):
         raise ValueError(f"reset must have shape {(b, t)} (batch, time), got {reset.shape}.")
     if state is not None and state.c.shape != (b, h, d, d):
-        raise ValueError(
-            f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
+        raise ValueError(f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
 
 
 def recurrent_sequence(
-    q, k, v, input_gate, forget_gate, *, read: ReadConfig,
-    reset: jax.Array | None = None, state: MemoryState | None = None,
+    q,
+    k,
+    v,
+    input_gate,
+    forget_gate,
+    *,
+    read: ReadConfig,
+    reset: jax.Array | None = None,
+    state: MemoryState | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """The recurrence over a sequence, one ``memory_step`` per position.
 
@@ -200,8 +212,15 @@ def default_chunk_size(read: ReadConfig, backend: str | None = None) -> int:
 
 
 def chunkwise_sequence(
-    q, k, v, input_gate, forget_gate, *, read: ReadConfig,
-    reset: jax.Array | None = None, state: MemoryState | None = None,
+    q,
+    k,
+    v,
+    input_gate,
+    forget_gate,
+    *,
+    read: ReadConfig,
+    reset: jax.Array | None = None,
+    state: MemoryState | None = None,
     chunk_size: int | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """The same function as ``recurrent_sequence``, chunk by chunk.
@@ -234,7 +253,8 @@ def chunkwise_sequence(
     i_pre = input_gate.astype(jnp.float32)
     if pad:
         time_pad = lambda x, value: jnp.pad(
-            x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+            x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
+        )
         q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
         log_f = time_pad(log_f, 0.0)
         i_pre = time_pad(i_pre, _LOG_ZERO)
@@ -244,14 +264,21 @@ def chunkwise_sequence(
         # (B, T, H, ...) -> (num_chunks, B, H, L, ...)
         x = x.reshape((b, num_chunks, size) + x.shape[2:])
         return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 2, 3)
+
     xs = (
-        to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(log_f), to_chunks(i_pre),
+        to_chunks(q),
+        to_chunks(k),
+        to_chunks(v),
+        to_chunks(log_f),
+        to_chunks(i_pre),
         jnp.moveaxis(reset.reshape(b, num_chunks, size), 1, 0),
     )
 
     body = jax.checkpoint(
-        lambda carry, chunk: _chunk(carry, chunk, read), prevent_cse=False,
-        policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME))
+        lambda carry, chunk: _chunk(carry, chunk, read),
+        prevent_cse=False,
+        policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME),
+    )
     final, outs = jax.lax.scan(body, state, xs)
     # (num_chunks, B, H, L, d) -> (B, T, H, d)
     outs = jnp.moveaxis(outs, 0, 1)
@@ -268,43 +295,44 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
     size = q.shape[2]
     positions = jnp.arange(size)
     # Within-chunk segments: a reset at s starts segment s' = #resets <= s.
-    segment = jnp.cumsum(reset.astype(jnp.int32), axis=-1)             # (B, L)
-    carries_in = (segment == 0)[:, None, :]                              # (B, 1, L)
+    segment = jnp.cumsum(reset.astype(jnp.int32), axis=-1)  # (B, L)
+    carries_in = (segment == 0)[:, None, :]  # (B, 1, L)
     # First position of the segment of t (0 when no reset so far).
     segment_start = jax.lax.cummax(jnp.where(reset, positions, 0), axis=1)  # (B, L)
 
-    cum_log_f = jnp.cumsum(log_f, axis=-1)                              # F_t, (B, H, L)
-    before = jnp.pad(cum_log_f, [(0, 0), (0, 0), (1, 0)])[..., :-1]      # F_{t-1}
+    cum_log_f = jnp.cumsum(log_f, axis=-1)  # F_t, (B, H, L)
+    before = jnp.pad(cum_log_f, [(0, 0), (0, 0), (1, 0)])[..., :-1]  # F_{t-1}
     f_before_start = jnp.take_along_axis(
-        before, jnp.broadcast_to(segment_start[:, None, :], before.shape), axis=-1)
+        before, jnp.broadcast_to(segment_start[:, None, :], before.shape), axis=-1
+    )
 
     # log of the decay from source s to target t, causal and within a segment.
     log_decay = cum_log_f[..., :, None] - cum_log_f[..., None, :] + i_pre[..., None, :]
     same_segment = segment[:, :, None] == segment[:, None, :]
     causal = positions[:, None] >= positions[None, :]
-    valid = (causal & same_segment)[:, None]                            # (B, 1, L, L)
+    valid = (causal & same_segment)[:, None]  # (B, 1, L, L)
     log_decay = jnp.where(valid, log_decay, _LOG_ZERO)
 
     # The stabilizer exactly as the recurrence computes it: the running max of
     # the carried-in log-scale and every source's log-weight.
     carried = cum_log_f - f_before_start + jnp.where(carries_in, state.m[..., None], 0.0)
-    m = jnp.maximum(carried, jnp.max(log_decay, axis=-1))                # (B, H, L)
-    decay = jnp.exp(log_decay - m[..., None])                            # (B, H, L, L)
+    m = jnp.maximum(carried, jnp.max(log_decay, axis=-1))  # (B, H, L)
+    decay = jnp.exp(log_decay - m[..., None])  # (B, H, L, L)
     state_scale = jnp.where(carries_in, jnp.exp(cum_log_f + state.m[..., None] - m), 0.0)
 
     n = state_scale[..., None] * state.n[:, :, None, :] + jnp.matmul(decay, k)  # (B, H, L, d)
     q_dot_n = jnp.sum(q * n, axis=-1)
     if read.is_raw:
-        scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay          # (B, H, L, L)
-        numerator = (jnp.matmul(scores, v)
-                     + state_scale[..., None] * jnp.matmul(q, state.c))
+        scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay  # (B, H, L, L)
+        numerator = jnp.matmul(scores, v) + state_scale[..., None] * jnp.matmul(q, state.c)
         last_c = None
     else:
         # C_t for every t: state part plus sum_s decay[t, s] k̂_s v_sᵀ, as one
         # batched (d x L) @ (L x d) product per position.
-        weighted_keys = decay[..., :, :, None] * k[..., None, :, :]      # (B, H, L, L, d)
-        c = (state_scale[..., None, None] * state.c[:, :, None]
-             + jnp.matmul(jnp.swapaxes(weighted_keys, -1, -2), v[:, :, None]))
+        weighted_keys = decay[..., :, :, None] * k[..., None, :, :]  # (B, H, L, L, d)
+        c = state_scale[..., None, None] * state.c[:, :, None] + jnp.matmul(
+            jnp.swapaxes(weighted_keys, -1, -2), v[:, :, None]
+        )
         # Saved through the chunk's checkpoint: backward then needs only the
         # read's VJP, not a second forward read.
         numerator = checkpoint_name(read.retrieve(c, q), READ_CHECKPOINT_NAME)
@@ -312,8 +340,9 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
     h = _normalized_read(numerator, q_dot_n, m)
 
     if last_c is None:
-        last_weights = decay[..., -1, :]                                 # (B, H, L)
-        last_c = (state_scale[..., -1, None, None] * state.c
-                  + jnp.matmul(jnp.swapaxes(k * last_weights[..., None], -1, -2), v))
+        last_weights = decay[..., -1, :]  # (B, H, L)
+        last_c = state_scale[..., -1, None, None] * state.c + jnp.matmul(
+            jnp.swapaxes(k * last_weights[..., None], -1, -2), v
+        )
     new_state = MemoryState(c=last_c, n=n[:, :, -1], m=m[..., -1])
     return new_state, h

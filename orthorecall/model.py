@@ -77,13 +77,17 @@ def init_params(key: jax.Array, config: ModelConfig) -> Params:
     return {
         "embedding": jax.random.normal(embed_key, (v, d), jnp.float32),
         "blocks": [
-            {"norm": {"scale": jnp.zeros((d,))},
-             "mlstm": cell_lib.init_params(block_key, config.cell)}
+            {
+                "norm": {"scale": jnp.zeros((d,))},
+                "mlstm": cell_lib.init_params(block_key, config.cell),
+            }
             for block_key in block_keys
         ],
         "post_norm": {"scale": jnp.zeros((d,))},
-        "head": {"kernel": jax.random.uniform(head_w_key, (d, v), jnp.float32, -bound, bound),
-                 "bias": jax.random.uniform(head_b_key, (v,), jnp.float32, -bound, bound)},
+        "head": {
+            "kernel": jax.random.uniform(head_w_key, (d, v), jnp.float32, -bound, bound),
+            "bias": jax.random.uniform(head_b_key, (v,), jnp.float32, -bound, bound),
+        },
     }
 
 
@@ -96,8 +100,8 @@ def _check_tokens(tokens, config, ndim):
     if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
         layout = "(batch, time)" if ndim == 2 else "(batch,)"
         raise ValueError(
-            f"tokens must be an integer array of shape {layout}; got {tokens.dtype} "
-            f"{tokens.shape}.")
+            f"tokens must be an integer array of shape {layout}; got {tokens.dtype} {tokens.shape}."
+        )
 
 
 def _head(params, h):
@@ -106,8 +110,12 @@ def _head(params, h):
 
 
 def apply(
-    params: Params, tokens: jax.Array, config: ModelConfig, *,
-    reset: jax.Array | None = None, state: list[cell_lib.CellState] | None = None,
+    params: Params,
+    tokens: jax.Array,
+    config: ModelConfig,
+    *,
+    reset: jax.Array | None = None,
+    state: list[cell_lib.CellState] | None = None,
     return_state: bool = False,
 ):
     """Logits for every position of a batch of token sequences.
@@ -132,8 +140,12 @@ def apply(
     new_states = []
     for block, block_state in zip(params["blocks"], states, strict=True):
         y, block_state = cell_lib.scan(
-            block["mlstm"], cell_lib.layer_norm(h, block["norm"]["scale"]), config.cell,
-            reset=reset, state=block_state)
+            block["mlstm"],
+            cell_lib.layer_norm(h, block["norm"]["scale"]),
+            config.cell,
+            reset=reset,
+            state=block_state,
+        )
         h = h + y
         new_states.append(block_state)
     logits = _head(params, h)
@@ -141,8 +153,11 @@ def apply(
 
 
 def step(
-    params: Params, state: list[cell_lib.CellState], tokens: jax.Array,
-    reset: jax.Array | None, config: ModelConfig,
+    params: Params,
+    state: list[cell_lib.CellState],
+    tokens: jax.Array,
+    reset: jax.Array | None,
+    config: ModelConfig,
 ) -> tuple[jax.Array, list[cell_lib.CellState]]:
     """One token per sequence: for generation and agents.
 
@@ -161,8 +176,12 @@ def step(
     new_states = []
     for block, block_state in zip(params["blocks"], state, strict=True):
         y, block_state = cell_lib.step(
-            block["mlstm"], block_state, cell_lib.layer_norm(h, block["norm"]["scale"]),
-            reset, config.cell)
+            block["mlstm"],
+            block_state,
+            cell_lib.layer_norm(h, block["norm"]["scale"]),
+            reset,
+            config.cell,
+        )
         h = h + y
         new_states.append(block_state)
     return _head(params, h), new_states

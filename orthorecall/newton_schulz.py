@@ -37,14 +37,14 @@ from orthorecall.validation import check_int
 FROBENIUS_FLOOR = 1e-6
 
 _POLAR_EXPRESS_RAW = (
-        (8.28721201814563, -23.595886519098837, 17.300387312530933),
-        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
-        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
-        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
-        (1.875, -1.25, 0.375),
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
 )
 _POLAR_EXPRESS_SAFETY = 1.01
 COEFFICIENT_SETS = ("cubic", "muon", "polar_express")
@@ -54,7 +54,7 @@ IMPLEMENTATIONS = ("auto", "xla")
 
 
 def iteration_coefficients(
-        coefficients: str, num_iterations: int
+    coefficients: str, num_iterations: int
 ) -> tuple[tuple[float, float, float], ...]:
     """The (a, b, c) of each of ``num_iterations`` steps of a coefficient set.
 
@@ -80,16 +80,17 @@ def iteration_coefficients(
         table.append(_POLAR_EXPRESS_RAW[-1])
         return tuple(table[min(i, len(table) - 1)] for i in range(num_iterations))
     raise ValueError(
-            f"coefficients={coefficients!r} is not a known coefficient set; "
-            f"use one of {COEFFICIENT_SETS}.")
+        f"coefficients={coefficients!r} is not a known coefficient set; "
+        f"use one of {COEFFICIENT_SETS}."
+    )
 
 
 def check_square(x: jax.Array, name: str) -> None:
     """Raises a ValueError naming ``name`` unless ``x`` is (..., d, d)."""
     if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
         raise ValueError(
-                f"{name} expects a batch of square matrices (..., d, d), got shape "
-                f"{x.shape}.")
+            f"{name} expects a batch of square matrices (..., d, d), got shape {x.shape}."
+        )
 
 
 def frobenius_normalize(x: jax.Array) -> jax.Array:
@@ -112,9 +113,7 @@ def frobenius_normalize(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(norm_sq, FROBENIUS_FLOOR**2))
 
 
-def newton_schulz(
-        x: jax.Array, num_iterations: int = 5, coefficients: str = "cubic"
-) -> jax.Array:
+def newton_schulz(x: jax.Array, num_iterations: int = 5, coefficients: str = "cubic") -> jax.Array:
     """NS_k(X): Frobenius normalization then k Newton–Schulz iterations.
 
     ``num_iterations=0`` is the Frobenius normalization alone. Gradients flow
@@ -168,8 +167,11 @@ def _iterations_bwd(steps, x, cotangent):
         else:
             poly = b * gram + c * jnp.matmul(gram, gram)
             gram_bar = b * xt_ybar + c * (jnp.matmul(gram, xt_ybar) + jnp.matmul(xt_ybar, gram))
-        cotangent = (a * cotangent + jnp.matmul(cotangent, poly)
-                     + jnp.matmul(x, gram_bar + jnp.swapaxes(gram_bar, -1, -2)))
+        cotangent = (
+            a * cotangent
+            + jnp.matmul(cotangent, poly)
+            + jnp.matmul(x, gram_bar + jnp.swapaxes(gram_bar, -1, -2))
+        )
     return (cotangent,)
 
 
@@ -177,8 +179,12 @@ _iterations.defvjp(_iterations_fwd, _iterations_bwd)
 
 
 def newton_schulz_read(
-        memory: jax.Array, query: jax.Array, num_iterations: int = 5,
-        coefficients: str = "cubic", *, implementation: str = "auto"
+    memory: jax.Array,
+    query: jax.Array,
+    num_iterations: int = 5,
+    coefficients: str = "cubic",
+    *,
+    implementation: str = "auto",
 ) -> jax.Array:
     """qᵀ NS_k(C): the orthogonalized memory read by a query, without forming NS_k(C).
 
@@ -208,18 +214,20 @@ def newton_schulz_read(
     check_square(memory, "newton_schulz_read")
     if query.shape != memory.shape[:-1]:
         raise ValueError(
-                f"newton_schulz_read expects query of shape memory.shape[:-1] = "
-                f"{memory.shape[:-1]}, got {query.shape}.")
+            f"newton_schulz_read expects query of shape memory.shape[:-1] = "
+            f"{memory.shape[:-1]}, got {query.shape}."
+        )
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
-                f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}.")
+            f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}."
+        )
     steps = iteration_coefficients(coefficients, num_iterations)
     use_kernel = implementation == "auto" and _kernel_applies(steps, jax.default_backend())
     return _ns_read(memory.astype(jnp.float32), query.astype(jnp.float32), steps, use_kernel)
 
 
 def read_implementation(
-        num_iterations: int = 5, coefficients: str = "cubic", backend: str | None = None
+    num_iterations: int = 5, coefficients: str = "cubic", backend: str | None = None
 ) -> str:
     """What :func:`newton_schulz_read` (``implementation="auto"``) runs on ``backend``
     (default: JAX's default backend): ``"cpu_kernel"`` or ``"xla"``.
@@ -254,7 +262,8 @@ def _by_backend(kernel_fn, jax_fn, steps, use_kernel, *operands):
     jax_fn = functools.partial(jax_fn, steps=steps)
     if use_kernel:
         return jax.lax.platform_dependent(
-                *operands, cpu=functools.partial(kernel_fn, steps=steps), default=jax_fn)
+            *operands, cpu=functools.partial(kernel_fn, steps=steps), default=jax_fn
+        )
     return jax_fn(*operands)
 
 
@@ -265,15 +274,18 @@ def _ns_read_fwd(memory, query, steps, use_kernel):
 
 def _ns_read_bwd(steps, use_kernel, residuals, h_bar):
     memory, query = residuals
-    return tuple(_by_backend(cpu_kernel.ns_read_backward, _jax_backward, steps, use_kernel,
-                             memory, query, h_bar))
+    return tuple(
+        _by_backend(
+            cpu_kernel.ns_read_backward, _jax_backward, steps, use_kernel, memory, query, h_bar
+        )
+    )
 
 
 _ns_read.defvjp(_ns_read_fwd, _ns_read_bwd)
 
 
 def singular_value_map(
-        sigma: Sequence[float] | jax.Array, coefficients: str, num_iterations: int
+    sigma: Sequence[float] | jax.Array, coefficients: str, num_iterations: int
 ) -> jax.Array:
     """The scalar map the iteration applies to (already normalized) singular
     values; useful to study coefficient sets without building matrices."""

@@ -117,11 +117,12 @@ class ReadConfig:
     def __post_init__(self):
         if self.kind not in READ_KINDS:
             raise ValueError(
-                    f"ReadConfig.kind={self.kind!r} is not a known read; use one of "
-                    f"{READ_KINDS}.")
+                f"ReadConfig.kind={self.kind!r} is not a known read; use one of {READ_KINDS}."
+            )
         # A Python int, so that equal reads hash equally as static jit arguments.
-        object.__setattr__(self, "num_iterations",
-                           check_int("num_iterations", self.num_iterations, minimum=0))
+        object.__setattr__(
+            self, "num_iterations", check_int("num_iterations", self.num_iterations, minimum=0)
+        )
         # Validates the coefficient set with the message users will see.
         newton_schulz.iteration_coefficients(self.coefficients, self.num_iterations)
 
@@ -134,7 +135,8 @@ class ReadConfig:
         ``"cpu_kernel"`` (the fused Newton–Schulz read) or ``"xla"``."""
         if self.kind == "newton_schulz":
             return newton_schulz.read_implementation(
-                    self.num_iterations, self.coefficients, backend)
+                self.num_iterations, self.coefficients, backend
+            )
         return "xla"
 
     def __call__(self, memory: jax.Array) -> jax.Array:
@@ -150,9 +152,11 @@ class ReadConfig:
         mLSTM reads. For NS_k this never forms NS_k(C) (``newton_schulz_read``)."""
         if self.kind == "newton_schulz":
             return newton_schulz.newton_schulz_read(
-                    memory, query, self.num_iterations, self.coefficients)
-        return jnp.einsum("...i,...ij->...j", query.astype(jnp.float32),
-                          self(memory).astype(jnp.float32))
+                memory, query, self.num_iterations, self.coefficients
+            )
+        return jnp.einsum(
+            "...i,...ij->...j", query.astype(jnp.float32), self(memory).astype(jnp.float32)
+        )
 
 
 RAW = ReadConfig("raw")
@@ -176,5 +180,6 @@ def read_from_name(name: str) -> ReadConfig:
         if count.isdigit():
             return ReadConfig("newton_schulz", int(count), coefficients or "cubic")
     raise ValueError(
-            f"read name {name!r} is not understood; use 'raw' (or 'baseline'), "
-            "'polar', 'nsK' (e.g. 'ns5'), 'nsK_muon' or 'nsK_polar_express'.")
+        f"read name {name!r} is not understood; use 'raw' (or 'baseline'), "
+        "'polar', 'nsK' (e.g. 'ns5'), 'nsK_muon' or 'nsK_polar_express'."
+    )

@@ -50,7 +50,8 @@ def read_for_variant(variant: str) -> ReadConfig:
     except ValueError:
         raise ValueError(
             f"checkpoint variant {variant!r} is not a read orthorecall knows; expected "
-            "'baseline' or 'ns5' (or 'nsK', 'polar').") from None
+            "'baseline' or 'ns5' (or 'nsK', 'polar')."
+        ) from None
 
 
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[Params, dict]:
@@ -68,7 +69,8 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[Params
     if present != expected:
         raise ValueError(
             "not a reference one-block mLSTM state dict: missing "
-            f"{sorted(expected - present)}, unexpected {sorted(present - expected)}.")
+            f"{sorted(expected - present)}, unexpected {sorted(present - expected)}."
+        )
     sd = {name: np.asarray(value, np.float32) for name, value in state_dict.items()}
     vocab, dim = sd["embedding.weight"].shape
     heads = sd["layer.mlstm_cell.igate.bias"].shape[0]
@@ -77,15 +79,21 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[Params
     block = sd["layer.q_proj.weight"].shape[-1]
     cell = {
         "up_proj": sd["layer.proj_up.weight"].T,
-        "conv": {"kernel": sd["layer.conv1d.conv.weight"][:, 0, :].T,
-                 "bias": sd["layer.conv1d.conv.bias"]},
+        "conv": {
+            "kernel": sd["layer.conv1d.conv.weight"][:, 0, :].T,
+            "bias": sd["layer.conv1d.conv.bias"],
+        },
         "q_proj": sd["layer.q_proj.weight"],
         "k_proj": sd["layer.k_proj.weight"],
         "v_proj": sd["layer.v_proj.weight"],
-        "input_gate": {"kernel": sd["layer.mlstm_cell.igate.weight"].T,
-                       "bias": sd["layer.mlstm_cell.igate.bias"]},
-        "forget_gate": {"kernel": sd["layer.mlstm_cell.fgate.weight"].T,
-                        "bias": sd["layer.mlstm_cell.fgate.bias"]},
+        "input_gate": {
+            "kernel": sd["layer.mlstm_cell.igate.weight"].T,
+            "bias": sd["layer.mlstm_cell.igate.bias"],
+        },
+        "forget_gate": {
+            "kernel": sd["layer.mlstm_cell.fgate.weight"].T,
+            "bias": sd["layer.mlstm_cell.fgate.bias"],
+        },
         "out_norm": {"scale": sd["layer.mlstm_cell.outnorm.weight"]},
         "skip": sd["layer.learnable_skip"],
         "down_proj": sd["layer.proj_down.weight"].T,
@@ -97,8 +105,14 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[Params
         "head": {"kernel": sd["head.weight"].T, "bias": sd["head.bias"]},
     }
     params = jax.tree_util.tree_map(np.ascontiguousarray, params)
-    dims = dict(vocab_size=vocab, embedding_dim=dim, num_heads=heads, inner_dim=inner,
-                conv_kernel_size=kernel, qkv_block_size=block)
+    dims = dict(
+        vocab_size=vocab,
+        embedding_dim=dim,
+        num_heads=heads,
+        inner_dim=inner,
+        conv_kernel_size=kernel,
+        qkv_block_size=block,
+    )
     return params, dims
 
 
@@ -110,8 +124,8 @@ def state_dict_from_params(params: Params) -> collections.OrderedDict[str, np.nd
     """
     if len(params["blocks"]) != 1:
         raise ValueError(
-            f"the reference layout holds one block; these parameters have "
-            f"{len(params['blocks'])}.")
+            f"the reference layout holds one block; these parameters have {len(params['blocks'])}."
+        )
     p = jax.tree_util.tree_map(np.asarray, params)
     block = p["blocks"][0]
     c = block["mlstm"]
@@ -137,17 +151,30 @@ def state_dict_from_params(params: Params) -> collections.OrderedDict[str, np.nd
     }
     # An OrderedDict in the reference's order, as torch's own state dicts are.
     return collections.OrderedDict(
-        (name, np.ascontiguousarray(sd[name], np.float32)) for name in _REFERENCE_NAMES)
+        (name, np.ascontiguousarray(sd[name], np.float32)) for name in _REFERENCE_NAMES
+    )
 
 
 # The reference's parameter names, in the order its state dicts list them.
 _REFERENCE_NAMES = (
-    "embedding.weight", "norm.weight", "layer.learnable_skip", "layer.proj_up.weight",
-    "layer.q_proj.weight", "layer.k_proj.weight", "layer.v_proj.weight",
-    "layer.conv1d.conv.weight", "layer.conv1d.conv.bias", "layer.mlstm_cell.igate.weight",
-    "layer.mlstm_cell.igate.bias", "layer.mlstm_cell.fgate.weight",
-    "layer.mlstm_cell.fgate.bias", "layer.mlstm_cell.outnorm.weight",
-    "layer.proj_down.weight", "post_norm.weight", "head.weight", "head.bias",
+    "embedding.weight",
+    "norm.weight",
+    "layer.learnable_skip",
+    "layer.proj_up.weight",
+    "layer.q_proj.weight",
+    "layer.k_proj.weight",
+    "layer.v_proj.weight",
+    "layer.conv1d.conv.weight",
+    "layer.conv1d.conv.bias",
+    "layer.mlstm_cell.igate.weight",
+    "layer.mlstm_cell.igate.bias",
+    "layer.mlstm_cell.fgate.weight",
+    "layer.mlstm_cell.fgate.bias",
+    "layer.mlstm_cell.outnorm.weight",
+    "layer.proj_down.weight",
+    "post_norm.weight",
+    "head.weight",
+    "head.bias",
 )
 
 
@@ -155,12 +182,15 @@ def _model_config(dims: dict, read: ReadConfig, **cell_overrides) -> ModelConfig
     # proj_factor 2 with rounding to 64 gives the reference inner width; when a
     # checkpoint's width disagrees, the inner width is taken as it is.
     cell = CellConfig(
-        embedding_dim=dims["embedding_dim"], num_heads=dims["num_heads"],
-        conv_kernel_size=dims["conv_kernel_size"], qkv_block_size=dims["qkv_block_size"],
-        read=read, **cell_overrides)
+        embedding_dim=dims["embedding_dim"],
+        num_heads=dims["num_heads"],
+        conv_kernel_size=dims["conv_kernel_size"],
+        qkv_block_size=dims["qkv_block_size"],
+        read=read,
+        **cell_overrides,
+    )
     if cell.inner_dim != dims["inner_dim"]:
-        cell = cell.replace(proj_factor=dims["inner_dim"] / dims["embedding_dim"],
-                            inner_multiple=1)
+        cell = cell.replace(proj_factor=dims["inner_dim"] / dims["embedding_dim"], inner_multiple=1)
     return ModelConfig(vocab_size=dims["vocab_size"], cell=cell)
 
 
@@ -185,7 +215,8 @@ def load_reference_checkpoint(path: str | os.PathLike, **cell_overrides) -> Refe
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(
             f"{os.fspath(path)} is a torch checkpoint but not a reference one: expected a "
-            f"dict with 'state_dict' and 'cfg', found {keys}.")
+            f"dict with 'state_dict' and 'cfg', found {keys}."
+        )
     cfg = dict(obj["cfg"])
     if "variant" not in cfg:
         raise ValueError(f"{os.fspath(path)}: cfg has no 'variant' (baseline or ns5).")
@@ -210,4 +241,5 @@ def save_reference_checkpoint(
     if "variant" not in cfg:
         raise ValueError("cfg must include 'variant' ('baseline' or 'ns5').")
     torch_format.save_torch_checkpoint(
-        path, {"state_dict": state_dict_from_params(params), "cfg": dict(cfg)})
+        path, {"state_dict": state_dict_from_params(params), "cfg": dict(cfg)}
+    )

@@ -30,27 +30,49 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["TorchCheckpointError", "UnsafeCheckpointError", "load_torch_checkpoint",
-           "save_torch_checkpoint"]
+__all__ = [
+    "TorchCheckpointError",
+    "UnsafeCheckpointError",
+    "load_torch_checkpoint",
+    "save_torch_checkpoint",
+]
 
 # Legacy storage classes (``torch.FloatStorage`` ...) name the element type of a storage.
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_, "ComplexFloatStorage": np.complex64,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+    "ComplexFloatStorage": np.complex64,
     "ComplexDoubleStorage": np.complex128,
 }
 _STORAGE_DTYPES = {k: np.dtype(v) for k, v in _STORAGE_DTYPES.items()}
 _STORAGE_NAMES = {v: k for k, v in _STORAGE_DTYPES.items()}
 # Dtypes without a legacy storage class are saved by torch as an UntypedStorage (bytes)
 # plus an explicit ``torch.<dtype>`` argument to ``_rebuild_tensor_v3``.
-_V3_DTYPES = {n: np.dtype(t) for n, t in [
-    ("uint16", np.uint16), ("uint32", np.uint32), ("uint64", np.uint64),
-    ("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("float8_e5m2", ml_dtypes.float8_e5m2)]}
+_V3_DTYPES = {
+    n: np.dtype(t)
+    for n, t in [
+        ("uint16", np.uint16),
+        ("uint32", np.uint32),
+        ("uint64", np.uint64),
+        ("float8_e4m3fn", ml_dtypes.float8_e4m3fn),
+        ("float8_e5m2", ml_dtypes.float8_e5m2),
+    ]
+}
 _V3_NAMES = {v: k for k, v in _V3_DTYPES.items()}
-_SAFE_BUILTINS = {"builtins.set": set, "builtins.frozenset": frozenset,
-                  "builtins.complex": complex, "_codecs.encode": __import__("_codecs").encode}
+_SAFE_BUILTINS = {
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.complex": complex,
+    "_codecs.encode": __import__("_codecs").encode,
+}
 _PLAIN_TYPES = (dict, OrderedDict, list, tuple, str, int, float, bool, type(None))
 _ALIGNMENT = 64  # torch aligns storage bytes to 64 in the file so they can be mmapped
 
@@ -95,14 +117,17 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
         raise TorchCheckpointError(
             f"{path}: not a zip archive ({e}); expected a torch.save file written by "
             "torch>=1.6 (legacy non-zip checkpoints are not supported: re-save with "
-            "a current torch)") from e
+            "a current torch)"
+        ) from e
     with zf:
-        pkl = next((n for n in zf.namelist() if n.split("/")[-1] == "data.pkl"
-                    and n.count("/") <= 1), None)
+        pkl = next(
+            (n for n in zf.namelist() if n.split("/")[-1] == "data.pkl" and n.count("/") <= 1), None
+        )
         if pkl is None:
             raise TorchCheckpointError(
                 f"{path}: zip archive has no '<name>/data.pkl'; this is not a torch.save "
-                "checkpoint (or it is damaged): check the file or re-save it")
+                "checkpoint (or it is damaged): check the file or re-save it"
+            )
         try:
             return _Unpickler(zf, pkl[: -len("data.pkl")], path).load()
         except (TorchCheckpointError, OSError, MemoryError):
@@ -110,7 +135,8 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
         except Exception as e:  # any other failure means a malformed pickle or zip
             raise TorchCheckpointError(
                 f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e}); "
-                "re-create or re-download the file") from e
+                "re-create or re-download the file"
+            ) from e
 
 
 class _Unpickler(pickle.Unpickler):
@@ -119,16 +145,21 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, zf: zipfile.ZipFile, prefix: str, path: str):
         super().__init__(io.BytesIO(zf.read(prefix + "data.pkl")))
         self.zf, self.prefix, self.path, self.names = zf, prefix, path, set(zf.namelist())
-        order = (zf.read(prefix + "byteorder").decode("ascii", "replace")
-                 if prefix + "byteorder" in self.names else "little")  # torch's default
+        order = (
+            zf.read(prefix + "byteorder").decode("ascii", "replace")
+            if prefix + "byteorder" in self.names
+            else "little"
+        )  # torch's default
         if order not in ("little", "big"):
             self._fail(f"unknown byteorder record {order!r}")
         self.swap = order != sys.byteorder
         self.storages: dict[str, np.ndarray] = {}
 
     def _fail(self, what: str):
-        raise TorchCheckpointError(f"{self.path}: {what}; the checkpoint is corrupt or "
-                                   "not written by torch.save: re-create it")
+        raise TorchCheckpointError(
+            f"{self.path}: {what}; the checkpoint is corrupt or "
+            "not written by torch.save: re-create it"
+        )
 
     def find_class(self, module: str, name: str):
         full = f"{module}.{name}"
@@ -138,23 +169,34 @@ class _Unpickler(pickle.Unpickler):
             return OrderedDict
         if full in _SAFE_BUILTINS:
             return _SAFE_BUILTINS[full]
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3",
-                                                 "_rebuild_parameter"):
+        if module == "torch._utils" and name in (
+            "_rebuild_tensor_v2",
+            "_rebuild_tensor_v3",
+            "_rebuild_parameter",
+        ):
             return getattr(self, name)  # bound methods: a BUILD opcode cannot alter them
         if module in ("torch", "torch.cuda", "torch.storage") and (
-                name in _STORAGE_DTYPES or name == "UntypedStorage"):
+            name in _STORAGE_DTYPES or name == "UntypedStorage"
+        ):
             return _Marker(name)
         if module == "torch" and name in _V3_DTYPES:
             return _Marker(name)
         raise UnsafeCheckpointError(
             f"{self.path}: refusing to load global '{module}.{name}': only tensors, "
             "OrderedDicts and plain containers are allowed. If you trust this file, load it "
-            "with torch.load and re-save a plain state dict")
+            "with torch.load and re-save a plain state dict"
+        )
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _Marker) and isinstance(pid[2], str)
-                and type(pid[4]) is int and pid[4] >= 0):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _Marker)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+            and pid[4] >= 0
+        ):
             self._fail(f"unexpected persistent id {pid!r}")
         kind, key, numel = pid[1], pid[2], pid[4]  # pid[3] is the device: ignored
         if key not in self.storages:
@@ -163,8 +205,10 @@ class _Unpickler(pickle.Unpickler):
             if name not in self.names:
                 self._fail(f"missing storage record '{name}'")
             if self.zf.getinfo(name).file_size < nbytes:
-                self._fail(f"storage '{name}' is truncated: {self.zf.getinfo(name).file_size}"
-                           f" bytes, expected {nbytes}")
+                self._fail(
+                    f"storage '{name}' is truncated: {self.zf.getinfo(name).file_size}"
+                    f" bytes, expected {nbytes}"
+                )
             flat = np.empty(nbytes, np.uint8)
             with self.zf.open(name) as f:
                 f.readinto(flat)
@@ -175,9 +219,12 @@ class _Unpickler(pickle.Unpickler):
     def _view(self, storage, offset, size, stride) -> np.ndarray:
         """Copy the strided view (offset, size, stride in elements) out of a storage."""
         size, stride = tuple(size), tuple(stride)
-        if not (isinstance(storage, np.ndarray) and storage.ndim == 1
-                and len(size) == len(stride)
-                and all(type(x) is int and x >= 0 for x in (offset, *size, *stride))):
+        if not (
+            isinstance(storage, np.ndarray)
+            and storage.ndim == 1
+            and len(size) == len(stride)
+            and all(type(x) is int and x >= 0 for x in (offset, *size, *stride))
+        ):
             self._fail(f"malformed tensor (offset={offset!r}, size={size!r}, stride={stride!r})")
         if 0 in size:
             return np.zeros(size, storage.dtype)
@@ -186,18 +233,25 @@ class _Unpickler(pickle.Unpickler):
         if last >= storage.size:
             self._fail(f"tensor view reaches element {last} of a {storage.size}-element storage")
         view = np.lib.stride_tricks.as_strided(
-            storage[offset:], size, [s * storage.itemsize for s in stride], writeable=False)
+            storage[offset:], size, [s * storage.itemsize for s in stride], writeable=False
+        )
         return np.array(view, order="C")
 
-    def _rebuild_tensor_v2(self, storage, offset, size, stride, requires_grad=False,
-                           backward_hooks=None, metadata=None):
+    def _rebuild_tensor_v2(
+        self, storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+    ):
         return self._view(storage, offset, size, stride)
 
-    def _rebuild_tensor_v3(self, storage, offset, size, stride, requires_grad, backward_hooks,
-                           dtype, metadata=None):
-        if not (isinstance(storage, np.ndarray) and storage.dtype == np.uint8
-                and isinstance(dtype, _Marker) and dtype in _V3_DTYPES
-                and storage.size % _V3_DTYPES[dtype].itemsize == 0):
+    def _rebuild_tensor_v3(
+        self, storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
+    ):
+        if not (
+            isinstance(storage, np.ndarray)
+            and storage.dtype == np.uint8
+            and isinstance(dtype, _Marker)
+            and dtype in _V3_DTYPES
+            and storage.size % _V3_DTYPES[dtype].itemsize == 0
+        ):
             self._fail(f"malformed tensor of dtype {dtype!r}")
         # Untyped storages hold raw file bytes, so the byte swap happens per dtype here.
         typed = storage.view(_V3_DTYPES[dtype])
@@ -252,8 +306,10 @@ class _TorchPickler(pickle._Pickler):
             return self._reduce_array(np.asarray(obj))  # numpy, numpy scalars, jax arrays
         if isinstance(obj, (_PLAIN_TYPES, _Global)) or obj is OrderedDict:
             return NotImplemented  # pickled the ordinary way
-        raise TypeError(f"cannot save a {type(obj).__name__} in a torch checkpoint: only "
-                        "dicts, lists, tuples, str, int, float, bool, None and arrays")
+        raise TypeError(
+            f"cannot save a {type(obj).__name__} in a torch checkpoint: only "
+            "dicts, lists, tuples, str, int, float, bool, None and arrays"
+        )
 
     def _reduce_array(self, arr: np.ndarray):
         # Native byte order (the file says sys.byteorder) and C order, so strides are simple.
@@ -320,8 +376,9 @@ def save_torch_checkpoint(path: str | os.PathLike, obj: Any) -> None:
     pickler = _TorchPickler(buf)
     pickler.dump(obj)  # before touching the disk, so unsupported types write nothing
     prefix = os.path.basename(path).split(".")[0] or "archive"  # as torch names it
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}."
-                       f"{uuid.uuid4().hex[:12]}.tmp")
+    tmp = os.path.join(
+        os.path.dirname(path) or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp"
+    )
     try:
         with open(tmp, "xb") as f:
             with zipfile.ZipFile(_NoSeek(f), "w") as zf:

@@ -37,7 +37,10 @@ SCHEDULES = ("cosine", "constant", "stretched_cosine")
 
 
 def learning_rate_schedule(
-    name: str, learning_rate: float, total_steps: int, stretch_steps: int | None = None,
+    name: str,
+    learning_rate: float,
+    total_steps: int,
+    stretch_steps: int | None = None,
 ) -> optax.Schedule:
     """The learning-rate schedule of a run.
 
@@ -61,15 +64,23 @@ def learning_rate_schedule(
         if not stretch_steps or stretch_steps < total_steps:
             raise ValueError(
                 f"stretched_cosine needs stretch_steps >= total_steps ({total_steps}); got "
-                f"{stretch_steps!r}.")
+                f"{stretch_steps!r}."
+            )
         return optax.cosine_decay_schedule(learning_rate, stretch_steps, alpha=0.0)
     raise ValueError(f"schedule={name!r} is not known; use one of {SCHEDULES}.")
 
 
 def make_optimizer(
-    *, learning_rate: float = 3e-3, total_steps: int = 2000, schedule: str = "cosine",
-    stretch_steps: int | None = None, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-    weight_decay: float = 0.01, clip_norm: float | None = 1.0,
+    *,
+    learning_rate: float = 3e-3,
+    total_steps: int = 2000,
+    schedule: str = "cosine",
+    stretch_steps: int | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    clip_norm: float | None = 1.0,
 ) -> optax.GradientTransformation:
     """AdamW with the reference's decoupled weight decay on every parameter,
     after a global-norm gradient clip (``clip_norm=None`` disables it)."""
@@ -95,8 +106,13 @@ class SeedState(NamedTuple):
     nonfinite: jax.Array
 
 
-def next_token_loss(params, inputs, targets, config: model_lib.ModelConfig,
-                    ignore_index: int = evaluation.IGNORE_INDEX):
+def next_token_loss(
+    params,
+    inputs,
+    targets,
+    config: model_lib.ModelConfig,
+    ignore_index: int = evaluation.IGNORE_INDEX,
+):
     """Mean next-token cross-entropy over scored positions (all of them for
     training batches)."""
     logits = model_lib.apply(params, inputs, config)
@@ -104,13 +120,17 @@ def next_token_loss(params, inputs, targets, config: model_lib.ModelConfig,
 
 
 def init_seed_states(
-    seeds: np.ndarray, config: model_lib.ModelConfig, optimizer: optax.GradientTransformation,
+    seeds: np.ndarray,
+    config: model_lib.ModelConfig,
+    optimizer: optax.GradientTransformation,
 ) -> SeedState:
     """Initial state for an array of integer seeds: seed s initializes from
     ``PRNGKey(s)`` whatever the read, so reads are compared on equal starts."""
+
     def one(seed):
         params = model_lib.init_params(jax.random.PRNGKey(seed), config)
         return params, optimizer.init(params)
+
     params, opt_state = jax.vmap(one)(jnp.asarray(seeds, jnp.uint32))
     return SeedState(params, opt_state, jnp.zeros(len(seeds), bool))
 
@@ -129,7 +149,8 @@ def _update_one_seed(state_params, opt_state, nonfinite, inputs, targets, config
 
 
 def make_train_step(
-    configs: dict[str, model_lib.ModelConfig], optimizer: optax.GradientTransformation,
+    configs: dict[str, model_lib.ModelConfig],
+    optimizer: optax.GradientTransformation,
     sample_batch: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None,
 ) -> Callable:
     """Builds the jitted step over all reads and seeds.
@@ -147,6 +168,7 @@ def make_train_step(
         shape (S, B, L), and metrics a dict read -> {"loss", "grad_norm"} of
         (S,) arrays.
     """
+
     def step(states, keys, batch):
         if batch is None:
             split = jax.vmap(jax.random.split)(keys)
@@ -158,7 +180,8 @@ def make_train_step(
             state = states[read]
             update = functools.partial(_update_one_seed, config=config, optimizer=optimizer)
             params, opt_state, bad, loss, grad_norm = jax.vmap(update)(
-                state.params, state.opt_state, state.nonfinite, inputs, targets)
+                state.params, state.opt_state, state.nonfinite, inputs, targets
+            )
             new_states[read] = SeedState(params, opt_state, bad)
             metrics[read] = {"loss": loss, "grad_norm": grad_norm}
         return new_states, keys, metrics
@@ -175,13 +198,17 @@ def make_eval_step(configs: dict[str, model_lib.ModelConfig]) -> Callable:
         validation set) and (S,) results: means over batches of per-batch
         values, as the reference reports them.
     """
+
     def evaluate(states, inputs, targets):
         out = {}
         for read, config in configs.items():
+
             def one_seed(params, seed_inputs, seed_targets, config=config):
                 losses, accuracies = evaluation.per_batch_metrics(
-                    params, seed_inputs, seed_targets, config)
+                    params, seed_inputs, seed_targets, config
+                )
                 return {"loss": jnp.mean(losses), "accuracy": jnp.mean(accuracies)}
+
             out[read] = jax.vmap(one_seed)(states[read].params, inputs, targets)
         return out
 

@@ -23,17 +23,31 @@ REFERENCE_CHECKPOINTS = FIXTURES / "reference_checkpoints"
 # in-process runs and the subprocess runs compile the same programs and share them
 # through the session's persistent compilation cache.
 TINY = {
-    "model.embedding_dim": 16, "model.num_heads": 2, "model.inner_multiple": 8,
-    "model.chunk_size": 8, "task.vocab_size": 24, "task.noise_vocab_size": 4,
-    "task.seq_len": 16, "train.batch_size": 4, "train.val_batches": 1,
-    "train.val_batch_size": 4, "train.steps": 24, "train.eval_every": 4,
-    "train.checkpoint_every": 4, "train.log_every": 4, "seeds.num_seeds": 3,
+    "model.embedding_dim": 16,
+    "model.num_heads": 2,
+    "model.inner_multiple": 8,
+    "model.chunk_size": 8,
+    "task.vocab_size": 24,
+    "task.noise_vocab_size": 4,
+    "task.seq_len": 16,
+    "train.batch_size": 4,
+    "train.val_batches": 1,
+    "train.val_batch_size": 4,
+    "train.steps": 24,
+    "train.eval_every": 4,
+    "train.checkpoint_every": 4,
+    "train.log_every": 4,
+    "seeds.num_seeds": 3,
     # Pinned, although they are the preset's today: the tests rely on them.
-    "task.frac_noise": 0.5, "train.learning_rate": 3e-3, "reads": "raw,ns5",
-    "train.keep_checkpoints": 3, "seeds.first_seed": 0,
+    "task.frac_noise": 0.5,
+    "train.learning_rate": 3e-3,
+    "reads": "raw,ns5",
+    "train.keep_checkpoints": 3,
+    "seeds.first_seed": 0,
 }
-TINY_TASK = {name.split(".", 1)[1]: value for name, value in TINY.items()
-             if name.startswith("task.")}
+TINY_TASK = {
+    name.split(".", 1)[1]: value for name, value in TINY.items() if name.startswith("task.")
+}
 
 
 def with_overrides(**overrides) -> dict:

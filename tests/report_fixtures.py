@@ -22,8 +22,15 @@ NUM_SEEDS = 16
 
 
 def row(read, seed, step, accuracy, nonfinite=False):
-    return {"read": read, "seed": seed, "step": step, "accuracy": accuracy, "loss": 3.0,
-            "train_loss": 3.0, "nonfinite": nonfinite}
+    return {
+        "read": read,
+        "seed": seed,
+        "step": step,
+        "accuracy": accuracy,
+        "loss": 3.0,
+        "train_loss": 3.0,
+        "nonfinite": nonfinite,
+    }
 
 
 def final(seed, solved):
@@ -48,10 +55,19 @@ def seed_rows(read, seed, escape=None, steps=STEPS):
 
 
 def make_config(**overrides):
-    config = {"name": "unit", "regime": "v80_s512", "total_steps": TOTAL_STEPS,
-              "eval_every": EVAL_EVERY, "reads": ["raw", "ns5"], "num_seeds": NUM_SEEDS,
-              "solved_threshold": 0.8, "batch_size": 16, "vocab_size": 80, "seq_len": 512,
-              "opaque_key": {"kept": True}}
+    config = {
+        "name": "unit",
+        "regime": "v80_s512",
+        "total_steps": TOTAL_STEPS,
+        "eval_every": EVAL_EVERY,
+        "reads": ["raw", "ns5"],
+        "num_seeds": NUM_SEEDS,
+        "solved_threshold": 0.8,
+        "batch_size": 16,
+        "vocab_size": 80,
+        "seq_len": 512,
+        "opaque_key": {"kept": True},
+    }
     config.update(overrides)
     return config
 
@@ -83,16 +99,21 @@ def build_study(workdir):
 
 def analyze_workdir(workdir, threshold=None):
     """The results of ``workdir`` as :func:`statistics.analyze` returns them (no outputs)."""
-    return statistics.analyze(records.load_metrics(workdir), records.load_run_config(workdir),
-                              threshold)
+    return statistics.analyze(
+        records.load_metrics(workdir), records.load_run_config(workdir), threshold
+    )
 
 
 def write_regime_workdirs(parent):
     """Two regime workdirs under ``parent`` (v80_s512: raw 1/2, v96_s1024: raw 0/2; ns5
     2/2 in both) and a sub-directory that is not a workdir."""
     for regime, raw_escapes in (("v80_s512", {0: 1600}), ("v96_s1024", {})):
-        rows = [r for s in range(2) for read, escapes in (("raw", raw_escapes), ("ns5", {0: 800, 1: 1000}))
-                for r in seed_rows(read, s, escapes.get(s))]
+        rows = [
+            r
+            for s in range(2)
+            for read, escapes in (("raw", raw_escapes), ("ns5", {0: 800, 1: 1000}))
+            for r in seed_rows(read, s, escapes.get(s))
+        ]
         write_workdir(parent / regime, rows, make_config(regime=regime, num_seeds=2))
     (parent / "not_a_workdir").mkdir()
     return parent

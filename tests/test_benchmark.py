@@ -14,11 +14,16 @@ NAMES = {"train_step", "eval_forward", "read", "gemm", "train_step_memory"}
 # Both start the benchmark in a subprocess (the smoke run compiles every step).
 pytestmark = pytest.mark.slow
 
+
 def test_smoke_run_writes_the_documented_json(tmp_path):
     path = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--smoke",
-                           f"--json={path}"], capture_output=True, text=True, cwd=REPO,
-                          timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--smoke", f"--json={path}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(path.read_text())
     assert isinstance(out["device"], str) and out["device"].startswith("cpu")
@@ -33,13 +38,18 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
         assert r["read"] in ("raw", "ns5", None)
     by_name = lambda name: [r for r in records if r["name"] == name]
     assert {(r["read"], r["seeds"]) for r in by_name("train_step")} >= {
-        ("raw", 1), ("ns5", 1), ("ns5", 24)}
+        ("raw", 1),
+        ("ns5", 1),
+        ("ns5", 24),
+    }
     assert {r["read"] for r in by_name("eval_forward")} == {"raw", "ns5"}
     for r in by_name("train_step") + by_name("eval_forward"):
         assert r["tokens_per_s"] > 0
     vmapped = next(r for r in by_name("train_step") if r["seeds"] == 24)
-    assert abs(vmapped["tokens_per_s"] - 24 * vmapped["tokens_per_s_per_seed"]) < 1e-6 * vmapped[
-        "tokens_per_s"]
+    assert (
+        abs(vmapped["tokens_per_s"] - 24 * vmapped["tokens_per_s_per_seed"])
+        < 1e-6 * vmapped["tokens_per_s"]
+    )
     reads = by_name("read")
     assert {r["pass"] for r in reads} >= {"forward", "forward_backward"}
     gemm = by_name("gemm")[0]["gflops"]
@@ -52,6 +62,11 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
 
 
 def test_quick_and_smoke_are_exclusive():
-    done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--smoke", "--quick"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--smoke", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode != 0 and "exclusive" in done.stderr

@@ -8,8 +8,9 @@ import pytest
 from orthorecall import cell as cell_lib
 from orthorecall import reads
 
-CONFIG = cell_lib.CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8,
-                             read=reads.NS5)
+CONFIG = cell_lib.CellConfig(
+    embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8, read=reads.NS5
+)
 B, T = 3, 21
 
 
@@ -44,9 +45,12 @@ def test_chunkwise_recurrent_and_step_agree_with_resets():
     reset[0, 5] = reset[1, 9] = reset[2, 0] = reset[0, 6] = True
     reset = jnp.asarray(reset)
     chunkwise, s1 = cell_lib.scan(params, x, CONFIG, reset=reset)
-    recurrent, s2 = cell_lib.scan(params, x, CONFIG.__class__(**{**CONFIG.__dict__,
-                                                                "sequence_form": "recurrent"}),
-                                  reset=reset)
+    recurrent, s2 = cell_lib.scan(
+        params,
+        x,
+        CONFIG.__class__(**{**CONFIG.__dict__, "sequence_form": "recurrent"}),
+        reset=reset,
+    )
     stepped, s3 = _step_loop(params, x, reset, CONFIG)
     for other, state in ((recurrent, s2), (stepped, s3)):
         np.testing.assert_allclose(np.asarray(chunkwise), np.asarray(other), atol=2e-5, rtol=1e-4)
@@ -61,8 +65,9 @@ def test_reset_clears_memory_and_conv_window():
     reset[:, 10] = True
     with_reset, _ = cell_lib.scan(params, x, CONFIG, reset=jnp.asarray(reset))
     fresh, _ = cell_lib.scan(params, x[:, 10:], CONFIG)
-    np.testing.assert_allclose(np.asarray(with_reset[:, 10:]), np.asarray(fresh), atol=2e-5,
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(with_reset[:, 10:]), np.asarray(fresh), atol=2e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("cut", [7, 12])
@@ -75,8 +80,9 @@ def test_state_hands_over_between_calls(cut):
     whole, _ = cell_lib.scan(params, x, CONFIG, reset=reset)
     first, mid = cell_lib.scan(params, x[:, :cut], CONFIG, reset=reset[:, :cut])
     rest, _ = _step_loop(params, x[:, cut:], reset[:, cut:], CONFIG, state=mid)
-    np.testing.assert_allclose(np.asarray(jnp.concatenate([first, rest], 1)), np.asarray(whole),
-                               atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(jnp.concatenate([first, rest], 1)), np.asarray(whole), atol=2e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ from orthorecall import newton_schulz as ns
 from tests import numpy_reference as ref
 
 pytestmark = pytest.mark.skipif(
-    cpu_kernel._compiler() is None, reason="no C++ compiler: the kernel cannot be built here")
+    cpu_kernel._compiler() is None, reason="no C++ compiler: the kernel cannot be built here"
+)
 
 
 def _inputs(seed, count, d, scale=1.0):
@@ -55,14 +56,17 @@ def test_kernel_builds_and_is_used_on_cpu():
     c, q, _ = _inputs(0, 2, 8)
     hlo = jax.jit(lambda c, q: ns.newton_schulz_read(c, q)).lower(c, q).as_text()
     assert cpu_kernel.FORWARD_TARGET in hlo
-    grad_hlo = jax.jit(jax.grad(lambda c, q: ns.newton_schulz_read(c, q).sum())).lower(c, q).as_text()
+    grad_hlo = (
+        jax.jit(jax.grad(lambda c, q: ns.newton_schulz_read(c, q).sum())).lower(c, q).as_text()
+    )
     assert cpu_kernel.BACKWARD_TARGET in grad_hlo
 
 
 # Widths cover no padding (16, 48), padding to 16 (5, 20) and two tiles (33).
 @pytest.mark.parametrize("d", [5, 16, 20, 33, 48])
-@pytest.mark.parametrize("coefficients,k", [("cubic", 5), ("muon", 3), ("polar_express", 6),
-                                            ("cubic", 1)])
+@pytest.mark.parametrize(
+    "coefficients,k", [("cubic", 5), ("muon", 3), ("polar_express", 6), ("cubic", 1)]
+)
 @pytest.mark.slow
 def test_forward_and_backward_match_float64_numpy(d, coefficients, k):
     c, q, h_bar = _inputs(d + k, 2, d)
@@ -71,7 +75,8 @@ def test_forward_and_backward_match_float64_numpy(d, coefficients, k):
     c_bar, q_bar = (np.asarray(x) for x in cpu_kernel.ns_read_backward(c, q, h_bar, steps))
     for m in range(len(c)):
         want_h, want_c_bar, want_q_bar = _numpy_read_and_vjp(
-            c[m].astype(np.float64), q[m].astype(np.float64), h_bar[m].astype(np.float64), steps)
+            c[m].astype(np.float64), q[m].astype(np.float64), h_bar[m].astype(np.float64), steps
+        )
         np.testing.assert_allclose(h[m], want_h, atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(q_bar[m], want_q_bar, atol=2e-5, rtol=1e-4)
         scale = np.abs(want_c_bar).max()
@@ -202,11 +207,17 @@ print("ok")
 
 @pytest.mark.slow
 def test_sharded_over_eight_devices_reads_each_shard_locally():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True,
-                          text=True, env=env, timeout=600,
-                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 

@@ -23,7 +23,10 @@ def _load_fixture(name):
 
 
 def _task_kwargs(params):
-    return {k: params[k] for k in ("vocab_size", "seq_len", "noise_vocab_size", "frac_noise", "multi_query")}
+    return {
+        k: params[k]
+        for k in ("vocab_size", "seq_len", "noise_vocab_size", "frac_noise", "multi_query")
+    }
 
 
 def _task(params):
@@ -83,7 +86,11 @@ def transcribed_mad_example(V, S, N, p, multi_query, is_training, rng, ignore=IG
 
 @pytest.mark.parametrize(
     "name",
-    ["v32_s128_train_seed0.npz", "v32_s128_single_query_eval_seed1.npz", "v80_s512_eval_seed10011.npz"],
+    [
+        "v32_s128_train_seed0.npz",
+        "v32_s128_single_query_eval_seed1.npz",
+        "v80_s512_eval_seed10011.npz",
+    ],
 )
 def test_matches_mad_fixtures(name):
     want_x, want_y, params = _load_fixture(name)
@@ -129,14 +136,24 @@ def test_matches_transcription(V, N, S, p, multi_query, is_training):
         except ValueError:  # MAD's failure when no key was presented
             with pytest.raises(data.NoKeyPresentedError):
                 data.generate_noisy_recall_example(
-                    vocab_size=V, seq_len=S, noise_vocab_size=N, frac_noise=p,
-                    multi_query=multi_query, is_training=is_training, rng=ours,
+                    vocab_size=V,
+                    seq_len=S,
+                    noise_vocab_size=N,
+                    frac_noise=p,
+                    multi_query=multi_query,
+                    is_training=is_training,
+                    rng=ours,
                 )
             assert ours.bit_generator.state == theirs.bit_generator.state
             continue
         x, y = data.generate_noisy_recall_example(
-            vocab_size=V, seq_len=S, noise_vocab_size=N, frac_noise=p,
-            multi_query=multi_query, is_training=is_training, rng=ours,
+            vocab_size=V,
+            seq_len=S,
+            noise_vocab_size=N,
+            frac_noise=p,
+            multi_query=multi_query,
+            is_training=is_training,
+            rng=ours,
         )
         assert x.dtype == y.dtype == np.int32
         assert len(x) == len(y) == (S - 1 if multi_query else S)
@@ -152,8 +169,14 @@ def test_no_key_presented_raises_exactly_when_mad_fails():
     failures = 0
     for seed in range(200):
         ours, theirs = np.random.default_rng(seed), np.random.default_rng(seed)
-        kwargs = dict(vocab_size=12, seq_len=6, noise_vocab_size=4, frac_noise=0.9,
-                      multi_query=True, is_training=False)
+        kwargs = dict(
+            vocab_size=12,
+            seq_len=6,
+            noise_vocab_size=4,
+            frac_noise=0.9,
+            multi_query=True,
+            is_training=False,
+        )
         try:
             want = transcribed_mad_example(12, 6, 4, 0.9, True, False, theirs)
         except ValueError:
@@ -233,18 +256,23 @@ def test_other_invalid_args():
         data.sample_noisy_recall(jax.random.key(0), TASK_BASE, batch_size=0)
     with pytest.raises(ValueError, match="seed must be >= 0"):
         data.reference_validation_set(TASK_BASE, seed=-1)
-    for call in (lambda task: data.sample_noisy_recall(jax.random.key(0), task, batch_size=2),
-                 lambda task: data.generate_noisy_recall_batch(
-                     task, batch_size=2, is_training=True, rng=rng),
-                 lambda task: data.reference_validation_set(task, seed=0),
-                 lambda task: data.ReferenceTrainingStream(task, seed=0, batch_size=2)):
+    for call in (
+        lambda task: data.sample_noisy_recall(jax.random.key(0), task, batch_size=2),
+        lambda task: data.generate_noisy_recall_batch(
+            task, batch_size=2, is_training=True, rng=rng
+        ),
+        lambda task: data.reference_validation_set(task, seed=0),
+        lambda task: data.ReferenceTrainingStream(task, seed=0, batch_size=2),
+    ):
         with pytest.raises(TypeError, match="task must be a NoisyRecallTask"):
             call(BASE)
     with pytest.raises(TypeError):  # keyword-only public contract
         data.generate_noisy_recall_example(32, 128, 16, 0.2, True, True, rng)
     # numpy integer types are fine
     x, _ = data.generate_noisy_recall_example(
-        **{**BASE, "vocab_size": np.int64(32), "seq_len": np.int32(16)}, is_training=np.bool_(True), rng=rng
+        **{**BASE, "vocab_size": np.int64(32), "seq_len": np.int32(16)},
+        is_training=np.bool_(True),
+        rng=rng,
     )
     assert x.shape == (15,)
 
@@ -257,14 +285,18 @@ def test_other_invalid_args():
 @pytest.mark.slow
 def test_reference_validation_set_matches_fixture():
     want_x, want_y, params = _load_fixture("v80_s512_eval_seed10011.npz")
-    x, y = data.reference_validation_set(_task(params), seed=params["seed"] - data.VALIDATION_SEED_OFFSET)
+    x, y = data.reference_validation_set(
+        _task(params), seed=params["seed"] - data.VALIDATION_SEED_OFFSET
+    )
     assert x.shape == y.shape == (16, 16, 511) and x.dtype == y.dtype == np.int32
     np.testing.assert_array_equal(x[0], want_x)
     np.testing.assert_array_equal(y[0], want_y)
 
 
 def test_reference_validation_set_is_consecutive_batches():
-    task = data.NoisyRecallTask(vocab_size=32, seq_len=32, noise_vocab_size=16, frac_noise=0.5, multi_query=False)
+    task = data.NoisyRecallTask(
+        vocab_size=32, seq_len=32, noise_vocab_size=16, frac_noise=0.5, multi_query=False
+    )
     x, y = data.reference_validation_set(task, seed=3, num_batches=3, batch_size=4)
     flat_x, flat_y = data.generate_noisy_recall_batch(
         task, batch_size=12, is_training=False, rng=np.random.default_rng(10003)
@@ -342,8 +374,8 @@ def check_structure(tokens, targets, spec):
             else:
                 mapping[a] = b
                 assert tgt[2 * i + 1] == IGNORE
-        tail = seq[2 * (spec.num_slots - 1):]
-        tail_targets = tgt[2 * (spec.num_slots - 1):]
+        tail = seq[2 * (spec.num_slots - 1) :]
+        tail_targets = tgt[2 * (spec.num_slots - 1) :]
         if not spec.multi_query:
             assert tail[0] == V - 1 and tail_targets[0] == IGNORE
             tail, tail_targets = tail[1:], tail_targets[1:]
@@ -356,12 +388,22 @@ def check_structure(tokens, targets, spec):
 # set compiles once (compilation, ~1-2 s per set on CPU, dominates the test time).
 JAX_BATCH = 300
 JAX_CASES = {
-    "v32s128p0.8": dict(vocab_size=32, seq_len=128, noise_vocab_size=16, frac_noise=0.8, multi_query=True),
-    "v32s128p0.2": dict(vocab_size=32, seq_len=128, noise_vocab_size=16, frac_noise=0.2, multi_query=True),
-    "v29s64p0.6single": dict(vocab_size=29, seq_len=64, noise_vocab_size=8, frac_noise=0.6, multi_query=False),
+    "v32s128p0.8": dict(
+        vocab_size=32, seq_len=128, noise_vocab_size=16, frac_noise=0.8, multi_query=True
+    ),
+    "v32s128p0.2": dict(
+        vocab_size=32, seq_len=128, noise_vocab_size=16, frac_noise=0.2, multi_query=True
+    ),
+    "v29s64p0.6single": dict(
+        vocab_size=29, seq_len=64, noise_vocab_size=8, frac_noise=0.6, multi_query=False
+    ),
     # 3 slots: ~27% of layouts have no key and are redrawn
-    "v12s6p0.9": dict(vocab_size=12, seq_len=6, noise_vocab_size=4, frac_noise=0.9, multi_query=True),
-    "v20s16p0": dict(vocab_size=20, seq_len=16, noise_vocab_size=0, frac_noise=0.0, multi_query=True),
+    "v12s6p0.9": dict(
+        vocab_size=12, seq_len=6, noise_vocab_size=4, frac_noise=0.9, multi_query=True
+    ),
+    "v20s16p0": dict(
+        vocab_size=20, seq_len=16, noise_vocab_size=0, frac_noise=0.0, multi_query=True
+    ),
 }
 
 
@@ -411,7 +453,9 @@ def test_jax_jit_vmap_and_keys():
         for j in range(i):
             assert not np.array_equal(batched_x[i], batched_x[j])
     check_structure(
-        *_full_sequences(batched_x.reshape(3 * JAX_BATCH, -1), batched_y.reshape(3 * JAX_BATCH, -1)),
+        *_full_sequences(
+            batched_x.reshape(3 * JAX_BATCH, -1), batched_y.reshape(3 * JAX_BATCH, -1)
+        ),
         data.NoisyRecallTask(**JAX_CASES[name]),
     )
 
@@ -491,18 +535,25 @@ def test_jax_distribution_matches_numpy(name):
     case, n = JAX_CASES[name], 10 * JAX_BATCH
     spec = data.NoisyRecallTask(**case)
     ref = summaries(*_numpy_eval_examples(spec, n, seed=1234), spec)
-    jax_batches = [_jax_sample(name, k) for k in jax.random.split(jax.random.key(1234), n // JAX_BATCH)]
+    jax_batches = [
+        _jax_sample(name, k) for k in jax.random.split(jax.random.key(1234), n // JAX_BATCH)
+    ]
     got = summaries(*(np.concatenate(parts) for parts in zip(*jax_batches)), spec)
 
     for stat in ("noise_slots", "scored", "distinct_keys", "repeats"):
         assert _homogeneity_pvalue(ref[stat], got[stat]) > 1e-3, stat
-        assert abs(ref[stat].mean() - got[stat].mean()) <= 5 * ref[stat].std() / math.sqrt(n) + 1e-9, stat
+        assert (
+            abs(ref[stat].mean() - got[stat].mean()) <= 5 * ref[stat].std() / math.sqrt(n) + 1e-9
+        ), stat
     for stat in ("noise_by_slot", "keys", "values", "noise_tokens"):
         assert _table_pvalue(np.stack([ref[stat], got[stat]])) > 1e-3, stat
     # The probe is uniform over the distinct presented keys: its first-seen rank given the
     # number of distinct keys matches, and P(probe is the first-seen key) = E[1 / distinct].
     for d in np.unique(ref["distinct_keys"]):
-        a, b = ref["probe_rank"][ref["distinct_keys"] == d], got["probe_rank"][got["distinct_keys"] == d]
+        a, b = (
+            ref["probe_rank"][ref["distinct_keys"] == d],
+            got["probe_rank"][got["distinct_keys"] == d],
+        )
         if min(len(a), len(b)) >= 50:
             assert _homogeneity_pvalue(a, b) > 1e-3, f"probe rank | {d} distinct"
     for s in (ref, got):
@@ -513,4 +564,6 @@ def test_jax_distribution_matches_numpy(name):
     if spec.num_slots > 8:  # analytic noise rate: p on every slot but r0, which is uniform over P
         expected_noise = spec.frac_noise * (spec.num_slots - 1) * (1 - 1 / spec.num_slots)
         for s in (ref, got):
-            assert abs(s["noise_slots"].mean() - expected_noise) < 5 * s["noise_slots"].std() / math.sqrt(n)
+            assert abs(s["noise_slots"].mean() - expected_noise) < 5 * s[
+                "noise_slots"
+            ].std() / math.sqrt(n)

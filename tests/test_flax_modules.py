@@ -9,8 +9,9 @@ from orthorecall import model as model_lib
 from orthorecall import reads
 from orthorecall.flax_modules import MLSTMCell, MLSTMLanguageModel
 
-CELL = cell_lib.CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8,
-                           read=reads.NS5)
+CELL = cell_lib.CellConfig(
+    embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8, read=reads.NS5
+)
 B, T = 3, 21
 
 
@@ -20,12 +21,14 @@ def test_cell_wrapper_matches_pure_functions():
     x = jax.random.normal(jax.random.PRNGKey(5), (B, T, CELL.embedding_dim))
     module = MLSTMCell(CELL)
     initialized = module.init(jax.random.PRNGKey(0), x)
-    assert jax.tree_util.tree_map(np.shape, initialized["params"]["cell"]) == \
-        jax.tree_util.tree_map(np.shape, params)
+    assert jax.tree_util.tree_map(
+        np.shape, initialized["params"]["cell"]
+    ) == jax.tree_util.tree_map(np.shape, params)
     variables = {"params": {"cell": params}}
     y, _ = module.apply(variables, x)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(cell_lib.scan(params, x, CELL)[0]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(y), np.asarray(cell_lib.scan(params, x, CELL)[0]), atol=1e-6
+    )
     state = module.apply(variables, B, method=MLSTMCell.initial_state)
     y0, _ = module.apply(variables, state, x[:, 0], None, method=MLSTMCell.step)
     np.testing.assert_allclose(np.asarray(y0), np.asarray(y[:, 0]), atol=1e-5)
@@ -40,14 +43,18 @@ def test_language_model_wrapper_matches_pure_functions():
     # The wrapper initializes exactly as model.init_params with the module's key.
     params = variables["params"]["model"]
     want_shapes = jax.tree_util.tree_map(
-        np.shape, model_lib.init_params(jax.random.PRNGKey(0), config))
+        np.shape, model_lib.init_params(jax.random.PRNGKey(0), config)
+    )
     assert jax.tree_util.tree_map(np.shape, params) == want_shapes
     logits = module.apply(variables, tokens)
     assert logits.shape == (B, T, 24)
-    np.testing.assert_allclose(np.asarray(logits),
-                               np.asarray(model_lib.apply(params, tokens, config)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(model_lib.apply(params, tokens, config)), atol=1e-6
+    )
     reset = np.zeros((B, T), bool)
     reset[1, 7] = True
     np.testing.assert_allclose(
         np.asarray(module.apply(variables, tokens, reset=reset)),
-        np.asarray(model_lib.apply(params, tokens, config, reset=reset)), atol=1e-6)
+        np.asarray(model_lib.apply(params, tokens, config, reset=reset)),
+        atol=1e-6,
+    )

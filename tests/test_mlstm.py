@@ -30,8 +30,9 @@ def _numpy_read(read):
         return lambda c: c
     if read.kind == "polar":
         return ref.polar
-    return functools.partial(ref.newton_schulz,
-                             steps=ns.iteration_coefficients(read.coefficients, read.num_iterations))
+    return functools.partial(
+        ref.newton_schulz, steps=ns.iteration_coefficients(read.coefficients, read.num_iterations)
+    )
 
 
 def _run(form, read, q, k, v, igate, fgate, reset, chunk_size=None, state=None):
@@ -39,18 +40,27 @@ def _run(form, read, q, k, v, igate, fgate, reset, chunk_size=None, state=None):
     reset = None if reset is None else jnp.asarray(reset)
     if form == "recurrent":
         return mlstm.recurrent_sequence(*args, read=read, reset=reset, state=state)
-    return mlstm.chunkwise_sequence(*args, read=read, reset=reset, state=state,
-                                    chunk_size=chunk_size)
+    return mlstm.chunkwise_sequence(
+        *args, read=read, reset=reset, state=state, chunk_size=chunk_size
+    )
 
 
 READS = [reads.RAW, reads.NS5, reads.ReadConfig("newton_schulz", 3, "polar_express")]
 
 
 @pytest.mark.parametrize("read", READS, ids=lambda r: f"{r.kind}{r.num_iterations}{r.coefficients}")
-@pytest.mark.parametrize("form,chunk_size", [("recurrent", None), ("chunkwise", 1),
-                                             ("chunkwise", 4), ("chunkwise", 8),
-                                             ("chunkwise", 29), ("chunkwise", 64),
-                                             ("chunkwise", None)])
+@pytest.mark.parametrize(
+    "form,chunk_size",
+    [
+        ("recurrent", None),
+        ("chunkwise", 1),
+        ("chunkwise", 4),
+        ("chunkwise", 8),
+        ("chunkwise", 29),
+        ("chunkwise", 64),
+        ("chunkwise", None),
+    ],
+)
 @pytest.mark.slow
 def test_forms_match_float64_recurrence(read, form, chunk_size):
     q, k, v, igate, fgate, reset = _inputs(0)
@@ -70,7 +80,8 @@ def test_default_chunk_size_by_read_and_backend():
     assert mlstm.default_chunk_size(reads.RAW, "cpu") == 64
     assert mlstm.default_chunk_size(reads.NS5, "gpu") == 64
     assert mlstm.default_chunk_size(reads.NS5) == mlstm.default_chunk_size(
-        reads.NS5, jax.default_backend())
+        reads.NS5, jax.default_backend()
+    )
 
 
 @pytest.mark.slow
@@ -89,9 +100,12 @@ def test_initial_state_and_splitting_a_sequence():
     q, k, v, igate, fgate, reset = _inputs(2)
     whole, final = _run("chunkwise", reads.NS5, q, k, v, igate, fgate, reset, 8)
     cut = 13
-    first, mid = _run("chunkwise", reads.NS5, *(a[:, :cut] for a in (q, k, v, igate, fgate, reset)), 8)
-    second, final2 = _run("recurrent", reads.NS5, *(a[:, cut:] for a in (q, k, v, igate, fgate, reset)),
-                          state=mid)
+    first, mid = _run(
+        "chunkwise", reads.NS5, *(a[:, :cut] for a in (q, k, v, igate, fgate, reset)), 8
+    )
+    second, final2 = _run(
+        "recurrent", reads.NS5, *(a[:, cut:] for a in (q, k, v, igate, fgate, reset)), state=mid
+    )
     np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(final2.c), np.asarray(final.c), atol=1e-5)
 
@@ -103,7 +117,9 @@ def test_reset_equals_fresh_start():
     reset[:, 11] = True
     with_reset, _ = _run("chunkwise", reads.NS5, q, k, v, igate, fgate, reset, 8)
     fresh, _ = _run("chunkwise", reads.NS5, *(a[:, 11:] for a in (q, k, v, igate, fgate)), None, 8)
-    np.testing.assert_allclose(np.asarray(with_reset)[:, 11:], np.asarray(fresh), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(with_reset)[:, 11:], np.asarray(fresh), atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.slow
@@ -112,8 +128,16 @@ def test_memory_step_is_one_recurrent_step():
     seq, _ = _run("recurrent", reads.NS5, q, k, v, igate, fgate, reset)
     state = mlstm.initial_memory_state(B, H, D)
     for t in range(4):
-        h, state = mlstm.memory_step(state, q[:, t], k[:, t], v[:, t], igate[:, t], fgate[:, t],
-                                     jnp.asarray(reset[:, t]), reads.NS5)
+        h, state = mlstm.memory_step(
+            state,
+            q[:, t],
+            k[:, t],
+            v[:, t],
+            igate[:, t],
+            fgate[:, t],
+            jnp.asarray(reset[:, t]),
+            reads.NS5,
+        )
         np.testing.assert_allclose(np.asarray(h), np.asarray(seq[:, t]), atol=1e-6, rtol=1e-5)
 
 
@@ -148,8 +172,9 @@ def test_gradient_matches_float64_finite_differences():
     def f64(ig):
         return np.sum(ref.mlstm_recurrence(q, k, v, ig, fgate, read64, reset)[0] * weight)
 
-    grad = jax.grad(lambda ig: jnp.sum(_run("chunkwise", reads.NS5, q, k, v, ig, fgate, reset, 8)[0]
-                                       * weight))(jnp.asarray(igate))
+    grad = jax.grad(
+        lambda ig: jnp.sum(_run("chunkwise", reads.NS5, q, k, v, ig, fgate, reset, 8)[0] * weight)
+    )(jnp.asarray(igate))
     direction = np.random.default_rng(11).standard_normal(igate.shape)
     eps = 1e-5
     want = (f64(igate + eps * direction) - f64(igate - eps * direction)) / (2 * eps)
@@ -163,8 +188,9 @@ def test_zero_state_start_has_finite_gradients():
     q, k, v, igate, fgate, _ = _inputs(7, with_reset=False)
     igate = igate.copy()
     igate[:, 0] = -80.0
-    grads = jax.grad(lambda ig: jnp.sum(_run("chunkwise", reads.NS5, q, k, v, ig, fgate, None, 8)[0]))(
-        jnp.asarray(igate))
+    grads = jax.grad(
+        lambda ig: jnp.sum(_run("chunkwise", reads.NS5, q, k, v, ig, fgate, None, 8)[0])
+    )(jnp.asarray(igate))
     assert np.all(np.isfinite(np.asarray(grads)))
 
 

@@ -60,7 +60,8 @@ def test_parameters_stack_over_seeds_with_vmap():
 @pytest.mark.slow
 def test_step_matches_apply_with_resets(num_blocks):
     config = model_lib.ModelConfig(
-        cell=CellConfig(read=reads.NS5, chunk_size=8, num_blocks=num_blocks))
+        cell=CellConfig(read=reads.NS5, chunk_size=8, num_blocks=num_blocks)
+    )
     params = model_lib.init_params(jax.random.PRNGKey(4), config)
     tokens = _tokens(5)
     reset = np.zeros(tokens.shape, bool)

@@ -39,9 +39,10 @@ def test_cubic_is_the_reference_iteration():
 
 def test_polar_express_schedule_values():
     steps = ns.iteration_coefficients("polar_express", 10)
-    np.testing.assert_allclose(steps[0], (8.28721201814563 / 1.01,
-                                          -23.595886519098837 / 1.01**3,
-                                          17.300387312530933 / 1.01**5))
+    np.testing.assert_allclose(
+        steps[0],
+        (8.28721201814563 / 1.01, -23.595886519098837 / 1.01**3, 17.300387312530933 / 1.01**5),
+    )
     assert steps[7] == steps[9] == (1.875, -1.25, 0.375)
 
 
@@ -55,8 +56,9 @@ def test_singular_values_converge_to_one_as_k_grows():
     assert all(a >= b for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 1e-4
     # And the limit is the polar factor.
-    np.testing.assert_allclose(np.asarray(ns.newton_schulz(x, 60)), np.asarray(reads.polar(x)),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(ns.newton_schulz(x, 60)), np.asarray(reads.polar(x)), atol=1e-4
+    )
 
 
 def test_muon_does_not_converge_but_stays_near_one():

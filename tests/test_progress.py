@@ -20,7 +20,10 @@ def test_plain_lines_every_few_steps_when_not_a_terminal():
     lines = out.getvalue().splitlines()
     # Steps 5 and 10, and the last step whatever the cadence; then the note.
     assert [line.split("|")[0].split("] ")[1].strip() for line in lines[:3]] == [
-        "5/12", "10/12", "12/12"]
+        "5/12",
+        "10/12",
+        "12/12",
+    ]
     assert lines[3] == "evaluation at step 12"
     assert "raw: loss 3.250 solved 1/3" in lines[0]
     assert "ns5: loss n/a solved 0/3 (2 diverged)" in lines[0]

@@ -29,8 +29,15 @@ def test_polar_matches_numpy_and_handles_rank_deficiency():
     np.testing.assert_allclose(s[:, 3:], 0.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("read", [reads.ReadConfig("newton_schulz", 5), reads.ReadConfig("newton_schulz", 0),
-                                  reads.ReadConfig("newton_schulz", 5, "muon"), reads.POLAR])
+@pytest.mark.parametrize(
+    "read",
+    [
+        reads.ReadConfig("newton_schulz", 5),
+        reads.ReadConfig("newton_schulz", 0),
+        reads.ReadConfig("newton_schulz", 5, "muon"),
+        reads.POLAR,
+    ],
+)
 @pytest.mark.slow
 def test_zero_memory_has_finite_value_and_gradient(read):
     zero = jnp.zeros((2, 8, 8))
@@ -47,8 +54,9 @@ def test_float32_arithmetic_for_bfloat16_inputs():
     for read in (reads.NS5, reads.POLAR):
         out = read(x)
         assert out.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(out), np.asarray(read(x.astype(jnp.float32))),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(out), np.asarray(read(x.astype(jnp.float32))), atol=1e-6
+        )
 
 
 def _directional_fd(f64, x, direction, eps=1e-6):
@@ -67,8 +75,9 @@ def test_gradients_match_finite_differences(name):
     else:
         steps = ns.iteration_coefficients(read.coefficients, read.num_iterations)
         f64 = lambda m: np.sum(ref.newton_schulz(m, steps) * weight)
-    grad = np.asarray(jax.grad(lambda m: jnp.sum(read(m) * weight))(jnp.asarray(x, jnp.float32)),
-                      np.float64)
+    grad = np.asarray(
+        jax.grad(lambda m: jnp.sum(read(m) * weight))(jnp.asarray(x, jnp.float32)), np.float64
+    )
     for trial in range(3):
         direction = rng.standard_normal((10, 10))
         want = _directional_fd(f64, x, direction)
@@ -108,8 +117,10 @@ def test_read_configs_are_canonical_and_report_their_implementation():
     assert reads.NS5.implementation(backend="cpu") == ns.read_implementation(5, "cubic", "cpu")
 
 
-@pytest.mark.parametrize("read", [reads.RAW, reads.NS5, reads.POLAR,
-                                  reads.ReadConfig("newton_schulz", 3, "polar_express")])
+@pytest.mark.parametrize(
+    "read",
+    [reads.RAW, reads.NS5, reads.POLAR, reads.ReadConfig("newton_schulz", 3, "polar_express")],
+)
 def test_retrieve_is_the_query_times_the_read(read):
     c = jnp.asarray(_matrices(10, count=4, d=8))
     q = jnp.asarray(np.random.default_rng(10).standard_normal((4, 8)), jnp.float32)

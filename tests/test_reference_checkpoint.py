@@ -94,14 +94,21 @@ def test_foreign_and_inconsistent_files_are_refused(tmp_path):
     torch_format.save_torch_checkpoint(tmp_path / "odd.pt", odd)
     with pytest.raises(ValueError, match="variant 'transformer'"):
         rc.load_reference_checkpoint(tmp_path / "odd.pt")
-    two_blocks = model_lib.init_params(jax.random.PRNGKey(0), model_lib.ModelConfig(cell=CellConfig(num_blocks=2)))
+    two_blocks = model_lib.init_params(
+        jax.random.PRNGKey(0), model_lib.ModelConfig(cell=CellConfig(num_blocks=2))
+    )
     with pytest.raises(ValueError, match="one block"):
         rc.save_reference_checkpoint(tmp_path / "two.pt", two_blocks, {"variant": "ns5"})
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "experiments.evaluate_reference", *args],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate_reference", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow

@@ -49,11 +49,15 @@ def test_nonfinite_seed_is_unsolved_and_left_out_of_the_mean(tmp_path):
     assert ns5["escape_step"] == [800, None, None] and ns5["solved"] == 1
     assert ns5["diverged_step"] == [None, 1200, None]
     assert ns5["censor_step"] == [None, TOTAL_STEPS, TOTAL_STEPS]  # divergence is terminal
-    assert ns5["final_accuracy"] == [pytest.approx(final(0, True)), None,
-                                     pytest.approx(final(2, False))]
+    assert ns5["final_accuracy"] == [
+        pytest.approx(final(0, True)),
+        None,
+        pytest.approx(final(2, False)),
+    ]
     assert ns5["best_accuracy"][1] == pytest.approx(SOLVED_ACC)
     assert ns5["num_in_mean"] == 2
     assert ns5["mean_final_accuracy"] == pytest.approx((final(0, True) + final(2, False)) / 2)
+
     # Strict JSON on disk: NaN became null.
     def reject(constant):
         raise AssertionError(f"results.json holds {constant}")
@@ -87,9 +91,9 @@ def test_regime_subdirectories_are_grouped(tmp_path):
 def test_regimes_with_different_thresholds_are_refused(tmp_path):
     write_regime_workdirs(tmp_path)
     config_path = tmp_path / "v96_s1024" / records.CONFIG_FILE
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
-                                       "solved_threshold": 0.5}))
+    config_path.write_text(
+        json.dumps({**json.loads(config_path.read_text()), "solved_threshold": 0.5})
+    )
     with pytest.raises(ValueError, match=r"different solved thresholds \[0\.5, 0\.8\]"):
         build.build_regime_reports(tmp_path)
     assert not (tmp_path / records.SOLVED_PNG).exists()
-

@@ -14,14 +14,23 @@ from tests.report_fixtures import make_config, seed_rows, write_regime_workdirs,
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "experiments.report", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.report", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
 def test_cli_prints_summary(tmp_path):
-    rows = [r for s in range(4) for read, e in (("raw", None), ("ns5", 1000))
-            for r in seed_rows(read, s, e)]
+    rows = [
+        r
+        for s in range(4)
+        for read, e in (("raw", None), ("ns5", 1000))
+        for r in seed_rows(read, s, e)
+    ]
     workdir = write_workdir(tmp_path, rows, make_config())
     proc = _cli(f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr
@@ -45,7 +54,10 @@ def test_cli_reports_each_regime_and_groups_them(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert [line.split(":")[0] for line in lines if not line.startswith(" ")] == [
-        "v80_s512 / unit", "v96_s1024 / unit", "grouped solved counts"]
+        "v80_s512 / unit",
+        "v96_s1024 / unit",
+        "grouped solved counts",
+    ]
     assert "raw: 1/2 solved" in lines[1] and "raw: 0/2 solved" in lines[5]
     assert lines[-1] == f"grouped solved counts: {tmp_path / records.SOLVED_PNG}"
     assert (tmp_path / records.SOLVED_PNG).is_file()
@@ -82,6 +94,7 @@ def test_importing_the_package_defines_no_flags():
         import experiments.run  # defines --workdir: no collision
         assert "workdir" in flags.FLAGS
         """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr

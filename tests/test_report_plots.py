@@ -19,16 +19,25 @@ def test_plots_are_written(report_study, name):
 
 def test_plot_solved_counts_groups_regimes(tmp_path):
     path = tmp_path / "grouped.png"
-    plots.plot_solved_counts({"v80_s512": {"raw": (3, 16), "ns5": (9, 16)},
-                              "v96_s1024": {"raw": (4, 24), "ns5": (15, 24)},
-                              "v96_s768": {"raw": (1, 8)}}, path)
+    plots.plot_solved_counts(
+        {
+            "v80_s512": {"raw": (3, 16), "ns5": (9, 16)},
+            "v96_s1024": {"raw": (4, 24), "ns5": (15, 24)},
+            "v96_s768": {"raw": (1, 8)},
+        },
+        path,
+    )
     assert path.stat().st_size > 10_000
 
 
 def test_escape_curves_with_unfinished_seeds(tmp_path):
     # Unfinished seeds (raw 0 and ns5 1 stop early) get censoring ticks on their curve.
-    rows = (seed_rows("raw", 0, None, STEPS[:5]) + seed_rows("raw", 1, 1200)
-            + seed_rows("ns5", 0, 600) + seed_rows("ns5", 1, None, STEPS[:4]))
+    rows = (
+        seed_rows("raw", 0, None, STEPS[:5])
+        + seed_rows("raw", 1, 1200)
+        + seed_rows("ns5", 0, 600)
+        + seed_rows("ns5", 1, None, STEPS[:4])
+    )
     results = analyze_workdir(write_workdir(tmp_path, rows, make_config()))
     assert results["reads"]["ns5"]["censor_step"] == [None, 800]
     path = tmp_path / records.ESCAPE_PNG

@@ -76,8 +76,12 @@ def test_curves_are_sorted_by_step_and_seed(tmp_path):
     # Evaluations written out of order (several processes appending): each curve is
     # sorted by step, seeds ascending, reads in order of first appearance; null accuracy
     # is NaN and the nonfinite flag is kept.
-    rows = [row("ns5", 1, 400, 0.5), row("ns5", 0, 400, None, nonfinite=True),
-            row("raw", 0, 200, CHANCE), row("ns5", 1, 200, CHANCE)]
+    rows = [
+        row("ns5", 1, 400, 0.5),
+        row("ns5", 0, 400, None, nonfinite=True),
+        row("raw", 0, 200, CHANCE),
+        row("ns5", 1, 200, CHANCE),
+    ]
     metrics = records.load_metrics(write_workdir(tmp_path, rows))
     assert list(metrics.curves) == ["ns5", "raw"]
     assert list(metrics.curves["ns5"]) == [0, 1]
@@ -89,17 +93,28 @@ def test_curves_are_sorted_by_step_and_seed(tmp_path):
     assert (metrics.num_lines, metrics.num_duplicates, metrics.num_skipped) == (4, 0, 0)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"read": "raw", "seed": "one", "step": 200, "accuracy": 0.1}',
-     "seed and step must be integers"),
-    ('{"read": "raw", "seed": 0, "step": 200, "accuracy": "high"}',
-     "accuracy must be a number or null"),
-    ('{"read": "raw", "seed": 0, "step": 200, "accuracy": true}',
-     "accuracy must be a number or null"),
-    ("[1, 2, 3]", "expected an object"),
-], ids=["seed", "accuracy-string", "accuracy-bool", "not-an-object"])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            '{"read": "raw", "seed": "one", "step": 200, "accuracy": 0.1}',
+            "seed and step must be integers",
+        ),
+        (
+            '{"read": "raw", "seed": 0, "step": 200, "accuracy": "high"}',
+            "accuracy must be a number or null",
+        ),
+        (
+            '{"read": "raw", "seed": 0, "step": 200, "accuracy": true}',
+            "accuracy must be a number or null",
+        ),
+        ("[1, 2, 3]", "expected an object"),
+    ],
+    ids=["seed", "accuracy-string", "accuracy-bool", "not-an-object"],
+)
 def test_bad_field_raises_naming_the_line(tmp_path, line, message):
     (tmp_path / records.METRICS_FILE).write_text(line + "\n")
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / records.METRICS_FILE}:1: ")
-                       + message):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / records.METRICS_FILE}:1: ") + message
+    ):
         records.load_metrics(tmp_path)

@@ -43,9 +43,13 @@ def test_per_seed_outcomes(report_study):
         assert r["seeds"] == list(range(NUM_SEEDS))
         assert r["escape_step"] == _expected_escapes(escapes)
         assert r["is_solved"] == [s in escapes for s in range(NUM_SEEDS)]
-        assert r["final_accuracy"] == pytest.approx([final(s, s in escapes) for s in range(NUM_SEEDS)])
+        assert r["final_accuracy"] == pytest.approx(
+            [final(s, s in escapes) for s in range(NUM_SEEDS)]
+        )
         # Best = the final value for these monotone curves, except seeds that only touch 0.5.
-        assert r["best_accuracy"] == pytest.approx([final(s, s in escapes) for s in range(NUM_SEEDS)])
+        assert r["best_accuracy"] == pytest.approx(
+            [final(s, s in escapes) for s in range(NUM_SEEDS)]
+        )
         assert r["censor_step"] == [None if s in escapes else TOTAL_STEPS for s in range(NUM_SEEDS)]
         assert r["nonfinite"] == [False] * NUM_SEEDS and r["num_nonfinite"] == 0
 
@@ -67,7 +71,8 @@ def test_mean_and_confidence_interval(report_study):
         r = results["reads"][read]
         assert r["mean_final_accuracy"] == pytest.approx(finals.mean(), rel=1e-12)
         assert r["mean_final_accuracy_ci"] == pytest.approx(
-            [finals.mean() - half, finals.mean() + half], rel=1e-12)
+            [finals.mean() - half, finals.mean() + half], rel=1e-12
+        )
         assert r["num_in_mean"] == NUM_SEEDS
 
 
@@ -138,14 +143,24 @@ def test_logrank_matches_independent_implementation(report_study):
 
 def test_logrank_with_early_censoring(tmp_path):
     # An unfinished seed (last evaluation at 1000) is censored there, not at 2000.
-    rows = (seed_rows("raw", 0, None, STEPS[:5]) + seed_rows("raw", 1, 1200)
-            + seed_rows("raw", 2, None) + seed_rows("ns5", 0, 600) + seed_rows("ns5", 1, 800)
-            + seed_rows("ns5", 2, None, STEPS[:4]) + seed_rows("ns5", 3, 1400))
+    rows = (
+        seed_rows("raw", 0, None, STEPS[:5])
+        + seed_rows("raw", 1, 1200)
+        + seed_rows("raw", 2, None)
+        + seed_rows("ns5", 0, 600)
+        + seed_rows("ns5", 1, 800)
+        + seed_rows("ns5", 2, None, STEPS[:4])
+        + seed_rows("ns5", 3, 1400)
+    )
     results = analyze_workdir(write_workdir(tmp_path, rows, make_config()))
     assert results["reads"]["raw"]["censor_step"] == [1000, None, TOTAL_STEPS]
     assert results["reads"]["ns5"]["censor_step"] == [None, None, 800, None]
-    expected = _logrank_chi2_p([[(600, True), (800, True), (800, False), (1400, True)],
-                                [(1000, False), (1200, True), (2000, False)]])
+    expected = _logrank_chi2_p(
+        [
+            [(600, True), (800, True), (800, False), (1400, True)],
+            [(1000, False), (1200, True), (2000, False)],
+        ]
+    )
     assert results["comparison"]["logrank_p"] == pytest.approx(expected, rel=1e-9)
 
 
@@ -220,24 +235,40 @@ def test_chance_accuracy_from_task_layout():
 
 
 def _curve(steps, accuracy, nonfinite=None):
-    return SeedCurve(read="ns5", seed=7, steps=np.array(steps), accuracy=np.array(accuracy),
-                     nonfinite=np.array(nonfinite or [False] * len(steps)))
+    return SeedCurve(
+        read="ns5",
+        seed=7,
+        steps=np.array(steps),
+        accuracy=np.array(accuracy),
+        nonfinite=np.array(nonfinite or [False] * len(steps)),
+    )
 
 
 def test_seed_outcome_of_diverged_and_unfinished_seeds():
     # Crossed the threshold, then diverged: unsolved, censored at the end of the run.
     diverged = statistics.seed_outcome(
         _curve([200, 400, 600], [0.85, math.nan, math.nan], [False, True, True]),
-        threshold=0.8, final_step=TOTAL_STEPS)
+        threshold=0.8,
+        final_step=TOTAL_STEPS,
+    )
     assert (diverged["escape_step"], diverged["solved"], diverged["nonfinite"]) == (
-        None, False, True)
+        None,
+        False,
+        True,
+    )
     assert (diverged["diverged_step"], diverged["last_step"], diverged["censor_step"]) == (
-        400, 600, TOTAL_STEPS)
+        400,
+        600,
+        TOTAL_STEPS,
+    )
     assert diverged["best_accuracy"] == 0.85 and math.isnan(diverged["final_accuracy"])
     # Merely unfinished: censored at its last evaluation.
     unfinished = statistics.seed_outcome(_curve([200, 400], [0.1, 0.2]), 0.8, TOTAL_STEPS)
     assert (unfinished["solved"], unfinished["censor_step"], unfinished["diverged_step"]) == (
-        False, 400, None)
+        False,
+        400,
+        None,
+    )
     solved = statistics.seed_outcome(_curve([200, 400], [0.8, 0.9]), 0.8, TOTAL_STEPS)
     assert (solved["escape_step"], solved["censor_step"]) == (200, None)
     never_finite = statistics.seed_outcome(_curve([200], [math.nan]), 0.8, TOTAL_STEPS)
@@ -248,7 +279,11 @@ def test_intervals_are_none_when_undefined():
     assert statistics.mean_confidence_interval([]) == (None, None, None)
     assert statistics.mean_confidence_interval([0.5]) == (0.5, None, None)
     assert statistics.welch_difference([], [0.5]) == {
-        "difference": None, "ci": [None, None], "df": None, "p": None}
+        "difference": None,
+        "ci": [None, None],
+        "df": None,
+        "p": None,
+    }
     one = statistics.welch_difference([0.2], [0.5, 0.7])
     assert one["difference"] == pytest.approx(0.4) and one["ci"] == [None, None]
     constant = statistics.welch_difference([0.2, 0.2], [0.5, 0.5])

@@ -16,8 +16,10 @@ def test_results_markdown(report_study):
     assert "| read | solved / N | mean final accuracy [95% CI] | median escape step |" in md
     ns5 = results["reads"]["ns5"]
     low, high = ns5["mean_final_accuracy_ci"]
-    assert (f"| ns5 | 9/16 | {100 * ns5['mean_final_accuracy']:.1f}% "
-            f"[{100 * low:.1f}, {100 * high:.1f}] | 1400 |") in md
+    assert (
+        f"| ns5 | 9/16 | {100 * ns5['mean_final_accuracy']:.1f}% "
+        f"[{100 * low:.1f}, {100 * high:.1f}] | 1400 |"
+    ) in md
     assert "| raw | 3/16 |" in md
     assert f"Fisher exact p = {results['comparison']['fisher_p']:.2g}" in md
     assert f"log-rank p = {results['comparison']['logrank_p']:.2g}" in md
@@ -29,8 +31,11 @@ def test_format_summary(report_study):
     _, results = report_study
     lines = tables.format_summary(results).splitlines()
     assert len(lines) == 4
-    assert re.fullmatch(r"  ns5: 9/16 solved, mean final acc \d+\.\d% \[\d+\.\d, \d+\.\d\], "
-                        r"median escape step 1400", lines[2])
+    assert re.fullmatch(
+        r"  ns5: 9/16 solved, mean final acc \d+\.\d% \[\d+\.\d, \d+\.\d\], "
+        r"median escape step 1400",
+        lines[2],
+    )
     assert lines[3].startswith("  ns5 vs raw: Fisher p=0.066, log-rank p=")
 
 
@@ -40,15 +45,21 @@ def test_markdown_notes_diverged_unfinished_and_missing_seeds(tmp_path):
     diverged = seed_rows("ns5", 1, 1000, STEPS[:7])
     diverged[5].update(accuracy=None, nonfinite=True)
     diverged[6].update(accuracy=float("nan"), nonfinite=True)
-    rows = (seed_rows("raw", 0, None, STEPS[:5]) + seed_rows("raw", 1) + seed_rows("ns5", 0, 800)
-            + diverged)
+    rows = (
+        seed_rows("raw", 0, None, STEPS[:5])
+        + seed_rows("raw", 1)
+        + seed_rows("ns5", 0, 800)
+        + diverged
+    )
     results = analyze_workdir(write_workdir(tmp_path, rows, make_config(num_seeds=3)))
     md = tables.format_markdown(results)
     assert "| ns5 | 1/2 (1 diverged) |" in md
     assert f"Diverged seeds: {statistics.NONFINITE_POLICY}" in md
     assert "Incomplete: raw has metrics for 2 of 3 configured seeds." in md
     assert "Incomplete: ns5 has metrics for 2 of 3 configured seeds." in md
-    assert ("Unfinished: raw seeds 0 have no evaluation at step 2000 (censored at their last "
-            "evaluation).") in md
+    assert (
+        "Unfinished: raw seeds 0 have no evaluation at step 2000 (censored at their last "
+        "evaluation)."
+    ) in md
     assert "Unfinished: ns5" not in md
     assert "| 1 | 3.1% | - | n/a | diverged at 1200 |" in md

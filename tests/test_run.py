@@ -37,20 +37,29 @@ TIMEOUT = 600  # Seconds; generous, the machine may be loaded.
 def command(workdir, **overrides):
     """The README's command, run from the repository root, with TINY overrides."""
     flags = with_overrides(**overrides)
-    return [sys.executable, "-m", "experiments.run", "--config=configs/noisy_ar.py:smoke",
-            f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in flags.items()]]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config=configs/noisy_ar.py:smoke",
+        f"--workdir={workdir}",
+        *[f"--config.{k}={v}" for k, v in flags.items()],
+    ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     cache.mkdir(exist_ok=True)
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    environment.update(JAX_COMPILATION_CACHE_DIR=str(cache),
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-                       PYTHONUNBUFFERED="1")
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")
+    }
+    environment.update(
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONUNBUFFERED="1",
+    )
     return environment
 
 
@@ -63,8 +72,9 @@ def start(cmd, log: Path, env) -> subprocess.Popen:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with log.open("w") as out:  # The child keeps its own copy of the descriptor.
-            return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
     finally:
         if ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -88,12 +98,14 @@ def complete_checkpoints(workdir: Path) -> list[int]:
     directory = workdir / "checkpoints"
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    return sorted(
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()
+    )
 
 
-def wait_for_checkpoint(workdir: Path, minimum: int, process: subprocess.Popen,
-                        log: Path) -> int:
+def wait_for_checkpoint(workdir: Path, minimum: int, process: subprocess.Popen, log: Path) -> int:
     """Polls until a complete checkpoint of a step >= minimum exists; returns its step."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
@@ -101,8 +113,10 @@ def wait_for_checkpoint(workdir: Path, minimum: int, process: subprocess.Popen,
         if steps:
             return steps[0]
         if process.poll() is not None:
-            pytest.fail(f"the run ended (code {process.returncode}) before a checkpoint of "
-                        f"step >= {minimum}:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the run ended (code {process.returncode}) before a checkpoint of "
+                f"step >= {minimum}:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.02)
     process.kill()
     pytest.fail(f"no checkpoint of step >= {minimum}:\n{log.read_text()[-3000:]}")
@@ -165,14 +179,17 @@ def reference_runs(tmp_path_factory, env):
     """The README command run to completion, once on 1 CPU device and once on 8
     simulated ones (3 seeds, so the seed axis is padded to 8), concurrently."""
     base = tmp_path_factory.mktemp("reference_runs")
-    eight = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                 JAX_NUM_CPU_DEVICES="8")
+    eight = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_NUM_CPU_DEVICES="8")
     # The 8-device run checkpoints only at the start and the end (saves of 8 shards are
     # slow); checkpoints do not change the metrics, which are compared.
-    runs = {"one": (base / "one_device", env, {}),
-            "eight": (base / "eight_devices", eight, {"train__checkpoint_every": STEPS})}
-    processes = {name: start(command(workdir, **overrides), base / f"{name}.log", environment)
-                 for name, (workdir, environment, overrides) in runs.items()}
+    runs = {
+        "one": (base / "one_device", env, {}),
+        "eight": (base / "eight_devices", eight, {"train__checkpoint_every": STEPS}),
+    }
+    processes = {
+        name: start(command(workdir, **overrides), base / f"{name}.log", environment)
+        for name, (workdir, environment, overrides) in runs.items()
+    }
     out = {}
     for name, process in processes.items():
         code, text = finish(process, base / f"{name}.log")
@@ -195,16 +212,16 @@ def test_readme_command_writes_the_report(reference_runs):
     assert len(json.loads((workdir / "run_config.json").read_text())["devices"]) == 1
 
     results = json.loads((workdir / "results.json").read_text())
-    final = {(r["read"], r["seed"]): r["accuracy"] for r in metrics_rows(workdir)
-             if r["step"] == STEPS}
+    final = {
+        (r["read"], r["seed"]): r["accuracy"] for r in metrics_rows(workdir) if r["step"] == STEPS
+    }
     for read in READS:
         summary = results["reads"][read]
         assert summary["num_seeds"] == 3
         assert len(summary["final_accuracy"]) == len(summary["escape_step"]) == 3
         assert summary["solved"] == sum(s is not None for s in summary["escape_step"])
         assert summary["final_accuracy"] == pytest.approx([final[read, s] for s in range(3)])
-        assert summary["mean_final_accuracy"] == pytest.approx(
-            np.mean(summary["final_accuracy"]))
+        assert summary["mean_final_accuracy"] == pytest.approx(np.mean(summary["final_accuracy"]))
     comparison = results["comparison"]
     assert 0 <= comparison["fisher_p"] <= 1
     assert "logrank_p" in comparison  # None when no seed escaped at all.
@@ -227,17 +244,21 @@ def test_tensorboard_curves_equal_the_metrics(reference_runs):
     rows = metrics_rows(workdir)
     for read in READS:
         for seed in range(3):
-            reader = accumulator.EventAccumulator(str(workdir / "tensorboard" / read / f"seed_{seed}"))
+            reader = accumulator.EventAccumulator(
+                str(workdir / "tensorboard" / read / f"seed_{seed}")
+            )
             reader.Reload()
             got = [(e.step, e.value) for e in reader.Scalars("val/accuracy")]
-            want = [(r["step"], r["accuracy"]) for r in rows
-                    if r["read"] == read and r["seed"] == seed]
+            want = [
+                (r["step"], r["accuracy"]) for r in rows if r["read"] == read and r["seed"] == seed
+            ]
             assert [s for s, _ in got] == [s for s, _ in want]
             np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
         reader = accumulator.EventAccumulator(str(workdir / "tensorboard" / read / "all_seeds"))
         reader.Reload()
         assert {"train/loss_mean", "val/accuracy_mean", "val/solved"} <= set(
-            reader.Tags()["scalars"])
+            reader.Tags()["scalars"]
+        )
 
 
 def test_rerun_of_a_finished_run_does_not_start_over(reference_runs, env, tmp_path):
@@ -259,12 +280,12 @@ def test_rerun_of_a_finished_run_does_not_start_over(reference_runs, env, tmp_pa
 
 
 def test_verbosity_brings_library_logging_back_and_tensorboard_can_be_off(
-        reference_runs, env, tmp_path):
+    reference_runs, env, tmp_path
+):
     workdir = tmp_path / "finished"
     shutil.copytree(reference_runs["one"][0], workdir)
     shutil.rmtree(workdir / "tensorboard")
-    code, out = run(command(workdir) + ["--verbosity=0", "--notensorboard"], tmp_path / "log",
-                    env)
+    code, out = run(command(workdir) + ["--verbosity=0", "--notensorboard"], tmp_path / "log", env)
     assert code == 0, out
     assert re.search(r"^I\d{4} ", out, re.M), out[:3000]  # e.g. Orbax restoring
     assert not (workdir / "tensorboard").exists()
@@ -302,8 +323,7 @@ def test_ctrl_c_kill_and_resume_match_an_uninterrupted_run(reference_runs, env, 
 
     code, out = run(cmd, tmp_path / "resume.log", env)
     assert code == 0, out[-3000:]
-    resumed = int(re.search(rf"resuming {re.escape(str(workdir))} from step (\d+)",
-                            out).group(1))
+    resumed = int(re.search(rf"resuming {re.escape(str(workdir))} from step (\d+)", out).group(1))
     assert interrupted < resumed < STEPS
     assert (workdir / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
     step, state, meta = restore_final(workdir)
@@ -323,13 +343,18 @@ def test_eight_devices_match_one(reference_runs):
         assert summary["num_seeds"] == 3 and summary["seeds"] == [0, 1, 2]
         assert len(summary["final_accuracy"]) == len(summary["escape_step"]) == 3
     rows_one, rows_eight = metrics_rows(one), metrics_rows(eight)
-    assert [(r["read"], r["seed"], r["step"]) for r in rows_eight] == \
-        [(r["read"], r["seed"], r["step"]) for r in rows_one]
+    assert [(r["read"], r["seed"], r["step"]) for r in rows_eight] == [
+        (r["read"], r["seed"], r["step"]) for r in rows_one
+    ]
     # Sharded over 8 devices each seed's step is a different XLA program than the
     # 3-seed batch on one device (other fusions and summation orders), so values may
     # differ by float rounding: a tolerance of 1e-5.
     for field in ("accuracy", "loss", "train_loss"):
-        np.testing.assert_allclose([r[field] for r in rows_eight],
-                                   [r[field] for r in rows_one], rtol=1e-5, atol=1e-6,
-                                   err_msg=field)
+        np.testing.assert_allclose(
+            [r[field] for r in rows_eight],
+            [r[field] for r in rows_one],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=field,
+        )
     assert [r["nonfinite"] for r in rows_eight] == [r["nonfinite"] for r in rows_one]

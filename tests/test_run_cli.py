@@ -33,11 +33,26 @@ def test_load_config_and_its_errors():
 
 def test_overrides_must_name_existing_fields():
     config = run.load_config(run.resolve_config_path("configs/noisy_ar.py:smoke"))
-    run.check_overrides(config, ["run", "--config.train.steps=5", "--workdir=x",
-                                 "--config.reads=raw", "--noconfig.task.multi_query"])
+    run.check_overrides(
+        config,
+        [
+            "run",
+            "--config.train.steps=5",
+            "--workdir=x",
+            "--config.reads=raw",
+            "--noconfig.task.multi_query",
+        ],
+    )
     with pytest.raises(run.UsageError) as error:
-        run.check_overrides(config, ["run", "--config.train.stepz=5", "--config.trian.steps=1",
-                                     "--config.train.steps.value=2"])
+        run.check_overrides(
+            config,
+            [
+                "run",
+                "--config.train.stepz=5",
+                "--config.trian.steps=1",
+                "--config.train.steps.value=2",
+            ],
+        )
     message = str(error.value)
     assert "--config.train.stepz: config.train has no field 'stepz'" in message
     assert "(its fields: b1, b2, batch_size," in message

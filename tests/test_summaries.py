@@ -6,8 +6,7 @@ import pytest
 
 from experiments.summaries import ALL_SEEDS, RunSummaries
 
-event_accumulator = pytest.importorskip(
-    "tensorboard.backend.event_processing.event_accumulator")
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
 def _scalars(directory, tag):
@@ -19,15 +18,28 @@ def _scalars(directory, tag):
 
 
 def _records(step, accuracy_by_seed):
-    return [{"read": "ns5", "seed": seed, "step": step, "accuracy": acc,
-             "loss": None if acc is None else 1.0 - acc, "nonfinite": acc is None}
-            for seed, acc in accuracy_by_seed.items()]
+    return [
+        {
+            "read": "ns5",
+            "seed": seed,
+            "step": step,
+            "accuracy": acc,
+            "loss": None if acc is None else 1.0 - acc,
+            "nonfinite": acc is None,
+        }
+        for seed, acc in accuracy_by_seed.items()
+    ]
 
 
 def test_per_seed_and_per_read_curves(tmp_path):
     summaries = RunSummaries(tmp_path, ["raw", "ns5"], seeds=[3, 10])
-    summaries.train(5, {"raw": {"loss": [2.0, 4.0], "grad_norm": [0.5, 0.25]},
-                        "ns5": {"loss": [1.0, math.nan], "grad_norm": [0.1, math.inf]}})
+    summaries.train(
+        5,
+        {
+            "raw": {"loss": [2.0, 4.0], "grad_norm": [0.5, 0.25]},
+            "ns5": {"loss": [1.0, math.nan], "grad_norm": [0.1, math.inf]},
+        },
+    )
     summaries.evaluation(5, _records(5, {3: 0.9, 10: None}), solved={"ns5": 1})
     summaries.close()
     # Seeds are zero-padded so that runs sort by seed.
@@ -54,5 +66,4 @@ def test_resume_hides_what_was_written_after_the_checkpoint(tmp_path):
     for step in (4, 6):
         resumed.evaluation(step, _records(step, {0: 0.5 + step / 100}), solved={"ns5": 0})
     resumed.close()
-    assert _scalars(tmp_path / "ns5" / "seed_0", "val/accuracy") == [
-        (2, 0.2), (4, 0.54), (6, 0.56)]
+    assert _scalars(tmp_path / "ns5" / "seed_0", "val/accuracy") == [(2, 0.2), (4, 0.54), (6, 0.56)]

@@ -116,12 +116,18 @@ def _bin(n):
 def _tensor_pickle(storage_class, numel, offset, size, stride):
     """Protocol-2 pickle of {'t': tensor}, written opcode by opcode as torch.save does."""
     tup = lambda xs: b"(" + b"".join(_bin(x) for x in xs) + b"t"
-    return (b"\x80\x02}X\x01\x00\x00\x00t"
-            b"ctorch._utils\n_rebuild_tensor_v2\n("
-            b"(X\x07\x00\x00\x00storagectorch\n" + storage_class.encode() + b"\n"
-            b"X\x01\x00\x00\x000X\x06\x00\x00\x00cuda:0" + _bin(numel) + b"tQ"
-            + _bin(offset) + tup(size) + tup(stride)
-            + b"\x89ccollections\nOrderedDict\n)RtRs.")
+    return (
+        b"\x80\x02}X\x01\x00\x00\x00t"
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        b"(X\x07\x00\x00\x00storagectorch\n" + storage_class.encode() + b"\n"
+        b"X\x01\x00\x00\x000X\x06\x00\x00\x00cuda:0"
+        + _bin(numel)
+        + b"tQ"
+        + _bin(offset)
+        + tup(size)
+        + tup(stride)
+        + b"\x89ccollections\nOrderedDict\n)RtRs."
+    )
 
 
 def _big_endian(arr):
@@ -140,10 +146,22 @@ def test_reference_fixture_loads(variant):
     for name, arr in sd.items():
         assert arr.dtype == np.float32 and arr.flags.c_contiguous, name
         assert np.isfinite(arr).all() and np.any(arr != 0), name
-    record = next(r for r in json.loads((FIXTURES / "records.json").read_text())
-                  if r["variant"] == variant)
-    for key in ("variant", "seed", "vocab_size", "seq_len", "noise_vocab_size", "frac_noise",
-                "dim", "batch_size", "val_batches", "steps", "lr"):
+    record = next(
+        r for r in json.loads((FIXTURES / "records.json").read_text()) if r["variant"] == variant
+    )
+    for key in (
+        "variant",
+        "seed",
+        "vocab_size",
+        "seq_len",
+        "noise_vocab_size",
+        "frac_noise",
+        "dim",
+        "batch_size",
+        "val_batches",
+        "steps",
+        "lr",
+    ):
         assert cfg[key] == record[key], key
 
 
@@ -172,8 +190,15 @@ def test_structure_round_trip(tmp_path):
     shared = np.arange(3.0)
     obj = {
         "sd": OrderedDict([("b", np.ones(2, np.float32)), ("a", shared)]),
-        "cfg": {"name": "ns5", "big": 2**70, "neg": -1, "lr": 3e-3, "flag": True,
-                "none": None, "nested": [1, (2, "x"), {"k": [shared]}]},
+        "cfg": {
+            "name": "ns5",
+            "big": 2**70,
+            "neg": -1,
+            "lr": 3e-3,
+            "flag": True,
+            "none": None,
+            "nested": [1, (2, "x"), {"k": [shared]}],
+        },
         "empty": [{}, [], (), OrderedDict()],
     }
     path = tmp_path / "s.pt"
@@ -193,11 +218,18 @@ def test_saved_file_layout_is_torchs(tmp_path):
     assert data == (tmp_path / "y" / "run.v1.pt").read_bytes()  # deterministic
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert zf.namelist() == [
-            "run/data.pkl", "run/.format_version", "run/.storage_alignment", "run/byteorder",
-            "run/data/0", "run/data/1", "run/version", "run/.data/serialization_id"]
+            "run/data.pkl",
+            "run/.format_version",
+            "run/.storage_alignment",
+            "run/byteorder",
+            "run/data/0",
+            "run/data/1",
+            "run/version",
+            "run/.data/serialization_id",
+        ]
         assert zf.read("run/byteorder") == sys.byteorder.encode()
         for info in zf.infolist():
-            name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:][:4])
+            name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 :][:4])
             # Like torch's miniz writer: 64-byte aligned data, each followed by a data
             # descriptor (flag bit 3); torch's offset calculation relies on both.
             assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
@@ -237,32 +269,49 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 def test_storage_offset_and_strides_are_honoured(tmp_path):
     storage = np.arange(12, dtype=np.float32)
-    path = _write_zip(tmp_path / "v.pt", {
-        "data.pkl": _tensor_pickle("FloatStorage", 12, 1, (2, 3), (1, 4)),
-        "byteorder": b"little", "data/0": storage.astype("<f4").tobytes()})
+    path = _write_zip(
+        tmp_path / "v.pt",
+        {
+            "data.pkl": _tensor_pickle("FloatStorage", 12, 1, (2, 3), (1, 4)),
+            "byteorder": b"little",
+            "data/0": storage.astype("<f4").tobytes(),
+        },
+    )
     out = load_torch_checkpoint(path)["t"]
     np.testing.assert_array_equal(out, [[1, 5, 9], [2, 6, 10]])
     assert out.flags.c_contiguous
 
 
-@pytest.mark.parametrize("storage_class, values", [
-    ("FloatStorage", np.array([1.5, -2.0, 3.0], np.float32)),
-    ("BFloat16Storage", np.array([1.5, -2.0, 3.0], ml_dtypes.bfloat16)),
-    ("LongStorage", np.array([1, -2, 2**40], np.int64)),
-    ("ComplexFloatStorage", np.array([1 + 2j, 3, -4j], np.complex64)),
-])
+@pytest.mark.parametrize(
+    "storage_class, values",
+    [
+        ("FloatStorage", np.array([1.5, -2.0, 3.0], np.float32)),
+        ("BFloat16Storage", np.array([1.5, -2.0, 3.0], ml_dtypes.bfloat16)),
+        ("LongStorage", np.array([1, -2, 2**40], np.int64)),
+        ("ComplexFloatStorage", np.array([1 + 2j, 3, -4j], np.complex64)),
+    ],
+)
 def test_big_endian_checkpoint(storage_class, values, tmp_path):
-    path = _write_zip(tmp_path / "be.pt", {
-        "data.pkl": _tensor_pickle(storage_class, 3, 0, (3,), (1,)),
-        "byteorder": b"big", "data/0": _big_endian(values)})
+    path = _write_zip(
+        tmp_path / "be.pt",
+        {
+            "data.pkl": _tensor_pickle(storage_class, 3, 0, (3,), (1,)),
+            "byteorder": b"big",
+            "data/0": _big_endian(values),
+        },
+    )
     out = load_torch_checkpoint(path)["t"]
     assert out.dtype == values.dtype and out.tobytes() == values.tobytes()
 
 
 def test_missing_byteorder_record_means_little_endian(tmp_path):
-    path = _write_zip(tmp_path / "le.pt", {
-        "data.pkl": _tensor_pickle("IntStorage", 2, 0, (2,), (1,)),
-        "data/0": np.array([7, -8], "<i4").tobytes()})
+    path = _write_zip(
+        tmp_path / "le.pt",
+        {
+            "data.pkl": _tensor_pickle("IntStorage", 2, 0, (2,), (1,)),
+            "data/0": np.array([7, -8], "<i4").tobytes(),
+        },
+    )
     np.testing.assert_array_equal(load_torch_checkpoint(path)["t"], [7, -8])
 
 
@@ -290,8 +339,9 @@ def test_pickled_code_is_refused_and_not_run(via, protocol, tmp_path):
         assert control.exists()
     path = _write_zip(tmp_path / "evil.pt", {"data.pkl": payload, "byteorder": b"little"})
     # Protocol 2 spells the builtins module '__builtin__'.
-    refused = (r"(builtins|__builtin__)\.eval" if via == "eval"
-               else rf"{os.system.__module__}\.system")
+    refused = (
+        r"(builtins|__builtin__)\.eval" if via == "eval" else rf"{os.system.__module__}\.system"
+    )
     with pytest.raises(UnsafeCheckpointError, match=refused) as err:
         load_torch_checkpoint(path)
     assert isinstance(err.value, pickle.UnpicklingError)
@@ -300,8 +350,9 @@ def test_pickled_code_is_refused_and_not_run(via, protocol, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("target", [b"ctorch\nFloatStorage\n",
-                                    b"ctorch._utils\n_rebuild_tensor_v2\n"])
+@pytest.mark.parametrize(
+    "target", [b"ctorch\nFloatStorage\n", b"ctorch._utils\n_rebuild_tensor_v2\n"]
+)
 def test_build_opcode_cannot_modify_allowed_globals(target, tmp_path):
     # BUILD with slot state (None, {'__defaults__': ...}) would setattr on the object.
     evil = b"\x80\x02" + target + b"N}X\x0c\x00\x00\x00__defaults__)s\x86b."
@@ -318,8 +369,9 @@ def test_missing_file(tmp_path):
         load_torch_checkpoint(tmp_path / "nope.pt")
 
 
-@pytest.mark.parametrize("content", [b"", b"this is not a checkpoint\n" * 40,
-                                     b"\x80\x02}q\x00."])  # a bare pickle: legacy format
+@pytest.mark.parametrize(
+    "content", [b"", b"this is not a checkpoint\n" * 40, b"\x80\x02}q\x00."]
+)  # a bare pickle: legacy format
 def test_not_a_zip(content, tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(content)
@@ -335,29 +387,41 @@ def test_zip_without_data_pkl(tmp_path):
 
 
 def test_truncated_storage(tmp_path):
-    path = _write_zip(tmp_path / "short.pt", {
-        "data.pkl": _tensor_pickle("FloatStorage", 12, 0, (12,), (1,)),
-        "data/0": np.zeros(11, np.float32).tobytes()})
+    path = _write_zip(
+        tmp_path / "short.pt",
+        {
+            "data.pkl": _tensor_pickle("FloatStorage", 12, 0, (12,), (1,)),
+            "data/0": np.zeros(11, np.float32).tobytes(),
+        },
+    )
     with pytest.raises(TorchCheckpointError, match="truncated: 44 bytes, expected 48"):
         load_torch_checkpoint(path)
 
 
-@pytest.mark.parametrize("numel, offset, size, stride, problem", [
-    (12, 0, (4, 4), (4, 1), "reaches element 15"),  # view beyond the storage's end
-    (12, 12, (1,), (1,), "reaches element 12"),
-    (12, 0, (2, 2), (1,), "malformed tensor"),  # size/stride rank mismatch
-])
+@pytest.mark.parametrize(
+    "numel, offset, size, stride, problem",
+    [
+        (12, 0, (4, 4), (4, 1), "reaches element 15"),  # view beyond the storage's end
+        (12, 12, (1,), (1,), "reaches element 12"),
+        (12, 0, (2, 2), (1,), "malformed tensor"),  # size/stride rank mismatch
+    ],
+)
 def test_out_of_range_views_are_refused(numel, offset, size, stride, problem, tmp_path):
-    path = _write_zip(tmp_path / "v.pt", {
-        "data.pkl": _tensor_pickle("FloatStorage", numel, offset, size, stride),
-        "data/0": np.zeros(numel, np.float32).tobytes()})
+    path = _write_zip(
+        tmp_path / "v.pt",
+        {
+            "data.pkl": _tensor_pickle("FloatStorage", numel, offset, size, stride),
+            "data/0": np.zeros(numel, np.float32).tobytes(),
+        },
+    )
     with pytest.raises(TorchCheckpointError, match=problem):
         load_torch_checkpoint(path)
 
 
 def test_missing_storage_record_and_bad_pickle(tmp_path):
-    path = _write_zip(tmp_path / "m.pt", {
-        "data.pkl": _tensor_pickle("FloatStorage", 1, 0, (1,), (1,))})
+    path = _write_zip(
+        tmp_path / "m.pt", {"data.pkl": _tensor_pickle("FloatStorage", 1, 0, (1,), (1,))}
+    )
     with pytest.raises(TorchCheckpointError, match="missing storage record 'ck/data/0'"):
         load_torch_checkpoint(path)
     path = _write_zip(tmp_path / "p.pt", {"data.pkl": b"\x80\x02}X\x05\x00"})
@@ -380,8 +444,10 @@ def _torch_to_numpy(t):
     import torch
 
     t = t.detach().contiguous()
-    special = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
-               torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn)}
+    special = {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+    }
     if t.dtype in special:
         raw, dtype = special[t.dtype]
         return t.view(raw).numpy().view(dtype)
@@ -392,8 +458,11 @@ def test_torch_loads_our_checkpoints(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from torch.utils.serialization import config
 
-    obj = {"state_dict": OrderedDict(ARRAYS), "cfg": {"variant": "ns5", "lr": 3e-3},
-           "misc": [1, (2, None), "x"]}
+    obj = {
+        "state_dict": OrderedDict(ARRAYS),
+        "cfg": {"variant": "ns5", "lr": 3e-3},
+        "misc": [1, (2, None), "x"],
+    }
     path = tmp_path / "ours.pt"
     save_torch_checkpoint(path, obj)
     # Also torch's mmap path that computes record offsets from the zip layout; the debug
@@ -417,20 +486,22 @@ def test_torch_loads_our_checkpoints(tmp_path, monkeypatch):
 def test_we_load_torch_saves(tmp_path):
     torch = pytest.importorskip("torch")
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    sd = OrderedDict([
-        ("plain", torch.randn(3, 4, generator=torch.Generator().manual_seed(0))),
-        ("transposed", base.t()),
-        ("offset_and_stride", base[1:, ::2]),  # shares base's storage at an offset
-        ("base", base),
-        ("bf16", torch.tensor([1.5, -2.25], dtype=torch.bfloat16)),
-        ("f16", torch.tensor([[0.1]], dtype=torch.float16)),
-        ("f64_0d", torch.tensor(2.5, dtype=torch.float64)),
-        ("i64", torch.arange(5)),
-        ("bool", torch.tensor([True, False])),
-        ("u16", torch.tensor([1, 65535], dtype=torch.uint16)),
-        ("empty", torch.zeros(0, 3)),
-        ("param", torch.nn.Parameter(torch.ones(2))),
-    ])
+    sd = OrderedDict(
+        [
+            ("plain", torch.randn(3, 4, generator=torch.Generator().manual_seed(0))),
+            ("transposed", base.t()),
+            ("offset_and_stride", base[1:, ::2]),  # shares base's storage at an offset
+            ("base", base),
+            ("bf16", torch.tensor([1.5, -2.25], dtype=torch.bfloat16)),
+            ("f16", torch.tensor([[0.1]], dtype=torch.float16)),
+            ("f64_0d", torch.tensor(2.5, dtype=torch.float64)),
+            ("i64", torch.arange(5)),
+            ("bool", torch.tensor([True, False])),
+            ("u16", torch.tensor([1, 65535], dtype=torch.uint16)),
+            ("empty", torch.zeros(0, 3)),
+            ("param", torch.nn.Parameter(torch.ones(2))),
+        ]
+    )
     path = tmp_path / "theirs.pt"
     torch.save({"state_dict": sd, "cfg": {"seed": 11}}, path)
     ours = load_torch_checkpoint(path)

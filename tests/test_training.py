@@ -53,8 +53,11 @@ def compilation_cache(tmp_path_factory):
         yield None
         return
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     previous = {name: getattr(jax.config, name) for name in names}
     cache_dir = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
     cache_dir.mkdir(exist_ok=True)
@@ -124,8 +127,16 @@ def ns5_steps():
         trajectory.append(_host(states))
         losses.append(np.asarray(metrics["ns5"]["loss"]))
         grad_norms.append(np.asarray(metrics["ns5"]["grad_norm"]))
-    return dict(configs=configs, optimizer=optimizer, batches=batches, step=step, keys=keys,
-                trajectory=trajectory, losses=losses, grad_norms=grad_norms)
+    return dict(
+        configs=configs,
+        optimizer=optimizer,
+        batches=batches,
+        step=step,
+        keys=keys,
+        trajectory=trajectory,
+        losses=losses,
+        grad_norms=grad_norms,
+    )
 
 
 @pytest.mark.slow
@@ -144,28 +155,40 @@ def test_vmapped_seeds_match_single_seed_runs(ns5_steps):
     for i, seed in enumerate(SEEDS):
         # Seed s initializes from PRNGKey(s) whatever its position among the seeds (jit
         # vs eager vmap: rounding may differ).
-        _assert_trees_equal(init_one(jax.random.PRNGKey(seed), s["configs"]["ns5"]),
-                            _seed_slice(initial.params, i), rtol=1e-6, atol=1e-7)
+        _assert_trees_equal(
+            init_one(jax.random.PRNGKey(seed), s["configs"]["ns5"]),
+            _seed_slice(initial.params, i),
+            rtol=1e-6,
+            atol=1e-7,
+        )
         # The single-seed run starts from the same state (a slice of the 3-seed one:
         # initializing 1 seed eagerly would compile every init op anew for its shapes).
         state = {"ns5": _seed_slice(initial, slice(i, i + 1))}
         for k, (inputs, targets) in enumerate(s["batches"]):
-            state, _, metrics = single_step(state, s["keys"][:1],
-                                            (inputs[i:i + 1], targets[i:i + 1]))
-            np.testing.assert_allclose(np.asarray(metrics["ns5"]["loss"])[0],
-                                       s["losses"][k][i], rtol=1e-5)
-            np.testing.assert_allclose(np.asarray(metrics["ns5"]["grad_norm"])[0],
-                                       s["grad_norms"][k][i], rtol=1e-5)
+            state, _, metrics = single_step(
+                state, s["keys"][:1], (inputs[i : i + 1], targets[i : i + 1])
+            )
+            np.testing.assert_allclose(
+                np.asarray(metrics["ns5"]["loss"])[0], s["losses"][k][i], rtol=1e-5
+            )
+            np.testing.assert_allclose(
+                np.asarray(metrics["ns5"]["grad_norm"])[0], s["grad_norms"][k][i], rtol=1e-5
+            )
         state = _host(state)["ns5"]
         assert not state.nonfinite.any()
-        _assert_trees_equal(state.params, _seed_slice(final.params, slice(i, i + 1)),
-                            rtol=1e-5, atol=1e-6)
-        _assert_trees_equal(state.opt_state, _seed_slice(final.opt_state, slice(i, i + 1)),
-                            rtol=1e-5, atol=1e-6)
+        _assert_trees_equal(
+            state.params, _seed_slice(final.params, slice(i, i + 1)), rtol=1e-5, atol=1e-6
+        )
+        _assert_trees_equal(
+            state.opt_state, _seed_slice(final.opt_state, slice(i, i + 1)), rtol=1e-5, atol=1e-6
+        )
     # The test is not vacuous: training moved the parameters well beyond the tolerance.
-    moved = max(np.max(np.abs(a - b)) for a, b in zip(
-        jax.tree_util.tree_leaves(final.params),
-        jax.tree_util.tree_leaves(initial.params)))
+    moved = max(
+        np.max(np.abs(a - b))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(initial.params)
+        )
+    )
     assert moved > 1e-3
 
 
@@ -184,25 +207,30 @@ def test_nonfinite_seed_is_frozen_and_others_unaffected(ns5_steps):
     assert np.isnan(loss[1]) and np.isfinite(loss[[0, 2]]).all()
     states = _host(states)
     np.testing.assert_array_equal(states["ns5"].nonfinite, [False, True, False])
-    _assert_trees_equal(_seed_slice(states["ns5"].params, 1),
-                        _seed_slice(after1["ns5"].params, 1))
-    _assert_trees_equal(_seed_slice(states["ns5"].opt_state, 1),
-                        _seed_slice(after1["ns5"].opt_state, 1))
+    _assert_trees_equal(_seed_slice(states["ns5"].params, 1), _seed_slice(after1["ns5"].params, 1))
+    _assert_trees_equal(
+        _seed_slice(states["ns5"].opt_state, 1), _seed_slice(after1["ns5"].opt_state, 1)
+    )
     for i in (0, 2):
-        _assert_trees_equal(_seed_slice(states["ns5"].params, i),
-                            _seed_slice(after2["ns5"].params, i))
+        _assert_trees_equal(
+            _seed_slice(states["ns5"].params, i), _seed_slice(after2["ns5"].params, i)
+        )
 
     states, _, metrics = step(states, s["keys"], s["batches"][2])
     assert np.isfinite(np.asarray(metrics["ns5"]["loss"])).all()  # A finite loss now...
     states = _host(states)
     np.testing.assert_array_equal(states["ns5"].nonfinite, [False, True, False])
-    _assert_trees_equal(_seed_slice(states["ns5"].params, 1),  # ...but it stays frozen.
-                        _seed_slice(after1["ns5"].params, 1))
+    _assert_trees_equal(
+        _seed_slice(states["ns5"].params, 1),  # ...but it stays frozen.
+        _seed_slice(after1["ns5"].params, 1),
+    )
     for i in (0, 2):
-        _assert_trees_equal(_seed_slice(states["ns5"].params, i),
-                            _seed_slice(after3["ns5"].params, i))
-        _assert_trees_equal(_seed_slice(states["ns5"].opt_state, i),
-                            _seed_slice(after3["ns5"].opt_state, i))
+        _assert_trees_equal(
+            _seed_slice(states["ns5"].params, i), _seed_slice(after3["ns5"].params, i)
+        )
+        _assert_trees_equal(
+            _seed_slice(states["ns5"].opt_state, i), _seed_slice(after3["ns5"].opt_state, i)
+        )
 
 
 @pytest.mark.slow
@@ -212,11 +240,13 @@ def test_flagged_seed_is_not_updated_even_with_a_finite_loss(ns5_steps):
     flagged["ns5"] = flagged["ns5"]._replace(nonfinite=np.array([False, False, True]))
     states = _host(s["step"](flagged, s["keys"], s["batches"][1])[0])
     np.testing.assert_array_equal(states["ns5"].nonfinite, [False, False, True])
-    _assert_trees_equal(_seed_slice(states["ns5"].params, 2),
-                        _seed_slice(s["trajectory"][1]["ns5"].params, 2))
+    _assert_trees_equal(
+        _seed_slice(states["ns5"].params, 2), _seed_slice(s["trajectory"][1]["ns5"].params, 2)
+    )
     for i in (0, 1):
-        _assert_trees_equal(_seed_slice(states["ns5"].params, i),
-                            _seed_slice(s["trajectory"][2]["ns5"].params, i))
+        _assert_trees_equal(
+            _seed_slice(states["ns5"].params, i), _seed_slice(s["trajectory"][2]["ns5"].params, i)
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,8 +254,9 @@ def test_flagged_seed_is_not_updated_even_with_a_finite_loss(ns5_steps):
 # ---------------------------------------------------------------------------------------
 
 
-def torch_adamw_reference(params, grads_per_step, lr_at, *, b1=0.9, b2=0.999, eps=1e-8,
-                          weight_decay=0.01, clip=1.0):
+def torch_adamw_reference(
+    params, grads_per_step, lr_at, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip=1.0
+):
     """PyTorch's clip_grad_norm_(max_norm=clip) + AdamW.step + scheduler.step, float64.
 
     clip_grad_norm_: total = sqrt(sum ||g||^2); coef = clip / (total + 1e-6), clamped to
@@ -247,8 +278,8 @@ def torch_adamw_reference(params, grads_per_step, lr_at, *, b1=0.9, b2=0.999, ep
             p[name] = p[name] * (1 - lr * weight_decay)
             m[name] = b1 * m[name] + (1 - b1) * g[name]
             v[name] = b2 * v[name] + (1 - b2) * g[name] ** 2
-            denom = np.sqrt(v[name]) / math.sqrt(1 - b2 ** t) + eps
-            p[name] = p[name] - lr / (1 - b1 ** t) * m[name] / denom
+            denom = np.sqrt(v[name]) / math.sqrt(1 - b2**t) + eps
+            p[name] = p[name] - lr / (1 - b1**t) * m[name] / denom
         history.append({name: x.copy() for name, x in p.items()})
     return history
 
@@ -259,7 +290,8 @@ def _optax_run(optimizer, params, grads_per_step):
     history = []
     for grads in grads_per_step:
         updates, state = optimizer.update(
-            {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}, state, params)
+            {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}, state, params
+        )
         params = optax.apply_updates(params, updates)
         history.append({k: np.asarray(v, np.float64) for k, v in params.items()})
     return history
@@ -272,8 +304,11 @@ OPT_STEPS = 6
 def optimizer_problem():
     rng = np.random.default_rng(0)
     # Every kind of parameter (matrix, bias, norm scale) gets the weight decay.
-    params = {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,)),
-              "scale": 1.0 + 0.1 * rng.normal(size=(5,))}
+    params = {
+        "kernel": rng.normal(size=(3, 4)),
+        "bias": rng.normal(size=(4,)),
+        "scale": 1.0 + 0.1 * rng.normal(size=(5,)),
+    }
     # Global gradient norms above and below the clip, so that the clip matters even
     # through Adam's scale invariance (it changes the relative weight of the steps).
     norms = [5.0, 0.3, 2.0, 0.8, 3.0, 0.5]
@@ -297,16 +332,21 @@ def test_make_optimizer_matches_pytorch_adamw(optimizer_problem, schedule):
     the steps; atol 3e-7 tells apart e.g. a missing or masked weight decay (~3e-5 per
     step) or a clip with another threshold."""
     params, grads = optimizer_problem
-    lr_at = {"cosine": _cosine(3e-3, OPT_STEPS), "constant": lambda k: 3e-3,
-             "stretched_cosine": _cosine(3e-3, 2 * OPT_STEPS)}[schedule]
-    optimizer = training.make_optimizer(total_steps=OPT_STEPS, schedule=schedule,
-                                        stretch_steps=2 * OPT_STEPS)
+    lr_at = {
+        "cosine": _cosine(3e-3, OPT_STEPS),
+        "constant": lambda k: 3e-3,
+        "stretched_cosine": _cosine(3e-3, 2 * OPT_STEPS),
+    }[schedule]
+    optimizer = training.make_optimizer(
+        total_steps=OPT_STEPS, schedule=schedule, stretch_steps=2 * OPT_STEPS
+    )
     expected = torch_adamw_reference(params, grads, lr_at)
     got = _optax_run(optimizer, params, grads)
     for k, (e, g) in enumerate(zip(expected, got)):
         for name in params:
-            np.testing.assert_allclose(g[name], e[name], rtol=0, atol=3e-7,
-                                       err_msg=f"{schedule} step {k} {name}")
+            np.testing.assert_allclose(
+                g[name], e[name], rtol=0, atol=3e-7, err_msg=f"{schedule} step {k} {name}"
+            )
     if schedule == "cosine":
         # Not vacuous: without the clip, or with another decay, the result is off.
         for changed in (dict(clip=None), dict(weight_decay=0.0)):
@@ -317,8 +357,9 @@ def test_make_optimizer_matches_pytorch_adamw(optimizer_problem, schedule):
 def test_learning_rate_schedules():
     cosine = training.learning_rate_schedule("cosine", 3e-3, 2000)
     for k in (0, 1, 500, 1000, 1999, 2000):
-        assert float(cosine(k)) == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * k / 2000)),
-                                                 rel=1e-5, abs=1e-10)
+        assert float(cosine(k)) == pytest.approx(
+            3e-3 * 0.5 * (1 + math.cos(math.pi * k / 2000)), rel=1e-5, abs=1e-10
+        )
     assert float(cosine(2000)) == pytest.approx(0.0, abs=1e-10)
     constant = training.learning_rate_schedule("constant", 1e-3, 2000)
     assert [float(constant(k)) for k in (0, 1000, 2000, 5000)] == pytest.approx([1e-3] * 4)
@@ -326,7 +367,8 @@ def test_learning_rate_schedules():
     stretched = training.learning_rate_schedule("stretched_cosine", 3e-3, 2000, 4000)
     for k in (0, 1000, 2000):
         assert float(stretched(k)) == pytest.approx(
-            3e-3 * 0.5 * (1 + math.cos(math.pi * k / 4000)), rel=1e-5)
+            3e-3 * 0.5 * (1 + math.cos(math.pi * k / 4000)), rel=1e-5
+        )
     assert float(stretched(2000)) == pytest.approx(1.5e-3, rel=1e-5)
     with pytest.raises(ValueError, match="stretch_steps"):
         training.learning_rate_schedule("stretched_cosine", 3e-3, 2000, 1000)
@@ -365,8 +407,9 @@ def test_identical_runs_are_identical(two_runs):
     assert metrics == (b / "metrics.jsonl").read_bytes()
     rows = [json.loads(line) for line in metrics.decode().splitlines()]
     assert len(rows) == 2 * 3 * 6  # reads x seeds x evaluations
-    assert {(r["read"], r["seed"]) for r in rows} == {(r, s) for r in ("raw", "ns5")
-                                                      for s in range(3)}
+    assert {(r["read"], r["seed"]) for r in rows} == {
+        (r, s) for r in ("raw", "ns5") for s in range(3)
+    }
     results_a, results_b = (json.loads((w / "results.json").read_text()) for w in (a, b))
     assert results_a.pop("workdir") != results_b.pop("workdir")  # The only difference.
     assert results_a == results_b
@@ -378,13 +421,16 @@ def test_identical_runs_are_identical(two_runs):
 
 
 def _snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _no_compute(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("compute started before the configuration was checked")
+
     monkeypatch.setattr(training, "init_seed_states", fail)
     monkeypatch.setattr(training, "make_train_step", fail)
 
@@ -405,25 +451,30 @@ def test_different_config_in_same_workdir_is_refused(two_runs, tmp_path, monkeyp
     assert _snapshot(workdir) == before  # Nothing written, nothing removed.
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (dict(task__seq_len=33), ["config.task", "seq_len", "even"]),
-    (dict(task__vocab_size=5), ["config.task", "vocab_size"]),
-    (dict(seeds__num_seeds=0), ["config.seeds.num_seeds"]),
-    (dict(reads="raw,ns5,bogus"), ["config.reads", "bogus"]),
-    (dict(reads="raw,raw"), ["config.reads", "twice"]),
-    (dict(train__schedule="linear"), ["config.train.schedule", "linear"]),
-    (dict(train__schedule="stretched_cosine", train__stretch_steps=10),
-     ["config.train.stretch_steps"]),
-    (dict(train__batch_size=0), ["config.train.batch_size"]),
-    (dict(train__eval_every=0), ["config.train.eval_every"]),
-    (dict(train__checkpoint_every=0), ["config.train.checkpoint_every"]),
-    (dict(train__learning_rate=0.0), ["config.train.learning_rate"]),
-    (dict(train__data_source="torch"), ["config.train.data_source", "torch"]),
-    (dict(task__multi_query=False), ["config.task.multi_query"]),
-    # The only divisibility constraint: the model's inner width by the heads.
-    (dict(model__num_heads=3), ["config.model", "num_heads"]),
-    (dict(solved_threshold=0.0), ["config.solved_threshold"]),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (dict(task__seq_len=33), ["config.task", "seq_len", "even"]),
+        (dict(task__vocab_size=5), ["config.task", "vocab_size"]),
+        (dict(seeds__num_seeds=0), ["config.seeds.num_seeds"]),
+        (dict(reads="raw,ns5,bogus"), ["config.reads", "bogus"]),
+        (dict(reads="raw,raw"), ["config.reads", "twice"]),
+        (dict(train__schedule="linear"), ["config.train.schedule", "linear"]),
+        (
+            dict(train__schedule="stretched_cosine", train__stretch_steps=10),
+            ["config.train.stretch_steps"],
+        ),
+        (dict(train__batch_size=0), ["config.train.batch_size"]),
+        (dict(train__eval_every=0), ["config.train.eval_every"]),
+        (dict(train__checkpoint_every=0), ["config.train.checkpoint_every"]),
+        (dict(train__learning_rate=0.0), ["config.train.learning_rate"]),
+        (dict(train__data_source="torch"), ["config.train.data_source", "torch"]),
+        (dict(task__multi_query=False), ["config.task.multi_query"]),
+        # The only divisibility constraint: the model's inner width by the heads.
+        (dict(model__num_heads=3), ["config.model", "num_heads"]),
+        (dict(solved_threshold=0.0), ["config.solved_threshold"]),
+    ],
+)
 def test_invalid_configs_fail_before_any_compute(overrides, expected, tmp_path, monkeypatch):
     _no_compute(monkeypatch)
     workdir = tmp_path / "never_created"
@@ -471,17 +522,22 @@ def test_half_written_and_damaged_checkpoints_are_skipped(two_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_path,
-                                                                           monkeypatch):
+def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_path, monkeypatch):
     """With data_source="numpy", seed s trains on ReferenceTrainingStream(seed=s) batch
     after batch (captured at the step's input), also across an interruption: a SIGINT
     that arrives inside a step (after the step consumed, i.e. donated, its input states)
     stops the run at the end of that step with a consistent checkpoint, and the resumed
     run continues both the streams and the step count."""
     steps, first_seed, num_seeds = 5, 5, 3
-    config = tiny_config(reads="ns5", train__data_source="numpy", train__steps=steps,
-                         train__eval_every=5, train__checkpoint_every=5,
-                         seeds__first_seed=first_seed, seeds__num_seeds=num_seeds)
+    config = tiny_config(
+        reads="ns5",
+        train__data_source="numpy",
+        train__steps=steps,
+        train__eval_every=5,
+        train__checkpoint_every=5,
+        seeds__first_seed=first_seed,
+        seeds__num_seeds=num_seeds,
+    )
     captured = []
     interrupt_at = 3
 
@@ -497,9 +553,11 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
             if len(captured) == interrupt_at:
                 os.kill(os.getpid(), signal.SIGINT)  # Delivered inside the step.
             size = keys.shape[0]
-            metrics = {read: {"loss": jnp.zeros(size), "grad_norm": jnp.zeros(size)}
-                       for read in configs}
+            metrics = {
+                read: {"loss": jnp.zeros(size), "grad_norm": jnp.zeros(size)} for read in configs
+            }
             return new_states, keys, metrics
+
         return step
 
     monkeypatch.setattr(training, "make_train_step", capturing_make_train_step)
@@ -509,8 +567,10 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
     assert len(captured) == interrupt_at
     step, _, meta = _restore(workdir / "checkpoints")
     assert step == meta["step"] == interrupt_at
-    streams = [data.ReferenceTrainingStream(TASK, seed=s, batch_size=4)
-               for s in range(first_seed, first_seed + num_seeds)]
+    streams = [
+        data.ReferenceTrainingStream(TASK, seed=s, batch_size=4)
+        for s in range(first_seed, first_seed + num_seeds)
+    ]
     for stream in streams:
         for _ in range(interrupt_at):
             stream.next_batch()
@@ -520,8 +580,10 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
     train.train_and_evaluate(config, workdir)
     assert len(captured) == steps  # Resumed after the interruption's step, not restarted.
 
-    streams = [data.ReferenceTrainingStream(TASK, seed=s, batch_size=4)
-               for s in range(first_seed, first_seed + num_seeds)]
+    streams = [
+        data.ReferenceTrainingStream(TASK, seed=s, batch_size=4)
+        for s in range(first_seed, first_seed + num_seeds)
+    ]
     for inputs, targets in captured:
         expected = [stream.next_batch() for stream in streams]
         assert inputs.dtype == targets.dtype == np.int32

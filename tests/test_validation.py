@@ -36,11 +36,13 @@ def test_check_bool():
 def test_configs_store_plain_ints():
     # Configurations are static jit arguments: numpy and Python integers must give the
     # same (equal, equally hashed) configuration, or a cached program would be missed.
-    cell = CellConfig(embedding_dim=np.int64(16), num_heads=np.int32(2), inner_multiple=8,
-                      chunk_size=np.int64(8))
+    cell = CellConfig(
+        embedding_dim=np.int64(16), num_heads=np.int32(2), inner_multiple=8, chunk_size=np.int64(8)
+    )
     assert cell == CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8)
-    assert hash(cell) == hash(CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8,
-                                         chunk_size=8))
+    assert hash(cell) == hash(
+        CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, chunk_size=8)
+    )
     assert type(cell.embedding_dim) is int and type(cell.chunk_size) is int
     config = model_lib.ModelConfig(vocab_size=np.int64(24), cell=cell)
     assert type(config.vocab_size) is int and config.num_blocks == 1

@@ -105,7 +105,7 @@ def _cpu() -> ml_collections.ConfigDict:
     """
     config = _base()
     config.name = "cpu"
-    config.task.vocab_size = 24       # 8 keys, 8 values, 8 noise tokens
+    config.task.vocab_size = 24  # 8 keys, 8 values, 8 noise tokens
     config.task.seq_len = 64
     config.task.noise_vocab_size = 8
     config.task.frac_noise = 0.5

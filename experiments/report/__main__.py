@@ -30,11 +30,13 @@ from experiments.report.tables import format_summary
 # imports it, so that ``experiments.train``, which imports the package inside
 # ``python -m experiments.run`` (a process with its own --workdir flag), defines no flag.
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Training workdir with metrics.jsonl, or a directory of such workdirs "
-    "(one per regime).")
+    "workdir",
+    None,
+    "Training workdir with metrics.jsonl, or a directory of such workdirs (one per regime).",
+)
 _THRESHOLD = flags.DEFINE_float(
-    "threshold", None, "Solved threshold (default: run_config.json's solved_threshold, "
-    "else 0.8).")
+    "threshold", None, "Solved threshold (default: run_config.json's solved_threshold, else 0.8)."
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -46,7 +48,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir=DIR is required.")
     workdir = Path(workdir)
     try:
-        if workdir.is_dir() and not (workdir / METRICS_FILE).exists() and find_regime_workdirs(workdir):
+        if (
+            workdir.is_dir()
+            and not (workdir / METRICS_FILE).exists()
+            and find_regime_workdirs(workdir)
+        ):
             reports = build_regime_reports(workdir, threshold)
             print("\n".join(format_summary(r) for r in reports.values()))
             print(f"grouped solved counts: {workdir / SOLVED_PNG}")

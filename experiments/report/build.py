@@ -79,8 +79,11 @@ def build_report(workdir: str | Path, threshold: float | None = None) -> dict:
     (workdir / RESULTS_MD).write_text(format_markdown(results))
     plot_accuracy_curves(metrics.curves, results, workdir / ACCURACY_PNG)
     plot_escape_curves(results, workdir / ESCAPE_PNG)
-    plot_solved_counts({run_title(results): solved_counts(results)}, workdir / SOLVED_PNG,
-                       threshold=results["threshold"])
+    plot_solved_counts(
+        {run_title(results): solved_counts(results)},
+        workdir / SOLVED_PNG,
+        threshold=results["threshold"],
+    )
     return results
 
 
@@ -111,9 +114,13 @@ def build_regime_reports(parent: str | Path, threshold: float | None = None) -> 
         reports[sub.name if label in reports else label] = results
     thresholds = {r["threshold"] for r in reports.values()}
     if len(thresholds) > 1:
-        raise ValueError(f"{parent}: the regimes use different solved thresholds "
-                         f"{sorted(thresholds)}; pass --threshold to compare them")
-    plot_solved_counts({label: solved_counts(r) for label, r in reports.items()},
-                       parent / SOLVED_PNG, threshold=thresholds.pop())
+        raise ValueError(
+            f"{parent}: the regimes use different solved thresholds "
+            f"{sorted(thresholds)}; pass --threshold to compare them"
+        )
+    plot_solved_counts(
+        {label: solved_counts(r) for label, r in reports.items()},
+        parent / SOLVED_PNG,
+        threshold=thresholds.pop(),
+    )
     return reports
-

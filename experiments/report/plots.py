@@ -26,11 +26,13 @@ def _figure(width: float, height: float):
 
 
 def _reference_lines(ax, threshold: float, chance: float | None) -> None:
-    ax.axhline(threshold, color="black", linestyle="--", linewidth=1,
-               label=f"threshold {threshold:g}")
+    ax.axhline(
+        threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}"
+    )
     if chance is not None:
-        ax.axhline(chance, color="0.4", linestyle=":", linewidth=1.2,
-                   label=f"chance {100 * chance:.1f}%")
+        ax.axhline(
+            chance, color="0.4", linestyle=":", linewidth=1.2, label=f"chance {100 * chance:.1f}%"
+        )
 
 
 def _right_edge(results: Mapping) -> float:
@@ -39,8 +41,9 @@ def _right_edge(results: Mapping) -> float:
     return 1.04 * results["total_steps"]
 
 
-def plot_accuracy_curves(curves: Mapping[str, Mapping[int, SeedCurve]], results: Mapping,
-                         path: str | Path) -> None:
+def plot_accuracy_curves(
+    curves: Mapping[str, Mapping[int, SeedCurve]], results: Mapping, path: str | Path
+) -> None:
     """Validation accuracy vs step for every seed, one panel per read (shared y in [0, 1]).
 
     Solved seeds are drawn in the read's colour, unsolved ones in grey, diverged ones
@@ -52,26 +55,39 @@ def plot_accuracy_curves(curves: Mapping[str, Mapping[int, SeedCurve]], results:
     for i, (ax, read) in enumerate(zip(axes, reads, strict=True)):
         summary = results["reads"][read]
         # Diverged seeds are drawn last, or the chance plateau's grey would hide them.
-        styles = {"solved": dict(color=f"C{i}", alpha=0.8, linewidth=1.3, zorder=2),
-                  "unsolved": dict(color="0.55", alpha=0.6, linewidth=1.0, zorder=2),
-                  "diverged": dict(color="tab:red", alpha=0.9, linewidth=1.2, linestyle="--",
-                                   zorder=3)}
+        styles = {
+            "solved": dict(color=f"C{i}", alpha=0.8, linewidth=1.3, zorder=2),
+            "unsolved": dict(color="0.55", alpha=0.6, linewidth=1.0, zorder=2),
+            "diverged": dict(color="tab:red", alpha=0.9, linewidth=1.2, linestyle="--", zorder=3),
+        }
         counts = dict.fromkeys(styles, 0)
-        for seed, solved, bad in zip(summary["seeds"], summary["is_solved"], summary["nonfinite"], strict=True):
+        for seed, solved, bad in zip(
+            summary["seeds"], summary["is_solved"], summary["nonfinite"], strict=True
+        ):
             kind = "diverged" if bad else "solved" if solved else "unsolved"
             counts[kind] += 1
             curve = curves[read][seed]
             ax.plot(curve.steps, curve.accuracy, marker=".", markersize=3, **styles[kind])
             finite = np.flatnonzero(np.isfinite(curve.accuracy))
             if bad and finite.size:  # an x where the curve ends: its last finite evaluation
-                ax.plot(curve.steps[finite[-1]], curve.accuracy[finite[-1]], marker="x",
-                        markersize=8, color="tab:red", zorder=4)
+                ax.plot(
+                    curve.steps[finite[-1]],
+                    curve.accuracy[finite[-1]],
+                    marker="x",
+                    markersize=8,
+                    color="tab:red",
+                    zorder=4,
+                )
         for kind, style in styles.items():  # one legend entry per kind, not per seed
             if counts[kind]:
                 ax.plot([], [], label=f"{kind} ({counts[kind]})", **style)
         _reference_lines(ax, results["threshold"], results["chance_accuracy"])
-        ax.set(title=f"{read}: {summary['solved']}/{summary['num_seeds']} seeds solved",
-               xlabel="training step", ylim=(0, 1.02), xlim=(0, _right_edge(results)))
+        ax.set(
+            title=f"{read}: {summary['solved']}/{summary['num_seeds']} seeds solved",
+            xlabel="training step",
+            ylim=(0, 1.02),
+            xlim=(0, _right_edge(results)),
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="center left", fontsize=8)
     axes[0].set_ylabel("validation accuracy")
@@ -95,20 +111,41 @@ def plot_escape_curves(results: Mapping, path: str | Path) -> None:
             solved += list(cdf.probabilities)
         steps.append(max(right, steps[-1]))
         solved.append(solved[-1])
-        ax.step(steps, solved, where="post", color=f"C{i}", linewidth=2,
-                label=f"{read} ({summary['solved']}/{summary['num_seeds']} solved)")
+        ax.step(
+            steps,
+            solved,
+            where="post",
+            color=f"C{i}",
+            linewidth=2,
+            label=f"{read} ({summary['solved']}/{summary['num_seeds']} solved)",
+        )
         # Censoring ticks only where a seed left observation early (unfinished runs).
         early = sorted(c for c in censored if c < end)
         if early:
             # The level of the step function at each censoring step (held from the left).
             at = [solved[np.searchsorted(steps, c, side="right") - 1] for c in early]
-            ax.plot(early, at, linestyle="none", marker="|", markersize=14, markeredgewidth=2,
-                    color=f"C{i}", label=f"{read}: unfinished seed censored")
+            ax.plot(
+                early,
+                at,
+                linestyle="none",
+                marker="|",
+                markersize=14,
+                markeredgewidth=2,
+                color=f"C{i}",
+                label=f"{read}: unfinished seed censored",
+            )
     title = f"Time to escape (accuracy >= {results['threshold']:g}), Kaplan-Meier"
-    tests = [f"{c['treatment']} vs {c['baseline']}: log-rank p = {format_p(c['logrank_p'])}"
-             for c in results["comparisons"].values()]
-    ax.set(title="\n".join([title] + tests), xlabel="training step",
-           ylabel="fraction of seeds solved", ylim=(-0.02, 1.02), xlim=(0, right))
+    tests = [
+        f"{c['treatment']} vs {c['baseline']}: log-rank p = {format_p(c['logrank_p'])}"
+        for c in results["comparisons"].values()
+    ]
+    ax.set(
+        title="\n".join([title] + tests),
+        xlabel="training step",
+        ylabel="fraction of seeds solved",
+        ylim=(-0.02, 1.02),
+        xlim=(0, right),
+    )
     ax.axvline(end, color="0.4", linestyle=":", linewidth=1, label=f"end of training ({end})")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
@@ -120,8 +157,12 @@ def solved_counts(results: Mapping) -> dict[str, tuple[int, int]]:
     return {r: (s["solved"], s["num_seeds"]) for r, s in results["reads"].items()}
 
 
-def plot_solved_counts(regime_to_counts: Mapping[str, Mapping[str, tuple[int, int]]],
-                       path: str | Path, *, threshold: float = DEFAULT_THRESHOLD) -> None:
+def plot_solved_counts(
+    regime_to_counts: Mapping[str, Mapping[str, tuple[int, int]]],
+    path: str | Path,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> None:
     """Bar chart of solved seeds per read, bars grouped by regime.
 
     Args:
@@ -138,10 +179,14 @@ def plot_solved_counts(regime_to_counts: Mapping[str, Mapping[str, tuple[int, in
     ax = fig.subplots()
     top, sizes = 1, set()
     for i, read in enumerate(reads):
-        xs = [j + (i - (len(reads) - 1) / 2) * width for j, regime in enumerate(regimes)
-              if read in regime_to_counts[regime]]
-        pairs = [regime_to_counts[regime][read] for regime in regimes
-                 if read in regime_to_counts[regime]]
+        xs = [
+            j + (i - (len(reads) - 1) / 2) * width
+            for j, regime in enumerate(regimes)
+            if read in regime_to_counts[regime]
+        ]
+        pairs = [
+            regime_to_counts[regime][read] for regime in regimes if read in regime_to_counts[regime]
+        ]
         bars = ax.bar(xs, [s for s, _ in pairs], width=width * 0.92, color=f"C{i}", label=read)
         ax.bar_label(bars, labels=[f"{s}/{n}" for s, n in pairs], padding=2, fontsize=9)
         top = max([top] + [n for _, n in pairs])
@@ -150,11 +195,14 @@ def plot_solved_counts(regime_to_counts: Mapping[str, Mapping[str, tuple[int, in
         ax.axhline(top, color="0.4", linestyle="--", linewidth=1, label=f"all seeds ({top})")
     ax.set_xticks(range(len(regimes)), regimes)
     ax.set_xlim(-0.7, len(regimes) - 0.3)
-    ax.set(title=f"Seeds solved (validation accuracy >= {threshold:g})", xlabel="regime",
-           ylabel="seeds solved", ylim=(0, top * 1.12))
+    ax.set(
+        title=f"Seeds solved (validation accuracy >= {threshold:g})",
+        xlabel="regime",
+        ylabel="seeds solved",
+        ylim=(0, top * 1.12),
+    )
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.grid(axis="y", alpha=0.3)
     # Outside the axes: bars may reach any height in any group.
     ax.legend(title="read", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(path, dpi=130)
-

@@ -136,12 +136,18 @@ def load_metrics(workdir: str | Path) -> Metrics:
         for seed in sorted(by_seed):
             rows = sorted(by_seed[seed])
             curves[read][seed] = SeedCurve(
-                read=read, seed=seed,
+                read=read,
+                seed=seed,
                 steps=np.array([r[0] for r in rows], dtype=np.int64),
                 accuracy=np.array([r[1] for r in rows], dtype=np.float64),
-                nonfinite=np.array([r[2] for r in rows], dtype=bool))
-    return Metrics(curves=curves, num_lines=num_lines,
-                   num_duplicates=num_lines - len(records), num_skipped=num_skipped)
+                nonfinite=np.array([r[2] for r in rows], dtype=bool),
+            )
+    return Metrics(
+        curves=curves,
+        num_lines=num_lines,
+        num_duplicates=num_lines - len(records),
+        num_skipped=num_skipped,
+    )
 
 
 def load_run_config(workdir: str | Path) -> dict:

@@ -40,7 +40,8 @@ CONFIDENCE = 0.95
 NONFINITE_POLICY = (
     "A seed whose training loss went NaN/Inf is unsolved (escape_step null, censored at the "
     "end of the run) and its final accuracy is excluded from mean_final_accuracy; "
-    "num_nonfinite counts such seeds.")
+    "num_nonfinite counts such seeds."
+)
 
 
 def finite_or_none(x: Any) -> float | None:
@@ -48,8 +49,9 @@ def finite_or_none(x: Any) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def mean_confidence_interval(values: Sequence[float], confidence: float = CONFIDENCE
-                             ) -> tuple[float | None, float | None, float | None]:
+def mean_confidence_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float | None, float | None, float | None]:
     """Mean of ``values`` with a Student t interval over them (sample std, ddof=1).
 
     Returns:
@@ -68,8 +70,9 @@ def mean_confidence_interval(values: Sequence[float], confidence: float = CONFID
     return mean, mean - half, mean + half
 
 
-def welch_difference(baseline: Sequence[float], treatment: Sequence[float],
-                     confidence: float = CONFIDENCE) -> dict:
+def welch_difference(
+    baseline: Sequence[float], treatment: Sequence[float], confidence: float = CONFIDENCE
+) -> dict:
     """``mean(treatment) - mean(baseline)`` with a Welch (unequal variances) t interval.
 
     Returns:
@@ -95,8 +98,9 @@ def welch_difference(baseline: Sequence[float], treatment: Sequence[float],
     # Welch-Satterthwaite degrees of freedom.
     df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
     half = stats.t.ppf(0.5 + confidence / 2, df=df) * se
-    out.update(ci=[diff - half, diff + half], df=float(df),
-               p=float(2 * stats.t.sf(abs(diff) / se, df=df)))
+    out.update(
+        ci=[diff - half, diff + half], df=float(df), p=float(2 * stats.t.sf(abs(diff) / se, df=df))
+    )
     return out
 
 
@@ -145,8 +149,11 @@ def seed_outcome(curve: SeedCurve, threshold: float, final_step: int) -> dict:
 
 def _mean_sample(read_summary: Mapping) -> list[float]:
     """The final accuracies that enter the mean: finite, of seeds that did not diverge."""
-    return [acc for acc, bad in zip(read_summary["final_accuracy"], read_summary["nonfinite"], strict=True)
-            if not bad and acc is not None and math.isfinite(acc)]
+    return [
+        acc
+        for acc, bad in zip(read_summary["final_accuracy"], read_summary["nonfinite"], strict=True)
+        if not bad and acc is not None and math.isfinite(acc)
+    ]
 
 
 def escape_events(read_summary: Mapping) -> tuple[list[int], list[int]]:
@@ -168,12 +175,20 @@ def summarize_read(outcomes: Sequence[Mapping]) -> dict:
         (None if no seed solved) and ``escape_rate_per_1k_steps`` (escapes per 1,000
         seed-steps at risk: a constant-hazard estimate).
     """
-    per_seed_keys = {"seeds": "seed", "final_accuracy": "final_accuracy",
-                     "best_accuracy": "best_accuracy", "escape_step": "escape_step",
-                     "is_solved": "solved", "nonfinite": "nonfinite",
-                     "diverged_step": "diverged_step", "last_step": "last_step",
-                     "censor_step": "censor_step"}
-    summary: dict[str, Any] = {name: [o[key] for o in outcomes] for name, key in per_seed_keys.items()}
+    per_seed_keys = {
+        "seeds": "seed",
+        "final_accuracy": "final_accuracy",
+        "best_accuracy": "best_accuracy",
+        "escape_step": "escape_step",
+        "is_solved": "solved",
+        "nonfinite": "nonfinite",
+        "diverged_step": "diverged_step",
+        "last_step": "last_step",
+        "censor_step": "censor_step",
+    }
+    summary: dict[str, Any] = {
+        name: [o[key] for o in outcomes] for name, key in per_seed_keys.items()
+    }
     sample = _mean_sample(summary)
     mean, low, high = mean_confidence_interval(sample)
     escaped, censored = escape_events(summary)
@@ -205,13 +220,16 @@ def _logrank(baseline: Mapping, treatment: Mapping) -> tuple[float | None, float
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         # A zero variance (e.g. every seed escaping at one step) gives NaN, reported as None.
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = stats.logrank(stats.CensoredData(uncensored=t_escaped, right=t_censored),
-                            stats.CensoredData(uncensored=b_escaped, right=b_censored))
+        res = stats.logrank(
+            stats.CensoredData(uncensored=t_escaped, right=t_censored),
+            stats.CensoredData(uncensored=b_escaped, right=b_censored),
+        )
     return finite_or_none(res.statistic), finite_or_none(res.pvalue)
 
 
-def compare_reads(baseline_name: str, baseline: Mapping, treatment_name: str,
-                  treatment: Mapping) -> dict:
+def compare_reads(
+    baseline_name: str, baseline: Mapping, treatment_name: str, treatment: Mapping
+) -> dict:
     """Compares a read with the baseline, both as returned by :func:`summarize_read`.
 
     Returns:
@@ -225,8 +243,10 @@ def compare_reads(baseline_name: str, baseline: Mapping, treatment_name: str,
     """
     from scipy import stats
 
-    table = [[treatment["solved"], treatment["num_seeds"] - treatment["solved"]],
-             [baseline["solved"], baseline["num_seeds"] - baseline["solved"]]]
+    table = [
+        [treatment["solved"], treatment["num_seeds"] - treatment["solved"]],
+        [baseline["solved"], baseline["num_seeds"] - baseline["solved"]],
+    ]
     fisher_p = float(stats.fisher_exact(table, alternative="two-sided").pvalue)
     z, logrank_p = _logrank(baseline, treatment)
     welch = welch_difference(_mean_sample(baseline), _mean_sample(treatment))
@@ -301,8 +321,9 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
     for read in reads:
         outcomes = [seed_outcome(c, threshold, final_step) for c in curves[read].values()]
         summaries[read] = summarize_read(outcomes)
-    comparisons = {r: compare_reads(reads[0], summaries[reads[0]], r, summaries[r])
-                   for r in reads[1:]}
+    comparisons = {
+        r: compare_reads(reads[0], summaries[reads[0]], r, summaries[r]) for r in reads[1:]
+    }
     return {
         "name": config.get("name"),
         "regime": config.get("regime"),
@@ -318,8 +339,10 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
         "comparison": comparisons[reads[1]] if len(reads) > 1 else None,
         "comparisons": comparisons,
         "nonfinite_policy": NONFINITE_POLICY,
-        "input": {"metrics_lines": metrics.num_lines, "duplicate_lines": metrics.num_duplicates,
-                  "skipped_lines": metrics.num_skipped},
+        "input": {
+            "metrics_lines": metrics.num_lines,
+            "duplicate_lines": metrics.num_duplicates,
+            "skipped_lines": metrics.num_skipped,
+        },
         "config": dict(config),
     }
-

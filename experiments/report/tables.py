@@ -51,16 +51,20 @@ def _solved_note(summary: Mapping) -> str:
 
 def format_summary(results: Mapping) -> str:
     """A compact multi-line summary for stdout: one line per read and per comparison."""
-    lines = [f"{run_title(results)}: solved = accuracy >= {results['threshold']:g} "
-             f"by step {results['total_steps']}"]
+    lines = [
+        f"{run_title(results)}: solved = accuracy >= {results['threshold']:g} "
+        f"by step {results['total_steps']}"
+    ]
     for read, s in results["reads"].items():
         lines.append(
             f"  {read}: {s['solved']}/{s['num_seeds']} solved{_solved_note(s)}, "
-            f"mean final acc {_mean_with_ci(s)}, median escape step {_step(s['median_escape_step'])}")
+            f"mean final acc {_mean_with_ci(s)}, median escape step {_step(s['median_escape_step'])}"
+        )
     for c in results["comparisons"].values():
         lines.append(
             f"  {c['treatment']} vs {c['baseline']}: Fisher p={format_p(c['fisher_p'])}, "
-            f"log-rank p={format_p(c['logrank_p'])}, accuracy difference {_difference(c)}")
+            f"log-rank p={format_p(c['logrank_p'])}, accuracy difference {_difference(c)}"
+        )
     return "\n".join(lines)
 
 
@@ -75,15 +79,21 @@ def _seed_cell(summary: Mapping, i: int) -> str:
 def format_markdown(results: Mapping) -> str:
     """``results.md``: the study's table, the tests, and a per-seed table."""
     reads = results["reads"]
-    lines = [f"# {run_title(results)}", "",
-             f"Solved = validation accuracy >= {results['threshold']:g} at some evaluation "
-             f"(every {results['eval_every']} steps, {results['total_steps']} steps). "
-             "Mean final accuracy with a 95% Student t interval over seeds.", "",
-             "| read | solved / N | mean final accuracy [95% CI] | median escape step |",
-             "|---|---|---|---|"]
+    lines = [
+        f"# {run_title(results)}",
+        "",
+        f"Solved = validation accuracy >= {results['threshold']:g} at some evaluation "
+        f"(every {results['eval_every']} steps, {results['total_steps']} steps). "
+        "Mean final accuracy with a 95% Student t interval over seeds.",
+        "",
+        "| read | solved / N | mean final accuracy [95% CI] | median escape step |",
+        "|---|---|---|---|",
+    ]
     for read, s in reads.items():
-        lines.append(f"| {read} | {s['solved']}/{s['num_seeds']}{_solved_note(s)} | "
-                     f"{_mean_with_ci(s)} | {_step(s['median_escape_step'])} |")
+        lines.append(
+            f"| {read} | {s['solved']}/{s['num_seeds']}{_solved_note(s)} | "
+            f"{_mean_with_ci(s)} | {_step(s['median_escape_step'])} |"
+        )
     lines.append("")
     for c in results["comparisons"].values():
         ratio = c["escape_rate_ratio"]
@@ -91,30 +101,44 @@ def format_markdown(results: Mapping) -> str:
             f"**{c['treatment']} vs {c['baseline']}:** Fisher exact p = {format_p(c['fisher_p'])}; "
             f"log-rank p = {format_p(c['logrank_p'])}; accuracy difference {_difference(c)} "
             f"(95% Welch CI); escape-rate ratio "
-            f"{'n/a' if ratio is None else f'{ratio:.2g}x'} (constant-hazard estimate).")
+            f"{'n/a' if ratio is None else f'{ratio:.2g}x'} (constant-hazard estimate)."
+        )
         lines.append("")
     if any(s["num_nonfinite"] for s in reads.values()):
         lines += [f"Diverged seeds: {results['nonfinite_policy']}", ""]
     configured, end = results.get("num_seeds_configured"), results["total_steps"]
     for read, s in reads.items():
         if configured and s["num_seeds"] < configured:
-            lines += [f"Incomplete: {read} has metrics for {s['num_seeds']} of {configured} "
-                      "configured seeds.", ""]
+            lines += [
+                f"Incomplete: {read} has metrics for {s['num_seeds']} of {configured} "
+                "configured seeds.",
+                "",
+            ]
         # Diverged seeds may stop early by design; other early stops are unfinished runs.
-        unfinished = [str(seed) for seed, last, bad in zip(s["seeds"], s["last_step"], s["nonfinite"], strict=True)
-                      if last < end and not bad]
+        unfinished = [
+            str(seed)
+            for seed, last, bad in zip(s["seeds"], s["last_step"], s["nonfinite"], strict=True)
+            if last < end and not bad
+        ]
         if unfinished:
-            lines += [f"Unfinished: {read} seeds {', '.join(unfinished)} have no evaluation at "
-                      f"step {end} (censored at their last evaluation).", ""]
+            lines += [
+                f"Unfinished: {read} seeds {', '.join(unfinished)} have no evaluation at "
+                f"step {end} (censored at their last evaluation).",
+                "",
+            ]
 
     # Per-seed table over the union of seeds; a read without that seed shows blanks.
     seeds = sorted({seed for s in reads.values() for seed in s["seeds"]})
-    lines += ["## Per seed (final accuracy | escape step)", "",
-              "| seed | " + " | ".join(f"{r} final acc | {r} escape step" for r in reads) + " |",
-              "|---|" + "---|---|" * len(reads)]
+    lines += [
+        "## Per seed (final accuracy | escape step)",
+        "",
+        "| seed | " + " | ".join(f"{r} final acc | {r} escape step" for r in reads) + " |",
+        "|---|" + "---|---|" * len(reads),
+    ]
     for seed in seeds:
-        cells = [_seed_cell(s, s["seeds"].index(seed)) if seed in s["seeds"] else " | "
-                 for s in reads.values()]
+        cells = [
+            _seed_cell(s, s["seeds"].index(seed)) if seed in s["seeds"] else " | "
+            for s in reads.values()
+        ]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
