@@ -102,8 +102,9 @@ class Progress:
         nonfinite: Mapping[str, int],
     ) -> None:
         """The per-read status at ``step``: mean training loss, seeds solved so far and
-        diverged seeds (a loss of None: no seed has a finite one). On a terminal it replaces the bar's status text; otherwise a
-        plain line is printed every ``every`` steps and at the last step."""
+        diverged seeds (a loss of None: no seed has a finite one). On a terminal it
+        replaces the bar's status text; otherwise a plain line is printed every ``every``
+        steps and at the last step."""
         parts = []
         for read, loss in losses.items():
             bad = f" ({nonfinite[read]} diverged)" if nonfinite[read] else ""

@@ -4,8 +4,9 @@ finished run, and 8 simulated devices against one.
 
 Every run is the smoke preset shrunk further (``TINY`` of tests/conftest.py, as in
 tests/test_training.py: identical configurations share compiled programs through a
-persistent compilation cache in the pytest session's temporary folder). The uninterrupted reference run and
-the 8-device run are started together, to use both cores while they compile.
+persistent compilation cache in the pytest session's temporary folder). The
+uninterrupted reference run and the 8-device run are started together, to use both
+cores while they compile.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Tests for orthorecall.torch_format: torch.save zip checkpoints without torch.
 
-Covers the reference checkpoints shipped in tests/fixtures, save/load round trips, refusal of pickled code,
-clear errors for broken files, and (when torch is installed) a cross-check both ways
-against torch.save / torch.load.
+Covers the reference checkpoints shipped in tests/fixtures, save/load round trips,
+refusal of pickled code, clear errors for broken files, and (when torch is installed) a
+cross-check both ways against torch.save / torch.load.
 """
 
 import io

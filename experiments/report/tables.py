@@ -58,7 +58,8 @@ def format_summary(results: Mapping) -> str:
     for read, s in results["reads"].items():
         lines.append(
             f"  {read}: {s['solved']}/{s['num_seeds']} solved{_solved_note(s)}, "
-            f"mean final acc {_mean_with_ci(s)}, median escape step {_step(s['median_escape_step'])}"
+            f"mean final acc {_mean_with_ci(s)}, "
+            f"median escape step {_step(s['median_escape_step'])}"
         )
     for c in results["comparisons"].values():
         lines.append(
