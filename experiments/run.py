@@ -65,6 +65,21 @@ def _config_argument(argv: Sequence[str]) -> tuple[int, str] | None:
     return found
 
 
+def with_resolved_config(argv: Sequence[str]) -> list[str]:
+    """A copy of ``argv`` whose (last) ``--config`` value is resolved with
+    :func:`resolve_config_path`; the other arguments are unchanged."""
+    argv = list(argv)
+    found = _config_argument(argv)
+    if found is not None:
+        index, value = found
+        resolved = resolve_config_path(value)
+        if "=" in argv[index]:  # --config=VALUE, else VALUE after a bare --config
+            argv[index] = argv[index].split("=", 1)[0] + "=" + resolved
+        else:
+            argv[index] = resolved
+    return argv
+
+
 def load_config(path: str, display: str | None = None):
     """The configuration of ``PATH[:PRESET]``, loaded as ``--config`` loads it.
 
@@ -87,8 +102,9 @@ def load_config(path: str, display: str | None = None):
     return config
 
 
-def check_overrides(config, argv: Sequence[str]) -> None:
-    """Refuses ``--config.a.b=...`` overrides that name no field of ``config``.
+def check_overrides(config, argv: Sequence[str], source: str = "the configuration file") -> None:
+    """Refuses ``--config.a.b=...`` overrides that name no field of ``config`` (loaded
+    from ``source``).
 
     Raises:
         UsageError: naming each unknown field and the fields its parent has.
@@ -110,7 +126,7 @@ def check_overrides(config, argv: Sequence[str]) -> None:
             node, path = node[part], path + [part]
     if problems:
         raise UsageError(
-            "; ".join(problems) + ". The fields are defined in experiments/configs/noisy_ar.py."
+            "; ".join(problems) + f". The fields are defined in {source.partition(':')[0]}."
         )
 
 
@@ -122,14 +138,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     Exits with status 2 and a message on stderr when the command line is wrong (absl
     alone would exit 1 on a bad value and raise on an unknown field).
     """
-    argv = list(argv)
     found = _config_argument(argv)
+    argv = with_resolved_config(argv)
     try:
         if found is not None:
-            index, value = found
-            resolved = resolve_config_path(value)
-            argv[index] = argv[index].replace(value, resolved) if "=" in argv[index] else resolved
-            check_overrides(load_config(resolved, display=value), argv)
+            value = found[1]
+            config = load_config(resolve_config_path(value), display=value)
+            check_overrides(config, argv, source=value)
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:  # e.g. a value of the wrong type

@@ -7,6 +7,8 @@ already imported this module as ``tests.conftest``, so it is the same module obj
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,17 @@ TINY = {
 TINY_TASK = {
     name.split(".", 1)[1]: value for name, value in TINY.items() if name.startswith("task.")
 }
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m module args...`` from the repository root, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def with_overrides(**overrides) -> dict:

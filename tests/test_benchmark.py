@@ -1,12 +1,10 @@
 """The benchmark's public contract, end to end at tiny shapes (--smoke)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT as REPO
+from tests.conftest import run_module
 
 NAMES = {"train_step", "eval_forward", "read", "gemm", "train_step_memory"}
 
@@ -17,13 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_smoke_run_writes_the_documented_json(tmp_path):
     path = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", "--smoke", f"--json={path}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=900,
-    )
+    done = run_module("experiments.benchmark", "--smoke", f"--json={path}", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(path.read_text())
     assert isinstance(out["device"], str) and out["device"].startswith("cpu")
@@ -62,11 +54,5 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
 
 
 def test_quick_and_smoke_are_exclusive():
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", "--smoke", "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    done = run_module("experiments.benchmark", "--smoke", "--quick")
     assert done.returncode != 0 and "exclusive" in done.stderr

@@ -129,32 +129,25 @@ GRID = [
 def test_matches_transcription(V, N, S, p, multi_query, is_training):
     seed = V * 1000 + S + int(100 * p) + 7 * multi_query + 3 * is_training
     ours, theirs = np.random.default_rng(seed), np.random.default_rng(seed)
+    kwargs = dict(
+        vocab_size=V,
+        seq_len=S,
+        noise_vocab_size=N,
+        frac_noise=p,
+        multi_query=multi_query,
+        is_training=is_training,
+        rng=ours,
+    )
     done = 0
     for _ in range(12):
         try:
             want = transcribed_mad_example(V, S, N, p, multi_query, is_training, theirs)
         except ValueError:  # MAD's failure when no key was presented
             with pytest.raises(data.NoKeyPresentedError):
-                data.generate_noisy_recall_example(
-                    vocab_size=V,
-                    seq_len=S,
-                    noise_vocab_size=N,
-                    frac_noise=p,
-                    multi_query=multi_query,
-                    is_training=is_training,
-                    rng=ours,
-                )
+                data.generate_noisy_recall_example(**kwargs)
             assert ours.bit_generator.state == theirs.bit_generator.state
             continue
-        x, y = data.generate_noisy_recall_example(
-            vocab_size=V,
-            seq_len=S,
-            noise_vocab_size=N,
-            frac_noise=p,
-            multi_query=multi_query,
-            is_training=is_training,
-            rng=ours,
-        )
+        x, y = data.generate_noisy_recall_example(**kwargs)
         assert x.dtype == y.dtype == np.int32
         assert len(x) == len(y) == (S - 1 if multi_query else S)
         assert x.tolist() == want[0] and y.tolist() == want[1]

@@ -2,8 +2,6 @@
 imported models reproduce the accuracy and loss the reference recorded."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,7 +12,7 @@ from orthorecall import model as model_lib
 from orthorecall import reads, torch_format
 from orthorecall import reference_checkpoint as rc
 from orthorecall.cell import CellConfig
-from tests.conftest import REFERENCE_CHECKPOINTS, REPO_ROOT
+from tests.conftest import REFERENCE_CHECKPOINTS, run_module
 
 FIXTURES = REFERENCE_CHECKPOINTS
 
@@ -102,13 +100,7 @@ def test_foreign_and_inconsistent_files_are_refused(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate_reference", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("experiments.evaluate_reference", *args)
 
 
 @pytest.mark.slow

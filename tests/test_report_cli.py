@@ -9,18 +9,12 @@ import sys
 import pytest
 
 from experiments.report import records
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_module
 from tests.report_fixtures import make_config, seed_rows, write_regime_workdirs, write_workdir
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.report", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("experiments.report", *args, timeout=120)
 
 
 @pytest.mark.slow

@@ -58,3 +58,31 @@ def test_overrides_must_name_existing_fields():
     assert "(its fields: b1, b2, batch_size," in message
     assert "--config.trian.steps: config has no field 'trian'" in message
     assert "--config.train.steps.value: config.train.steps has no field 'value'" in message
+
+
+def test_unknown_fields_name_the_configuration_file_they_came_from():
+    config = run.load_config(run.resolve_config_path("configs/noisy_ar.py:smoke"))
+    with pytest.raises(run.UsageError, match=r"defined in configs/noisy_ar\.py\.$"):
+        run.check_overrides(config, ["--config.nope=1"], source="configs/noisy_ar.py:smoke")
+
+
+def test_only_the_config_value_is_rewritten(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs/ does not exist here
+    home = str(REPO_ROOT / "experiments" / "configs" / "noisy_ar.py")
+    argv = ["run", "--config=configs/noisy_ar.py:smoke", "--config.train.steps=3", "--workdir=w"]
+    assert run.with_resolved_config(argv) == [
+        "run",
+        f"--config={home}:smoke",
+        "--config.train.steps=3",
+        "--workdir=w",
+    ]
+    assert argv[1] == "--config=configs/noisy_ar.py:smoke"  # the caller's list is untouched
+    assert run.with_resolved_config(["run", "--config", "configs/noisy_ar.py"]) == [
+        "run",
+        "--config",
+        home,
+    ]
+    # A path that exists from the current directory is kept as given.
+    (tmp_path / "c").write_text("")
+    assert run.with_resolved_config(["run", "--config=c"]) == ["run", "--config=c"]
+    assert run.with_resolved_config(["run", "--workdir=x"]) == ["run", "--workdir=x"]
