@@ -34,6 +34,8 @@ import time
 
 from absl import app, flags
 
+from experiments.cli import library_logging_at_warning
+
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repeats (under 5 minutes on 2 cores).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 _SMOKE = flags.DEFINE_bool(
@@ -336,6 +338,7 @@ def run_benchmark(mode: str) -> dict:
 
 
 def main(argv):
+    library_logging_at_warning()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _MEMORY_CHILD.value:

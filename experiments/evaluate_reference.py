@@ -18,6 +18,8 @@ import time
 
 from absl import app, flags
 
+from experiments.cli import library_logging_at_warning
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Path of a reference .pt checkpoint.")
 _NUM_BATCHES = flags.DEFINE_integer(
     "num_batches", None, "Validation batches (default: the checkpoint's val_batches, else 16)."
@@ -88,6 +90,7 @@ def evaluate_checkpoint(
 
 
 def main(argv):
+    library_logging_at_warning()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _CHECKPOINT.value:

@@ -22,8 +22,10 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from experiments.cli import library_logging_at_warning
 
 _CONFIGS_HOME = pathlib.Path(__file__).resolve().parent
 
@@ -160,10 +162,7 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/noisy_ar.py[:PRESET] is required.")
-    if not flags.FLAGS["verbosity"].present:
-        # absl turns INFO on for every library once flags are parsed; Orbax alone would
-        # print dozens of lines per checkpoint over the progress display.
-        logging.set_verbosity(logging.WARNING)
+    library_logging_at_warning()
     from experiments import train
 
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)

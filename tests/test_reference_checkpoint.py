@@ -2,6 +2,7 @@
 imported models reproduce the accuracy and loss the reference recorded."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -110,6 +111,8 @@ def test_cli_prints_json_and_reports_bad_files(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["variant"] == "ns5" and result["seed"] == 11 and result["num_sequences"] == 2
     assert 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0
+    # Library INFO logging (absl's "I1125 08:12:13 ..." lines) stays off.
+    assert not re.search(r"^I\d{4} ", done.stderr, re.M), done.stderr
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     for path in (garbage, tmp_path / "missing.pt"):

@@ -3,6 +3,7 @@ subprocesses: the summary, the exit status, a directory of regime workdirs, the 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,7 @@ def test_cli_prints_summary(tmp_path):
     assert "raw: 0/4 solved" in proc.stdout and "ns5: 4/4 solved" in proc.stdout
     assert "Fisher p=0.029" in proc.stdout  # 4/4 vs 0/4: 2 / C(8, 4)
     assert (workdir / records.RESULTS_JSON).is_file()
+    assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr  # no library INFO lines
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments.cli import library_logging_at_warning
 from experiments.report.build import build_regime_reports, build_report, find_regime_workdirs
 from experiments.report.records import METRICS_FILE, SOLVED_PNG
 from experiments.report.tables import format_summary
@@ -41,6 +42,7 @@ _THRESHOLD = flags.DEFINE_float(
 
 def main(argv: Sequence[str]) -> None:
     """CLI: builds the report(s) and prints the summary; errors go to stderr, exit 2."""
+    library_logging_at_warning()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     workdir, threshold = _WORKDIR.value, _THRESHOLD.value
