@@ -53,8 +53,8 @@ class RunSummaries:
         purge_step: int | None = None,
     ):
         self.directory = os.fspath(directory)
-        self.seeds = [int(s) for s in seeds]
-        width = len(str(max(self.seeds)))  # Runs sort by name: zero-pad the seeds.
+        width = len(str(max(seeds)))  # Runs sort by name: zero-pad the seeds.
+        self._seed_runs = {int(s): f"seed_{int(s):0{width}d}" for s in seeds}
         # Event files are named by the second they are opened in: a run resumed within
         # the same second would truncate its predecessor's file without a suffix.
         suffix = f".{os.getpid()}.{time.time_ns()}"
@@ -66,9 +66,8 @@ class RunSummaries:
                 filename_suffix=suffix,
             )
             for read in reads
-            for name in [ALL_SEEDS] + [f"seed_{s:0{width}d}" for s in self.seeds]
+            for name in [ALL_SEEDS, *self._seed_runs.values()]
         }
-        self._seed_names = [f"seed_{s:0{width}d}" for s in self.seeds]
 
     def _scalar(self, read: str, run: str, tag: str, value, step: int) -> None:
         if value is not None and math.isfinite(value):
@@ -79,7 +78,7 @@ class RunSummaries:
         Non-finite values (diverged seeds) are not written."""
         for read, values in metrics.items():
             for name, loss, grad_norm in zip(
-                self._seed_names, values["loss"], values["grad_norm"], strict=True
+                self._seed_runs.values(), values["loss"], values["grad_norm"], strict=True
             ):
                 self._scalar(read, name, "train/loss", loss, step)
                 self._scalar(read, name, "train/grad_norm", grad_norm, step)
@@ -88,11 +87,10 @@ class RunSummaries:
     def evaluation(self, step: int, records: Sequence[Mapping], solved: Mapping[str, int]) -> None:
         """The evaluation records of ``step`` (the trainer's metrics.jsonl rows: read,
         seed, accuracy, loss, nonfinite) and the seeds solved so far per read."""
-        index = {seed: name for seed, name in zip(self.seeds, self._seed_names, strict=True)}
         by_read: dict[str, list[Mapping]] = {}
         for record in records:
             by_read.setdefault(record["read"], []).append(record)
-            name = index[record["seed"]]
+            name = self._seed_runs[record["seed"]]
             self._scalar(record["read"], name, "val/accuracy", record["accuracy"], step)
             self._scalar(record["read"], name, "val/loss", record["loss"], step)
         for read, rows in by_read.items():
@@ -104,10 +102,6 @@ class RunSummaries:
             self._scalar(
                 read, ALL_SEEDS, "val/diverged", sum(bool(r["nonfinite"]) for r in rows), step
             )
-
-    def flush(self) -> None:
-        for writer in self._writers.values():
-            writer.flush()
 
     def close(self) -> None:
         for writer in self._writers.values():

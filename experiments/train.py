@@ -363,7 +363,7 @@ def train_and_evaluate(
                     # Padding seeds (several devices) are dropped here, once.
                     metrics, bad = jax.device_get(
                         (
-                            {n: m for n, m in step_metrics.items()},
+                            step_metrics,
                             {n: tree["states"][n].nonfinite for n in names},
                         )
                     )
