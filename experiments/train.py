@@ -14,7 +14,7 @@ import json
 import os
 import pathlib
 import signal
-from typing import IO, Any
+from typing import IO
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from experiments.progress import Progress
+from experiments.report.statistics import finite_or_none
 from experiments.summaries import RunSummaries, finite_mean
 from orthorecall import cell as cell_lib
 from orthorecall import checkpointing, data, training
@@ -434,7 +435,7 @@ def _evaluation_records(step, names, seeds, results, metrics, bad) -> list[dict]
                     "step": step,
                     "accuracy": accuracy if finite else None,
                     "loss": float(results[name]["loss"][i]) if finite else None,
-                    "train_loss": _finite_or_none(metrics[name]["loss"][i]),
+                    "train_loss": finite_or_none(metrics[name]["loss"][i]),
                     "nonfinite": bool(bad[name][i]),
                 }
             )
@@ -450,8 +451,3 @@ def _evaluation_line(step, names, records, solved, num_seeds) -> str:
         mean = "n/a" if accuracy is None else f"{100 * accuracy:.1f}%"
         parts.append(f"{name}: mean accuracy {mean}, solved {len(solved[name])}/{num_seeds}")
     return f"evaluation at step {step}: " + " | ".join(parts)
-
-
-def _finite_or_none(value) -> Any:
-    value = float(value)
-    return value if np.isfinite(value) else None
