@@ -164,12 +164,16 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--config=configs/noisy_ar.py[:PRESET] is required.")
     library_logging_at_warning()
     from experiments import train
+    from experiments.workdir import WorkdirError
 
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
     try:
         train.train_and_evaluate(config, workdir, tensorboard=_TENSORBOARD.value)
     except train.ConfigError as e:
         print(f"run: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except WorkdirError as e:
+        print(f"run: workdir error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -133,9 +133,10 @@ def restore_final(workdir: Path):
 
     checkpointer = checkpointing.RunCheckpointer(workdir / "checkpoints", save_every=4)
     try:
-        return checkpointer.restore_latest(None)
+        restored = checkpointer.restore_latest(None)
     finally:
         checkpointer.close()
+    return restored.step, restored.state, restored.meta
 
 
 def assert_trees_equal(a, b):

@@ -25,6 +25,7 @@ import pytest
 
 from experiments import train
 from experiments.configs.noisy_ar import get_config
+from experiments.workdir import WorkdirError, WorkdirLock
 from orthorecall import checkpointing, data, training
 from orthorecall import model as model_lib
 from tests.conftest import TINY_TASK, with_overrides
@@ -393,11 +394,13 @@ def two_runs(tmp_path_factory):
 
 
 def _restore(directory, like=None):
+    """(step, state, meta) of the newest checkpoint that verifies, or None."""
     checkpointer = checkpointing.RunCheckpointer(directory, save_every=4)
     try:
-        return checkpointer.restore_latest(like)
+        restored = checkpointer.restore_latest(like)
     finally:
         checkpointer.close()
+    return None if restored is None else (restored.step, restored.state, restored.meta)
 
 
 @pytest.mark.slow
@@ -436,19 +439,114 @@ def _no_compute(monkeypatch):
 
 
 @pytest.mark.slow
-def test_different_config_in_same_workdir_is_refused(two_runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("run_config", ["kept", "deleted", "malformed", "not_a_run"])
+def test_different_config_in_same_workdir_is_refused(two_runs, tmp_path, monkeypatch, run_config):
+    """The checkpoints know their configuration: run_config.json deleted or damaged, a
+    different configuration is refused all the same, with the differing fields."""
     workdir = tmp_path / "run"
     shutil.copytree(two_runs[0], workdir)
+    if run_config == "deleted":
+        (workdir / "run_config.json").unlink()
+    elif run_config == "malformed":
+        (workdir / "run_config.json").write_text('{"config": {"train": ')
+    elif run_config == "not_a_run":
+        (workdir / "run_config.json").write_text("[1, 2]")
     before = _snapshot(workdir)
     _no_compute(monkeypatch)
     config = tiny_config(train__learning_rate=1e-3, task__seq_len=20)
-    with pytest.raises(train.ConfigError) as error:
+    with pytest.raises(WorkdirError) as error:
         train.train_and_evaluate(config, workdir)
     message = str(error.value)
     assert "train.learning_rate: workdir has 0.003, now 0.001" in message
     assert "task.seq_len: workdir has 16, now 20" in message
     assert "train.steps" not in message  # Only the differing fields are named.
     assert _snapshot(workdir) == before  # Nothing written, nothing removed.
+
+
+def _flip_a_bit_in_the_largest_array_file(step_dir: Path) -> None:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    content = bytearray(largest.read_bytes())
+    content[len(content) // 2] ^= 0x10
+    largest.write_bytes(bytes(content))
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_identically(
+    two_runs, tmp_path, capsys
+):
+    """The issue's failure: a flipped bit in the newest checkpoint's array data was
+    resumed silently and gave wrong results. Now the run says which checkpoint failed,
+    resumes from the older one, and ends with the uninterrupted run's numbers; the
+    damaged checkpoint is kept aside, and retention keeps good ones."""
+    workdir = tmp_path / "run"
+    shutil.copytree(two_runs[0], workdir)
+    (workdir / "results.json").unlink()
+    _flip_a_bit_in_the_largest_array_file(workdir / "checkpoints" / "24")
+    train.train_and_evaluate(tiny_config(), workdir, tensorboard=False)
+    output = capsys.readouterr().out
+    assert "resuming" in output and "from step 20" in output
+    assert "checkpoint of step 24 failed verification, moved to corrupt-24" in output
+    checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert checkpoints == ["16", "20", "24", "corrupt-24"]
+    assert (workdir / "metrics.jsonl").read_bytes() == (two_runs[1] / "metrics.jsonl").read_bytes()
+    step, state, meta = _restore(workdir / "checkpoints")
+    _, expected_state, expected_meta = _restore(two_runs[1] / "checkpoints")
+    assert step == 24 and meta == expected_meta
+    _assert_trees_equal(state, expected_state)
+    # Every checkpoint records the run's configuration and its fingerprint.
+    description = json.loads((workdir / "run_config.json").read_text())
+    assert meta["config"] == description["config"] == json.loads(tiny_config().to_json())
+    assert meta["config_fingerprint"] == description["config_fingerprint"]
+
+
+@pytest.mark.slow
+def test_only_damaged_checkpoints_are_refused_not_started_over(two_runs, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_runs[0], workdir)
+    for step in (16, 20, 24):
+        (workdir / "checkpoints" / str(step) / "meta" / "metadata").write_text("{damaged")
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    _no_compute(monkeypatch)
+    for _ in range(2):  # The first run moves them aside; the next is refused all the same.
+        with pytest.raises(WorkdirError) as error:
+            train.train_and_evaluate(tiny_config(), workdir)
+        assert "only damaged ones moved aside: corrupt-16, corrupt-20, corrupt-24" in str(
+            error.value
+        )
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics
+
+
+@pytest.mark.slow
+def test_a_failed_start_does_not_poison_the_workdir(tmp_path, monkeypatch):
+    """A start that dies before any result (here the first step runs out of memory)
+    leaves the workdir free for the corrected command, whatever its configuration."""
+    real_make_train_step = training.make_train_step
+
+    def out_of_memory(*args, **kwargs):
+        def step(*step_args):
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory (simulated)")
+
+        return step
+
+    monkeypatch.setattr(training, "make_train_step", out_of_memory)
+    workdir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        train.train_and_evaluate(tiny_config(train__batch_size=8), workdir, tensorboard=False)
+    monkeypatch.setattr(training, "make_train_step", real_make_train_step)
+    corrected = tiny_config(
+        reads="raw", seeds__num_seeds=1, train__steps=4, train__checkpoint_every=4
+    )
+    results = train.train_and_evaluate(corrected, workdir, tensorboard=False)
+    assert results["total_steps"] == 4
+    description = json.loads((workdir / "run_config.json").read_text())
+    assert description["config"]["train"]["batch_size"] == 4
+
+
+def test_a_locked_workdir_is_refused_before_any_compute(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    with WorkdirLock(tmp_path), pytest.raises(WorkdirError, match="is in use by process"):
+        train.train_and_evaluate(tiny_config(), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -508,15 +606,19 @@ def test_half_written_and_damaged_checkpoints_are_skipped(two_runs, tmp_path):
     try:
         assert checkpointer.complete_steps()[:2] == [40, 36]
         assert 28 not in checkpointer.complete_steps()
-        step, restored, restored_meta = checkpointer.restore_latest(state)  # train.py's way
+        restored = checkpointer.restore_latest(state)  # train.py's way
+        rejected = {r.step: r.moved_to.name for r in checkpointer.rejected}
     finally:
         checkpointer.close()
-    assert step == 24 and restored_meta == meta
-    _assert_trees_equal(restored, state)
+    assert restored.step == 24 and restored.meta == meta and restored.verified
+    _assert_trees_equal(restored.state, state)
+    # The damaged ones are moved aside, out of Orbax's steps, and kept.
+    assert rejected == {40: "corrupt-40", 36: "corrupt-36"}
+    assert (directory / "corrupt-40" / "meta").is_dir()
 
     # Nothing usable at all: None, not an exception.
     for step_dir in list(directory.iterdir()):
-        if step_dir.name not in ("36", "40"):
+        if not step_dir.name.startswith("corrupt-"):
             shutil.rmtree(step_dir)
     assert _restore(directory, state) is None
 
