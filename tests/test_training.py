@@ -15,6 +15,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -28,7 +30,7 @@ from experiments.configs.noisy_ar import get_config
 from experiments.workdir import WorkdirError, WorkdirLock
 from orthorecall import checkpointing, data, training
 from orthorecall import model as model_lib
-from tests.conftest import TINY_TASK, with_overrides
+from tests.conftest import REPO_ROOT, TINY_TASK, with_overrides
 
 TASK = data.NoisyRecallTask(**TINY_TASK)
 
@@ -541,6 +543,43 @@ def test_a_failed_start_does_not_poison_the_workdir(tmp_path, monkeypatch):
     assert results["total_steps"] == 4
     description = json.loads((workdir / "run_config.json").read_text())
     assert description["config"]["train"]["batch_size"] == 4
+
+
+_BLOCKED_FIRST_STEP = """
+import sys, time
+from experiments import train
+from orthorecall import training
+from tests.test_training import tiny_config
+
+def make_train_step(*args, **kwargs):
+    def step(*step_args):  # Stands for a long trace and compile of the first step.
+        print("compiling", flush=True)
+        time.sleep(120)
+    return step
+
+training.make_train_step = make_train_step
+train.train_and_evaluate(tiny_config(), sys.argv[1], tensorboard=False)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_first_step_at_once(tmp_path):
+    """Until the first step returns (tracing, compiling: minutes for a large model) a
+    SIGTERM stops the run at once; the stop-after-the-step handler, which waits for the
+    step to return, is armed only after it."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_FIRST_STEP, str(tmp_path / "run")],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "compiling"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_a_locked_workdir_is_refused_before_any_compute(tmp_path, monkeypatch):
