@@ -7,8 +7,10 @@
 package (``experiments/configs/``), so the command works from the repository root.
 Every ``--config.FIELD=VALUE`` override must name a field of the configuration.
 Re-running the same command on the same workdir resumes from its newest complete
-checkpoint; a workdir of a different configuration is refused. Ctrl-C (or SIGTERM)
-stops after writing a checkpoint.
+checkpoint that verifies (damaged ones are moved aside to ``checkpoints/corrupt-STEP``);
+a workdir of a different configuration, or one another process is using, is refused
+with exit code 2. Ctrl-C (or SIGTERM) stops after writing a checkpoint once the first
+step has run (before it, at once).
 
 Progress is a bar on a terminal and plain status lines otherwise; training curves also
 go to TensorBoard (``tensorboard --logdir DIR/tensorboard``). Library logging (Orbax,

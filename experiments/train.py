@@ -1,9 +1,9 @@
 """The multi-seed, multi-read training loop with checkpoints and reports.
 
-``train_and_evaluate(config, workdir)`` validates the configuration, builds
-every seed's state for every read, resumes from the newest complete checkpoint
-in ``workdir`` when there is one (refusing a workdir that belongs to a
-different configuration), trains with one jitted step for all seeds and reads,
+``train_and_evaluate(config, workdir)`` validates the configuration, locks
+``workdir``, checks that its checkpoints are of this configuration, builds
+every seed's state for every read, resumes from the newest checkpoint that
+verifies when there is one, trains with one jitted step for all seeds and reads,
 evaluates every ``eval_every`` steps on each seed's reference validation set,
 checkpoints asynchronously, and writes the report (``experiments.report``).
 """
@@ -197,8 +197,9 @@ def train_and_evaluate(
         The results dict written to ``workdir/results.json``.
 
     Raises:
-        ConfigError: an invalid configuration or a workdir of another run,
-            before any compute.
+        ConfigError: an invalid configuration, before anything is written.
+        WorkdirError: a workdir in use by another process, of another configuration,
+            or holding only damaged checkpoints; before any compute.
     """
     configs = validate_config(config)
     workdir = pathlib.Path(workdir).absolute()
