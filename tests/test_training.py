@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -580,6 +581,33 @@ def test_sigterm_stops_the_first_step_at_once(tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize(
+    "run_config, expected",
+    [
+        (None, "neither checkpoints nor run_config.json"),
+        ('{"config": ', "is not valid JSON"),
+        ("other", "train.learning_rate: workdir has 0.001, now 0.003"),
+    ],
+)
+def test_results_without_checkpoints_are_not_overwritten(
+    tmp_path, monkeypatch, run_config, expected
+):
+    """Results of a run whose checkpoints are gone (deleted, or none written yet) are
+    only continued by the same configuration: never overwritten by another."""
+    (tmp_path / "metrics.jsonl").write_text('{"read": "raw", "seed": 0, "step": 4}\n')
+    if run_config == "other":
+        other = json.loads(tiny_config(train__learning_rate=1e-3).to_json())
+        run_config = json.dumps({"config": other})
+    if run_config is not None:
+        (tmp_path / "run_config.json").write_text(run_config)
+    before = _snapshot(tmp_path)
+    _no_compute(monkeypatch)
+    with pytest.raises(WorkdirError, match=re.escape(expected)):
+        train.train_and_evaluate(tiny_config(), tmp_path)
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k not in (".lock", "checkpoints")} == before
 
 
 def test_a_locked_workdir_is_refused_before_any_compute(tmp_path, monkeypatch):
