@@ -156,6 +156,7 @@ def test_cli_usage_errors_exit_2_with_one_message(args, fragment):
     assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
 
 
+@pytest.mark.slow  # a fresh process compiles the model
 def test_cli_output_is_strict_json(tmp_path):
     done = _cli(f"--checkpoint={_checkpoint(tmp_path)}")
     assert done.returncode == 0, done.stderr
