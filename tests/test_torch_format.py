@@ -399,6 +399,27 @@ def test_build_opcode_cannot_modify_allowed_globals(target, tmp_path):
         load_torch_checkpoint(path)
 
 
+def test_build_opcode_cannot_resize_a_storage(tmp_path):
+    # BUILD with slot state {'numel': 10**6} on the storage a persistent id returned.
+    evil = (
+        b"\x80\x02}X\x01\x00\x00\x00tctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00"
+        b"storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+        + _bin(1)
+        + b"tQN}X\x05\x00\x00\x00numel"
+        + _bin(10**6)
+        + b"s\x86b"
+        + _bin(0)
+        + b"("
+        + _bin(1000)
+        + b"t("
+        + _bin(1)
+        + b"t\x89ccollections\nOrderedDict\n)RtRs."
+    )
+    path = _write_zip(tmp_path / "b.pt", {"data.pkl": evil, "data/0": bytes(4)})
+    with pytest.raises(TorchCheckpointError, match="storages cannot be modified"):
+        load_torch_checkpoint(path)
+
+
 # ---------------------------------------------------------------- broken files
 
 
