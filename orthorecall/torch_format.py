@@ -12,12 +12,19 @@ The loader never runs pickled code: its unpickler resolves only an allow-list of
 few harmless builtins) and refuses everything else. Tensors come back as C-contiguous
 host numpy arrays whatever device they were saved from. The writer emits the same
 layout with tensors on ``cpu``, readable by ``torch.load(path, weights_only=True)``.
+
+A file cannot make the loader allocate much more than its own size: every record must
+be stored uncompressed (as torch.save writes them) within the file, each tensor view is
+checked against the size of its storage before anything is read, views that address an
+element twice (zero or overlapping strides) are refused, and all tensors together may
+hold at most ``_MAX_TENSOR_BYTES_PER_FILE_BYTE`` times the file's size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
@@ -25,12 +32,13 @@ import sys
 import uuid
 import zipfile
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
 __all__ = [
+    "TensorSpec",
     "TorchCheckpointError",
     "UnsafeCheckpointError",
     "load_torch_checkpoint",
@@ -71,10 +79,15 @@ _SAFE_BUILTINS = {
     "builtins.set": set,
     "builtins.frozenset": frozenset,
     "builtins.complex": complex,
-    "_codecs.encode": __import__("_codecs").encode,
 }
 _PLAIN_TYPES = (dict, OrderedDict, list, tuple, str, int, float, bool, type(None))
 _ALIGNMENT = 64  # torch aligns storage bytes to 64 in the file so they can be mmapped
+# Tensors may legitimately share a storage (a tensor and its transpose, slices of one
+# buffer), so they can hold more bytes than the file; many whole-storage views of one
+# storage are a memory bomb. No real checkpoint comes near this factor.
+_MAX_TENSOR_BYTES_PER_FILE_BYTE = 4
+_MAX_DIMS = 64  # numpy's limit
+_BYTEORDER_RECORD_MAX = 16
 
 
 class TorchCheckpointError(ValueError):
@@ -83,6 +96,13 @@ class TorchCheckpointError(ValueError):
 
 class UnsafeCheckpointError(TorchCheckpointError, pickle.UnpicklingError):
     """The checkpoint's pickle references a global outside the loader's allow-list."""
+
+
+class TensorSpec(NamedTuple):
+    """What ``load_torch_checkpoint(..., metadata_only=True)`` gives for a tensor."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
 
 class _Marker(str):
@@ -94,72 +114,133 @@ class _Marker(str):
     __slots__ = ()
 
 
-def load_torch_checkpoint(path: str | os.PathLike) -> Any:
+def load_torch_checkpoint(path: str | os.PathLike, *, metadata_only: bool = False) -> Any:
     """Load a ``torch.save`` zip checkpoint without torch and without running pickled code.
 
     Args:
         path: the checkpoint file.
+        metadata_only: give each tensor as a ``TensorSpec`` (shape and dtype) and read no
+            tensor data, e.g. to check shapes before committing memory to them. The
+            file's layout is checked exactly as in a full load.
     Returns:
         The saved top-level object (typically a dict), with every tensor replaced by a
         C-contiguous numpy array of the same dtype (bfloat16 via ``ml_dtypes``) and
         shape, in native byte order. Device tags such as ``cuda:0`` are ignored.
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` does not exist (other ``OSError``s as ``open``).
         UnsafeCheckpointError: the pickle references a global outside the allow-list
             (nothing from the file is executed).
         TorchCheckpointError: the file is not a zip torch checkpoint, or is corrupt
-            (truncated storage, bad pickle, out-of-range tensor view).
+            (truncated or compressed records, bad pickle, a tensor view outside its
+            storage or addressing an element twice, tensors far larger than the file).
     """
     path = os.fspath(path)
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise TorchCheckpointError(
-            f"{path}: not a zip archive ({e}); expected a torch.save file written by "
-            "torch>=1.6 (legacy non-zip checkpoints are not supported: re-save with "
-            "a current torch)"
-        ) from e
-    with zf:
-        pkl = next(
-            (n for n in zf.namelist() if n.split("/")[-1] == "data.pkl" and n.count("/") <= 1), None
-        )
-        if pkl is None:
-            raise TorchCheckpointError(
-                f"{path}: zip archive has no '<name>/data.pkl'; this is not a torch.save "
-                "checkpoint (or it is damaged): check the file or re-save it"
-            )
+    with open(path, "rb") as f:
+        file_bytes = os.fstat(f.fileno()).st_size
         try:
-            return _Unpickler(zf, pkl[: -len("data.pkl")], path).load()
-        except (TorchCheckpointError, OSError, MemoryError):
-            raise
-        except Exception as e:  # any other failure means a malformed pickle or zip
+            zf = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, EOFError, ValueError, struct.error, OverflowError) as e:
             raise TorchCheckpointError(
-                f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e}); "
-                "re-create or re-download the file"
+                f"{path}: not a zip archive ({e}); expected a torch.save file written by "
+                "torch>=1.6 (legacy non-zip checkpoints are not supported: re-save with "
+                "a current torch)"
             ) from e
+        with zf:
+            pkl = next(
+                (n for n in zf.namelist() if n.split("/")[-1] == "data.pkl" and n.count("/") <= 1),
+                None,
+            )
+            if pkl is None:
+                raise TorchCheckpointError(
+                    f"{path}: zip archive has no '<name>/data.pkl'; this is not a torch.save "
+                    "checkpoint (or it is damaged): check the file or re-save it"
+                )
+            try:
+                prefix = pkl[: -len("data.pkl")]
+                return _Unpickler(zf, prefix, path, file_bytes, metadata_only).load()
+            except (TorchCheckpointError, OSError, MemoryError):
+                raise
+            except Exception as e:  # any other failure means a malformed pickle or zip
+                raise TorchCheckpointError(
+                    f"{path}: corrupt torch checkpoint ({type(e).__name__}: {e}); "
+                    "re-create or re-download the file"
+                ) from e
+
+
+class _Storage:
+    """A storage record of the checkpoint: checked against the zip directory, not read.
+
+    ``numel`` counts elements of ``dtype`` (bytes for an untyped storage)."""
+
+    __slots__ = ("dtype", "key", "numel")
+
+    def __init__(self, key: str, dtype: np.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+    def __setstate__(self, state):  # a crafted BUILD opcode must not resize a storage
+        raise TypeError("storages cannot be modified")
 
 
 class _Unpickler(pickle.Unpickler):
     """Unpickler that maps tensors to numpy arrays and refuses all other globals."""
 
-    def __init__(self, zf: zipfile.ZipFile, prefix: str, path: str):
-        super().__init__(io.BytesIO(zf.read(prefix + "data.pkl")))
-        self.zf, self.prefix, self.path, self.names = zf, prefix, path, set(zf.namelist())
-        order = (
-            zf.read(prefix + "byteorder").decode("ascii", "replace")
-            if prefix + "byteorder" in self.names
-            else "little"
-        )  # torch's default
+    def __init__(
+        self, zf: zipfile.ZipFile, prefix: str, path: str, file_bytes: int, metadata_only: bool
+    ):
+        self.zf, self.prefix, self.path, self.file_bytes = zf, prefix, path, file_bytes
+        self.metadata_only = metadata_only
+        self.infos = {info.filename: info for info in zf.infolist()}
+        super().__init__(io.BytesIO(self._read(prefix + "data.pkl")))
+        order = "little"  # torch's default
+        if prefix + "byteorder" in self.infos:
+            raw = self._read(prefix + "byteorder", limit=_BYTEORDER_RECORD_MAX)
+            order = raw.decode("ascii", "replace")
         if order not in ("little", "big"):
             self._fail(f"unknown byteorder record {order!r}")
         self.swap = order != sys.byteorder
-        self.storages: dict[str, np.ndarray] = {}
+        self.storages: dict[str, _Storage] = {}
+        self.storage_bytes: dict[str, np.ndarray] = {}
+        self.tensor_bytes = 0
 
     def _fail(self, what: str):
         raise TorchCheckpointError(
             f"{self.path}: {what}; the checkpoint is corrupt or "
             "not written by torch.save: re-create it"
         )
+
+    def _record(self, name: str, nbytes: int | None = None) -> zipfile.ZipInfo:
+        """The zip entry ``name``, checked to be stored uncompressed within the file and,
+        given ``nbytes``, to hold at least that many bytes."""
+        info = self.infos.get(name)
+        if info is None:
+            self._fail(f"missing storage record '{name}'")
+        if info.compress_type != zipfile.ZIP_STORED:
+            self._fail(
+                f"record '{name}' is compressed (zip method {info.compress_type}), but "
+                "torch.save stores every record uncompressed"
+            )
+        # Stored data lies inside the file, so its size bounds what reading it allocates.
+        if info.file_size != info.compress_size or (
+            info.header_offset + info.compress_size > self.file_bytes
+        ):
+            self._fail(
+                f"record '{name}' claims {info.file_size} bytes but the whole file has "
+                f"{self.file_bytes} bytes"
+            )
+        if nbytes is not None and info.file_size < nbytes:
+            self._fail(f"storage '{name}' is truncated: {info.file_size} bytes, expected {nbytes}")
+        return info
+
+    def _read(self, name: str, nbytes: int | None = None, limit: int | None = None) -> bytes:
+        info = self._record(name, nbytes)
+        if limit is not None and info.file_size > limit:
+            self._fail(f"record '{name}' is {info.file_size} bytes long, expected <= {limit}")
+        want = info.file_size if nbytes is None else nbytes
+        with self.zf.open(info) as f:
+            data = f.read(want)
+        if len(data) != want:
+            self._fail(f"record '{name}' is truncated: {len(data)} bytes, expected {want}")
+        return data
 
     def find_class(self, module: str, name: str):
         full = f"{module}.{name}"
@@ -169,6 +250,8 @@ class _Unpickler(pickle.Unpickler):
             return OrderedDict
         if full in _SAFE_BUILTINS:
             return _SAFE_BUILTINS[full]
+        if full == "_codecs.encode":  # how protocol 2 spells a bytes object
+            return self._latin1_encode  # bound method: a BUILD opcode cannot alter it
         if module == "torch._utils" and name in (
             "_rebuild_tensor_v2",
             "_rebuild_tensor_v3",
@@ -187,75 +270,118 @@ class _Unpickler(pickle.Unpickler):
             "with torch.load and re-save a plain state dict"
         )
 
+    def _latin1_encode(self, obj, encoding="utf-8", errors="strict"):
+        # Other codecs would let a few bytes of pickle expand without bound (each
+        # nested 'hex' doubles its input).
+        if not (type(obj) is str and encoding in ("latin1", "latin-1") and errors == "strict"):
+            raise UnsafeCheckpointError(
+                f"{self.path}: refusing _codecs.encode of a {type(obj).__name__} with "
+                f"{encoding!r}: a checkpoint uses it only to spell bytes, as latin1 text"
+            )
+        return obj.encode("latin1")
+
     def persistent_load(self, pid):
         if not (
             isinstance(pid, tuple)
             and len(pid) == 5
             and pid[0] == "storage"
             and isinstance(pid[1], _Marker)
+            and (pid[1] in _STORAGE_DTYPES or pid[1] == "UntypedStorage")
             and isinstance(pid[2], str)
             and type(pid[4]) is int
             and pid[4] >= 0
         ):
             self._fail(f"unexpected persistent id {pid!r}")
         kind, key, numel = pid[1], pid[2], pid[4]  # pid[3] is the device: ignored
-        if key not in self.storages:
-            dtype = _STORAGE_DTYPES.get(kind, np.dtype(np.uint8))  # untyped: raw bytes
-            name, nbytes = f"{self.prefix}data/{key}", numel * dtype.itemsize
-            if name not in self.names:
-                self._fail(f"missing storage record '{name}'")
-            if self.zf.getinfo(name).file_size < nbytes:
-                self._fail(
-                    f"storage '{name}' is truncated: {self.zf.getinfo(name).file_size}"
-                    f" bytes, expected {nbytes}"
-                )
-            flat = np.empty(nbytes, np.uint8)
-            with self.zf.open(name) as f:
-                f.readinto(flat)
-            flat = flat.view(dtype)
-            self.storages[key] = flat.byteswap() if self.swap else flat
-        return self.storages[key]
+        dtype = _STORAGE_DTYPES.get(kind, np.dtype(np.uint8))  # untyped: raw bytes
+        storage = self.storages.get(key)
+        if storage is None:
+            self._record(f"{self.prefix}data/{key}", numel * dtype.itemsize)
+            storage = self.storages[key] = _Storage(key, dtype, numel)
+        elif (storage.dtype, storage.numel) != (dtype, numel):
+            self._fail(f"storage '{key}' is referenced with two different types or sizes")
+        return storage
 
-    def _view(self, storage, offset, size, stride) -> np.ndarray:
-        """Copy the strided view (offset, size, stride in elements) out of a storage."""
-        size, stride = tuple(size), tuple(stride)
+    def _storage_data(self, storage: _Storage) -> np.ndarray:
+        """The storage's bytes, read once (their size was checked against the file)."""
+        if storage.key not in self.storage_bytes:
+            nbytes = storage.numel * storage.dtype.itemsize
+            data = self._read(f"{self.prefix}data/{storage.key}", nbytes)
+            self.storage_bytes[storage.key] = np.frombuffer(data, np.uint8)
+        return self.storage_bytes[storage.key]
+
+    def _tensor(self, storage, dtype: np.dtype, offset, size, stride):
+        """The strided view (offset, size, stride in elements of ``dtype``) of a storage,
+        copied out, or its ``TensorSpec``; its layout is checked before anything is read."""
         if not (
-            isinstance(storage, np.ndarray)
-            and storage.ndim == 1
-            and len(size) == len(stride)
+            isinstance(storage, _Storage)
+            and isinstance(size, (tuple, list))
+            and isinstance(stride, (tuple, list))
+            and len(size) == len(stride) <= _MAX_DIMS
             and all(type(x) is int and x >= 0 for x in (offset, *size, *stride))
         ):
             self._fail(f"malformed tensor (offset={offset!r}, size={size!r}, stride={stride!r})")
-        if 0 in size:
-            return np.zeros(size, storage.dtype)
-        # Bounds check before as_strided, which would otherwise read arbitrary memory.
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
-        if last >= storage.size:
-            self._fail(f"tensor view reaches element {last} of a {storage.size}-element storage")
+        size, stride = tuple(size), tuple(stride)
+        numel = storage.numel * storage.dtype.itemsize // dtype.itemsize
+        count = math.prod(size)
+        if count == 0:
+            if math.prod(n for n in size if n) * dtype.itemsize >= 2**62:
+                self._fail(f"empty tensor of impossible shape {size}")
+        else:
+            # Walking the dimensions from the smallest stride up, each stride must step
+            # past every element the smaller ones reach: then no two indices share an
+            # element, so the tensor holds at most as many elements as its storage. A
+            # zero stride (expand()) or overlapping strides would let a 4-byte storage
+            # declare a tensor of any size.
+            reach = 0
+            for step, n in sorted((s, n) for n, s in zip(size, stride, strict=True) if n > 1):
+                if step <= reach:
+                    self._fail(
+                        f"tensor of size {size} with strides {stride} overlaps itself (a "
+                        "zero or overlapping stride, e.g. from expand()); only views that "
+                        "address each element once are supported: save tensor.contiguous()"
+                    )
+                reach += step * (n - 1)
+            if offset + reach >= numel:
+                self._fail(
+                    f"tensor view reaches element {offset + reach} of a {numel}-element storage"
+                )
+        if self.metadata_only:
+            return TensorSpec(size, dtype)
+        self.tensor_bytes += count * dtype.itemsize
+        if self.tensor_bytes > _MAX_TENSOR_BYTES_PER_FILE_BYTE * self.file_bytes:
+            self._fail(
+                f"its tensors would hold over {self.tensor_bytes} bytes, more than "
+                f"{_MAX_TENSOR_BYTES_PER_FILE_BYTE} times the size of the file "
+                f"({self.file_bytes} bytes): many tensors view the same storage"
+            )
+        if count == 0:
+            return np.zeros(size, dtype)
+        typed = self._storage_data(storage).view(dtype)
         view = np.lib.stride_tricks.as_strided(
-            storage[offset:], size, [s * storage.itemsize for s in stride], writeable=False
+            typed[offset:], size, [s * dtype.itemsize for s in stride], writeable=False
         )
-        return np.array(view, order="C")
+        out = np.array(view, order="C")
+        return out.byteswap(inplace=True) if self.swap else out
 
     def _rebuild_tensor_v2(
         self, storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
     ):
-        return self._view(storage, offset, size, stride)
+        dtype = storage.dtype if isinstance(storage, _Storage) else None
+        return self._tensor(storage, dtype, offset, size, stride)
 
     def _rebuild_tensor_v3(
         self, storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
     ):
         if not (
-            isinstance(storage, np.ndarray)
+            isinstance(storage, _Storage)
             and storage.dtype == np.uint8
             and isinstance(dtype, _Marker)
             and dtype in _V3_DTYPES
-            and storage.size % _V3_DTYPES[dtype].itemsize == 0
+            and storage.numel % _V3_DTYPES[dtype].itemsize == 0
         ):
             self._fail(f"malformed tensor of dtype {dtype!r}")
-        # Untyped storages hold raw file bytes, so the byte swap happens per dtype here.
-        typed = storage.view(_V3_DTYPES[dtype])
-        return self._view(typed.byteswap() if self.swap else typed, offset, size, stride)
+        return self._tensor(storage, _V3_DTYPES[dtype], offset, size, stride)
 
     def _rebuild_parameter(self, data, requires_grad=False, backward_hooks=None):
         return data

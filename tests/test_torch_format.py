@@ -11,6 +11,7 @@ import os
 import pickle
 import struct
 import sys
+import tracemalloc
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -113,11 +114,10 @@ def _bin(n):
     return b"J" + struct.pack("<i", n)  # BININT
 
 
-def _tensor_pickle(storage_class, numel, offset, size, stride):
-    """Protocol-2 pickle of {'t': tensor}, written opcode by opcode as torch.save does."""
+def _tensor_expr(storage_class, numel, offset, size, stride):
+    """Pickle opcodes that push one tensor on storage '0', written as torch.save does."""
     tup = lambda xs: b"(" + b"".join(_bin(x) for x in xs) + b"t"
     return (
-        b"\x80\x02}X\x01\x00\x00\x00t"
         b"ctorch._utils\n_rebuild_tensor_v2\n("
         b"(X\x07\x00\x00\x00storagectorch\n" + storage_class.encode() + b"\n"
         b"X\x01\x00\x00\x000X\x06\x00\x00\x00cuda:0"
@@ -126,8 +126,46 @@ def _tensor_pickle(storage_class, numel, offset, size, stride):
         + _bin(offset)
         + tup(size)
         + tup(stride)
-        + b"\x89ccollections\nOrderedDict\n)RtRs."
+        + b"\x89ccollections\nOrderedDict\n)RtR"
     )
+
+
+def _tensor_pickle(storage_class, numel, offset, size, stride):
+    """Protocol-2 pickle of {'t': tensor}."""
+    expr = _tensor_expr(storage_class, numel, offset, size, stride)
+    return b"\x80\x02}X\x01\x00\x00\x00t" + expr + b"s."
+
+
+def _tensors_pickle(storage_class, numel, views):
+    """Protocol-2 pickle of {'t': [tensor, ...]}, one tensor per (offset, size, stride)."""
+    exprs = b"".join(_tensor_expr(storage_class, numel, *view) for view in views)
+    return b"\x80\x02}X\x01\x00\x00\x00t](" + exprs + b"es."
+
+
+def _peak_bytes(fn):
+    """(exception raised by fn or None, peak bytes traced while it ran, numpy's included)."""
+    tracemalloc.start()
+    try:
+        fn()
+        error = None
+    except Exception as e:
+        error = e
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return error, peak
+
+
+def _set_declared_size(path, name, size):
+    """Make the zip directory (and local header) claim ``size`` bytes for record ``name``."""
+    data = bytearray(path.read_bytes())
+    for sig, name_at, sizes_at in ((b"PK\x01\x02", 46, 20), (b"PK\x03\x04", 30, 18)):
+        pos = data.find(sig)
+        while pos >= 0:
+            if data[pos + name_at :].startswith(name.encode()):
+                struct.pack_into("<II", data, pos + sizes_at, size, size)
+            pos = data.find(sig, pos + 1)
+    path.write_bytes(bytes(data))
 
 
 def _big_endian(arr):
@@ -361,6 +399,27 @@ def test_build_opcode_cannot_modify_allowed_globals(target, tmp_path):
         load_torch_checkpoint(path)
 
 
+def test_build_opcode_cannot_resize_a_storage(tmp_path):
+    # BUILD with slot state {'numel': 10**6} on the storage a persistent id returned.
+    evil = (
+        b"\x80\x02}X\x01\x00\x00\x00tctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00"
+        b"storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+        + _bin(1)
+        + b"tQN}X\x05\x00\x00\x00numel"
+        + _bin(10**6)
+        + b"s\x86b"
+        + _bin(0)
+        + b"("
+        + _bin(1000)
+        + b"t("
+        + _bin(1)
+        + b"t\x89ccollections\nOrderedDict\n)RtRs."
+    )
+    path = _write_zip(tmp_path / "b.pt", {"data.pkl": evil, "data/0": bytes(4)})
+    with pytest.raises(TorchCheckpointError, match="storages cannot be modified"):
+        load_torch_checkpoint(path)
+
+
 # ---------------------------------------------------------------- broken files
 
 
@@ -416,6 +475,127 @@ def test_out_of_range_views_are_refused(numel, offset, size, stride, problem, tm
     )
     with pytest.raises(TorchCheckpointError, match=problem):
         load_torch_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "numel, size, stride",
+    [
+        (1, (2**16, 2**14), (0, 0)),  # 4 GiB of float32 from a 4-byte storage
+        (16, (4, 4), (1, 1)),  # overlapping rows: 16 elements from 7
+        (4, (2, 3), (2, 0)),  # an expand()ed tensor
+    ],
+)
+def test_zero_stride_and_overlapping_views_are_refused_before_allocating(
+    numel, size, stride, tmp_path
+):
+    path = _write_zip(
+        tmp_path / "z.pt",
+        {
+            "data.pkl": _tensor_pickle("FloatStorage", numel, 0, size, stride),
+            "data/0": np.zeros(numel, np.float32).tobytes(),
+        },
+    )
+    assert path.stat().st_size < 1000
+    error, peak = _peak_bytes(lambda: load_torch_checkpoint(path))
+    assert isinstance(error, TorchCheckpointError), error
+    assert "overlap" in str(error) and str(path) in str(error)
+    assert peak < 100_000
+
+
+def test_declared_record_size_is_bounded_by_the_file(tmp_path):
+    # The zip directory claims a 4 GiB storage record in a file of a few hundred bytes.
+    numel = (2**32 - 16) // 4
+    path = _write_zip(
+        tmp_path / "big.pt",
+        {
+            "data.pkl": _tensor_pickle("FloatStorage", numel, 0, (numel,), (1,)),
+            "data/0": np.zeros(4, np.float32).tobytes(),
+        },
+    )
+    _set_declared_size(path, "ck/data/0", numel * 4)
+    error, peak = _peak_bytes(lambda: load_torch_checkpoint(path))
+    assert isinstance(error, TorchCheckpointError), error
+    assert "ck/data/0" in str(error) and f"{path.stat().st_size} bytes" in str(error)
+    assert peak < 100_000
+
+
+def test_compressed_records_are_refused(tmp_path):
+    # torch.save never compresses; a deflated record could expand a thousandfold.
+    path = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ck/data.pkl", _tensor_pickle("FloatStorage", 2**18, 0, (2**18,), (1,)))
+        zf.writestr("ck/data/0", bytes(2**20))
+    assert path.stat().st_size < 5000
+    error, peak = _peak_bytes(lambda: load_torch_checkpoint(path))
+    assert isinstance(error, TorchCheckpointError), error
+    assert "compressed" in str(error)
+    assert peak < 100_000
+
+
+def test_views_sharing_a_storage_cannot_multiply_it(tmp_path):
+    # 200 whole-storage views of one 16 KiB storage would materialize 3.2 MiB.
+    numel = 4096
+    path = _write_zip(
+        tmp_path / "many.pt",
+        {
+            "data.pkl": _tensors_pickle("FloatStorage", numel, [(0, (numel,), (1,))] * 200),
+            "data/0": np.zeros(numel, np.float32).tobytes(),
+        },
+    )
+    error, peak = _peak_bytes(lambda: load_torch_checkpoint(path))
+    assert isinstance(error, TorchCheckpointError), error
+    assert "times the size of the file" in str(error)
+    assert peak < 8 * path.stat().st_size
+
+
+def test_a_few_views_of_one_storage_are_fine(tmp_path):
+    path = _write_zip(
+        tmp_path / "few.pt",
+        {
+            "data.pkl": _tensors_pickle(
+                "FloatStorage", 12, [(0, (12,), (1,)), (0, (4, 3), (1, 4)), (1, (2, 2), (6, 1))]
+            ),
+            "data/0": np.arange(12, dtype="<f4").tobytes(),
+        },
+    )
+    full, transposed, corner = load_torch_checkpoint(path)["t"]
+    np.testing.assert_array_equal(full, np.arange(12))
+    np.testing.assert_array_equal(transposed, np.arange(12).reshape(3, 4).T)
+    np.testing.assert_array_equal(corner, [[1, 2], [7, 8]])
+
+
+def test_bytes_objects_decode_but_codecs_cannot_amplify(tmp_path):
+    # Protocol 2 pickles bytes as _codecs.encode(str, 'latin1'); other codecs (nested
+    # 'hex' doubles the size per call) have no place in a checkpoint.
+    latin = pickle.dumps({"t": b"\xffa"}, protocol=2)
+    assert b"_codecs\nencode" in latin
+    path = _write_zip(tmp_path / "latin.pt", {"data.pkl": latin})
+    assert load_torch_checkpoint(path) == {"t": b"\xffa"}
+    hexed = b"c_codecs\nencode\nX\x01\x00\x00\x00aX\x06\x00\x00\x00latin1\x86R"
+    for _ in range(3):
+        hexed = b"c_codecs\nencode\n" + hexed + b"X\x03\x00\x00\x00hex\x86R"
+    path = _write_zip(tmp_path / "hex.pt", {"data.pkl": b"\x80\x02" + hexed + b"."})
+    with pytest.raises(UnsafeCheckpointError, match="latin1"):
+        load_torch_checkpoint(path)
+
+
+def test_metadata_only_reads_no_tensor_data(tmp_path, monkeypatch):
+    from orthorecall import torch_format
+
+    path = FIXTURES / "v80_s512_ns5_seed11_steps2000.pt"
+    full = load_torch_checkpoint(path)
+    real_open = zipfile.ZipFile.open
+
+    def open_no_storage(self, name, *args, **kwargs):
+        assert "/data/" not in getattr(name, "filename", name), name
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", open_no_storage)
+    specs = load_torch_checkpoint(path, metadata_only=True)
+    assert specs["cfg"] == full["cfg"] and list(specs["state_dict"]) == list(full["state_dict"])
+    for name, spec in specs["state_dict"].items():
+        assert isinstance(spec, torch_format.TensorSpec), name
+        assert (spec.shape, spec.dtype) == (full["state_dict"][name].shape, np.dtype(np.float32))
 
 
 def test_missing_storage_record_and_bad_pickle(tmp_path):
