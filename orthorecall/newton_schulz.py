@@ -51,6 +51,12 @@ COEFFICIENT_SETS = ("cubic", "muon", "polar_express")
 # How newton_schulz_read may run: "auto" picks the fused CPU kernel on the CPU backend
 # (when it builds) and the XLA formulation elsewhere; "xla" always runs the latter.
 IMPLEMENTATIONS = ("auto", "xla")
+# Matrices whose largest magnitude is at least 2^this are rescaled before their sum of
+# squares (``rescaling``): low enough that the sum of the others cannot overflow
+# (d² · 2^64 < 2^128 for any d < 2^32), high enough that memories of ordinary size
+# are not touched at all and keep the reference's arithmetic (rescaling is exact too,
+# but leaving them alone needs no argument). kernels/ns_read.cc uses the same one.
+_RESCALE_EXPONENT = 32
 
 
 def iteration_coefficients(
@@ -94,7 +100,15 @@ def check_square(x: jax.Array, name: str) -> None:
 
 
 def frobenius_normalize(x: jax.Array) -> jax.Array:
-    """X / max(||X||_F, 1e-6) over the last two axes, in float32.
+    """X / max(||X||_F, 1e-6) over the last two axes, in float32, for any finite X.
+
+    Matrices whose largest magnitude is 2^32 or more are first multiplied by a power of
+    two (``rescaling``), which is exact, so their sum of squares cannot overflow (it
+    would from about 1.2e18 on, and the read would be 0): the result is that of the
+    scaled-down matrix. Smaller matrices go through the reference's formula untouched,
+    bit for bit; there the floor decides whenever the sum of squares could underflow.
+    A matrix with an inf or NaN entry normalizes to NaN (all of it, once iterated);
+    XLA:CPU flushes subnormal entries to zero.
 
     Args:
         x: array (..., d, d) of any float dtype.
@@ -107,10 +121,45 @@ def frobenius_normalize(x: jax.Array) -> jax.Array:
     """
     check_square(x, "frobenius_normalize")
     x = x.astype(jnp.float32)
+    x = x * rescaling(x)
     norm_sq = jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)
     # max(sqrt(s), floor) == sqrt(max(s, floor²)); taking the max before the
-    # square root keeps the gradient finite at s = 0.
+    # square root keeps the gradient finite at s = 0. A downscaled matrix has a norm
+    # of at least 2, so the floor needs no rescaling.
     return x * jax.lax.rsqrt(jnp.maximum(norm_sq, FROBENIUS_FLOOR**2))
+
+
+def rescaling(x: jax.Array, *, upscale: bool = False) -> jax.Array:
+    """Per matrix, 1 or the power of two 2^-j that brings the largest magnitude of ``x``
+    into [2, 4): the latter where that magnitude is 2^32 or more, and, with ``upscale``,
+    where it is below 2^-32 (but not 0).
+
+    Multiplying by it is exact (barring subnormal entries, which fall below float32's
+    resolution of the largest one anyway), so a scale-invariant function of the
+    rescaled matrix is that of the original, while matrices of ordinary size are left
+    alone bit for bit.
+
+    Args:
+        x: float32 array (..., d, d).
+        upscale: also scale up tiny matrices. Not for the Newton–Schulz normalization,
+            whose floor must see the matrix as it is.
+
+    Returns:
+        float32 (..., 1, 1), a normal float32 number, without gradient (it is piecewise
+        constant in ``x``, so the derivative of s X is exactly s). A matrix with an inf
+        or NaN entry gets 2^-126, and stays non-finite.
+    """
+    largest = jnp.max(jnp.abs(jax.lax.stop_gradient(x)), axis=(-2, -1), keepdims=True)
+    # The biased exponent read from the bits: exact for every float32, where
+    # log2 is not; NaN and inf have 255, zero and subnormals 0.
+    biased = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(largest, jnp.int32), 23)
+    exponent = biased - 127  # largest is in [2^e, 2^(e+1)) when normal
+    rescale = exponent >= _RESCALE_EXPONENT
+    if upscale:
+        rescale |= (exponent < -_RESCALE_EXPONENT) & (largest > 0)
+    # Into [2, 4) rather than [1, 2): 2^-127 is subnormal, 2^-126 is not.
+    shift = jnp.where(rescale, jnp.clip(exponent - 1, -127, 126), 0)
+    return jax.lax.bitcast_convert_type(jax.lax.shift_left(127 - shift, 23), jnp.float32)
 
 
 def newton_schulz(x: jax.Array, num_iterations: int = 5, coefficients: str = "cubic") -> jax.Array:
