@@ -86,6 +86,13 @@ def polar(x: jax.Array) -> jax.Array:
     gives zero. The gradient is the analytic derivative of the polar factor
     (finite for repeated and for zero singular values).
 
+    U Vᵀ does not depend on the scale of X, and neither does the result for any finite
+    X: a matrix whose largest magnitude is outside [2^-32, 2^32) is multiplied by a
+    power of two first (exactly), so that its singular values cannot overflow (σ_max,
+    up to d times the largest entry, would be inf near 3e38 and the read 0) or
+    underflow. Other matrices are decomposed as they are. A matrix with an inf or NaN
+    entry reads NaN.
+
     Args:
         x: array (..., d, d) of any float dtype.
 
@@ -96,7 +103,8 @@ def polar(x: jax.Array) -> jax.Array:
         ValueError: non-square input.
     """
     newton_schulz.check_square(x, "polar")
-    return _polar_factor(x.astype(jnp.float32))
+    x = x.astype(jnp.float32)
+    return _polar_factor(x * newton_schulz.rescaling(x, upscale=True))
 
 
 @dataclasses.dataclass(frozen=True)
