@@ -48,6 +48,16 @@ _POLAR_EXPRESS_RAW = (
 )
 _POLAR_EXPRESS_SAFETY = 1.01
 COEFFICIENT_SETS = ("cubic", "muon", "polar_express")
+# The most iterations a read may ask for. The iterations are unrolled when traced, so
+# trace time and program size grow with k (ns99999 was reported to trace for minutes
+# in 3 GB), while the result stops changing long before: on d = 48 float32
+# memories cubic NS reaches its fixed point (no entry moving by 1e-5 any more) after
+# 23 iterations for Gaussian matrices, 29 and 40 for condition numbers 1e4 and 1e6,
+# and 66 for a rank-16 memory, whose zero singular values, float32 rounding noise
+# after normalization, need the longest to be lifted to 1. The bound leaves room
+# above that; a normalized singular value s needs about log(1/s)/log(1.5) iterations,
+# so 100 lifts any above about 1e-16 (float32 resolves about 1e-7 of the largest).
+MAX_ITERATIONS = 100
 # How newton_schulz_read may run: "auto" picks the fused CPU kernel on the CPU backend
 # (when it builds) and the XLA formulation elsewhere; "xla" always runs the latter.
 IMPLEMENTATIONS = ("auto", "xla")
@@ -59,22 +69,36 @@ IMPLEMENTATIONS = ("auto", "xla")
 _RESCALE_EXPONENT = 32
 
 
+def iteration_bound_error(given: object) -> ValueError:
+    """The error for an iteration count above ``MAX_ITERATIONS`` (``given``)."""
+    return ValueError(
+        f"num_iterations must be <= {MAX_ITERATIONS} (Newton–Schulz reaches its float32 "
+        f"fixed point well before; see newton_schulz.MAX_ITERATIONS), got {given}"
+    )
+
+
 def iteration_coefficients(
     coefficients: str, num_iterations: int
 ) -> tuple[tuple[float, float, float], ...]:
     """The (a, b, c) of each of ``num_iterations`` steps of a coefficient set.
 
+    Every entry point (``newton_schulz``, ``newton_schulz_read``, ``ReadConfig``) checks
+    its iteration count here.
+
     Args:
         coefficients: one of ``COEFFICIENT_SETS``.
-        num_iterations: number of iterations, >= 0.
+        num_iterations: number of iterations, 0 to ``MAX_ITERATIONS``.
 
     Returns:
         A tuple of ``num_iterations`` (a, b, c) float triples.
 
     Raises:
-        ValueError: unknown coefficient set or negative iteration count.
+        ValueError: unknown coefficient set, or an iteration count that is negative or
+            above ``MAX_ITERATIONS``.
     """
     num_iterations = check_int("num_iterations", num_iterations, minimum=0)
+    if num_iterations > MAX_ITERATIONS:
+        raise iteration_bound_error(num_iterations)
     if coefficients == "cubic":
         return ((1.5, -0.5, 0.0),) * num_iterations
     if coefficients == "muon":
@@ -170,14 +194,14 @@ def newton_schulz(x: jax.Array, num_iterations: int = 5, coefficients: str = "cu
 
     Args:
         x: array (..., d, d) of any float dtype (a batch of memories).
-        num_iterations: k >= 0.
+        num_iterations: 0 <= k <= ``MAX_ITERATIONS``.
         coefficients: one of ``COEFFICIENT_SETS``; ``"cubic"`` is the reference.
 
     Returns:
         float32 array (..., d, d).
 
     Raises:
-        ValueError: non-square input, unknown coefficients, negative k.
+        ValueError: non-square input, unknown coefficients, k outside [0, ``MAX_ITERATIONS``].
     """
     steps = iteration_coefficients(coefficients, num_iterations)
     return _iterations(frobenius_normalize(x), steps)
@@ -248,7 +272,7 @@ def newton_schulz_read(
     Args:
         memory: (..., d, d) memories, any float dtype.
         query: (..., d) queries with the same leading shape.
-        num_iterations: k >= 0.
+        num_iterations: 0 <= k <= ``MAX_ITERATIONS``.
         coefficients: one of ``COEFFICIENT_SETS``.
         implementation: ``"auto"`` (the kernel where it applies) or ``"xla"`` (the
             ``einsum`` formulation on every backend, e.g. to compare the two).
@@ -258,7 +282,7 @@ def newton_schulz_read(
 
     Raises:
         ValueError: mismatched shapes, unknown coefficients or implementation,
-            negative k.
+            k outside [0, ``MAX_ITERATIONS``].
     """
     check_square(memory, "newton_schulz_read")
     if query.shape != memory.shape[:-1]:
@@ -282,7 +306,7 @@ def read_implementation(
     (default: JAX's default backend): ``"cpu_kernel"`` or ``"xla"``.
 
     Raises:
-        ValueError: unknown coefficients or negative k.
+        ValueError: unknown coefficients or k outside [0, ``MAX_ITERATIONS``].
     """
     steps = iteration_coefficients(coefficients, num_iterations)
     return "cpu_kernel" if _kernel_applies(steps, backend or jax.default_backend()) else "xla"

@@ -114,7 +114,8 @@ class ReadConfig:
     Attributes:
         kind: ``"raw"`` (the baseline: C itself), ``"newton_schulz"`` (NS_k(C), the
             orthogonalized read) or ``"polar"`` (the exact polar factor of C).
-        num_iterations: k for ``"newton_schulz"`` (the reference uses 5).
+        num_iterations: k for ``"newton_schulz"`` (the reference uses 5), at most
+            ``newton_schulz.MAX_ITERATIONS``.
         coefficients: coefficient set for ``"newton_schulz"``.
     """
 
@@ -131,7 +132,8 @@ class ReadConfig:
         object.__setattr__(
             self, "num_iterations", check_int("num_iterations", self.num_iterations, minimum=0)
         )
-        # Validates the coefficient set with the message users will see.
+        # Validates the iteration bound and the coefficient set with the messages users
+        # will see.
         newton_schulz.iteration_coefficients(self.coefficients, self.num_iterations)
 
     @property

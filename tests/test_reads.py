@@ -191,3 +191,20 @@ def test_reads_by_name_do_not_depend_on_the_memory_scale(name):
     want_c_bar = np.asarray(c_bar, np.float64) / scales
     atol = np.maximum(1e-5 * np.abs(want_c_bar).max(axis=(-2, -1), keepdims=True), SMALLEST_NORMAL)
     assert np.all(np.abs(big_c_bar - want_c_bar) <= atol + 1e-3 * np.abs(want_c_bar))
+
+
+def test_iteration_count_is_bounded():
+    bound = ns.MAX_ITERATIONS
+    assert reads.read_from_name(f"ns{bound}") == reads.ReadConfig("newton_schulz", bound)
+    refused = {
+        "name": lambda k: reads.read_from_name(f"ns{k}"),
+        "name with coefficients": lambda k: reads.read_from_name(f"ns{k}_muon"),
+        "config": lambda k: reads.ReadConfig("newton_schulz", k),
+        "iteration": lambda k: ns.newton_schulz(jnp.zeros((2, 2)), k),
+        "read": lambda k: ns.newton_schulz_read(jnp.zeros((2, 2)), jnp.zeros(2), k),
+    }
+    for what, make in refused.items():
+        for count in (bound + 1, 99999):
+            with pytest.raises(ValueError, match=rf"<= {bound}\b.*got {count}\b"):
+                make(count)
+                pytest.fail(f"{what} accepted {count} iterations")
