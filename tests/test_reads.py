@@ -1,6 +1,8 @@
 """The reads (raw, NS_k, exact polar) as the cell uses them: against float64 numpy,
 their gradients, zero memories, names and validation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +210,81 @@ def test_iteration_count_is_bounded():
             with pytest.raises(ValueError, match=rf"<= {bound}\b.*got {count}\b"):
                 make(count)
                 pytest.fail(f"{what} accepted {count} iterations")
+    # Thousands of digits: refused with the bound, not by int()'s digit limit.
+    with pytest.raises(ValueError, match=rf"<= {bound}\b"):
+        reads.read_from_name("ns" + "9" * 5000)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "ns",
+        "ns-1",
+        "ns+5",
+        "nsfoo",
+        "ns_five",
+        "ns_5",
+        "ns5_",
+        "ns5_unknown",
+        "ns5__muon",
+        "ns5_cubic_muon",
+        " ns5",
+        "ns5 ",
+        "ns 5",
+        "ns5\n",
+        "NS5",
+        "Raw",
+        "BASELINE",
+        "ns5_Muon",
+        "ns²",  # str.isdigit() is true for these two
+        "ns٥",
+        "polar5",
+    ],
+)
+def test_malformed_read_names_are_refused_naming_the_name(name):
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        reads.read_from_name(name)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("raw", "baseline"),
+        ("ns5", "ns05", "ns005", "ns5_cubic", "ns05_cubic"),
+        ("ns0", "ns00", "ns0_cubic", "ns0_muon", "ns0_polar_express"),
+        ("ns3_muon", "ns03_muon"),
+        ("ns6_polar_express", "ns006_polar_express"),
+        ("polar",),
+    ],
+)
+def test_names_of_the_same_read_give_equal_configs(names):
+    configs = [reads.read_from_name(name) for name in names]
+    assert all(config == configs[0] for config in configs), configs
+    assert len({hash(config) for config in configs}) == 1
+
+
+def test_configs_are_equal_exactly_when_the_reads_are():
+    names = [
+        "raw",
+        "polar",
+        "ns0",
+        "ns1",
+        "ns5",
+        "ns6",
+        "ns1_muon",
+        "ns5_muon",
+        "ns5_polar_express",
+    ]
+    configs = [reads.read_from_name(name) for name in names]
+    assert len(set(configs)) == len(configs)
+    # Fields a read does not use do not tell configs apart.
+    assert reads.ReadConfig("raw", 3, "muon") == reads.RAW
+    assert reads.ReadConfig("polar", 0, "polar_express") == reads.POLAR
+    assert reads.ReadConfig("newton_schulz", 0, "muon") == reads.read_from_name("ns0")
+    assert hash(reads.ReadConfig("polar", 7)) == hash(reads.POLAR)
+    # They are still validated.
+    with pytest.raises(ValueError, match="num_iterations"):
+        reads.ReadConfig("raw", -1)
+    with pytest.raises(ValueError, match="coefficients"):
+        reads.ReadConfig("polar", 5, "quartic")
