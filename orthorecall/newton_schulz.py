@@ -48,9 +48,33 @@ _POLAR_EXPRESS_RAW = (
 )
 _POLAR_EXPRESS_SAFETY = 1.01
 COEFFICIENT_SETS = ("cubic", "muon", "polar_express")
+# The most iterations a read may ask for. The iterations are unrolled when traced, so
+# trace time and program size grow with k (ns99999 was reported to trace for minutes
+# in 3 GB), while the result stops changing long before: on d = 48 float32
+# memories cubic NS reaches its fixed point (no entry moving by 1e-5 any more) after
+# 23 iterations for Gaussian matrices, 29 and 40 for condition numbers 1e4 and 1e6,
+# and 66 for a rank-16 memory, whose zero singular values, float32 rounding noise
+# after normalization, need the longest to be lifted to 1. The bound leaves room
+# above that; a normalized singular value s needs about log(1/s)/log(1.5) iterations,
+# so 100 lifts any above about 1e-16 (float32 resolves about 1e-7 of the largest).
+MAX_ITERATIONS = 100
 # How newton_schulz_read may run: "auto" picks the fused CPU kernel on the CPU backend
 # (when it builds) and the XLA formulation elsewhere; "xla" always runs the latter.
 IMPLEMENTATIONS = ("auto", "xla")
+# Matrices whose largest magnitude is at least 2^this are rescaled before their sum of
+# squares (``rescaling``): low enough that the sum of the others cannot overflow
+# (d² · 2^64 < 2^128 for any d < 2^32), high enough that memories of ordinary size
+# are not touched at all and keep the reference's arithmetic (rescaling is exact too,
+# but leaving them alone needs no argument). kernels/ns_read.cc uses the same one.
+_RESCALE_EXPONENT = 32
+
+
+def iteration_bound_error(given: object) -> ValueError:
+    """The error for an iteration count above ``MAX_ITERATIONS`` (``given``)."""
+    return ValueError(
+        f"num_iterations must be <= {MAX_ITERATIONS} (Newton–Schulz reaches its float32 "
+        f"fixed point well before; see newton_schulz.MAX_ITERATIONS), got {given}"
+    )
 
 
 def iteration_coefficients(
@@ -58,17 +82,23 @@ def iteration_coefficients(
 ) -> tuple[tuple[float, float, float], ...]:
     """The (a, b, c) of each of ``num_iterations`` steps of a coefficient set.
 
+    Every entry point (``newton_schulz``, ``newton_schulz_read``, ``ReadConfig``) checks
+    its iteration count here.
+
     Args:
         coefficients: one of ``COEFFICIENT_SETS``.
-        num_iterations: number of iterations, >= 0.
+        num_iterations: number of iterations, 0 to ``MAX_ITERATIONS``.
 
     Returns:
         A tuple of ``num_iterations`` (a, b, c) float triples.
 
     Raises:
-        ValueError: unknown coefficient set or negative iteration count.
+        ValueError: unknown coefficient set, or an iteration count that is negative or
+            above ``MAX_ITERATIONS``.
     """
     num_iterations = check_int("num_iterations", num_iterations, minimum=0)
+    if num_iterations > MAX_ITERATIONS:
+        raise iteration_bound_error(num_iterations)
     if coefficients == "cubic":
         return ((1.5, -0.5, 0.0),) * num_iterations
     if coefficients == "muon":
@@ -94,7 +124,15 @@ def check_square(x: jax.Array, name: str) -> None:
 
 
 def frobenius_normalize(x: jax.Array) -> jax.Array:
-    """X / max(||X||_F, 1e-6) over the last two axes, in float32.
+    """X / max(||X||_F, 1e-6) over the last two axes, in float32, for any finite X.
+
+    Matrices whose largest magnitude is 2^32 or more are first multiplied by a power of
+    two (``rescaling``), which is exact, so their sum of squares cannot overflow (it
+    would from about 1.2e18 on, and the read would be 0): the result is that of the
+    scaled-down matrix. Smaller matrices go through the reference's formula untouched,
+    bit for bit; there the floor decides whenever the sum of squares could underflow.
+    A matrix with an inf or NaN entry normalizes to NaN (all of it, once iterated);
+    XLA:CPU flushes subnormal entries to zero.
 
     Args:
         x: array (..., d, d) of any float dtype.
@@ -107,10 +145,45 @@ def frobenius_normalize(x: jax.Array) -> jax.Array:
     """
     check_square(x, "frobenius_normalize")
     x = x.astype(jnp.float32)
+    x = x * rescaling(x)
     norm_sq = jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)
     # max(sqrt(s), floor) == sqrt(max(s, floor²)); taking the max before the
-    # square root keeps the gradient finite at s = 0.
+    # square root keeps the gradient finite at s = 0. A downscaled matrix has a norm
+    # of at least 2, so the floor needs no rescaling.
     return x * jax.lax.rsqrt(jnp.maximum(norm_sq, FROBENIUS_FLOOR**2))
+
+
+def rescaling(x: jax.Array, *, upscale: bool = False) -> jax.Array:
+    """Per matrix, 1 or the power of two 2^-j that brings the largest magnitude of ``x``
+    into [2, 4): the latter where that magnitude is 2^32 or more, and, with ``upscale``,
+    where it is below 2^-32 (but not 0).
+
+    Multiplying by it is exact (barring subnormal entries, which fall below float32's
+    resolution of the largest one anyway), so a scale-invariant function of the
+    rescaled matrix is that of the original, while matrices of ordinary size are left
+    alone bit for bit.
+
+    Args:
+        x: float32 array (..., d, d).
+        upscale: also scale up tiny matrices. Not for the Newton–Schulz normalization,
+            whose floor must see the matrix as it is.
+
+    Returns:
+        float32 (..., 1, 1), a normal float32 number, without gradient (it is piecewise
+        constant in ``x``, so the derivative of s X is exactly s). A matrix with an inf
+        or NaN entry gets 2^-126, and stays non-finite.
+    """
+    largest = jnp.max(jnp.abs(jax.lax.stop_gradient(x)), axis=(-2, -1), keepdims=True)
+    # The biased exponent read from the bits: exact for every float32, where
+    # log2 is not; NaN and inf have 255, zero and subnormals 0.
+    biased = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(largest, jnp.int32), 23)
+    exponent = biased - 127  # largest is in [2^e, 2^(e+1)) when normal
+    rescale = exponent >= _RESCALE_EXPONENT
+    if upscale:
+        rescale |= (exponent < -_RESCALE_EXPONENT) & (largest > 0)
+    # Into [2, 4) rather than [1, 2): 2^-127 is subnormal, 2^-126 is not.
+    shift = jnp.where(rescale, jnp.clip(exponent - 1, -127, 126), 0)
+    return jax.lax.bitcast_convert_type(jax.lax.shift_left(127 - shift, 23), jnp.float32)
 
 
 def newton_schulz(x: jax.Array, num_iterations: int = 5, coefficients: str = "cubic") -> jax.Array:
@@ -121,14 +194,14 @@ def newton_schulz(x: jax.Array, num_iterations: int = 5, coefficients: str = "cu
 
     Args:
         x: array (..., d, d) of any float dtype (a batch of memories).
-        num_iterations: k >= 0.
+        num_iterations: 0 <= k <= ``MAX_ITERATIONS``.
         coefficients: one of ``COEFFICIENT_SETS``; ``"cubic"`` is the reference.
 
     Returns:
         float32 array (..., d, d).
 
     Raises:
-        ValueError: non-square input, unknown coefficients, negative k.
+        ValueError: non-square input, unknown coefficients, k outside [0, ``MAX_ITERATIONS``].
     """
     steps = iteration_coefficients(coefficients, num_iterations)
     return _iterations(frobenius_normalize(x), steps)
@@ -199,7 +272,7 @@ def newton_schulz_read(
     Args:
         memory: (..., d, d) memories, any float dtype.
         query: (..., d) queries with the same leading shape.
-        num_iterations: k >= 0.
+        num_iterations: 0 <= k <= ``MAX_ITERATIONS``.
         coefficients: one of ``COEFFICIENT_SETS``.
         implementation: ``"auto"`` (the kernel where it applies) or ``"xla"`` (the
             ``einsum`` formulation on every backend, e.g. to compare the two).
@@ -209,7 +282,7 @@ def newton_schulz_read(
 
     Raises:
         ValueError: mismatched shapes, unknown coefficients or implementation,
-            negative k.
+            k outside [0, ``MAX_ITERATIONS``].
     """
     check_square(memory, "newton_schulz_read")
     if query.shape != memory.shape[:-1]:
@@ -233,7 +306,7 @@ def read_implementation(
     (default: JAX's default backend): ``"cpu_kernel"`` or ``"xla"``.
 
     Raises:
-        ValueError: unknown coefficients or negative k.
+        ValueError: unknown coefficients or k outside [0, ``MAX_ITERATIONS``].
     """
     steps = iteration_coefficients(coefficients, num_iterations)
     return "cpu_kernel" if _kernel_applies(steps, backend or jax.default_backend()) else "xla"

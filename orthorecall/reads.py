@@ -21,6 +21,7 @@ math in a function here (or in a module of its own when it is large), a ``kind``
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ from orthorecall import newton_schulz
 from orthorecall.validation import check_int
 
 READ_KINDS = ("raw", "newton_schulz", "polar")
+# ReadConfig's defaults, which it also stores in the fields a read does not use.
+_DEFAULT_ITERATIONS = 5
+_DEFAULT_COEFFICIENTS = "cubic"
 # Singular values below this fraction of the largest are treated as zero by the
 # exact polar read: sqrt(float32 eps), far above float32 rounding noise
 # (about d * eps) and far below any singular value NS_5 visibly lifts.
@@ -86,6 +90,13 @@ def polar(x: jax.Array) -> jax.Array:
     gives zero. The gradient is the analytic derivative of the polar factor
     (finite for repeated and for zero singular values).
 
+    U Vᵀ does not depend on the scale of X, and neither does the result for any finite
+    X: a matrix whose largest magnitude is outside [2^-32, 2^32) is multiplied by a
+    power of two first (exactly), so that its singular values cannot overflow (σ_max,
+    up to d times the largest entry, would be inf near 3e38 and the read 0) or
+    underflow. Other matrices are decomposed as they are. A matrix with an inf or NaN
+    entry reads NaN.
+
     Args:
         x: array (..., d, d) of any float dtype.
 
@@ -96,23 +107,31 @@ def polar(x: jax.Array) -> jax.Array:
         ValueError: non-square input.
     """
     newton_schulz.check_square(x, "polar")
-    return _polar_factor(x.astype(jnp.float32))
+    x = x.astype(jnp.float32)
+    return _polar_factor(x * newton_schulz.rescaling(x, upscale=True))
 
 
 @dataclasses.dataclass(frozen=True)
 class ReadConfig:
     """How the cell reads its memory. Hashable, so it can be a static jit arg.
 
+    Equality means "the same read": two configs compare (and hash) equal exactly when
+    they compute the same function. Fields a read does not use are set to one value
+    when the config is made: ``raw`` and ``polar`` keep the defaults (5, ``"cubic"``)
+    whatever is passed, and NS with 0 iterations (the normalization alone) keeps
+    ``"cubic"`` whatever the coefficient set. Unused fields are still validated.
+
     Attributes:
         kind: ``"raw"`` (the baseline: C itself), ``"newton_schulz"`` (NS_k(C), the
             orthogonalized read) or ``"polar"`` (the exact polar factor of C).
-        num_iterations: k for ``"newton_schulz"`` (the reference uses 5).
+        num_iterations: k for ``"newton_schulz"`` (the reference uses 5), at most
+            ``newton_schulz.MAX_ITERATIONS``.
         coefficients: coefficient set for ``"newton_schulz"``.
     """
 
     kind: str = "raw"
-    num_iterations: int = 5
-    coefficients: str = "cubic"
+    num_iterations: int = _DEFAULT_ITERATIONS
+    coefficients: str = _DEFAULT_COEFFICIENTS
 
     def __post_init__(self):
         if self.kind not in READ_KINDS:
@@ -120,11 +139,17 @@ class ReadConfig:
                 f"ReadConfig.kind={self.kind!r} is not a known read; use one of {READ_KINDS}."
             )
         # A Python int, so that equal reads hash equally as static jit arguments.
-        object.__setattr__(
-            self, "num_iterations", check_int("num_iterations", self.num_iterations, minimum=0)
-        )
-        # Validates the coefficient set with the message users will see.
-        newton_schulz.iteration_coefficients(self.coefficients, self.num_iterations)
+        num_iterations = check_int("num_iterations", self.num_iterations, minimum=0)
+        # Validates the iteration bound and the coefficient set with the messages users
+        # will see.
+        newton_schulz.iteration_coefficients(self.coefficients, num_iterations)
+        coefficients = self.coefficients
+        if self.kind != "newton_schulz":
+            num_iterations, coefficients = _DEFAULT_ITERATIONS, _DEFAULT_COEFFICIENTS
+        elif num_iterations == 0:
+            coefficients = _DEFAULT_COEFFICIENTS
+        object.__setattr__(self, "num_iterations", num_iterations)
+        object.__setattr__(self, "coefficients", coefficients)
 
     @property
     def is_raw(self) -> bool:
@@ -164,22 +189,41 @@ NS5 = ReadConfig("newton_schulz", 5, "cubic")
 POLAR = ReadConfig("polar")
 
 
+# nsK or nsK_<coefficient set>: ASCII digits only (str.isdigit also accepts '²' and
+# other scripts' digits), lower case, nothing around.
+_NS_NAME = re.compile(r"ns([0-9]+)(?:_(.+))?", re.ASCII)
+
+
 def read_from_name(name: str) -> ReadConfig:
-    """Parses a read name: ``raw``/``baseline``, ``nsK`` (cubic, K iterations),
-    ``nsK_muon``, ``nsK_polar_express``, ``polar``.
+    """Parses a read name: ``raw``/``baseline``, ``nsK`` (cubic, K iterations, 0 <= K <=
+    ``newton_schulz.MAX_ITERATIONS``), ``nsK_muon``, ``nsK_polar_express``, ``polar``.
+
+    Names are exact: lower case, no spaces. Names of the same read give equal (and
+    equally hashed) configs, so equality tells aliases apart from different reads:
+    ``raw`` and ``baseline``; ``ns5``, ``ns05`` and ``ns5_cubic``; ``ns0`` and
+    ``ns0_muon`` (no iteration, so no coefficients).
 
     Raises:
-        ValueError: the name is none of these.
+        ValueError: the name is none of these, or K is above the bound; the message
+            names the name.
     """
     if name in ("raw", "baseline"):
         return RAW
     if name == "polar":
         return POLAR
-    if name.startswith("ns"):
-        count, _, coefficients = name[2:].partition("_")
-        if count.isdigit():
-            return ReadConfig("newton_schulz", int(count), coefficients or "cubic")
-    raise ValueError(
-        f"read name {name!r} is not understood; use 'raw' (or 'baseline'), "
-        "'polar', 'nsK' (e.g. 'ns5'), 'nsK_muon' or 'nsK_polar_express'."
-    )
+    match = _NS_NAME.fullmatch(name) if isinstance(name, str) else None
+    if match is None or match[2] not in (None, *newton_schulz.COEFFICIENT_SETS):
+        raise ValueError(
+            f"read name {name!r} is not understood; use 'raw' (or 'baseline'), 'polar', "
+            f"'nsK' (K iterations, 0 <= K <= {newton_schulz.MAX_ITERATIONS}, e.g. 'ns5'), "
+            "'nsK_muon' or 'nsK_polar_express' (lower case, no spaces)."
+        )
+    digits = match[1].lstrip("0") or "0"
+    try:
+        # int() refuses thousands of digits with a message of its own; a count that
+        # long is above the bound anyway.
+        if len(digits) > len(str(newton_schulz.MAX_ITERATIONS)):
+            raise newton_schulz.iteration_bound_error(digits)
+        return ReadConfig("newton_schulz", int(digits), match[2] or _DEFAULT_COEFFICIENTS)
+    except ValueError as error:
+        raise ValueError(f"read name {name!r}: {error}") from None

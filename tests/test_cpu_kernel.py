@@ -15,6 +15,7 @@ from jax import export
 from orthorecall import cpu_kernel, reads
 from orthorecall import newton_schulz as ns
 from tests import numpy_reference as ref
+from tests.test_newton_schulz import SCALES, assert_close, fd_gradient, scaled_memories
 
 pytestmark = pytest.mark.skipif(
     cpu_kernel._compiler() is None, reason="no C++ compiler: the kernel cannot be built here"
@@ -230,3 +231,38 @@ def test_accelerator_lowering_uses_the_pure_jax_read(platform):
     module = export.export(step, platforms=[platform])(c, q).mlir_module()
     assert "orthorecall_ns_read" not in module
     assert "dot_general" in module
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_kernel_at_every_scale_matches_float64_numpy(scale):
+    # d = 20 is padded inside the kernel; the padding must not enter the largest
+    # magnitude or the norm.
+    assert cpu_kernel.available()
+    c, q, h_bar = scaled_memories(20, scale, shape=(2, 20, 20))
+    steps = ns.iteration_coefficients("cubic", 5)
+    h = np.asarray(cpu_kernel.ns_read_forward(c, q, steps))
+    c_bar, q_bar = (np.asarray(x) for x in cpu_kernel.ns_read_backward(c, q, h_bar, steps))
+    for m in range(len(c)):
+        read = ref.newton_schulz(c[m], steps)
+        assert_close(h[m], q[m] @ read)
+        assert_close(q_bar[m], read @ h_bar[m])
+        loss = lambda x, m=m: q[m] @ ref.newton_schulz(x, steps) @ h_bar[m]
+        assert np.all(np.isfinite(c_bar[m]))
+        assert_close(c_bar[m], fd_gradient(loss, c[m]), rtol=2e-3, atol=2e-4)
+
+
+def test_kernel_rescales_each_matrix_exactly():
+    # A power of two moves a memory across the rescaling threshold (2^32) without
+    # changing its read or the scaled gradient by a bit.
+    assert cpu_kernel.available()
+    c, q, h_bar = scaled_memories(21, 1.0, shape=(4, 20, 20))
+    steps = ns.iteration_coefficients("cubic", 5)
+    shifts = np.float32([1.0, 2.0**31, 2.0**32, 2.0**100])[:, None, None]
+    big = c * shifts
+    np.testing.assert_array_equal(
+        cpu_kernel.ns_read_forward(big, q, steps), cpu_kernel.ns_read_forward(c, q, steps)
+    )
+    big_c_bar, big_q_bar = cpu_kernel.ns_read_backward(big, q, h_bar, steps)
+    c_bar, q_bar = cpu_kernel.ns_read_backward(c, q, h_bar, steps)
+    np.testing.assert_array_equal(big_q_bar, q_bar)
+    np.testing.assert_array_equal(np.asarray(big_c_bar) * shifts, c_bar)

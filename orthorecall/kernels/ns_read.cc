@@ -11,7 +11,8 @@
 // recomputes the iterates per matrix, so neither pass stores a d x d array per
 // iteration in memory (the XLA formulation keeps 2k of them per position).
 //
-// The function is orthorecall.newton_schulz's: X0 = C / max(|C|_F, 1e-6);
+// The function is orthorecall.newton_schulz's: X0 = C / max(|C|_F, 1e-6) (with C
+// first scaled down by a power of two when its largest entry is 2^32 or more);
 // X <- X P(XᵀX) with P(G) = aI + bG + cG², in float32, except that the squared
 // Frobenius norm is accumulated in double. Products are summed in another order
 // than XLA's, so the two agree to float32 rounding, not bit for bit (the tests
@@ -109,19 +110,43 @@ class Scratch {
   float* data_;
 };
 
-// Frobenius-normalizes the d x d matrix c into the zero-padded n x n x0 and
-// returns 1 / max(|c|_F, floor); *clamped tells whether the floor was hit.
-float Normalize(const float* c, int d, int n, float* x0, bool* clamped) {
+// How Normalize scaled a matrix: x0 = (c * prescale) * scale, where prescale is the
+// power of two that keeps the sum of squares finite (1 for ordinary matrices) and
+// scale = 1 / max(|c * prescale|_F, floor); clamped tells whether the floor was hit.
+struct Normalization {
+  float prescale, scale;
+  bool clamped;
+};
+
+// Frobenius-normalizes the d x d matrix c into the zero-padded n x n x0, as
+// orthorecall.newton_schulz.frobenius_normalize does: a matrix whose largest magnitude
+// is 2^32 or more is first scaled, exactly, by the power of two that brings it into
+// [2, 4); otherwise its float32 norm would overflow (from about 1.2e18) and read 0.
+Normalization Normalize(const float* c, int d, int n, float* x0) {
+  float largest = 0.0f;
+  for (int i = 0; i < d * d; ++i) largest = std::max(largest, std::fabs(c[i]));
+  float prescale = 1.0f;
+  // Not finite: the sum is inf or NaN and so is the read, prescaled or not.
+  if (largest >= 0x1p32f && std::isfinite(largest)) {
+    int exponent;  // largest = f 2^exponent, f in [0.5, 1)
+    std::frexp(largest, &exponent);
+    prescale = std::ldexp(1.0f, 2 - exponent);  // at least 2^-126, a normal float
+  }
   double sum = 0.0;
-  for (int i = 0; i < d * d; ++i) sum += static_cast<double>(c[i]) * c[i];
+  for (int i = 0; i < d * d; ++i) {
+    const float v = c[i] * prescale;
+    sum += static_cast<double>(v) * v;
+  }
   const float norm_sq = static_cast<float>(sum);
   const float floor_sq = kFrobeniusFloor * kFrobeniusFloor;
-  *clamped = !(norm_sq > floor_sq);
-  const float scale = 1.0f / std::sqrt(std::max(norm_sq, floor_sq));
+  Normalization result;
+  result.clamped = !(norm_sq > floor_sq);
+  result.prescale = prescale;
+  result.scale = 1.0f / std::sqrt(std::max(norm_sq, floor_sq));
   std::memset(x0, 0, sizeof(float) * n * n);
   for (int i = 0; i < d; ++i)
-    for (int j = 0; j < d; ++j) x0[i * n + j] = c[i * d + j] * scale;
-  return scale;
+    for (int j = 0; j < d; ++j) x0[i * n + j] = c[i * d + j] * prescale * result.scale;
+  return result;
 }
 
 // p = aI + b g + c g² (g2 holds g² when c != 0).
@@ -211,8 +236,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<ff
     Scratch scratch(n, 5);
     float *x = scratch[0], *next = scratch[1], *g = scratch[2], *p = scratch[3], *tmp = scratch[4];
     for (int64_t m = begin; m < end; ++m) {
-      bool clamped;
-      Normalize(c_data + m * d * d, d, n, x, &clamped);
+      Normalize(c_data + m * d * d, d, n, x);
       for (const Step& s : steps) {
         Iterate(s, x, g, p, tmp, next, n);
         std::swap(x, next);
@@ -249,9 +273,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
     float *y_bar = scratch[2 * k + 1], *p = scratch[2 * k + 2], *m_xy = scratch[2 * k + 3],
           *sym = scratch[2 * k + 4], *tmp = scratch[2 * k + 5];
     for (int64_t m = begin; m < end; ++m) {
-      bool clamped;
       const float* cm = c_data + m * d * d;
-      const float scale = Normalize(cm, d, n, iterate(0), &clamped);
+      const Normalization norm = Normalize(cm, d, n, iterate(0));
       for (int i = 0; i < k; ++i) Iterate(steps[i], iterate(i), gram(i), p, tmp, iterate(i + 1), n);
       const float* x_out = iterate(k);
       const float* qm = q_data + m * d;
@@ -295,14 +318,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
         MatMul<false>(x, sym, y_bar, n);
         for (int e = 0; e < n * n; ++e) y_bar[e] += tmp[e];
       }
-      // X0 = s C with s = 1/max(|C|, floor): C̄ = s (X̄0 - <X̄0, X0> X0) unless clamped.
+      // X0 = s P C with s = 1/max(|P C|, floor) and P the prescale:
+      // C̄ = P s (X̄0 - <X̄0, X0> X0) unless clamped. P is applied last: P s alone
+      // could be subnormal (for |C| near 3e38) and lose bits.
       float inner = 0.0f;
-      if (!clamped)
+      if (!norm.clamped)
         for (int e = 0; e < n * n; ++e) inner += y_bar[e] * iterate(0)[e];
       float* cb = cb_data + m * d * d;
       for (int i = 0; i < d; ++i)
         for (int j = 0; j < d; ++j)
-          cb[i * d + j] = scale * (y_bar[i * n + j] - inner * iterate(0)[i * n + j]);
+          cb[i * d + j] =
+              norm.scale * (y_bar[i * n + j] - inner * iterate(0)[i * n + j]) * norm.prescale;
     }
   });
   return ffi::Error::Success();
