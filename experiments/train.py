@@ -10,6 +10,7 @@ checkpoints asynchronously, and writes the report (``experiments.report``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -45,37 +46,142 @@ def _fail(field: str, message: str):
     raise ConfigError(f"config.{field}: {message}")
 
 
-def _check_int(field: str, value, minimum: int) -> None:
+def _reason(error: ValueError, name: str) -> str:
+    """The library's "NAME must ..." message without its leading NAME."""
+    message = str(error)
+    return message[len(name) + 1 :] if message.startswith(f"{name} ") else message
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+    node = config
+    for part in field.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            _fail(field, "is missing; start from a preset of experiments/configs/noisy_ar.py.")
+    return node
+
+
+def _check_int(field: str, value, minimum: int, maximum: int | None = None, hint: str = "") -> int:
     try:
-        check_int(field, value, minimum=minimum)
+        value = check_int(field, value, minimum=minimum)
     except ValueError as e:
-        raise ConfigError(f"config.{e}") from None
+        _fail(field, f"{_reason(e, field)}.")
+    if maximum is not None and value > maximum:
+        _fail(field, f"must be <= {maximum}, got {value}{hint}.")
+    return value
+
+
+def _check_real(field: str, value, hint: str, **bounds) -> float:
+    try:
+        return training.check_real(field, value, **bounds)
+    except ValueError as e:
+        _fail(field, f"{_reason(e, field)}; {hint}.")
+
+
+def _check_choice(field: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        _fail(field, f"{value!r} is not one of {choices}.")
+    return value
+
+
+def _check_name(name) -> None:
+    # The default workdir is workdirs/<name>: one path component.
+    if not isinstance(name, str) or not name.strip():
+        _fail("name", f"must be a non-empty string (the run's folder name), got {name!r}.")
+    if name in (".", "..") or any(c in name for c in "/\\\0") or not name.isprintable():
+        _fail(
+            "name",
+            f"{name!r} cannot be a folder name; use letters, digits, '_', '-' or '.', "
+            "without '/' or '\\\\'.",
+        )
+    if name != name.strip() or len(name.encode()) > 255:
+        _fail("name", f"{name!r} has leading or trailing spaces or is over 255 bytes.")
+
+
+def _section(config: ml_collections.ConfigDict, section: str, known) -> dict:
+    """The fields of ``config.<section>`` as a dict, refusing fields it does not know."""
+    node = _get(config, section)
+    fields = node.to_dict() if hasattr(node, "to_dict") else node
+    if not isinstance(fields, dict):
+        _fail(section, f"must be a ConfigDict of fields, got {node!r}.")
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        _fail(section, f"unknown field(s) {unknown}; its fields are {sorted(known)}.")
+    return fields
+
+
+def _section_error(section: str, error: Exception, fields) -> None:
+    """A library ValueError/TypeError about a section's field, as the field's ConfigError."""
+    message = str(error)
+    for field in sorted(fields, key=len, reverse=True):  # chunk_size before chunk
+        if message.startswith(f"{field} ") or message.startswith(f"{field}="):
+            reason = message[len(field) :].lstrip(" =")
+            _fail(f"{section}.{field}", reason if reason.endswith(".") else f"{reason}.")
+    _fail(section, message if message.endswith(".") else f"{message}.")
+
+
+def read_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The names of ``config.reads``, in order.
+
+    Raises:
+        ConfigError: not a comma-separated string of names.
+    """
+    reads = _get(config, "reads")
+    if not isinstance(reads, str):
+        _fail("reads", f"must be a comma-separated string such as 'raw,ns5', got {reads!r}.")
+    names = [name.strip() for name in reads.split(",") if name.strip()]
+    if not names:
+        _fail("reads", "no read given; use e.g. 'raw,ns5'.")
+    return names
 
 
 def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
     """Read name -> ModelConfig, validating every model and read field.
 
     Raises:
-        ConfigError: naming the offending field.
+        ConfigError: naming the offending field; reads listed twice, also under two
+            names of the same read ('baseline' and 'raw', 'ns05' and 'ns5').
     """
-    names = [name.strip() for name in str(config.reads).split(",") if name.strip()]
-    if not names:
-        _fail("reads", "no read given; use e.g. 'raw,ns5'.")
-    if len(set(names)) != len(names):
-        _fail("reads", f"a read is listed twice: {names}.")
-    configs = {}
+    names = read_names(config)
+    reads = {}
     for name in names:
         try:
             read = read_from_name(name)
         except ValueError as e:
             _fail("reads", str(e))
+        for other, other_read in reads.items():
+            if other == name:
+                _fail("reads", f"{name!r} is listed twice; list each read once.")
+            if other_read == read:
+                _fail(
+                    "reads",
+                    f"{name!r} is the same read as {other!r}: it would train the same model "
+                    "twice and compare it with itself; list each read once.",
+                )
+        reads[name] = read
+    # The read comes from config.reads, not from the model's fields.
+    known = [f.name for f in dataclasses.fields(cell_lib.CellConfig) if f.name != "read"]
+    fields = _section(config, "model", known)
+    if "proj_factor" in fields:  # CellConfig would take True, fail with a bare TypeError
+        # on a string and overflow on inf; the memory estimate needs it finite.
+        _check_real(
+            "model.proj_factor",
+            fields["proj_factor"],
+            "the inner width is proj_factor x embedding_dim (reference 2.0)",
+            minimum=0,
+            minimum_inclusive=False,
+        )
+    configs = {}
+    for name, read in reads.items():
         try:
-            configs[name] = model_lib.ModelConfig(
-                vocab_size=config.task.vocab_size,
-                cell=cell_lib.CellConfig(read=read, **config.model.to_dict()),
-            )
+            cell = cell_lib.CellConfig(read=read, **fields)
+        except (ValueError, TypeError, OverflowError) as e:
+            _section_error("model", e, fields)
+        try:
+            configs[name] = model_lib.ModelConfig(vocab_size=config.task.vocab_size, cell=cell)
         except (ValueError, TypeError) as e:
-            _fail("model", str(e))
+            _section_error("task", e, ["vocab_size"])
     return configs
 
 
@@ -85,14 +191,24 @@ def task_from_config(config: ml_collections.ConfigDict) -> data.NoisyRecallTask:
     Raises:
         ConfigError: naming the offending field.
     """
+    fields = _section(config, "task", [f.name for f in dataclasses.fields(data.NoisyRecallTask)])
     try:
-        return data.NoisyRecallTask(**config.task.to_dict())
+        return data.NoisyRecallTask(**fields)
     except (ValueError, TypeError) as e:
-        _fail("task", str(e))
+        _section_error("task", e, [f.name for f in dataclasses.fields(data.NoisyRecallTask)])
 
 
-def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
-    """Checks everything that can be checked before any compute.
+# Seeds become uint32 PRNG keys (PRNGKey(s) keeps s mod 2**32: first_seed=2**32 would
+# silently rerun seed 0).
+SEED_LIMIT = 2**32
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+) -> dict[str, model_lib.ModelConfig]:
+    """Checks everything that can be checked before any compute (in milliseconds: no
+    compile, no data generation): every field's type and range, reads that alias each
+    other, the seed range.
 
     Returns:
         The model configuration of every read.
@@ -100,6 +216,7 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
     Raises:
         ConfigError: naming the offending field and the constraint.
     """
+    _check_name(_get(config, "name"))
     task = task_from_config(config)
     if not task.multi_query:
         _fail(
@@ -107,9 +224,7 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
             "the study uses multi_query=True; single-query training "
             "targets are not supported by the trainer.",
         )
-    train = config.train
     for field in (
-        "steps",
         "batch_size",
         "eval_every",
         "val_batches",
@@ -118,25 +233,86 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
         "keep_checkpoints",
         "log_every",
     ):
-        _check_int(f"train.{field}", train[field], minimum=1)
-    if not train.learning_rate > 0:
-        _fail("train.learning_rate", f"must be > 0, got {train.learning_rate!r}.")
-    if train.schedule not in training.SCHEDULES:
-        _fail("train.schedule", f"{train.schedule!r} is not one of {training.SCHEDULES}.")
-    if train.schedule == "stretched_cosine" and train.stretch_steps < train.steps:
+        _check_int(f"train.{field}", _get(config, f"train.{field}"), minimum=1)
+    steps = _check_int(
+        "train.steps",
+        _get(config, "train.steps"),
+        1,
+        training.MAX_STEPS,
+        " (optax's int32 step count)",
+    )
+    _check_real(
+        "train.learning_rate",
+        _get(config, "train.learning_rate"),
+        "the peak learning rate (reference 3e-3)",
+        minimum=0,
+        minimum_inclusive=False,
+    )
+    schedule = _check_choice("train.schedule", _get(config, "train.schedule"), training.SCHEDULES)
+    stretch_steps = _check_int(
+        "train.stretch_steps",
+        _get(config, "train.stretch_steps"),
+        1,
+        training.MAX_STEPS,
+        " (optax's int32 step count)",
+    )
+    if schedule == "stretched_cosine" and stretch_steps < steps:
         _fail(
             "train.stretch_steps",
-            f"must be >= train.steps ({train.steps}) for "
-            f"stretched_cosine, got {train.stretch_steps}.",
+            f"must be >= train.steps ({steps}) for stretched_cosine, got {stretch_steps}.",
         )
-    if train.data_source not in ("jax", "numpy"):
-        _fail("train.data_source", f"{train.data_source!r} is neither 'jax' nor 'numpy'.")
-    if train.clip_norm is not None and not train.clip_norm > 0:
-        _fail("train.clip_norm", f"must be > 0 or None, got {train.clip_norm!r}.")
-    _check_int("seeds.num_seeds", config.seeds.num_seeds, minimum=1)
-    _check_int("seeds.first_seed", config.seeds.first_seed, minimum=0)
-    if not 0.0 < config.solved_threshold <= 1.0:
-        _fail("solved_threshold", f"must lie in (0, 1], got {config.solved_threshold!r}.")
+    for field, hint in (
+        ("b1", "Adam's first-moment decay (reference 0.9)"),
+        ("b2", "Adam's second-moment decay (reference 0.999)"),
+    ):
+        _check_real(
+            f"train.{field}",
+            _get(config, f"train.{field}"),
+            hint,
+            minimum=0,
+            maximum=1,
+            maximum_inclusive=False,
+        )
+    _check_real(
+        "train.eps",
+        _get(config, "train.eps"),
+        "Adam's denominator floor (reference 1e-8)",
+        minimum=0,
+        minimum_inclusive=False,
+    )
+    _check_real(
+        "train.weight_decay",
+        _get(config, "train.weight_decay"),
+        "0 disables it (reference 0.01)",
+        minimum=0,
+    )
+    clip_norm = _get(config, "train.clip_norm")
+    if clip_norm is not None:
+        _check_real(
+            "train.clip_norm",
+            clip_norm,
+            "None disables the clip (reference 1.0)",
+            minimum=0,
+            minimum_inclusive=False,
+        )
+    _check_choice("train.data_source", _get(config, "train.data_source"), ("jax", "numpy"))
+    num_seeds = _check_int("seeds.num_seeds", _get(config, "seeds.num_seeds"), minimum=1)
+    first_seed = _check_int("seeds.first_seed", _get(config, "seeds.first_seed"), minimum=0)
+    if first_seed + num_seeds > SEED_LIMIT:
+        _fail(
+            "seeds.first_seed",
+            f"seeds {first_seed}..{first_seed + num_seeds - 1} go past 2**32 - 1: seeds "
+            "are uint32 PRNG keys, so seed 2**32 + s would repeat seed s; keep "
+            f"seeds.first_seed + seeds.num_seeds <= {SEED_LIMIT}.",
+        )
+    _check_real(
+        "solved_threshold",
+        _get(config, "solved_threshold"),
+        "the accuracy that counts a seed as solved (reference 0.8)",
+        minimum=0,
+        maximum=1,
+        minimum_inclusive=False,
+    )
     return model_configs(config)
 
 

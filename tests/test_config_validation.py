@@ -1,14 +1,195 @@
-"""orthorecall.training.make_optimizer, a public entry point, refuses bad arguments with a
-ValueError naming them."""
+"""experiments.train.validate_config: every field is checked before any compute, and the
+error names the field ("config.FIELD: what is wrong; what to do"); reads that alias each
+other and seeds past the uint32 range are refused. No test here compiles or draws data.
+"""
 
 from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
+from experiments import train
+from experiments.configs.noisy_ar import PRESETS, get_config
 from orthorecall import training
+from tests.conftest import with_overrides
+
+
+def config_with(**overrides):
+    """The smoke preset + TINY + overrides (``train__b1=2.0`` sets train.b1), any type:
+    a value whose type the field does not have replaces the field (ConfigDict would
+    refuse it, but configurations also come from JSON, code and unlocked dicts)."""
+    config = get_config("smoke")
+    with config.unlocked():
+        for key, value in with_overrides(**overrides).items():
+            node = config
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                node = node[parent]
+            del node[leaf]
+            node[leaf] = value
+    return config
+
+
+def refusal(**overrides) -> str:
+    with pytest.raises(train.ConfigError) as error:
+        train.validate_config(config_with(**overrides))
+    return str(error.value)
+
+
+def test_the_tiny_configuration_and_every_preset_field_set_pass():
+    configs = train.validate_config(config_with())
+    assert list(configs) == ["raw", "ns5"]
+    for preset in PRESETS:
+        train.validate_config(get_config(preset))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("train.b1", 2.0),
+        ("train.b1", 1.0),
+        ("train.b1", -0.1),
+        ("train.b1", math.nan),
+        ("train.b1", "0.9"),
+        ("train.b1", True),
+        ("train.b1", None),
+        ("train.b2", 1.0),
+        ("train.b2", 1.5),
+        ("train.eps", 0.0),
+        ("train.eps", -1e-8),
+        ("train.eps", math.inf),
+        ("train.weight_decay", -0.01),
+        ("train.weight_decay", math.inf),
+        ("train.weight_decay", math.nan),
+        ("train.learning_rate", math.inf),
+        ("train.learning_rate", math.nan),
+        ("train.learning_rate", -1e-3),
+        ("train.learning_rate", "3e-3"),
+        ("train.learning_rate", True),
+        ("train.learning_rate", 10**400),  # beyond float range
+        ("train.clip_norm", 0.0),
+        ("train.clip_norm", math.inf),
+        ("train.clip_norm", "1.0"),
+        ("train.stretch_steps", 4000.5),
+        ("train.stretch_steps", "4000"),
+        ("train.stretch_steps", True),
+        ("train.stretch_steps", None),
+        ("train.steps", 2**31),
+        ("train.steps", 24.0),
+        ("train.batch_size", True),
+        ("train.batch_size", "4"),
+        ("train.batch_size", -3),
+        ("train.val_batches", 1.0),
+        ("train.log_every", None),
+        ("train.schedule", 5),
+        ("train.data_source", None),
+        ("solved_threshold", "0.8"),
+        ("solved_threshold", math.nan),
+        ("solved_threshold", 1.5),
+        ("solved_threshold", 0.0),
+        ("seeds.num_seeds", True),
+        ("seeds.num_seeds", 3.0),
+        ("seeds.first_seed", -1),
+        ("seeds.first_seed", "0"),
+        ("name", ""),
+        ("name", "   "),
+        ("name", "runs/a"),
+        ("name", ".."),
+        ("name", "a\nb"),
+        ("name", 5),
+        ("name", None),
+        ("reads", 5),
+        ("reads", " , "),
+    ],
+)
+def test_a_bad_value_is_refused_naming_its_field(field, value):
+    message = refusal(**{field.replace(".", "__"): value})
+    assert message.startswith(f"config.{field}: "), message
+    assert "Traceback" not in message
+
+
+def test_a_clip_norm_of_none_disables_the_clip():
+    train.validate_config(config_with(train__clip_norm=None))
+
+
+def test_messages_say_what_to_do():
+    message = refusal(train__b1=2.0)
+    assert message == (
+        "config.train.b1: must lie in [0, 1), got 2.0; Adam's first-moment decay (reference 0.9)."
+    )
+    assert "reference 3e-3" in refusal(train__learning_rate=math.inf)
+
+
+def test_a_missing_field_is_named():
+    config = config_with()
+    with config.unlocked():
+        del config.train["eps"]
+    with pytest.raises(train.ConfigError, match=r"^config\.train\.eps: is missing"):
+        train.validate_config(config)
+
+
+# ---------------------------------------------------------------------------------------
+# task.* (data.NoisyRecallTask) and model.* (cell.CellConfig): named fields, no traceback
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("task.seq_len", -2),
+        ("task.seq_len", 0),
+        ("task.seq_len", 63),
+        ("task.seq_len", 64.0),
+        ("task.seq_len", "64"),
+        ("task.vocab_size", 0),
+        ("task.vocab_size", 24.5),
+        ("task.vocab_size", 2**40),
+        ("task.noise_vocab_size", -1),
+        ("task.frac_noise", 1.5),
+        ("task.frac_noise", "0.5"),
+        ("task.multi_query", "yes"),
+        ("model.embedding_dim", 0),
+        ("model.embedding_dim", -16),
+        ("model.embedding_dim", 16.0),
+        ("model.embedding_dim", "16"),
+        ("model.num_heads", 0),
+        ("model.num_blocks", True),
+        ("model.inner_multiple", 0),
+        ("model.conv_kernel_size", -1),
+        ("model.qkv_block_size", 2.5),
+        ("model.chunk_size", 0),
+        ("model.chunk_size", 8.5),
+        ("model.proj_factor", 0.0),
+        ("model.proj_factor", math.inf),
+        ("model.proj_factor", "2.0"),
+        ("model.proj_factor", True),
+        ("model.compute_dtype", "float16"),
+    ],
+)
+def test_a_bad_task_or_model_value_is_refused_naming_its_field(field, value):
+    message = refusal(**{field.replace(".", "__"): value})
+    assert message.startswith(f"config.{field}: "), message
+
+
+def test_a_width_the_heads_do_not_divide_names_the_heads():
+    message = refusal(model__num_heads=3)
+    assert message.startswith("config.model: ") and "num_heads=3" in message
+
+
+def test_unknown_task_and_model_fields_are_refused():
+    config = config_with()
+    with config.unlocked():
+        config.model.width = 3
+    with pytest.raises(train.ConfigError, match=r"^config\.model: unknown field\(s\) \['width'\]"):
+        train.validate_config(config)
+
+
+# ---------------------------------------------------------------------------------------
+# make_optimizer, a public entry point, validates its own arguments
+# ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -41,3 +222,47 @@ def test_make_optimizer_refuses_bad_arguments_naming_them(argument, value):
 def test_make_optimizer_accepts_integers_numpy_reals_and_no_clip():
     training.make_optimizer(learning_rate=1, b1=np.float32(0.5), b2=0, weight_decay=0)
     training.make_optimizer(clip_norm=None, schedule="stretched_cosine", stretch_steps=4000)
+
+
+# ---------------------------------------------------------------------------------------
+# Reads that alias each other
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reads, message",
+    [
+        ("raw,baseline", "'baseline' is the same read as 'raw'"),
+        ("ns5,ns05", "'ns05' is the same read as 'ns5'"),
+        ("raw,ns5,ns5_cubic", "'ns5_cubic' is the same read as 'ns5'"),
+        ("raw,ns5,raw", "'raw' is listed twice"),
+    ],
+)
+def test_reads_that_alias_each_other_are_refused(reads, message):
+    error = refusal(reads=reads)
+    assert error.startswith("config.reads: ") and message in error
+
+
+def test_distinct_reads_pass():
+    configs = train.validate_config(
+        config_with(reads="raw,ns5,ns3,ns5_muon,polar"),
+    )
+    assert list(configs) == ["raw", "ns5", "ns3", "ns5_muon", "polar"]
+
+
+# ---------------------------------------------------------------------------------------
+# The seed range
+# ---------------------------------------------------------------------------------------
+
+
+def test_seeds_past_uint32_are_refused_since_they_would_repeat_seed_0():
+    # Why: the trainer makes every seed's keys from a uint32, where 2**32 is 0.
+    seeds = np.array([2**32, 2**32 + 1])
+    np.testing.assert_array_equal(
+        jax.numpy.asarray(seeds, jax.numpy.uint32), jax.numpy.asarray([0, 1], jax.numpy.uint32)
+    )
+    last_ok = train.SEED_LIMIT - 3
+    train.validate_config(config_with(seeds__first_seed=last_ok))
+    message = refusal(seeds__first_seed=last_ok + 1)
+    assert message.startswith("config.seeds.first_seed: ") and "2**32" in message
+    assert refusal(seeds__first_seed=2**32).startswith("config.seeds.first_seed: ")
