@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import signal
+from collections.abc import Sequence
 from typing import IO
 
 import jax
@@ -26,7 +27,7 @@ from experiments.progress import Progress
 from experiments.report.statistics import finite_or_none
 from experiments.summaries import RunSummaries, finite_mean
 from orthorecall import cell as cell_lib
-from orthorecall import checkpointing, data, training
+from orthorecall import checkpointing, data, footprint, training
 from orthorecall import model as model_lib
 from orthorecall.reads import read_from_name
 from orthorecall.validation import check_int
@@ -201,14 +202,35 @@ def task_from_config(config: ml_collections.ConfigDict) -> data.NoisyRecallTask:
 # Seeds become uint32 PRNG keys (PRNGKey(s) keeps s mod 2**32: first_seed=2**32 would
 # silently rerun seed 0).
 SEED_LIMIT = 2**32
+# A refused validation set would take longer than this to draw (data.reference_
+# validation_set, on one core: the published presets' 24 x 16 x 16 sequences take 31-63 s
+# at footprint's conservative rate, 15-30 s measured; this allows 10x the reference's
+# sets at seq_len 1024, 20x at 512).
+MAX_VALIDATION_SECONDS = 600.0
+# ... and the numpy training stream longer than this per step (the reference preset
+# with data_source="numpy" takes about 8 s per step at that rate).
+MAX_NUMPY_BATCH_SECONDS = 60.0
 
 
 def validate_config(
     config: ml_collections.ConfigDict,
+    *,
+    available_memory: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, model_lib.ModelConfig]:
     """Checks everything that can be checked before any compute (in milliseconds: no
     compile, no data generation): every field's type and range, reads that alias each
-    other, the seed range.
+    other, the seed range, and whether a training step and an evaluation fit in the
+    devices' memory (``orthorecall.footprint``) and the validation set can be drawn in
+    reasonable time.
+
+    Args:
+        config: the study's configuration.
+        available_memory: bytes each device can use; default: asked from ``devices``
+            (``footprint.per_device_available_memory``: on CPU the host's available
+            memory, split between the CPU devices).
+        devices: the devices the seeds are sharded over; default ``jax.devices()``, as
+            ``training.seed_mesh``.
 
     Returns:
         The model configuration of every read.
@@ -313,7 +335,134 @@ def validate_config(
         maximum=1,
         minimum_inclusive=False,
     )
-    return model_configs(config)
+    configs = model_configs(config)
+    _check_resources(config, task, configs, available_memory, devices)
+    return configs
+
+
+def _check_resources(config, task, configs, available_memory, devices) -> None:
+    """Refuses a configuration whose steps cannot fit in the devices' memory
+    (``orthorecall.footprint``) or whose numpy data would take too long to draw."""
+    devices = list(jax.devices() if devices is None else devices)
+    # As training.padded_seed_count: every device holds the same number of seeds.
+    seeds_per_device = -(-config.seeds.num_seeds // len(devices))
+    _check_memory(config, task, configs, available_memory, devices, seeds_per_device)
+    _check_generation_time(config, task, seeds_per_device * len(devices))
+
+
+def _check_memory(config, task, configs, available_memory, devices, seeds_per_device) -> None:
+    train = config.train
+    reads = list(configs.values())
+    length = task.example_len
+    backend = devices[0].platform
+    state = footprint.state_bytes(reads, seeds_per_device=seeds_per_device)
+    val_set = footprint.validation_set_bytes(
+        num_sequences=seeds_per_device * train.val_batches * train.val_batch_size,
+        seq_len=length,
+    )
+    # The trainer also keeps host copies of the validation set (every seed's, and their
+    # stack), which on CPU come out of the devices' memory.
+    host_copies = 2 * val_set if backend == "cpu" else 0
+    # The validation set stays on the devices through training, and the optimizer state
+    # through evaluation.
+    train_need = (
+        host_copies
+        + val_set
+        + footprint.train_step_memory_estimate(
+            reads,
+            batch_size=train.batch_size,
+            seq_len=length,
+            seeds_per_device=seeds_per_device,
+            backend=backend,
+        )
+    )
+    eval_need = (
+        host_copies
+        + state
+        + footprint.eval_step_memory_estimate(
+            reads,
+            num_batches=train.val_batches,
+            batch_size=train.val_batch_size,
+            seq_len=length,
+            seeds_per_device=seeds_per_device,
+            backend=backend,
+        )
+    )
+    if available_memory is None:
+        available_memory = footprint.per_device_available_memory(devices)
+    if available_memory is None:  # The platform reports nothing: nothing to compare with.
+        return
+    where = (
+        f"per device ({seeds_per_device} seed(s) x {len(reads)} read(s) on each of "
+        f"{len(devices)} device(s))"
+    )
+    available = footprint.format_bytes(available_memory)
+    if state > available_memory:
+        _fail(
+            "model",
+            f"the parameters and optimizer state alone need about "
+            f"{footprint.format_bytes(state)} {where}, the device has {available} available; "
+            "reduce model.embedding_dim, model.proj_factor, model.num_blocks or "
+            "task.vocab_size, or seeds.num_seeds.",
+        )
+    if train_need > available_memory:
+        _fail(
+            "train.batch_size",
+            f"one training step needs about {footprint.format_bytes(train_need)} {where}, "
+            f"the device has {available} available; reduce train.batch_size, "
+            "seeds.num_seeds or task.seq_len (or model.chunk_size for a Newton-Schulz read, "
+            "or the model's width).",
+        )
+    if eval_need > available_memory:
+        _fail(
+            "train.val_batch_size",
+            f"one evaluation needs about {footprint.format_bytes(eval_need)} {where}, the "
+            f"device has {available} available; reduce train.val_batch_size or "
+            "train.val_batches.",
+        )
+
+
+def _check_generation_time(config, task, padded_seeds) -> None:
+    # Every padded seed's validation set (and, with the numpy source, training batch) is
+    # drawn by data's Python generator on one host core, before the first evaluation.
+    train = config.train
+    seconds = footprint.numpy_generation_seconds(
+        num_sequences=padded_seeds * train.val_batches * train.val_batch_size,
+        seq_len=task.full_len,
+    )
+    if seconds > MAX_VALIDATION_SECONDS:
+        _fail(
+            "train.val_batch_size",
+            f"the validation sets ({padded_seeds} seeds x {train.val_batches} x "
+            f"{train.val_batch_size} sequences of {task.full_len} tokens) would take about "
+            f"{_duration(seconds)} to draw with data.reference_validation_set (about "
+            f"{footprint.NUMPY_TOKENS_PER_SECOND:.0e} tokens/s); reduce train.val_batches or "
+            "train.val_batch_size (the reference evaluates 16 x 16 sequences per seed) or "
+            f"task.seq_len to stay under {_duration(MAX_VALIDATION_SECONDS)}.",
+        )
+    if train.data_source == "numpy":
+        seconds = footprint.numpy_generation_seconds(
+            num_sequences=padded_seeds * train.batch_size, seq_len=task.full_len
+        )
+        if seconds > MAX_NUMPY_BATCH_SECONDS:
+            _fail(
+                "train.batch_size",
+                f"with train.data_source='numpy' every step draws {padded_seeds} x "
+                f"{train.batch_size} sequences of {task.full_len} tokens on the host, about "
+                f"{_duration(seconds)} per step; use train.data_source='jax' (the same "
+                "distribution, drawn on the device) or reduce train.batch_size or "
+                "seeds.num_seeds.",
+            )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,11 +1,14 @@
 """experiments.train.validate_config: every field is checked before any compute, and the
 error names the field ("config.FIELD: what is wrong; what to do"); reads that alias each
-other and seeds past the uint32 range are refused. No test here compiles or draws data.
+other, seeds past the uint32 range, and configurations that cannot fit in memory or whose
+validation set would take hours to draw are refused. No test here compiles or draws data.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import time
 
 import jax
 import numpy as np
@@ -13,8 +16,11 @@ import pytest
 
 from experiments import train
 from experiments.configs.noisy_ar import PRESETS, get_config
-from orthorecall import training
+from orthorecall import footprint, training
 from tests.conftest import with_overrides
+
+# Plenty, so that only the check under test can refuse; the memory tests set their own.
+PLENTY = 2**50
 
 
 def config_with(**overrides):
@@ -35,15 +41,15 @@ def config_with(**overrides):
 
 def refusal(**overrides) -> str:
     with pytest.raises(train.ConfigError) as error:
-        train.validate_config(config_with(**overrides))
+        train.validate_config(config_with(**overrides), available_memory=PLENTY)
     return str(error.value)
 
 
 def test_the_tiny_configuration_and_every_preset_field_set_pass():
-    configs = train.validate_config(config_with())
+    configs = train.validate_config(config_with(), available_memory=PLENTY)
     assert list(configs) == ["raw", "ns5"]
     for preset in PRESETS:
-        train.validate_config(get_config(preset))
+        train.validate_config(get_config(preset), available_memory=PLENTY)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +118,7 @@ def test_a_bad_value_is_refused_naming_its_field(field, value):
 
 
 def test_a_clip_norm_of_none_disables_the_clip():
-    train.validate_config(config_with(train__clip_norm=None))
+    train.validate_config(config_with(train__clip_norm=None), available_memory=PLENTY)
 
 
 def test_messages_say_what_to_do():
@@ -128,7 +134,7 @@ def test_a_missing_field_is_named():
     with config.unlocked():
         del config.train["eps"]
     with pytest.raises(train.ConfigError, match=r"^config\.train\.eps: is missing"):
-        train.validate_config(config)
+        train.validate_config(config, available_memory=PLENTY)
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,7 +190,25 @@ def test_unknown_task_and_model_fields_are_refused():
     with config.unlocked():
         config.model.width = 3
     with pytest.raises(train.ConfigError, match=r"^config\.model: unknown field\(s\) \['width'\]"):
-        train.validate_config(config)
+        train.validate_config(config, available_memory=PLENTY)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("model.embedding_dim", 10**9),
+        ("model.num_blocks", 10**6),
+        ("model.proj_factor", 1e12),
+        ("task.vocab_size", 2**31 - 1),
+        ("task.seq_len", 10**9),
+    ],
+)
+def test_huge_sizes_are_refused_by_the_memory_estimate(field, value):
+    with pytest.raises(train.ConfigError) as error:
+        train.validate_config(
+            config_with(**{field.replace(".", "__"): value}), available_memory=16 * 2**30
+        )
+    assert "16.0 GiB available" in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,7 +269,7 @@ def test_reads_that_alias_each_other_are_refused(reads, message):
 
 def test_distinct_reads_pass():
     configs = train.validate_config(
-        config_with(reads="raw,ns5,ns3,ns5_muon,polar"),
+        config_with(reads="raw,ns5,ns3,ns5_muon,polar"), available_memory=PLENTY
     )
     assert list(configs) == ["raw", "ns5", "ns3", "ns5_muon", "polar"]
 
@@ -262,7 +286,96 @@ def test_seeds_past_uint32_are_refused_since_they_would_repeat_seed_0():
         jax.numpy.asarray(seeds, jax.numpy.uint32), jax.numpy.asarray([0, 1], jax.numpy.uint32)
     )
     last_ok = train.SEED_LIMIT - 3
-    train.validate_config(config_with(seeds__first_seed=last_ok))
+    train.validate_config(config_with(seeds__first_seed=last_ok), available_memory=PLENTY)
     message = refusal(seeds__first_seed=last_ok + 1)
     assert message.startswith("config.seeds.first_seed: ") and "2**32" in message
     assert refusal(seeds__first_seed=2**32).startswith("config.seeds.first_seed: ")
+
+
+# ---------------------------------------------------------------------------------------
+# Memory and data-generation time
+# ---------------------------------------------------------------------------------------
+
+
+def _train_need(config, seeds_per_device):
+    """What a CPU device needs to train: the step and the validation set, which stays on
+    the device, and the trainer's two host copies of it, in the same memory on CPU."""
+    configs = train.model_configs(config)
+    task = train.task_from_config(config)
+    return footprint.train_step_memory_estimate(
+        list(configs.values()),
+        batch_size=config.train.batch_size,
+        seq_len=task.example_len,
+        seeds_per_device=seeds_per_device,
+    ) + 3 * footprint.validation_set_bytes(
+        num_sequences=seeds_per_device * config.train.val_batches * config.train.val_batch_size,
+        seq_len=task.example_len,
+    )
+
+
+def test_a_batch_that_cannot_fit_is_refused_with_the_figures():
+    started = time.perf_counter()
+    with pytest.raises(train.ConfigError) as error:
+        train.validate_config(config_with(train__batch_size=10_000_000), available_memory=2**34)
+    message = str(error.value)
+    assert message.startswith("config.train.batch_size: one training step needs about ")
+    assert re.search(r"needs about [0-9.]+ [GT]iB per device", message)
+    assert "the device has 16.0 GiB available" in message
+    assert "reduce train.batch_size" in message
+    assert time.perf_counter() - started < 1.0
+
+
+def test_the_memory_of_this_machine_is_asked_by_default():
+    # 10**7 sequences: hundreds of GiB, more than any host running the tests.
+    with pytest.raises(train.ConfigError, match=r"^config\.train\.batch_size: one training"):
+        train.validate_config(config_with(train__batch_size=10_000_000))
+    train.validate_config(config_with())
+
+
+def test_padded_seeds_count_per_device():
+    """3 seeds on 2 devices are padded to 4: 2 per device; on 3 devices, 1."""
+    config = config_with(seeds__num_seeds=3)
+    one, two = _train_need(config, 1), _train_need(config, 2)
+    between = (one + two) // 2
+    device = jax.devices()[0]
+    train.validate_config(config, available_memory=between, devices=[device] * 3)
+    with pytest.raises(train.ConfigError, match=r"2 seed\(s\) x 2 read\(s\) on each of 2"):
+        train.validate_config(config, available_memory=between, devices=[device] * 2)
+
+
+def test_an_evaluation_that_cannot_fit_names_the_validation_batch():
+    config = config_with(train__val_batch_size=200_000, train__val_batches=1, task__seq_len=16)
+    need = _train_need(config, 3)
+    with pytest.raises(train.ConfigError, match=r"^config\.train\.val_batch_size: one evaluation"):
+        train.validate_config(config, available_memory=need * 2)
+
+
+def test_parameters_that_cannot_fit_name_the_model():
+    with pytest.raises(train.ConfigError, match=r"^config\.model: the parameters"):
+        train.validate_config(config_with(model__embedding_dim=10**9), available_memory=2**34)
+
+
+def test_a_validation_set_that_takes_hours_to_draw_is_refused():
+    started = time.perf_counter()
+    message = refusal(train__val_batch_size=1_000_000, train__val_batches=16)
+    assert time.perf_counter() - started < 1.0
+    assert message.startswith("config.train.val_batch_size: the validation sets ")
+    assert "to draw" in message and "reduce train.val_batches or train.val_batch_size" in message
+    # The reference's 16 x 16 sequences per seed of the longest regime draw well in time.
+    train.validate_config(get_config("v96_s1024"), available_memory=PLENTY)
+
+
+def test_numpy_training_batches_that_take_minutes_per_step_are_refused():
+    # 3 seeds x 200,000 x 16 tokens: about 100 s per step at the conservative rate.
+    message = refusal(train__data_source="numpy", train__batch_size=200_000)
+    assert message.startswith("config.train.batch_size: with train.data_source='numpy'")
+    assert "data_source='jax'" in message
+    on_device = config_with(train__data_source="jax", train__batch_size=200_000)
+    train.validate_config(on_device, available_memory=PLENTY)
+
+
+def test_validation_is_fast_on_the_largest_preset():
+    config = get_config("v96_s1024")
+    started = time.perf_counter()
+    train.validate_config(config, available_memory=PLENTY)
+    assert time.perf_counter() - started < 1.0
