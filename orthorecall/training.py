@@ -72,7 +72,7 @@ def learning_rate_schedule(
     raise ValueError(f"schedule={name!r} is not known; use one of {SCHEDULES}.")
 
 
-# optax counts steps in int32: a longer schedule would overflow its step counter.
+# optax counts steps in an int32 that saturates here: a longer schedule would never end.
 MAX_STEPS = 2**31 - 1
 
 
