@@ -27,7 +27,7 @@ from experiments.progress import Progress
 from experiments.report.statistics import finite_or_none
 from experiments.summaries import RunSummaries, finite_mean
 from orthorecall import cell as cell_lib
-from orthorecall import checkpointing, data, footprint, training
+from orthorecall import checkpointing, data, evaluation, footprint, training
 from orthorecall import model as model_lib
 from orthorecall.reads import read_from_name
 from orthorecall.validation import check_int
@@ -246,6 +246,13 @@ def validate_config(
             "the study uses multi_query=True; single-query training "
             "targets are not supported by the trainer.",
         )
+    if task.ignore_index != evaluation.IGNORE_INDEX:
+        _fail(
+            "task.ignore_index",
+            f"the trainer scores with evaluation.IGNORE_INDEX ({evaluation.IGNORE_INDEX}), so "
+            f"validation targets marked {task.ignore_index} would be scored; leave the field "
+            "out.",
+        )
     for field in (
         "batch_size",
         "eval_every",
@@ -336,6 +343,14 @@ def validate_config(
         minimum_inclusive=False,
     )
     configs = model_configs(config)
+    taps = next(iter(configs.values())).cell.conv_kernel_size
+    if taps > task.example_len:
+        # Each tap is traced as its own operations: 10**5 taps take minutes to trace.
+        _fail(
+            "model.conv_kernel_size",
+            f"must be <= the {task.example_len} positions of a sequence (task.seq_len - 1), "
+            f"got {taps}: taps further back only ever see zeros (reference 4).",
+        )
     _check_resources(config, task, configs, available_memory, devices)
     return configs
 

@@ -180,6 +180,25 @@ def test_a_bad_task_or_model_value_is_refused_naming_its_field(field, value):
     assert message.startswith(f"config.{field}: "), message
 
 
+def test_a_conv_kernel_longer_than_the_sequence_is_refused():
+    # TINY: sequences of 16 tokens, 15 positions.
+    train.validate_config(config_with(model__conv_kernel_size=15), available_memory=PLENTY)
+    started = time.perf_counter()
+    message = refusal(model__conv_kernel_size=10**5)
+    assert time.perf_counter() - started < 1.0
+    assert message.startswith("config.model.conv_kernel_size: must be <= the 15 positions")
+
+
+def test_an_ignore_index_the_trainer_does_not_score_with_is_refused():
+    config = config_with()
+    with config.unlocked():
+        config.task.ignore_index = -1
+    with pytest.raises(train.ConfigError, match=r"^config\.task\.ignore_index: the trainer"):
+        train.validate_config(config, available_memory=PLENTY)
+    config.task.ignore_index = -100
+    train.validate_config(config, available_memory=PLENTY)
+
+
 def test_a_width_the_heads_do_not_divide_names_the_heads():
     message = refusal(model__num_heads=3)
     assert message.startswith("config.model: ") and "num_heads=3" in message
