@@ -420,6 +420,13 @@ def _check_memory(config, task, configs, available_memory, devices, seeds_per_de
             "reduce model.embedding_dim, model.proj_factor, model.num_blocks or "
             "task.vocab_size, or seeds.num_seeds.",
         )
+    if host_copies + val_set > available_memory:
+        _fail(
+            "train.val_batch_size",
+            f"the validation sets alone need about "
+            f"{footprint.format_bytes(host_copies + val_set)} {where}, the device has "
+            f"{available} available; reduce train.val_batch_size or train.val_batches.",
+        )
     if train_need > available_memory:
         _fail(
             "train.batch_size",

@@ -369,6 +369,12 @@ def test_an_evaluation_that_cannot_fit_names_the_validation_batch():
         train.validate_config(config, available_memory=need * 2)
 
 
+def test_a_validation_set_that_cannot_fit_names_the_validation_batch():
+    config = config_with(train__val_batch_size=10**6)  # 3 x 10**6 x 15 x 2 int32: 360 MB
+    with pytest.raises(train.ConfigError, match=r"^config\.train\.val_batch_size: the valid"):
+        train.validate_config(config, available_memory=2**28)
+
+
 def test_parameters_that_cannot_fit_name_the_model():
     with pytest.raises(train.ConfigError, match=r"^config\.model: the parameters"):
         train.validate_config(config_with(model__embedding_dim=10**9), available_memory=2**34)
