@@ -10,10 +10,12 @@ checkpoints asynchronously, and writes the report (``experiments.report``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 import signal
+from collections.abc import Sequence
 from typing import IO
 
 import jax
@@ -35,7 +37,7 @@ from experiments.workdir import (
     read_run_description,
 )
 from orthorecall import cell as cell_lib
-from orthorecall import checkpointing, data, training
+from orthorecall import checkpointing, data, evaluation, footprint, training
 from orthorecall import model as model_lib
 from orthorecall.reads import read_from_name
 from orthorecall.validation import check_int
@@ -51,37 +53,142 @@ def _fail(field: str, message: str):
     raise ConfigError(f"config.{field}: {message}")
 
 
-def _check_int(field: str, value, minimum: int) -> None:
+def _reason(error: ValueError, name: str) -> str:
+    """The library's "NAME must ..." message without its leading NAME."""
+    message = str(error)
+    return message[len(name) + 1 :] if message.startswith(f"{name} ") else message
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+    node = config
+    for part in field.split("."):
+        try:
+            node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            _fail(field, "is missing; start from a preset of experiments/configs/noisy_ar.py.")
+    return node
+
+
+def _check_int(field: str, value, minimum: int, maximum: int | None = None, hint: str = "") -> int:
     try:
-        check_int(field, value, minimum=minimum)
+        value = check_int(field, value, minimum=minimum)
     except ValueError as e:
-        raise ConfigError(f"config.{e}") from None
+        _fail(field, f"{_reason(e, field)}.")
+    if maximum is not None and value > maximum:
+        _fail(field, f"must be <= {maximum}, got {value}{hint}.")
+    return value
+
+
+def _check_real(field: str, value, hint: str, **bounds) -> float:
+    try:
+        return training.check_real(field, value, **bounds)
+    except ValueError as e:
+        _fail(field, f"{_reason(e, field)}; {hint}.")
+
+
+def _check_choice(field: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        _fail(field, f"{value!r} is not one of {choices}.")
+    return value
+
+
+def _check_name(name) -> None:
+    # The default workdir is workdirs/<name>: one path component.
+    if not isinstance(name, str) or not name.strip():
+        _fail("name", f"must be a non-empty string (the run's folder name), got {name!r}.")
+    if name in (".", "..") or any(c in name for c in "/\\\0") or not name.isprintable():
+        _fail(
+            "name",
+            f"{name!r} cannot be a folder name; use letters, digits, '_', '-' or '.', "
+            "without '/' or '\\\\'.",
+        )
+    if name != name.strip() or len(name.encode()) > 255:
+        _fail("name", f"{name!r} has leading or trailing spaces or is over 255 bytes.")
+
+
+def _section(config: ml_collections.ConfigDict, section: str, known) -> dict:
+    """The fields of ``config.<section>`` as a dict, refusing fields it does not know."""
+    node = _get(config, section)
+    fields = node.to_dict() if hasattr(node, "to_dict") else node
+    if not isinstance(fields, dict):
+        _fail(section, f"must be a ConfigDict of fields, got {node!r}.")
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        _fail(section, f"unknown field(s) {unknown}; its fields are {sorted(known)}.")
+    return fields
+
+
+def _section_error(section: str, error: Exception, fields) -> None:
+    """A library ValueError/TypeError about a section's field, as the field's ConfigError."""
+    message = str(error)
+    for field in sorted(fields, key=len, reverse=True):  # chunk_size before chunk
+        if message.startswith(f"{field} ") or message.startswith(f"{field}="):
+            reason = message[len(field) :].lstrip(" =")
+            _fail(f"{section}.{field}", reason if reason.endswith(".") else f"{reason}.")
+    _fail(section, message if message.endswith(".") else f"{message}.")
+
+
+def read_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The names of ``config.reads``, in order.
+
+    Raises:
+        ConfigError: not a comma-separated string of names.
+    """
+    reads = _get(config, "reads")
+    if not isinstance(reads, str):
+        _fail("reads", f"must be a comma-separated string such as 'raw,ns5', got {reads!r}.")
+    names = [name.strip() for name in reads.split(",") if name.strip()]
+    if not names:
+        _fail("reads", "no read given; use e.g. 'raw,ns5'.")
+    return names
 
 
 def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
     """Read name -> ModelConfig, validating every model and read field.
 
     Raises:
-        ConfigError: naming the offending field.
+        ConfigError: naming the offending field; reads listed twice, also under two
+            names of the same read ('baseline' and 'raw', 'ns05' and 'ns5').
     """
-    names = [name.strip() for name in str(config.reads).split(",") if name.strip()]
-    if not names:
-        _fail("reads", "no read given; use e.g. 'raw,ns5'.")
-    if len(set(names)) != len(names):
-        _fail("reads", f"a read is listed twice: {names}.")
-    configs = {}
+    names = read_names(config)
+    reads = {}
     for name in names:
         try:
             read = read_from_name(name)
         except ValueError as e:
             _fail("reads", str(e))
+        for other, other_read in reads.items():
+            if other == name:
+                _fail("reads", f"{name!r} is listed twice; list each read once.")
+            if other_read == read:
+                _fail(
+                    "reads",
+                    f"{name!r} is the same read as {other!r}: it would train the same model "
+                    "twice and compare it with itself; list each read once.",
+                )
+        reads[name] = read
+    # The read comes from config.reads, not from the model's fields.
+    known = [f.name for f in dataclasses.fields(cell_lib.CellConfig) if f.name != "read"]
+    fields = _section(config, "model", known)
+    if "proj_factor" in fields:  # CellConfig would take True, fail with a bare TypeError
+        # on a string and overflow on inf; the memory estimate needs it finite.
+        _check_real(
+            "model.proj_factor",
+            fields["proj_factor"],
+            "the inner width is proj_factor x embedding_dim (reference 2.0)",
+            minimum=0,
+            minimum_inclusive=False,
+        )
+    configs = {}
+    for name, read in reads.items():
         try:
-            configs[name] = model_lib.ModelConfig(
-                vocab_size=config.task.vocab_size,
-                cell=cell_lib.CellConfig(read=read, **config.model.to_dict()),
-            )
+            cell = cell_lib.CellConfig(read=read, **fields)
+        except (ValueError, TypeError, OverflowError) as e:
+            _section_error("model", e, fields)
+        try:
+            configs[name] = model_lib.ModelConfig(vocab_size=config.task.vocab_size, cell=cell)
         except (ValueError, TypeError) as e:
-            _fail("model", str(e))
+            _section_error("task", e, ["vocab_size"])
     return configs
 
 
@@ -91,14 +198,45 @@ def task_from_config(config: ml_collections.ConfigDict) -> data.NoisyRecallTask:
     Raises:
         ConfigError: naming the offending field.
     """
+    fields = _section(config, "task", [f.name for f in dataclasses.fields(data.NoisyRecallTask)])
     try:
-        return data.NoisyRecallTask(**config.task.to_dict())
+        return data.NoisyRecallTask(**fields)
     except (ValueError, TypeError) as e:
-        _fail("task", str(e))
+        _section_error("task", e, [f.name for f in dataclasses.fields(data.NoisyRecallTask)])
 
 
-def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
-    """Checks everything that can be checked before any compute.
+# Seeds become uint32 PRNG keys (PRNGKey(s) keeps s mod 2**32: first_seed=2**32 would
+# silently rerun seed 0).
+SEED_LIMIT = 2**32
+# A refused validation set would take longer than this to draw (data.reference_
+# validation_set, on one core: the published presets' 24 x 16 x 16 sequences take 31-63 s
+# at footprint's conservative rate, 15-30 s measured; this allows 10x the reference's
+# sets at seq_len 1024, 20x at 512).
+MAX_VALIDATION_SECONDS = 600.0
+# ... and the numpy training stream longer than this per step (the reference preset
+# with data_source="numpy" takes about 8 s per step at that rate).
+MAX_NUMPY_BATCH_SECONDS = 60.0
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    available_memory: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, model_lib.ModelConfig]:
+    """Checks everything that can be checked before any compute (in milliseconds: no
+    compile, no data generation): every field's type and range, reads that alias each
+    other, the seed range, and whether a training step and an evaluation fit in the
+    devices' memory (``orthorecall.footprint``) and the validation set can be drawn in
+    reasonable time.
+
+    Args:
+        config: the study's configuration.
+        available_memory: bytes each device can use; default: asked from ``devices``
+            (``footprint.per_device_available_memory``: on CPU the host's available
+            memory, split between the CPU devices).
+        devices: the devices the seeds are sharded over; default ``jax.devices()``, as
+            ``training.seed_mesh``.
 
     Returns:
         The model configuration of every read.
@@ -106,6 +244,7 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
     Raises:
         ConfigError: naming the offending field and the constraint.
     """
+    _check_name(_get(config, "name"))
     task = task_from_config(config)
     if not task.multi_query:
         _fail(
@@ -113,9 +252,14 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
             "the study uses multi_query=True; single-query training "
             "targets are not supported by the trainer.",
         )
-    train = config.train
+    if task.ignore_index != evaluation.IGNORE_INDEX:
+        _fail(
+            "task.ignore_index",
+            f"the trainer scores with evaluation.IGNORE_INDEX ({evaluation.IGNORE_INDEX}), so "
+            f"validation targets marked {task.ignore_index} would be scored; leave the field "
+            "out.",
+        )
     for field in (
-        "steps",
         "batch_size",
         "eval_every",
         "val_batches",
@@ -124,26 +268,229 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mo
         "keep_checkpoints",
         "log_every",
     ):
-        _check_int(f"train.{field}", train[field], minimum=1)
-    if not train.learning_rate > 0:
-        _fail("train.learning_rate", f"must be > 0, got {train.learning_rate!r}.")
-    if train.schedule not in training.SCHEDULES:
-        _fail("train.schedule", f"{train.schedule!r} is not one of {training.SCHEDULES}.")
-    if train.schedule == "stretched_cosine" and train.stretch_steps < train.steps:
+        _check_int(f"train.{field}", _get(config, f"train.{field}"), minimum=1)
+    steps = _check_int(
+        "train.steps",
+        _get(config, "train.steps"),
+        1,
+        training.MAX_STEPS,
+        " (optax's int32 step count)",
+    )
+    _check_real(
+        "train.learning_rate",
+        _get(config, "train.learning_rate"),
+        "the peak learning rate (reference 3e-3)",
+        minimum=0,
+        minimum_inclusive=False,
+    )
+    schedule = _check_choice("train.schedule", _get(config, "train.schedule"), training.SCHEDULES)
+    stretch_steps = _check_int(
+        "train.stretch_steps",
+        _get(config, "train.stretch_steps"),
+        1,
+        training.MAX_STEPS,
+        " (optax's int32 step count)",
+    )
+    if schedule == "stretched_cosine" and stretch_steps < steps:
         _fail(
             "train.stretch_steps",
-            f"must be >= train.steps ({train.steps}) for "
-            f"stretched_cosine, got {train.stretch_steps}.",
+            f"must be >= train.steps ({steps}) for stretched_cosine, got {stretch_steps}.",
         )
-    if train.data_source not in ("jax", "numpy"):
-        _fail("train.data_source", f"{train.data_source!r} is neither 'jax' nor 'numpy'.")
-    if train.clip_norm is not None and not train.clip_norm > 0:
-        _fail("train.clip_norm", f"must be > 0 or None, got {train.clip_norm!r}.")
-    _check_int("seeds.num_seeds", config.seeds.num_seeds, minimum=1)
-    _check_int("seeds.first_seed", config.seeds.first_seed, minimum=0)
-    if not 0.0 < config.solved_threshold <= 1.0:
-        _fail("solved_threshold", f"must lie in (0, 1], got {config.solved_threshold!r}.")
-    return model_configs(config)
+    for field, hint in (
+        ("b1", "Adam's first-moment decay (reference 0.9)"),
+        ("b2", "Adam's second-moment decay (reference 0.999)"),
+    ):
+        _check_real(
+            f"train.{field}",
+            _get(config, f"train.{field}"),
+            hint,
+            minimum=0,
+            maximum=1,
+            maximum_inclusive=False,
+        )
+    _check_real(
+        "train.eps",
+        _get(config, "train.eps"),
+        "Adam's denominator floor (reference 1e-8)",
+        minimum=0,
+        minimum_inclusive=False,
+    )
+    _check_real(
+        "train.weight_decay",
+        _get(config, "train.weight_decay"),
+        "0 disables it (reference 0.01)",
+        minimum=0,
+    )
+    clip_norm = _get(config, "train.clip_norm")
+    if clip_norm is not None:
+        _check_real(
+            "train.clip_norm",
+            clip_norm,
+            "None disables the clip (reference 1.0)",
+            minimum=0,
+            minimum_inclusive=False,
+        )
+    _check_choice("train.data_source", _get(config, "train.data_source"), ("jax", "numpy"))
+    num_seeds = _check_int("seeds.num_seeds", _get(config, "seeds.num_seeds"), minimum=1)
+    first_seed = _check_int("seeds.first_seed", _get(config, "seeds.first_seed"), minimum=0)
+    if first_seed + num_seeds > SEED_LIMIT:
+        _fail(
+            "seeds.first_seed",
+            f"seeds {first_seed}..{first_seed + num_seeds - 1} go past 2**32 - 1: seeds "
+            "are uint32 PRNG keys, so seed 2**32 + s would repeat seed s; keep "
+            f"seeds.first_seed + seeds.num_seeds <= {SEED_LIMIT}.",
+        )
+    _check_real(
+        "solved_threshold",
+        _get(config, "solved_threshold"),
+        "the accuracy that counts a seed as solved (reference 0.8)",
+        minimum=0,
+        maximum=1,
+        minimum_inclusive=False,
+    )
+    configs = model_configs(config)
+    taps = next(iter(configs.values())).cell.conv_kernel_size
+    if taps > task.example_len:
+        # Each tap is traced as its own operations: 10**5 taps take minutes to trace.
+        _fail(
+            "model.conv_kernel_size",
+            f"must be <= the {task.example_len} positions of a sequence (task.seq_len - 1), "
+            f"got {taps}: taps further back only ever see zeros (reference 4).",
+        )
+    _check_resources(config, task, configs, available_memory, devices)
+    return configs
+
+
+def _check_resources(config, task, configs, available_memory, devices) -> None:
+    """Refuses a configuration whose steps cannot fit in the devices' memory
+    (``orthorecall.footprint``) or whose numpy data would take too long to draw."""
+    devices = list(jax.devices() if devices is None else devices)
+    # As training.padded_seed_count: every device holds the same number of seeds.
+    seeds_per_device = -(-config.seeds.num_seeds // len(devices))
+    _check_memory(config, task, configs, available_memory, devices, seeds_per_device)
+    _check_generation_time(config, task, seeds_per_device * len(devices))
+
+
+def _check_memory(config, task, configs, available_memory, devices, seeds_per_device) -> None:
+    train = config.train
+    reads = list(configs.values())
+    length = task.example_len
+    backend = devices[0].platform
+    state = footprint.state_bytes(reads, seeds_per_device=seeds_per_device)
+    val_set = footprint.validation_set_bytes(
+        num_sequences=seeds_per_device * train.val_batches * train.val_batch_size,
+        seq_len=length,
+    )
+    # The trainer also keeps host copies of the validation set (every seed's, and their
+    # stack), which on CPU come out of the devices' memory.
+    host_copies = 2 * val_set if backend == "cpu" else 0
+    # The validation set stays on the devices through training, and the optimizer state
+    # through evaluation.
+    train_need = (
+        host_copies
+        + val_set
+        + footprint.train_step_memory_estimate(
+            reads,
+            batch_size=train.batch_size,
+            seq_len=length,
+            seeds_per_device=seeds_per_device,
+            backend=backend,
+        )
+    )
+    eval_need = (
+        host_copies
+        + state
+        + footprint.eval_step_memory_estimate(
+            reads,
+            num_batches=train.val_batches,
+            batch_size=train.val_batch_size,
+            seq_len=length,
+            seeds_per_device=seeds_per_device,
+            backend=backend,
+        )
+    )
+    if available_memory is None:
+        available_memory = footprint.per_device_available_memory(devices)
+    if available_memory is None:  # The platform reports nothing: nothing to compare with.
+        return
+    where = (
+        f"per device ({seeds_per_device} seed(s) x {len(reads)} read(s) on each of "
+        f"{len(devices)} device(s))"
+    )
+    available = footprint.format_bytes(available_memory)
+    if state > available_memory:
+        _fail(
+            "model",
+            f"the parameters and optimizer state alone need about "
+            f"{footprint.format_bytes(state)} {where}, the device has {available} available; "
+            "reduce model.embedding_dim, model.proj_factor, model.num_blocks or "
+            "task.vocab_size, or seeds.num_seeds.",
+        )
+    if host_copies + val_set > available_memory:
+        _fail(
+            "train.val_batch_size",
+            f"the validation sets alone need about "
+            f"{footprint.format_bytes(host_copies + val_set)} {where}, the device has "
+            f"{available} available; reduce train.val_batch_size or train.val_batches.",
+        )
+    if train_need > available_memory:
+        _fail(
+            "train.batch_size",
+            f"one training step needs about {footprint.format_bytes(train_need)} {where}, "
+            f"the device has {available} available; reduce train.batch_size, "
+            "seeds.num_seeds or task.seq_len (or model.chunk_size for a Newton-Schulz read, "
+            "or the model's width).",
+        )
+    if eval_need > available_memory:
+        _fail(
+            "train.val_batch_size",
+            f"one evaluation needs about {footprint.format_bytes(eval_need)} {where}, the "
+            f"device has {available} available; reduce train.val_batch_size or "
+            "train.val_batches.",
+        )
+
+
+def _check_generation_time(config, task, padded_seeds) -> None:
+    # Every padded seed's validation set (and, with the numpy source, training batch) is
+    # drawn by data's Python generator on one host core, before the first evaluation.
+    train = config.train
+    seconds = footprint.numpy_generation_seconds(
+        num_sequences=padded_seeds * train.val_batches * train.val_batch_size,
+        seq_len=task.full_len,
+    )
+    if seconds > MAX_VALIDATION_SECONDS:
+        _fail(
+            "train.val_batch_size",
+            f"the validation sets ({padded_seeds} seeds x {train.val_batches} x "
+            f"{train.val_batch_size} sequences of {task.full_len} tokens) would take about "
+            f"{_duration(seconds)} to draw with data.reference_validation_set (about "
+            f"{footprint.NUMPY_TOKENS_PER_SECOND:.0e} tokens/s); reduce train.val_batches or "
+            "train.val_batch_size (the reference evaluates 16 x 16 sequences per seed) or "
+            f"task.seq_len to stay under {_duration(MAX_VALIDATION_SECONDS)}.",
+        )
+    if train.data_source == "numpy":
+        seconds = footprint.numpy_generation_seconds(
+            num_sequences=padded_seeds * train.batch_size, seq_len=task.full_len
+        )
+        if seconds > MAX_NUMPY_BATCH_SECONDS:
+            _fail(
+                "train.batch_size",
+                f"with train.data_source='numpy' every step draws {padded_seeds} x "
+                f"{train.batch_size} sequences of {task.full_len} tokens on the host, about "
+                f"{_duration(seconds)} per step; use train.data_source='jax' (the same "
+                "distribution, drawn on the device) or reduce train.batch_size or "
+                "seeds.num_seeds.",
+            )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _atomic_write(path: pathlib.Path, text: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from orthorecall import evaluation
 from orthorecall import model as model_lib
+from orthorecall.validation import check_int
 
 SCHEDULES = ("cosine", "constant", "stretched_cosine")
 
@@ -70,6 +72,55 @@ def learning_rate_schedule(
     raise ValueError(f"schedule={name!r} is not known; use one of {SCHEDULES}.")
 
 
+# optax counts steps in an int32 that saturates here: a longer schedule would never end.
+MAX_STEPS = 2**31 - 1
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    minimum_inclusive: bool = True,
+    maximum_inclusive: bool = True,
+) -> float:
+    """``value`` as a finite Python float within the bounds, or a ValueError naming ``name``.
+
+    Python and numpy reals are accepted (an int learning rate is fine); bools, strings,
+    None, NaN and infinities are refused: ``inf`` passes a ``> 0`` test, and as a learning
+    rate or a clip norm it trains NaNs or no clip at all.
+
+    Raises:
+        ValueError: "NAME must ..., got VALUE".
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    low_ok = minimum is None or (number >= minimum if minimum_inclusive else number > minimum)
+    high_ok = maximum is None or (number <= maximum if maximum_inclusive else number < maximum)
+    if not (low_ok and high_ok):
+        if minimum is not None and maximum is not None:
+            interval = (
+                f"{'[' if minimum_inclusive else '('}{minimum:g}, "
+                f"{maximum:g}{']' if maximum_inclusive else ')'}"
+            )
+            raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+        if minimum is not None:
+            raise ValueError(
+                f"{name} must be {'>=' if minimum_inclusive else '>'} {minimum:g}, got {value!r}"
+            )
+        raise ValueError(
+            f"{name} must be {'<=' if maximum_inclusive else '<'} {maximum:g}, got {value!r}"
+        )
+    return number
+
+
 def make_optimizer(
     *,
     learning_rate: float = 3e-3,
@@ -83,7 +134,31 @@ def make_optimizer(
     clip_norm: float | None = 1.0,
 ) -> optax.GradientTransformation:
     """AdamW with the reference's decoupled weight decay on every parameter,
-    after a global-norm gradient clip (``clip_norm=None`` disables it)."""
+    after a global-norm gradient clip (``clip_norm=None`` disables it).
+
+    Raises:
+        ValueError: naming the argument: a learning rate, eps or clip norm that is not
+            finite and > 0, b1 or b2 outside [0, 1), a negative or non-finite weight
+            decay, step counts that are not integers in [1, 2**31 - 1], an unknown
+            schedule, or a ``stretch_steps`` below ``total_steps`` for
+            ``stretched_cosine``.
+    """
+    learning_rate = check_real("learning_rate", learning_rate, minimum=0, minimum_inclusive=False)
+    total_steps = check_int("total_steps", total_steps, minimum=1)
+    if total_steps > MAX_STEPS:
+        raise ValueError(f"total_steps must be <= {MAX_STEPS} (optax's int32 step count)")
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if stretch_steps is not None:
+        stretch_steps = check_int("stretch_steps", stretch_steps, minimum=1)
+        if stretch_steps > MAX_STEPS:
+            raise ValueError(f"stretch_steps must be <= {MAX_STEPS} (optax's int32 step count)")
+    b1 = check_real("b1", b1, minimum=0, maximum=1, maximum_inclusive=False)
+    b2 = check_real("b2", b2, minimum=0, maximum=1, maximum_inclusive=False)
+    eps = check_real("eps", eps, minimum=0, minimum_inclusive=False)
+    weight_decay = check_real("weight_decay", weight_decay, minimum=0)
+    if clip_norm is not None:
+        clip_norm = check_real("clip_norm", clip_norm, minimum=0, minimum_inclusive=False)
     schedule_fn = learning_rate_schedule(schedule, learning_rate, total_steps, stretch_steps)
     adamw = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     if clip_norm is None:
