@@ -90,3 +90,38 @@ def test_validation_messages():
         model_lib.apply(params, np.zeros((2, 5)), config)
     with pytest.raises(ValueError, match="batch, time"):
         model_lib.apply(params, np.zeros((5,), np.int32), config)
+
+
+SMALL = model_lib.ModelConfig(
+    vocab_size=24,
+    cell=CellConfig(embedding_dim=16, num_heads=2, inner_multiple=8, read=reads.NS5),
+)
+
+
+@pytest.mark.slow
+def test_out_of_range_token_stays_inside_its_episode_in_every_form():
+    # Token V (out of range: its embedding is NaN) at t = 6 of sequences 0 and 1;
+    # sequence 0 starts a new episode at t = 13, sequence 2 is clean.
+    params = model_lib.init_params(jax.random.PRNGKey(6), SMALL)
+    tokens = np.array(_tokens(7, batch=3, length=21, vocab=SMALL.vocab_size))
+    tokens[:2, 6] = SMALL.vocab_size
+    reset = np.zeros(tokens.shape, bool)
+    reset[0, 13] = True
+    expected = np.zeros(tokens.shape, bool)
+    expected[0, 6:13] = expected[1, 6:] = True
+    recurrent = model_lib.apply(
+        params,
+        tokens,
+        SMALL.replace(cell=SMALL.cell.replace(sequence_form="recurrent")),
+        reset=reset,
+    )
+    fresh = model_lib.apply(params, tokens[:1, 13:], SMALL)
+    for chunk_size in (4, 8):
+        config = SMALL.replace(cell=SMALL.cell.replace(chunk_size=chunk_size))
+        logits = np.asarray(model_lib.apply(params, tokens, config, reset=reset))
+        np.testing.assert_array_equal(np.isnan(logits).any(-1), expected)
+        np.testing.assert_array_equal(np.isnan(np.asarray(recurrent)).any(-1), expected)
+        np.testing.assert_allclose(
+            logits[~expected], np.asarray(recurrent)[~expected], atol=1e-4, rtol=1e-4
+        )
+        np.testing.assert_allclose(logits[0, 13:], np.asarray(fresh[0]), atol=1e-4, rtol=1e-4)
