@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from orthorecall.reads import ReadConfig
@@ -90,6 +91,40 @@ def initial_memory_state(batch_size: int, num_heads: int, head_dim: int) -> Memo
     )
 
 
+def check_reset(reset, shape: tuple[int, ...], layout: str) -> None:
+    """A ValueError unless ``reset`` is None or a bool array of ``shape``.
+
+    A reset is per sequence (and step): a (1,) array would broadcast over the
+    batch and restart every sequence, and an integer array would let values
+    other than 0 and 1 through unchecked under jit, so neither is accepted.
+
+    Args:
+        reset: the argument as given (None, a numpy or JAX array, a tracer).
+        shape: the shape it must have, e.g. (B,) for a step, (B, T) for a sequence.
+        layout: the axes' names for the message, e.g. "(batch,)".
+
+    Raises:
+        ValueError: another shape or a dtype other than bool.
+    """
+    if reset is None:
+        return
+    shape = tuple(shape)
+    if not hasattr(reset, "shape") or not hasattr(reset, "dtype"):
+        raise ValueError(
+            f"reset must be a bool array of shape {shape} {layout}; got {type(reset).__name__}."
+        )
+    if tuple(reset.shape) != shape:
+        raise ValueError(
+            f"reset must have shape {shape} {layout}; got {tuple(reset.shape)}. It holds one "
+            "flag per sequence (and step) and is not broadcast: pass it for every sequence."
+        )
+    if reset.dtype != np.bool_:
+        raise ValueError(
+            f"reset must be a bool array (true where a new episode starts); got {reset.dtype}. "
+            "Convert it first, e.g. reset.astype(bool)."
+        )
+
+
 def _clear(state: MemoryState, reset: jax.Array) -> MemoryState:
     """Zeros the state of the batch elements whose ``reset`` (B,) is true."""
     keep = jnp.logical_not(reset)
@@ -126,7 +161,22 @@ def memory_step(
 
     Returns:
         (h̃ of shape (B, H, d) float32, the new ``MemoryState``).
+
+    Raises:
+        ValueError: inconsistent shapes, or a reset that is not (B,) bool.
     """
+    if q.ndim != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "q, k, v must all have shape (batch, heads, head_dim); got "
+            f"{q.shape}, {k.shape}, {v.shape}."
+        )
+    b, h, d = q.shape
+    for name, gate in (("input_gate", input_gate), ("forget_gate", forget_gate)):
+        if gate.shape != (b, h):
+            raise ValueError(f"{name} must have shape {(b, h)}, got {gate.shape}.")
+    if state.c.shape != (b, h, d, d):
+        raise ValueError(f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
+    check_reset(reset, (b,), "(batch,)")
     if reset is not None:
         state = _clear(state, reset)
     q, k, v, i_pre, f_pre = (x.astype(jnp.float32) for x in (q, k, v, input_gate, forget_gate))
@@ -154,8 +204,7 @@ def _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state):
     for name, gate in (("input_gate", input_gate), ("forget_gate", forget_gate)):
         if gate.shape != (b, t, h):
             raise ValueError(f"{name} must have shape {(b, t, h)}, got {gate.shape}.")
-    if reset is not None and reset.shape != (b, t):
-        raise ValueError(f"reset must have shape {(b, t)} (batch, time), got {reset.shape}.")
+    check_reset(reset, (b, t), "(batch, time)")
     if state is not None and state.c.shape != (b, h, d, d):
         raise ValueError(f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
 
@@ -184,7 +233,7 @@ def recurrent_sequence(
         (h̃ (B, T, H, d) float32, final ``MemoryState``).
 
     Raises:
-        ValueError: inconsistent shapes.
+        ValueError: inconsistent shapes, or a reset that is not (B, T) bool.
     """
     _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
     b, t, h, d = q.shape

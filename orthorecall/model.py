@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from orthorecall import cell as cell_lib
+from orthorecall import mlstm
 from orthorecall.validation import check_int
 
 Params = dict[str, Any]
@@ -104,6 +105,23 @@ def _check_tokens(tokens, config, ndim):
         )
 
 
+def _check_states(state, config):
+    """The per-block state list, or a ValueError naming what was expected."""
+    if isinstance(state, cell_lib.CellState):
+        got = "a single cell.CellState"
+    elif not isinstance(state, (list, tuple)):
+        got = type(state).__name__
+    elif len(state) != config.num_blocks:
+        got = f"{len(state)}"
+    else:
+        return
+    raise ValueError(
+        f"state must be a list with one cell.CellState per block "
+        f"(num_blocks={config.num_blocks}); got {got}. Make it with "
+        "model.initial_state(config, batch_size)."
+    )
+
+
 def _head(params, h):
     h = cell_lib.layer_norm(h, params["post_norm"]["scale"])
     return h @ params["head"]["kernel"] + params["head"]["bias"]
@@ -132,9 +150,13 @@ def apply(
         logits (B, T, V) float32, or (logits, states) with ``return_state``.
 
     Raises:
-        ValueError: tokens of the wrong rank or dtype.
+        ValueError: tokens of the wrong rank or dtype, a reset that is not (B, T)
+            bool, or a state list of the wrong length.
     """
     _check_tokens(tokens, config, 2)
+    mlstm.check_reset(reset, tokens.shape, "(batch, time)")
+    if state is not None:
+        _check_states(state, config)
     h = jnp.take(params["embedding"], tokens, axis=0)
     states = state if state is not None else [None] * config.num_blocks
     new_states = []
@@ -170,8 +192,14 @@ def step(
 
     Returns:
         (logits (B, V) float32, new per-block states).
+
+    Raises:
+        ValueError: tokens of the wrong rank or dtype, a reset that is not (B,)
+            bool, or a state list of the wrong length.
     """
     _check_tokens(tokens, config, 1)
+    mlstm.check_reset(reset, tokens.shape, "(batch,)")
+    _check_states(state, config)
     h = jnp.take(params["embedding"], tokens, axis=0)
     new_states = []
     for block, block_state in zip(params["blocks"], state, strict=True):

@@ -162,3 +162,19 @@ def test_non_finite_input_stays_inside_its_episode_in_every_form():
         jax.tree_util.tree_leaves(got_params), jax.tree_util.tree_leaves(want_params)
     ):
         assert np.isfinite(got_leaf).all() or not np.isfinite(want_leaf).all()
+
+
+def test_reset_and_state_validation():
+    params = jax.eval_shape(lambda key: cell_lib.init_params(key, CONFIG), jax.random.PRNGKey(5))
+    x = np.zeros((B, T, CONFIG.embedding_dim), np.float32)
+    state = cell_lib.initial_state(CONFIG, B)
+    with pytest.raises(ValueError, match=r"reset must have shape \(3,\) \(batch,\); got \(1,\)"):
+        cell_lib.step(params, state, x[:, 0], np.ones((1,), bool), CONFIG)
+    with pytest.raises(ValueError, match=r"reset must be a bool array.*got int64"):
+        cell_lib.step(params, state, x[:, 0], np.ones((B,), np.int64), CONFIG)
+    with pytest.raises(ValueError, match=r"reset must be a bool array.*got int32"):
+        cell_lib.scan(params, x, CONFIG, reset=jnp.zeros((B, T), jnp.int32))
+    with pytest.raises(ValueError, match=r"state is for 1 sequences, x for 3"):
+        cell_lib.step(params, cell_lib.initial_state(CONFIG, 1), x[:, 0], None, CONFIG)
+    with pytest.raises(ValueError, match=r"state is for 1 sequences, x for 3"):
+        cell_lib.scan(params, x, CONFIG, state=cell_lib.initial_state(CONFIG, 1))

@@ -345,3 +345,25 @@ def test_non_finite_values_do_not_spread_through_gradients(read):
         scale = float(np.max(np.abs(w[np.isfinite(w)])))
         both = np.isfinite(w)
         np.testing.assert_allclose(g[both], w[both], atol=1e-5 * scale, rtol=5e-4)
+
+
+def test_resets_must_be_bool_with_one_entry_per_sequence_and_step():
+    q, k, v, igate, fgate, _ = _inputs(8)
+    state = mlstm.initial_memory_state(B, H, D)
+    step_args = (state, q[:, 0], k[:, 0], v[:, 0], igate[:, 0], fgate[:, 0])
+    # A (1,) reset would broadcast over the batch: every sequence would restart.
+    with pytest.raises(ValueError, match=r"reset must have shape \(2,\).*got \(1,\)"):
+        mlstm.memory_step(*step_args, jnp.ones((1,), bool), reads.RAW)
+    with pytest.raises(ValueError, match=r"reset must be a bool array.*got int32.*astype\(bool\)"):
+        mlstm.memory_step(*step_args, jnp.ones((B,), jnp.int32), reads.RAW)
+    for form in (mlstm.recurrent_sequence, mlstm.chunkwise_sequence):
+        with pytest.raises(
+            ValueError, match=rf"reset must have shape \({B}, {T}\).*got \(1, {T}\)"
+        ):
+            form(q, k, v, igate, fgate, read=reads.RAW, reset=jnp.zeros((1, T), bool))
+        with pytest.raises(ValueError, match=r"reset must be a bool array.*got float32"):
+            form(q, k, v, igate, fgate, read=reads.RAW, reset=jnp.zeros((B, T)))
+    with pytest.raises(ValueError, match=r"reset must be a bool array of shape \(2,\).*got list"):
+        mlstm.memory_step(*step_args, [True, False], reads.RAW)
+    with pytest.raises(ValueError, match=r"state.c must have shape \(2, 2, 6, 6\)"):
+        mlstm.memory_step(mlstm.initial_memory_state(1, H, D), *step_args[1:], None, reads.RAW)

@@ -125,3 +125,23 @@ def test_out_of_range_token_stays_inside_its_episode_in_every_form():
             logits[~expected], np.asarray(recurrent)[~expected], atol=1e-4, rtol=1e-4
         )
         np.testing.assert_allclose(logits[0, 13:], np.asarray(fresh[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_reset_and_state_validation():
+    config = SMALL.replace(cell=SMALL.cell.replace(num_blocks=2))
+    params = jax.eval_shape(lambda key: model_lib.init_params(key, config), jax.random.PRNGKey(0))
+    tokens = np.zeros((3, 5), np.int32)
+    state = model_lib.initial_state(config, 3)
+    with pytest.raises(ValueError, match=r"reset must have shape \(3,\) \(batch,\); got \(1,\)"):
+        model_lib.step(params, state, tokens[:, 0], np.ones((1,), bool), config)
+    with pytest.raises(ValueError, match=r"reset must be a bool array.*got int32"):
+        model_lib.step(params, state, tokens[:, 0], np.ones((3,), np.int32), config)
+    with pytest.raises(ValueError, match=r"reset must have shape \(3, 5\) \(batch, time\)"):
+        model_lib.apply(params, tokens, config, reset=np.ones((1, 5), bool))
+    for bad_state in (state[:1], state + state, state[0]):
+        for call in (
+            lambda s: model_lib.step(params, s, tokens[:, 0], None, config),
+            lambda s: model_lib.apply(params, tokens, config, state=s),
+        ):
+            with pytest.raises(ValueError, match=r"one cell\.CellState per block.*num_blocks=2"):
+                call(bad_state)
