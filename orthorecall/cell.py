@@ -231,6 +231,21 @@ def _check_input(x, config, time_axis):
         )
 
 
+def _check_state(state, batch_size, config):
+    if not isinstance(state, CellState):
+        raise ValueError(
+            f"state must be a cell.CellState (initial_state(config, batch_size)); got "
+            f"{type(state).__name__}."
+        )
+    want = (batch_size, config.conv_kernel_size - 1, config.inner_dim)
+    if state.conv.shape != want:
+        raise ValueError(
+            f"state is for {state.conv.shape[0]} sequences, x for {batch_size}: state.conv "
+            f"must have shape {want}, got {state.conv.shape}. Make it with "
+            f"initial_state(config, {batch_size})."
+        )
+
+
 def step(
     params: Params,
     state: CellState,
@@ -251,9 +266,11 @@ def step(
         (y (B, D) float32, new ``CellState``).
 
     Raises:
-        ValueError: wrong input shape.
+        ValueError: wrong input or state shape, or a reset that is not (B,) bool.
     """
     _check_input(x, config, time_axis=False)
+    _check_state(state, x.shape[0], config)
+    mlstm.check_reset(reset, x.shape[:1], "(batch,)")
     dtype = jnp.dtype(config.compute_dtype)
     conv_window = state.conv
     if reset is not None:
@@ -317,16 +334,16 @@ def scan(
         (y (B, T, D) float32, final ``CellState``).
 
     Raises:
-        ValueError: wrong shapes.
+        ValueError: wrong shapes, or a reset that is not (B, T) bool.
     """
     _check_input(x, config, time_axis=True)
     b, t, _ = x.shape
     if state is None:
         state = initial_state(config, b)
+    _check_state(state, b, config)
+    mlstm.check_reset(reset, (b, t), "(batch, time)")
     if reset is None:
         reset = jnp.zeros((b, t), bool)
-    elif reset.shape != (b, t):
-        raise ValueError(f"reset must have shape {(b, t)} (batch, time), got {reset.shape}.")
     dtype = jnp.dtype(config.compute_dtype)
     u = x.astype(dtype) @ params["up_proj"].astype(dtype)
     x_m, z = jnp.split(u, 2, axis=-1)

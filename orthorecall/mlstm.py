@@ -28,6 +28,14 @@ Two sequence forms compute the same thing:
 Resets (per batch element and step) mean "this step starts a new episode": the
 state is cleared (C, n, m = 0) before the step is processed.
 
+Non-finite values: a NaN in the inputs or the state reaches, in both forms, the
+values the recurrence's arithmetic carries it to: later positions of its episode,
+never earlier ones and never past a reset (a reset isolates fully). The chunkwise
+form treats an inf like a NaN (NaN wherever it could reach; the recurrence gives ±inf,
+NaN or, through an infinite normalizer, 0 there) and keeps gradients finite outside
+what a bad value reaches. ĩ = -inf (no write) and f̃ = ±inf (f = 0 or 1) are not bad
+values: both forms compute them exactly.
+
 Shapes: B batch, T time, H heads, d head width. All state is float32.
 """
 
@@ -38,6 +46,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from orthorecall.reads import ReadConfig
@@ -82,6 +91,40 @@ def initial_memory_state(batch_size: int, num_heads: int, head_dim: int) -> Memo
     )
 
 
+def check_reset(reset, shape: tuple[int, ...], layout: str) -> None:
+    """A ValueError unless ``reset`` is None or a bool array of ``shape``.
+
+    A reset is per sequence (and step): a (1,) array would broadcast over the
+    batch and restart every sequence, and an integer array would let values
+    other than 0 and 1 through unchecked under jit, so neither is accepted.
+
+    Args:
+        reset: the argument as given (None, a numpy or JAX array, a tracer).
+        shape: the shape it must have, e.g. (B,) for a step, (B, T) for a sequence.
+        layout: the axes' names for the message, e.g. "(batch,)".
+
+    Raises:
+        ValueError: another shape or a dtype other than bool.
+    """
+    if reset is None:
+        return
+    shape = tuple(shape)
+    if not hasattr(reset, "shape") or not hasattr(reset, "dtype"):
+        raise ValueError(
+            f"reset must be a bool array of shape {shape} {layout}; got {type(reset).__name__}."
+        )
+    if tuple(reset.shape) != shape:
+        raise ValueError(
+            f"reset must have shape {shape} {layout}; got {tuple(reset.shape)}. It holds one "
+            "flag per sequence (and step) and is not broadcast: pass it for every sequence."
+        )
+    if reset.dtype != np.bool_:
+        raise ValueError(
+            f"reset must be a bool array (true where a new episode starts); got {reset.dtype}. "
+            "Convert it first, e.g. reset.astype(bool)."
+        )
+
+
 def _clear(state: MemoryState, reset: jax.Array) -> MemoryState:
     """Zeros the state of the batch elements whose ``reset`` (B,) is true."""
     keep = jnp.logical_not(reset)
@@ -118,7 +161,22 @@ def memory_step(
 
     Returns:
         (h̃ of shape (B, H, d) float32, the new ``MemoryState``).
+
+    Raises:
+        ValueError: inconsistent shapes, or a reset that is not (B,) bool.
     """
+    if q.ndim != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "q, k, v must all have shape (batch, heads, head_dim); got "
+            f"{q.shape}, {k.shape}, {v.shape}."
+        )
+    b, h, d = q.shape
+    for name, gate in (("input_gate", input_gate), ("forget_gate", forget_gate)):
+        if gate.shape != (b, h):
+            raise ValueError(f"{name} must have shape {(b, h)}, got {gate.shape}.")
+    if state.c.shape != (b, h, d, d):
+        raise ValueError(f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
+    check_reset(reset, (b,), "(batch,)")
     if reset is not None:
         state = _clear(state, reset)
     q, k, v, i_pre, f_pre = (x.astype(jnp.float32) for x in (q, k, v, input_gate, forget_gate))
@@ -146,8 +204,7 @@ def _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state):
     for name, gate in (("input_gate", input_gate), ("forget_gate", forget_gate)):
         if gate.shape != (b, t, h):
             raise ValueError(f"{name} must have shape {(b, t, h)}, got {gate.shape}.")
-    if reset is not None and reset.shape != (b, t):
-        raise ValueError(f"reset must have shape {(b, t)} (batch, time), got {reset.shape}.")
+    check_reset(reset, (b, t), "(batch, time)")
     if state is not None and state.c.shape != (b, h, d, d):
         raise ValueError(f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
 
@@ -176,7 +233,7 @@ def recurrent_sequence(
         (h̃ (B, T, H, d) float32, final ``MemoryState``).
 
     Raises:
-        ValueError: inconsistent shapes.
+        ValueError: inconsistent shapes, or a reset that is not (B, T) bool.
     """
     _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
     b, t, h, d = q.shape
@@ -286,10 +343,37 @@ def chunkwise_sequence(
     return outs[:, :t], final
 
 
+def _since_segment_start(flag: jax.Array, segment_start: jax.Array) -> jax.Array:
+    """Whether ``flag`` (B, H, L, ...) held at some position of t's segment up to t."""
+    flag = flag.astype(jnp.int32)
+    count = jnp.cumsum(flag, axis=2)
+    start = segment_start.reshape(segment_start.shape[:1] + (1, -1) + (1,) * (flag.ndim - 3))
+    # Integer counts: exact, so the difference is 0 exactly when no flag is set.
+    before = jnp.take_along_axis(count - flag, jnp.broadcast_to(start, count.shape), axis=2)
+    return count > before
+
+
+def _finite_or_zero(x: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
 def _chunk(state: MemoryState, chunk, read: ReadConfig):
     """All positions of one chunk from the chunk-start state.
 
     chunk: q, k̂, v (B, H, L, d); log_f, ĩ (B, H, L); reset (B, L).
+
+    Non-finite values. The L x L products below mix every position of the chunk with
+    every other, and a masked entry is an exact 0, but 0 x NaN = NaN: a NaN or inf
+    anywhere in the chunk would reach earlier positions and later episodes. So the
+    arithmetic runs on sanitized values (bad ones replaced by 0, the result for
+    finite inputs bit for bit unchanged), and NaN is put back with ``jnp.where``
+    where the recurrence would have it (were every bad value a NaN): a bad q at its
+    own position; a bad k, v, gate or carried-in state from its position (or the
+    chunk start) up to the next reset. Selecting rather than multiplying also keeps
+    backward clean: the poisoned positions pass a zero cotangent to finite
+    arithmetic, so gradients of other episodes stay finite. A forget gate of exactly
+    -inf (f = 0) forgets as in the recurrence: its prefix sum would be -inf - (-inf),
+    so it is treated as a boundary of the decay matrix instead.
     """
     q, k, v, log_f, i_pre, reset = chunk
     size = q.shape[2]
@@ -299,6 +383,46 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
     carries_in = (segment == 0)[:, None, :]  # (B, 1, L)
     # First position of the segment of t (0 when no reset so far).
     segment_start = jax.lax.cummax(jnp.where(reset, positions, 0), axis=1)  # (B, L)
+    since_start = lambda flag: _since_segment_start(flag, segment_start)
+
+    # Where the recurrence's values would be NaN (or inf). Its stabilizer m turns NaN
+    # from a NaN gate (log f NaN, ĩ NaN or +inf) or a bad m_0, and then so does
+    # everything; feature i of n from feature i of a key or of n_0; entry (i, j) of C
+    # from feature i of a key, feature j of a value or entry (i, j) of C_0. The raw
+    # read keeps that column structure (qᵀC_{:, j} is NaN iff column j is), every
+    # other read mixes all entries, and a NaN in q·n (the normalizer) reaches all of h̃.
+    not_finite = lambda x: ~jnp.isfinite(x)
+    # (B, H, d) flags of the carried-in state -> (B, H, L, d) at the positions it reaches.
+    from_state = lambda flags: carries_in[..., None] & flags[:, :, None]
+    # -inf is a legitimate log-scale (ĩ = -inf writes nothing, m_0 = -inf holds nothing).
+    nan_or_inf = lambda x: ~(x < jnp.inf)
+    bad_m = since_start(jnp.isnan(log_f) | nan_or_inf(i_pre)) | (
+        carries_in & nan_or_inf(state.m)[..., None]
+    )  # (B, H, L)
+    bad_k = since_start(not_finite(k))  # (B, H, L, d): rows of C, entries of n
+    bad_v = since_start(not_finite(v))  # (B, H, L, d): columns of C
+    bad_n = bad_m[..., None] | bad_k | from_state(not_finite(state.n))
+    bad_columns = (  # (B, H, L, d): columns of C_t holding a bad entry
+        bad_m[..., None]
+        | jnp.any(bad_k, axis=-1, keepdims=True)
+        | bad_v
+        | from_state(jnp.any(not_finite(state.c), axis=-2))
+    )
+    bad_h = jnp.any(not_finite(q) | bad_n, axis=-1, keepdims=True) | (
+        bad_columns if read.is_raw else jnp.any(bad_columns, axis=-1, keepdims=True)
+    )
+    # f = 0 (log f = -inf) at u cuts the decay from every source before u.
+    closed = log_f == -jnp.inf
+    closed_count = jnp.cumsum(closed.astype(jnp.int32), axis=-1)
+    q, k, v = (_finite_or_zero(x) for x in (q, k, v))
+    log_f = _finite_or_zero(log_f)
+    i_pre = jnp.where(nan_or_inf(i_pre), 0.0, i_pre)
+    state_c_in = state.c
+    state = MemoryState(
+        c=_finite_or_zero(state.c),
+        n=_finite_or_zero(state.n),
+        m=jnp.where(nan_or_inf(state.m), 0.0, state.m),
+    )
 
     cum_log_f = jnp.cumsum(log_f, axis=-1)  # F_t, (B, H, L)
     before = jnp.pad(cum_log_f, [(0, 0), (0, 0), (1, 0)])[..., :-1]  # F_{t-1}
@@ -310,15 +434,20 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
     log_decay = cum_log_f[..., :, None] - cum_log_f[..., None, :] + i_pre[..., None, :]
     same_segment = segment[:, :, None] == segment[:, None, :]
     causal = positions[:, None] >= positions[None, :]
-    valid = (causal & same_segment)[:, None]  # (B, 1, L, L)
+    not_closed = closed_count[..., :, None] == closed_count[..., None, :]  # (B, H, L, L)
+    valid = (causal & same_segment)[:, None] & not_closed  # (B, H, L, L)
     log_decay = jnp.where(valid, log_decay, _LOG_ZERO)
 
     # The stabilizer exactly as the recurrence computes it: the running max of
     # the carried-in log-scale and every source's log-weight.
     carried = cum_log_f - f_before_start + jnp.where(carries_in, state.m[..., None], 0.0)
+    forgotten = since_start(closed)  # the carried-in state was multiplied by f = 0
+    carried = jnp.where(forgotten, -jnp.inf, carried)
     m = jnp.maximum(carried, jnp.max(log_decay, axis=-1))  # (B, H, L)
     decay = jnp.exp(log_decay - m[..., None])  # (B, H, L, L)
-    state_scale = jnp.where(carries_in, jnp.exp(cum_log_f + state.m[..., None] - m), 0.0)
+    state_scale = jnp.where(
+        carries_in & ~forgotten, jnp.exp(cum_log_f + state.m[..., None] - m), 0.0
+    )
 
     n = state_scale[..., None] * state.n[:, :, None, :] + jnp.matmul(decay, k)  # (B, H, L, d)
     q_dot_n = jnp.sum(q * n, axis=-1)
@@ -344,5 +473,16 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
         last_c = state_scale[..., -1, None, None] * state.c + jnp.matmul(
             jnp.swapaxes(k * last_weights[..., None], -1, -2), v
         )
-    new_state = MemoryState(c=last_c, n=n[:, :, -1], m=m[..., -1])
+    h = jnp.where(bad_h, jnp.nan, h)
+    bad_last_c = (
+        bad_m[..., -1, None, None]
+        | bad_k[..., -1, :, None]
+        | bad_v[..., -1, None, :]
+        | (carries_in[..., -1, None, None] & not_finite(state_c_in))
+    )
+    new_state = MemoryState(
+        c=jnp.where(bad_last_c, jnp.nan, last_c),
+        n=jnp.where(bad_n[..., -1, :], jnp.nan, n[:, :, -1]),
+        m=jnp.where(bad_m[..., -1], jnp.nan, m[..., -1]),
+    )
     return new_state, h

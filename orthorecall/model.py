@@ -9,6 +9,16 @@ logits = Dense(LN_post(h)). Pure functions over a plain parameter pytree (so
     state = initial_state(config, batch_size)
     logits_t, state = step(params, state, tokens_t, reset_t, config)
 
+Token ids outside [0, V) (negative ones included) embed as NaN: the logits of
+their position, and of the later positions of their episode, are NaN, never
+another token's. ``apply`` and ``step`` run under the caller's jit, so they
+cannot raise on a value; ``checked_apply`` and ``checked_step`` report such ids
+as an error under ``jax.experimental.checkify``:
+
+    checked = checkify.checkify(jax.jit(checked_apply, static_argnames="config"))
+    error, logits = checked(params, tokens, config=config)
+    error.throw()   # names how many ids lie outside [0, V), and their range
+
 Parameter layout::
 
     {"embedding": (V, D),
@@ -25,8 +35,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from orthorecall import cell as cell_lib
+from orthorecall import mlstm
 from orthorecall.validation import check_int
 
 Params = dict[str, Any]
@@ -104,6 +116,63 @@ def _check_tokens(tokens, config, ndim):
         )
 
 
+def _token_index(tokens):
+    """tokens as a signed integer array wide enough to compare with any vocab size."""
+    dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(tokens.dtype, jnp.int32))
+    return jnp.asarray(tokens).astype(dtype)
+
+
+def _embed(params, tokens):
+    """Embedding rows; NaN rows for ids outside [0, V)."""
+    embedding = params["embedding"]
+    index = _token_index(tokens)
+    # jnp.take's "fill" mode gives fill_value for ids >= V but, like Python
+    # indexing, reads a negative id from the end (-1 would alias token V - 1):
+    # sending negatives past the end makes every id outside [0, V) a NaN row.
+    index = jnp.where(index < 0, embedding.shape[0], index)
+    return jnp.take(embedding, index, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+def check_tokens(tokens: jax.Array, config: ModelConfig) -> None:
+    """A ``checkify.check`` that every token id lies in [0, vocab_size).
+
+    For use under ``jax.experimental.checkify.checkify`` (as in ``checked_apply``):
+    jitted without it, JAX refuses the check; run eagerly, it raises at once.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.size == 0:
+        return
+    index = _token_index(tokens)
+    outside = (index < 0) | (index >= config.vocab_size)
+    count = jnp.sum(outside)
+    checkify.check(
+        ~jnp.any(outside),
+        f"{{count}} token id(s) outside [0, {config.vocab_size}) (vocab_size): the ids "
+        "range from {low} to {high}. Out-of-range ids give NaN logits; are the tokens "
+        "from a vocabulary of another size?",
+        count=count,
+        low=jnp.min(index),
+        high=jnp.max(index),
+    )
+
+
+def _check_states(state, config):
+    """The per-block state list, or a ValueError naming what was expected."""
+    if isinstance(state, cell_lib.CellState):
+        got = "a single cell.CellState"
+    elif not isinstance(state, (list, tuple)):
+        got = type(state).__name__
+    elif len(state) != config.num_blocks:
+        got = f"{len(state)}"
+    else:
+        return
+    raise ValueError(
+        f"state must be a list with one cell.CellState per block "
+        f"(num_blocks={config.num_blocks}); got {got}. Make it with "
+        "model.initial_state(config, batch_size)."
+    )
+
+
 def _head(params, h):
     h = cell_lib.layer_norm(h, params["post_norm"]["scale"])
     return h @ params["head"]["kernel"] + params["head"]["bias"]
@@ -122,7 +191,9 @@ def apply(
 
     Args:
         params: model parameters.
-        tokens: (B, T) integer tokens in [0, V).
+        tokens: (B, T) integer tokens in [0, V). An id outside [0, V) (negative
+            included) gives NaN logits at its position and the later positions of
+            its episode; it is not checked here (see ``checked_apply``).
         config: the model configuration.
         reset: optional (B, T) bool; true at t starts a new episode at t.
         state: optional per-block states to continue from.
@@ -132,10 +203,14 @@ def apply(
         logits (B, T, V) float32, or (logits, states) with ``return_state``.
 
     Raises:
-        ValueError: tokens of the wrong rank or dtype.
+        ValueError: tokens of the wrong rank or dtype, a reset that is not (B, T)
+            bool, or a state list of the wrong length.
     """
     _check_tokens(tokens, config, 2)
-    h = jnp.take(params["embedding"], tokens, axis=0)
+    mlstm.check_reset(reset, tokens.shape, "(batch, time)")
+    if state is not None:
+        _check_states(state, config)
+    h = _embed(params, tokens)
     states = state if state is not None else [None] * config.num_blocks
     new_states = []
     for block, block_state in zip(params["blocks"], states, strict=True):
@@ -164,15 +239,23 @@ def step(
     Args:
         params: model parameters.
         state: per-block states (``initial_state``).
-        tokens: (B,) integer tokens.
+        tokens: (B,) integer tokens in [0, V); an id outside gives NaN logits (and
+            a NaN state until the sequence is reset), unchecked (see
+            ``checked_step``).
         reset: (B,) bool or None; true starts a new episode at this token.
         config: the model configuration.
 
     Returns:
         (logits (B, V) float32, new per-block states).
+
+    Raises:
+        ValueError: tokens of the wrong rank or dtype, a reset that is not (B,)
+            bool, or a state list of the wrong length.
     """
     _check_tokens(tokens, config, 1)
-    h = jnp.take(params["embedding"], tokens, axis=0)
+    mlstm.check_reset(reset, tokens.shape, "(batch,)")
+    _check_states(state, config)
+    h = _embed(params, tokens)
     new_states = []
     for block, block_state in zip(params["blocks"], state, strict=True):
         y, block_state = cell_lib.step(
@@ -185,6 +268,19 @@ def step(
         h = h + y
         new_states.append(block_state)
     return _head(params, h), new_states
+
+
+def checked_apply(params: Params, tokens: jax.Array, config: ModelConfig, **kwargs):
+    """``apply`` preceded by ``check_tokens``: run it under ``checkify.checkify``
+    (see the module docstring) to get an error for token ids outside [0, V)."""
+    check_tokens(tokens, config)
+    return apply(params, tokens, config, **kwargs)
+
+
+def checked_step(params: Params, state, tokens: jax.Array, reset, config: ModelConfig):
+    """``step`` preceded by ``check_tokens``, for use under ``checkify.checkify``."""
+    check_tokens(tokens, config)
+    return step(params, state, tokens, reset, config)
 
 
 def count_params(params: Params) -> int:

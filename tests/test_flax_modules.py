@@ -58,3 +58,21 @@ def test_language_model_wrapper_matches_pure_functions():
         np.asarray(model_lib.apply(params, tokens, config, reset=reset)),
         atol=1e-6,
     )
+
+
+def test_wrappers_check_resets_like_the_pure_functions():
+    # Abstract variables: the checks run before any computation.
+    x = np.zeros((B, T, CELL.embedding_dim), np.float32)
+    module = MLSTMCell(CELL)
+    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+    state = cell_lib.initial_state(CELL, B)
+    with pytest.raises(ValueError, match=r"reset must have shape \(3,\) \(batch,\); got \(1,\)"):
+        module.apply(variables, state, x[:, 0], np.ones((1,), bool), method=MLSTMCell.step)
+    with pytest.raises(ValueError, match=r"reset must be a bool array.*got int32"):
+        module.apply(variables, x, reset=np.zeros((B, T), np.int32))
+    config = model_lib.ModelConfig(vocab_size=24, cell=CELL)
+    language_model = MLSTMLanguageModel(config)
+    tokens = np.zeros((B, T), np.int32)
+    variables = jax.eval_shape(language_model.init, jax.random.PRNGKey(0), tokens)
+    with pytest.raises(ValueError, match=r"reset must have shape \(3, 21\) \(batch, time\)"):
+        language_model.apply(variables, tokens, reset=np.zeros((1, T), bool))

@@ -202,3 +202,168 @@ def test_shape_errors():
         mlstm.recurrent_sequence(q, k, v, igate, fgate, read=reads.RAW, reset=jnp.zeros((B,), bool))
     with pytest.raises(ValueError, match="chunk_size"):
         mlstm.chunkwise_sequence(q, k, v, igate, fgate, read=reads.RAW, chunk_size=0)
+
+
+# Non-finite values. Each batch element of _poisoned holds one bad value: in an input
+# at BAD_AT, or in the initial state; the second half of the batch repeats the first
+# with a reset at RESET_AT. The recurrence is the reference for where bad values may
+# go: forward to later positions of their episode, never back and never past a reset.
+PT, BAD_AT, RESET_AT = 24, 9, 17
+_INJECTIONS = (
+    [
+        (name, value)
+        for name in ("q", "k", "v", "input_gate", "forget_gate")
+        for value in (np.nan, np.inf, -np.inf)
+    ]
+    + [(name, value) for name in ("c", "n", "m") for value in (np.nan, np.inf)]
+    + [("m", -np.inf)]
+)
+# Not bad at all: ĩ = -inf writes nothing, f̃ = -inf forgets everything (f = 0),
+# f̃ = +inf keeps everything (f = 1) and m = -inf is a state that weighs nothing; both
+# forms must stay finite there.
+_HARMLESS = [
+    ("input_gate", -np.inf),
+    ("forget_gate", np.inf),
+    ("forget_gate", -np.inf),
+    ("m", -np.inf),
+]
+
+
+def _poisoned(seed, inf_as_nan=False):
+    """(args (q, k, v, ĩ, f̃), reset, state) with one injection per batch element.
+
+    With ``inf_as_nan`` every bad inf is injected as NaN instead: run through the
+    recurrence, that shows everything a bad value can reach (an inf can also vanish,
+    e.g. in a normalizer q·n = inf, which reads 1/inf = 0).
+    """
+    rng = np.random.default_rng(seed)
+    b = 2 * len(_INJECTIONS)
+    q, k, v = (rng.standard_normal((b, PT, H, D)).astype(np.float32) for _ in range(3))
+    igate = (2.0 * rng.standard_normal((b, PT, H))).astype(np.float32)
+    fgate = (2.0 + 2.0 * rng.standard_normal((b, PT, H))).astype(np.float32)
+    arrays = {"q": q, "k": k, "v": v, "input_gate": igate, "forget_gate": fgate}
+    arrays["c"] = rng.standard_normal((b, H, D, D)).astype(np.float32)
+    arrays["n"] = rng.standard_normal((b, H, D)).astype(np.float32)
+    arrays["m"] = rng.standard_normal((b, H)).astype(np.float32)
+    reset = np.zeros((b, PT), bool)
+    reset[len(_INJECTIONS) :, RESET_AT] = True
+    for i, (name, value) in enumerate(_INJECTIONS * 2):
+        if inf_as_nan and (name, value) not in _HARMLESS:
+            value = np.nan
+        target = arrays[name]
+        if name in ("c", "n", "m"):  # one entry of head 1 of the state
+            target[(i, 1) + (2, 3)[: target.ndim - 2]] = value
+        elif target.ndim == 4:  # one feature of head 1
+            target[i, BAD_AT, 1, 2] = value
+        else:
+            target[i, BAD_AT, 1] = value
+    args = tuple(jnp.asarray(arrays[name]) for name in ("q", "k", "v", "input_gate", "forget_gate"))
+    state = mlstm.MemoryState(*(jnp.asarray(arrays[name]) for name in "cnm"))
+    return args, jnp.asarray(reset), state
+
+
+def _assert_bad_exactly_where_reachable(got, want, reachable, err_msg=""):
+    """``got`` is NaN exactly where a bad value reaches (``reachable`` NaN), never
+    finite where ``want`` is not, and nowhere inf."""
+    got, want, reachable = (np.asarray(x) for x in (got, want, reachable))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(reachable), err_msg)
+    assert not np.any(np.isfinite(got) & ~np.isfinite(want)), err_msg
+    assert not np.any(np.isinf(got)), err_msg
+
+
+POISON_READS = [reads.RAW, reads.NS5, reads.POLAR]
+
+
+@pytest.mark.parametrize("read", POISON_READS, ids=lambda r: r.kind)
+@pytest.mark.slow
+def test_non_finite_values_stay_causal_and_inside_their_episode(read):
+    args, reset, state = _poisoned(20)
+    want, want_state = mlstm.recurrent_sequence(*args, read=read, reset=reset, state=state)
+    nan_args, _, nan_state = _poisoned(20, inf_as_nan=True)
+    reachable, reachable_state = mlstm.recurrent_sequence(
+        *nan_args, read=read, reset=reset, state=nan_state
+    )
+    harmless = np.array([injection in _HARMLESS for injection in _INJECTIONS * 2])
+    per_element = np.isfinite(np.asarray(reachable)).reshape(len(harmless), -1).all(-1)
+    np.testing.assert_array_equal(per_element, harmless)
+    tolerance = (
+        {"atol": 2e-3, "rtol": 2e-3} if read.kind == "polar" else {"atol": 2e-5, "rtol": 2e-4}
+    )
+    # A fresh start at the reset: what every element with a reset must give from there.
+    fresh, _ = mlstm.chunkwise_sequence(*(a[:, RESET_AT:] for a in args), read=read, chunk_size=8)
+    with_reset = np.asarray(reset)[:, RESET_AT]
+    # 5 splits BAD_AT and RESET_AT over different chunks; 16 puts BAD_AT mid-chunk and
+    # RESET_AT in the next; 24 holds all of them in one chunk.
+    for chunk_size in (5, 16, 24):
+        got, got_state = mlstm.chunkwise_sequence(
+            *args, read=read, reset=reset, state=state, chunk_size=chunk_size
+        )
+        message = f"chunk_size={chunk_size}"
+        _assert_bad_exactly_where_reachable(got, want, reachable, message)
+        for leaf, want_leaf, reachable_leaf in zip(got_state, want_state, reachable_state):
+            _assert_bad_exactly_where_reachable(leaf, want_leaf, reachable_leaf, message)
+        finite = np.isfinite(np.asarray(got))
+        np.testing.assert_allclose(np.asarray(got)[finite], np.asarray(want)[finite], **tolerance)
+        np.testing.assert_allclose(
+            np.asarray(got)[with_reset, RESET_AT:], np.asarray(fresh)[with_reset], **tolerance
+        )
+
+
+@pytest.mark.parametrize("read", POISON_READS, ids=lambda r: r.kind)
+@pytest.mark.slow
+def test_non_finite_values_do_not_spread_through_gradients(read):
+    # The loss takes every output no bad value reaches; a bad value must not turn the
+    # gradient of another episode (or any the recurrence keeps finite) into NaN.
+    args, reset, state = _poisoned(21)
+    nan_args, _, nan_state = _poisoned(21, inf_as_nan=True)
+    reachable, _ = mlstm.recurrent_sequence(*nan_args, read=read, reset=reset, state=nan_state)
+    keep = jnp.isfinite(reachable)
+    weight = jnp.asarray(np.random.default_rng(22).standard_normal((reset.shape[0], PT, H, D)))
+
+    def loss(args, form):
+        if form == "recurrent":
+            h, _ = mlstm.recurrent_sequence(*args, read=read, reset=reset, state=state)
+        else:
+            h, _ = mlstm.chunkwise_sequence(
+                *args, read=read, reset=reset, state=state, chunk_size=16
+            )
+        return jnp.sum(jnp.where(keep, h * weight, 0.0))
+
+    want = jax.grad(loss)(args, "recurrent")
+    got = jax.grad(loss)(args, "chunkwise")
+    with_reset = np.asarray(reset)[:, RESET_AT]
+    for g, w in zip(got, want):
+        g, w = np.asarray(g), np.asarray(w)
+        g_bad, w_bad = (~np.isfinite(x).reshape(x.shape[:3] + (-1,)).all(-1) for x in (g, w))
+        assert not np.any(w_bad[with_reset, RESET_AT:])  # the other episode's gradients
+        assert not np.any(g_bad & ~w_bad), np.argwhere(g_bad & ~w_bad)[:5]
+        if read.kind == "polar":
+            # The polar factor's derivative (1/(σ_i + σ_j)) is ill-conditioned at these
+            # small memories: the two forms differ by a few percent even on finite
+            # inputs, so only where the gradients are finite is compared.
+            continue
+        scale = float(np.max(np.abs(w[np.isfinite(w)])))
+        both = np.isfinite(w)
+        np.testing.assert_allclose(g[both], w[both], atol=1e-5 * scale, rtol=5e-4)
+
+
+def test_resets_must_be_bool_with_one_entry_per_sequence_and_step():
+    q, k, v, igate, fgate, _ = _inputs(8)
+    state = mlstm.initial_memory_state(B, H, D)
+    step_args = (state, q[:, 0], k[:, 0], v[:, 0], igate[:, 0], fgate[:, 0])
+    # A (1,) reset would broadcast over the batch: every sequence would restart.
+    with pytest.raises(ValueError, match=r"reset must have shape \(2,\).*got \(1,\)"):
+        mlstm.memory_step(*step_args, jnp.ones((1,), bool), reads.RAW)
+    with pytest.raises(ValueError, match=r"reset must be a bool array.*got int32.*astype\(bool\)"):
+        mlstm.memory_step(*step_args, jnp.ones((B,), jnp.int32), reads.RAW)
+    for form in (mlstm.recurrent_sequence, mlstm.chunkwise_sequence):
+        with pytest.raises(
+            ValueError, match=rf"reset must have shape \({B}, {T}\).*got \(1, {T}\)"
+        ):
+            form(q, k, v, igate, fgate, read=reads.RAW, reset=jnp.zeros((1, T), bool))
+        with pytest.raises(ValueError, match=r"reset must be a bool array.*got float32"):
+            form(q, k, v, igate, fgate, read=reads.RAW, reset=jnp.zeros((B, T)))
+    with pytest.raises(ValueError, match=r"reset must be a bool array of shape \(2,\).*got list"):
+        mlstm.memory_step(*step_args, [True, False], reads.RAW)
+    with pytest.raises(ValueError, match=r"state.c must have shape \(2, 2, 6, 6\)"):
+        mlstm.memory_step(mlstm.initial_memory_state(1, H, D), *step_args[1:], None, reads.RAW)
