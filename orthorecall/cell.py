@@ -37,7 +37,7 @@ from orthorecall.validation import check_int
 
 Params = dict[str, Any]
 NORM_EPS = 1e-5
-SEQUENCE_FORMS = ("chunkwise", "recurrent")
+SEQUENCE_FORMS = ("chunkwise", "recurrent", "gram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,12 @@ class CellConfig:
         conv_kernel_size: K of the causal depthwise conv (reference 4).
         qkv_block_size: b of the block-diagonal q/k/v maps (reference 4).
         read: the memory read (raw baseline, NS_k, polar).
-        sequence_form: "chunkwise" (default, for training) or "recurrent".
-        chunk_size: positions per chunk of the chunkwise form; None (default)
-            picks ``mlstm.default_chunk_size`` for the read and backend.
+        sequence_form: "chunkwise" (default, for training), "recurrent", or "gram"
+            (the recurrence carrying CᵀC and reading through it, ``mlstm.gram_sequence``;
+            cubic Newton–Schulz reads of 1 to 6 iterations only).
+        chunk_size: positions per chunk of the chunkwise form (steps per checkpoint of
+            the gram form); None (default) picks ``mlstm.default_chunk_size`` for the
+            read and backend (64 for the gram form).
         num_blocks: blocks in the enclosing model; scales the down-projection
             initialization as the reference does (2 / (num_blocks sqrt(D))).
         compute_dtype: dtype of the projections ("float32" or "bfloat16");
@@ -91,6 +94,12 @@ class CellConfig:
             raise ValueError(f"read must be a ReadConfig, got {self.read!r}.")
         if self.sequence_form not in SEQUENCE_FORMS:
             raise ValueError(f"sequence_form={self.sequence_form!r}; use one of {SEQUENCE_FORMS}.")
+        if self.sequence_form == "gram" and self.read.gram_steps() is None:
+            raise ValueError(
+                f"sequence_form='gram' reads through CᵀC, which only the cubic Newton-Schulz "
+                f"reads of 1 to 6 iterations allow; read={self.read} needs 'chunkwise' or "
+                "'recurrent'."
+            )
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}; use 'float32' or 'bfloat16'.")
         if self.inner_dim % self.num_heads:
@@ -353,6 +362,18 @@ def scan(
     if config.sequence_form == "recurrent":
         h, memory = mlstm.recurrent_sequence(
             q, k, v, i_pre, f_pre, read=config.read, reset=reset, state=state.memory
+        )
+    elif config.sequence_form == "gram":
+        h, memory = mlstm.gram_sequence(
+            q,
+            k,
+            v,
+            i_pre,
+            f_pre,
+            read=config.read,
+            reset=reset,
+            state=state.memory,
+            chunk_size=config.chunk_size,
         )
     else:
         h, memory = mlstm.chunkwise_sequence(

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from orthorecall import gram_read
 from orthorecall.reads import ReadConfig
 from orthorecall.validation import check_int
 
@@ -250,6 +251,99 @@ def recurrent_sequence(
 
     final, outs = jax.lax.scan(body, state, time_major)
     return jnp.moveaxis(outs, 0, 1), final
+
+
+def gram_sequence(
+    q,
+    k,
+    v,
+    input_gate,
+    forget_gate,
+    *,
+    read: ReadConfig,
+    reset: jax.Array | None = None,
+    state: MemoryState | None = None,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, MemoryState]:
+    """The recurrence carrying G_t = C_tᵀC_t beside C_t, read through G (``gram_read``).
+
+    Same function as ``recurrent_sequence`` (to float32 rounding) for a read that
+    ``gram_read.gram_steps`` accepts (cubic NS_k, 1 <= k <= 6): each step updates C, n, m
+    as the recurrence does and G by the rank-two ``gram_update`` (O(d²)), and reads
+    NS_k(C_t)ᵀq_t from G_t and C_tᵀq_t with (3^k - 1) / 2 matrix-vector products: no
+    d x d product anywhere after the first step's G_0 = C_0ᵀC_0. Steps run one after
+    another (parallelism comes from batch x heads); for training, every ``chunk_size``
+    steps are one ``jax.checkpoint``, so backward keeps a state per chunk and recomputes
+    the steps of one chunk at a time.
+
+    Args and returns: as ``chunkwise_sequence`` (``chunk_size``: steps per checkpoint,
+    default 64).
+
+    Raises:
+        ValueError: inconsistent shapes, a bad chunk size, or a read without a Gram form.
+    """
+    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
+    steps = read.gram_steps()
+    if steps is None:
+        raise ValueError(
+            f"read {read} has no Gram form (cubic Newton-Schulz with 1 to "
+            f"{gram_read.MAX_GRAM_ITERATIONS} iterations); use recurrent_sequence or "
+            "chunkwise_sequence."
+        )
+    chunk_size = check_int("chunk_size", 64 if chunk_size is None else chunk_size, minimum=1)
+    b, t, h, d = q.shape
+    if state is None:
+        state = initial_memory_state(b, h, d)
+    if reset is None:
+        reset = jnp.zeros((b, t), bool)
+    size = min(chunk_size, t)
+    num_chunks = -(-t // size)
+    pad = num_chunks * size - t
+
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    k = k / math.sqrt(d)
+    log_f = jax.nn.log_sigmoid(forget_gate.astype(jnp.float32))
+    i_pre = input_gate.astype(jnp.float32)
+    if pad:  # Identity steps (f = 1, i = 0), dropped from the outputs.
+        time_pad = lambda x, value: jnp.pad(
+            x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
+        )
+        q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
+        log_f = time_pad(log_f, 0.0)
+        i_pre = time_pad(i_pre, _LOG_ZERO)
+        reset = time_pad(reset, False)
+
+    def step(carry, xs):
+        c, g, n, m = carry
+        q_t, k_t, v_t, log_f_t, i_t, reset_t = xs
+        keep = jnp.logical_not(reset_t)
+        c = jnp.where(keep[:, None, None, None], c, 0.0)
+        g = jnp.where(keep[:, None, None, None], g, 0.0)
+        n = jnp.where(keep[:, None, None], n, 0.0)
+        m = jnp.where(keep[:, None], m, 0.0)
+        m_new = jnp.maximum(log_f_t + m, i_t)
+        f_scale = jnp.exp(log_f_t + m - m_new)
+        i_scale = jnp.exp(i_t - m_new)
+        g = gram_read.gram_update(g, c, k_t, v_t, f_scale, i_scale)
+        c = f_scale[..., None, None] * c + i_scale[..., None, None] * (
+            k_t[..., :, None] * v_t[..., None, :]
+        )
+        n = f_scale[..., None] * n + i_scale[..., None] * k_t
+        memory_t_query = jnp.einsum("...ki,...k->...i", c, q_t)
+        numerator = gram_read.gram_read(g, memory_t_query, steps)
+        return (c, g, n, m_new), _normalized_read(numerator, jnp.sum(q_t * n, axis=-1), m_new)
+
+    def chunk(carry, xs):
+        return jax.lax.scan(step, carry, xs)
+
+    # (B, T, ...) -> (num_chunks, L, B, ...)
+    to_chunks = lambda x: jnp.moveaxis(x, 1, 0).reshape((num_chunks, size, b) + x.shape[2:])
+    xs = tuple(to_chunks(x) for x in (q, k, v, log_f, i_pre, reset))
+    gram = jnp.einsum("...ki,...kj->...ij", state.c, state.c)
+    carry = (state.c, gram, state.n, state.m)
+    (c, _, n, m), outs = jax.lax.scan(jax.checkpoint(chunk, prevent_cse=False), carry, xs)
+    outs = jnp.moveaxis(outs.reshape((num_chunks * size, b, h, d)), 0, 1)
+    return outs[:, :t], MemoryState(c, n, m)
 
 
 def default_chunk_size(read: ReadConfig, backend: str | None = None) -> int:

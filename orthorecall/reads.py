@@ -26,7 +26,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from orthorecall import newton_schulz
+from orthorecall import gram_read, newton_schulz
 from orthorecall.validation import check_int
 
 READ_KINDS = ("raw", "newton_schulz", "polar")
@@ -163,6 +163,13 @@ class ReadConfig:
                 self.num_iterations, self.coefficients, backend
             )
         return "xla"
+
+    def gram_steps(self):
+        """The (a_j, b_j) per iteration when the read has a Gram form
+        (``orthorecall.gram_read``: cubic-type NS_k, 1 <= k <= 6), else None."""
+        if self.kind != "newton_schulz":
+            return None
+        return gram_read.gram_steps(self.num_iterations, self.coefficients)
 
     def __call__(self, memory: jax.Array) -> jax.Array:
         """Applies the read to memories (..., d, d); raw returns them unchanged."""
