@@ -269,6 +269,10 @@ def validate_config(
         "log_every",
     ):
         _check_int(f"train.{field}", _get(config, f"train.{field}"), minimum=1)
+    # Optional: configurations written before the field existed leave it out.
+    segment_length = _get(config, "train").get("segment_length")
+    if segment_length is not None:
+        _check_int("train.segment_length", segment_length, minimum=1)
     steps = _check_int(
         "train.steps",
         _get(config, "train.steps"),
@@ -690,7 +694,9 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
         sample = None
         if streams is None:
             sample = lambda key: data.sample_noisy_recall(key, task, batch_size=train.batch_size)
-        train_step = training.make_train_step(configs, optimizer, sample)
+        train_step = training.make_train_step(
+            configs, optimizer, sample, segment_length=train.get("segment_length")
+        )
         eval_step = training.make_eval_step(configs)
 
         # As the report counts them: reached the threshold and never diverged.

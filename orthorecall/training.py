@@ -187,11 +187,55 @@ def next_token_loss(
     targets,
     config: model_lib.ModelConfig,
     ignore_index: int = evaluation.IGNORE_INDEX,
+    segment_length: int | None = None,
 ):
     """Mean next-token cross-entropy over scored positions (all of them for
-    training batches)."""
-    logits = model_lib.apply(params, inputs, config)
-    return evaluation.masked_metrics(logits, targets, ignore_index)[0]
+    training batches).
+
+    Args:
+        params, inputs (B, T), targets (B, T), config, ignore_index: as named.
+        segment_length: None, or run the model over segments of this many positions,
+            carrying its state from one to the next, each under ``jax.checkpoint``:
+            backward then keeps one state per segment and recomputes one segment's
+            activations at a time, so the step's memory shrinks by about T / segment
+            length for one more forward pass. The loss is the same function; the sums
+            are ordered differently, so it agrees to float32 rounding.
+    """
+    if segment_length is not None:
+        segment_length = check_int("segment_length", segment_length, minimum=1)
+    if segment_length is None or segment_length >= inputs.shape[-1]:
+        logits = model_lib.apply(params, inputs, config)
+        return evaluation.masked_metrics(logits, targets, ignore_index)[0]
+    return _segmented_loss(params, inputs, targets, config, ignore_index, segment_length)
+
+
+def _segmented_loss(params, inputs, targets, config, ignore_index, segment_length):
+    batch, length = inputs.shape
+    count = -(-length // segment_length)
+    pad = count * segment_length - length
+    if pad:  # Unscored positions after the end: causal, so they change nothing before.
+        inputs = jnp.pad(inputs, ((0, 0), (0, pad)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=ignore_index)
+    to_segments = lambda x: jnp.swapaxes(x.reshape(batch, count, segment_length), 0, 1)
+
+    def segment(carry, xs):
+        state, total, scored = carry
+        segment_inputs, segment_targets = xs
+        logits, state = model_lib.apply(
+            params, segment_inputs, config, state=state, return_state=True
+        )
+        loss, _, num = evaluation.masked_metrics(logits, segment_targets, ignore_index)
+        # A segment with nothing scored has a NaN mean: it adds nothing.
+        total = total + jnp.where(num > 0, loss * num, 0.0)
+        return (state, total, scored + num), None
+
+    carry = (model_lib.initial_state(config, batch), jnp.float32(0.0), jnp.int32(0))
+    (_, total, scored), _ = jax.lax.scan(
+        jax.checkpoint(segment, prevent_cse=False),
+        carry,
+        (to_segments(inputs), to_segments(targets)),
+    )
+    return total / scored
 
 
 def init_seed_states(
@@ -210,8 +254,11 @@ def init_seed_states(
     return SeedState(params, opt_state, jnp.zeros(len(seeds), bool))
 
 
-def _update_one_seed(state_params, opt_state, nonfinite, inputs, targets, config, optimizer):
-    loss, grads = jax.value_and_grad(next_token_loss)(state_params, inputs, targets, config)
+def _update_one_seed(
+    state_params, opt_state, nonfinite, inputs, targets, config, optimizer, segment_length=None
+):
+    loss_fn = functools.partial(next_token_loss, segment_length=segment_length)
+    loss, grads = jax.value_and_grad(loss_fn)(state_params, inputs, targets, config)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, state_params)
     new_params = optax.apply_updates(state_params, updates)
@@ -227,6 +274,7 @@ def make_train_step(
     configs: dict[str, model_lib.ModelConfig],
     optimizer: optax.GradientTransformation,
     sample_batch: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None,
+    segment_length: int | None = None,
 ) -> Callable:
     """Builds the jitted step over all reads and seeds.
 
@@ -235,6 +283,8 @@ def make_train_step(
         optimizer: the per-seed optimizer.
         sample_batch: key -> (inputs, targets) of one seed's batch, for data
             generated on device; None when batches are passed in (numpy stream).
+        segment_length: None, or the loss's ``segment_length`` (``next_token_loss``):
+            backward recomputes the sequence segment by segment, for memory.
 
     Returns:
         ``step(states, keys, batch) -> (states, keys, metrics)`` where states is
@@ -243,6 +293,8 @@ def make_train_step(
         shape (S, B, L), and metrics a dict read -> {"loss", "grad_norm"} of
         (S,) arrays.
     """
+    if segment_length is not None:
+        segment_length = check_int("segment_length", segment_length, minimum=1)
 
     def step(states, keys, batch):
         if batch is None:
@@ -253,7 +305,12 @@ def make_train_step(
         new_states, metrics = {}, {}
         for read, config in configs.items():
             state = states[read]
-            update = functools.partial(_update_one_seed, config=config, optimizer=optimizer)
+            update = functools.partial(
+                _update_one_seed,
+                config=config,
+                optimizer=optimizer,
+                segment_length=segment_length,
+            )
             params, opt_state, bad, loss, grad_norm = jax.vmap(update)(
                 state.params, state.opt_state, state.nonfinite, inputs, targets
             )

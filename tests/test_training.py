@@ -710,7 +710,7 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
     captured = []
     interrupt_at = 3
 
-    def capturing_make_train_step(configs, optimizer, sample_batch):
+    def capturing_make_train_step(configs, optimizer, sample_batch, segment_length=None):
         assert sample_batch is None  # Batches come from the host streams.
 
         def step(states, keys, batch):

@@ -62,6 +62,10 @@ def _base() -> ml_collections.ConfigDict:
     config.train.eps = 1e-8
     config.train.weight_decay = 0.01
     config.train.clip_norm = 1.0
+    # None: backward keeps every activation. An int: the loss runs over segments of
+    # that many positions, each recomputed in backward (training.next_token_loss):
+    # memory / (T / segment) for one more forward pass, same function to rounding.
+    config.train.segment_length = ml_collections.config_dict.placeholder(int)
     # "jax": batches generated on device (same distribution); "numpy": the
     # reference's exact default_rng(seed) stream, bit for bit.
     config.train.data_source = "jax"
