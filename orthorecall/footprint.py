@@ -143,6 +143,14 @@ def _activation_bytes(config: model_lib.ModelConfig, batch_size, seq_len, backen
     return cell.num_blocks * block + per_token * tokens
 
 
+def _state_floats(config: model_lib.ModelConfig) -> int:
+    """float32 numbers in one sequence's recurrent state (every block)."""
+    cell = config.cell
+    memory = cell.num_heads * (cell.head_dim**2 + cell.head_dim + 1)
+    conv = (cell.conv_kernel_size - 1) * cell.inner_dim
+    return cell.num_blocks * (memory + conv)
+
+
 def _with_margin(total: int) -> int:
     # The coefficients were measured on XLA:CPU (the training step 5-54% above its
     # figure before this margin); other backends fuse differently and GPUs add library
@@ -157,6 +165,7 @@ def train_step_memory_estimate(
     seq_len: int,
     seeds_per_device: int = 1,
     backend: str | None = None,
+    segment_length: int | None = None,
 ) -> int:
     """Bytes one device needs for one step of ``training.make_train_step``.
 
@@ -167,6 +176,7 @@ def train_step_memory_estimate(
         seeds_per_device: seeds this device holds (padded seed count / device count).
         backend: "cpu", "gpu", "tpu" (default: JAX's), which picks the default chunk
             size and whether the Newton-Schulz read runs as the fused CPU kernel.
+        segment_length: the step's ``segment_length`` (None: the whole sequence).
 
     Returns:
         An upper bound of XLA's figure for the compiled step, in bytes.
@@ -179,7 +189,14 @@ def train_step_memory_estimate(
         # gradients, the clipped update and the moments' new values before the select
         # that freezes a diverged seed.
         total += _F32 * 7 * parameter_count(config)
-        total += _activation_bytes(config, batch_size, seq_len, backend, train=True)
+        if segment_length is None or segment_length >= seq_len:
+            total += _activation_bytes(config, batch_size, seq_len, backend, train=True)
+        else:
+            # Backward recomputes one segment at a time; the scan over segments keeps
+            # each segment's starting state (C, n, m and the conv window per block).
+            segments = -(-seq_len // segment_length)
+            total += _activation_bytes(config, batch_size, segment_length, backend, train=True)
+            total += segments * _F32 * batch_size * _state_floats(config)
     # The batch (inputs, targets) and the on-device sampler's draws.
     total += _INT32 * 8 * batch_size * (seq_len + 1)
     return _with_margin(seeds_per_device * total)

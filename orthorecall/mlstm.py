@@ -353,13 +353,13 @@ def default_chunk_size(read: ReadConfig, backend: str | None = None) -> int:
     read wants short chunks; the raw read never forms C_t and wants longer
     ones. Measured on the 2-core CPU (NS5 training step, v80/s512, batch 16):
     chunk 8/16/32/64/128 gave 2,840/3,140/2,800/2,360/1,480 tokens/s; raw:
-    16/32/64 gave 26.8k/29.5k/29.1k. Accelerators have not been measured and
-    keep 64, where their matrix units are better fed.
+    16/32/64 gave 26.8k/29.5k/29.1k. Accelerators have not been timed; there a
+    non-raw read runs as XLA arrays, about 22 d x d arrays per position of a chunk
+    for NS5's backward (``footprint``), so it gets 16 there too, for memory (the
+    published study's step: 136 GiB estimated with chunks of 16, 222 with 64).
     """
-    backend = backend or jax.default_backend()
-    if backend == "cpu":
-        return 64 if read.is_raw else 16
-    return 64
+    del backend  # The same choice everywhere, for speed on CPU and memory elsewhere.
+    return 64 if read.is_raw else 16
 
 
 def chunkwise_sequence(

@@ -124,7 +124,7 @@ def xla_bytes(compiled) -> int:
     )
 
 
-def train_step_bytes(configs, *, seeds, batch_size, seq_len):
+def train_step_bytes(configs, *, seeds, batch_size, seq_len, segment_length=None):
     """XLA's figure for the trainer's step (training.make_train_step, batches passed in
     as with data_source="numpy") over ``seeds`` seeds."""
     optimizer = training.make_optimizer(total_steps=10)
@@ -136,7 +136,7 @@ def train_step_bytes(configs, *, seeds, batch_size, seq_len):
     }
     keys = jax.ShapeDtypeStruct((seeds, 2), jnp.uint32)
     batch = (jax.ShapeDtypeStruct((seeds, batch_size, seq_len), jnp.int32),) * 2
-    step = training.make_train_step(configs, optimizer, None)
+    step = training.make_train_step(configs, optimizer, None, segment_length=segment_length)
     return xla_bytes(step.lower(states, keys, batch).compile(FAST_COMPILE))
 
 
@@ -166,15 +166,28 @@ def eval_step_bytes(configs, *, seeds, num_batches, batch_size, seq_len):
         ("ns5", {"embedding_dim": 32}, 1, 8, 15, True),
     ],
 )
+@pytest.mark.parametrize("segment_length", [None, 16])
 def test_the_train_step_estimate_bounds_xla_from_above(
-    reads, cell, seeds, batch_size, seq_len, xla_read, monkeypatch
+    reads, cell, seeds, batch_size, seq_len, xla_read, segment_length, monkeypatch
 ):
     if xla_read:
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    if segment_length is not None:  # Segments shorter than the sequence, as the trainer uses.
+        seq_len = 4 * seq_len + 3
     configs = {name: model(name, **cell) for name in reads.split(",")}
-    measured = train_step_bytes(configs, seeds=seeds, batch_size=batch_size, seq_len=seq_len)
+    measured = train_step_bytes(
+        configs,
+        seeds=seeds,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        segment_length=segment_length,
+    )
     estimate = footprint.train_step_memory_estimate(
-        list(configs.values()), batch_size=batch_size, seq_len=seq_len, seeds_per_device=seeds
+        list(configs.values()),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seeds_per_device=seeds,
+        segment_length=segment_length,
     )
     assert 1.0 <= estimate / measured <= MAX_OVERESTIMATE, (estimate, measured)
 
