@@ -14,7 +14,11 @@ Times (after compilation and a warm-up, medians over repeats):
   the pure-XLA formulation's forward, in GFLOP/s, next to ``gemm``: one large
   float32 matrix product in the same process (the machine's practical limit);
 * ``train_step_memory``: peak resident memory of a process that runs one NS5
-  training step at batch 64, length 1024 (measured in a child process).
+  training step at batch 64, length 1024 (measured in a child process);
+* ``train_step_memory_estimate``: XLA's compiled-memory figure for the published
+  study's step (24 seeds x batch 64 x length 1024, raw and NS5 side by side, segments
+  of 128), from one seed at batches 4 and 8 extrapolated linearly; once with this
+  backend's read, once with the XLA read that GPUs and TPUs run.
 
 --quick repeats twice (five times without); --smoke runs everything once at
 tiny shapes (to check the benchmark works, not to measure). Prints a table
@@ -221,6 +225,89 @@ def bench_memory(batch=64, seq_len=1024):
     }
 
 
+def _compiled_step_bytes(read_names, seeds, batch, seq_len, segment_length):
+    """XLA's memory figure for the trainer's step (arguments + outputs - aliased +
+    temporaries), compiled, never run."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from orthorecall import cell, model, training
+    from orthorecall.reads import read_from_name
+
+    configs = {
+        name: model.ModelConfig(vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(name)))
+        for name in read_names
+    }
+    optimizer = training.make_optimizer()
+    states = {
+        name: jax.eval_shape(
+            lambda c=config: training.init_seed_states(np.arange(seeds), c, optimizer)
+        )
+        for name, config in configs.items()
+    }
+    keys = jax.ShapeDtypeStruct((seeds, 2), jnp.uint32)
+    batch_shape = (jax.ShapeDtypeStruct((seeds, batch, seq_len), jnp.int32),) * 2
+    step = training.make_train_step(configs, optimizer, None, segment_length=segment_length)
+    analysis = step.lower(states, keys, batch_shape).compile().memory_analysis()
+    return (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )
+
+
+def bench_step_memory_estimate(
+    seeds=24, batch=64, seq_len=1024, measured_batches=(4, 8), segment_length=128, xla_read=False
+):
+    """The published study's training step (raw and NS5 side by side, the presets'
+    segment length), from XLA's figure at one seed and two small batches, extrapolated
+    linearly to ``seeds`` x ``batch``: everything but a per-seed constant (parameters,
+    optimizer state) grows with the sequences, and seeds are independent copies.
+    ``xla_read``: the Newton-Schulz read as GPUs and TPUs run it (XLA arrays), compiled
+    for the CPU."""
+    import jax
+
+    from orthorecall import cpu_kernel
+    from orthorecall.reads import read_from_name
+
+    reads = ("raw", "ns5")
+    length = seq_len - 1  # the positions the model sees, as the trainer counts them
+    low, high = measured_batches
+    kernel_available = cpu_kernel.available
+    if xla_read:  # What ORTHORECALL_CPU_KERNEL=0 does, once the kernel is loaded.
+        cpu_kernel.available = lambda: False
+    try:
+        small = _compiled_step_bytes(reads, 1, low, length, segment_length)
+        large = _compiled_step_bytes(reads, 1, high, length, segment_length)
+        implementation = read_from_name("ns5").implementation()
+    finally:
+        cpu_kernel.available = kernel_available
+    per_sequence = (large - small) / (high - low)
+    per_seed = small - low * per_sequence
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return {
+        "name": "train_step_memory_estimate",
+        "read": "raw+ns5",
+        "reads": list(reads),
+        "batch": batch,
+        "seq_len": seq_len,
+        "seeds": seeds,
+        "segment_length": segment_length,
+        "bytes": int(seeds * (per_seed + batch * per_sequence)),
+        "measured_bytes": {f"1x{low}": small, f"1x{high}": large},
+        "backend": device.platform,
+        "ns_read_implementation": implementation,
+        "method": (
+            f"memory_analysis() of the compiled step at 1 seed x batch {low} and {high} "
+            f"(length {length}), extrapolated linearly to {seeds} seeds x batch {batch}"
+        ),
+        "device_memory_stats": stats,
+    }
+
+
 def _memory_child(batch, seq_len):
     import jax
 
@@ -243,8 +330,10 @@ def _format(records) -> str:
                     f" = {100 * r['fraction_of_gemm']:.0f}% of gemm"
                     f" ({r['implementation']}, {r['pass']})"
                 )
-        else:
+        elif "peak_rss_bytes" in r:
             figure = f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
+        else:
+            figure = f"compiled step {r['bytes'] / 2**30:.1f} GiB (extrapolated, {r['backend']})"
         cells = [r["name"], r["read"] or "", r["batch"] or "", r["seq_len"] or "", r["seeds"] or ""]
         lines.append(
             f"{cells[0]:<18}{cells[1]:<6}{cells[2]!s:>7}{cells[3]!s:>6}{cells[4]!s:>6}  {figure}"
@@ -264,6 +353,7 @@ _MODES = {
         read_matrices=8192,
         gemm_dim=2048,
         memory=(64, 1024),
+        memory_estimate=dict(seeds=24, batch=64, seq_len=1024, measured_batches=(4, 8)),
         repeats=5,
     ),
     "quick": dict(
@@ -275,6 +365,7 @@ _MODES = {
         read_matrices=8192,
         gemm_dim=2048,
         memory=(64, 1024),
+        memory_estimate=dict(seeds=24, batch=64, seq_len=1024, measured_batches=(4, 8)),
         repeats=2,
     ),
     "smoke": dict(
@@ -286,6 +377,9 @@ _MODES = {
         read_matrices=32,
         gemm_dim=128,
         memory=(2, 64),
+        memory_estimate=dict(
+            seeds=2, batch=4, seq_len=64, measured_batches=(1, 2), segment_length=16
+        ),
         repeats=1,
     ),
 }
@@ -316,6 +410,8 @@ def run_benchmark(mode: str) -> dict:
         )
     )
     records.append(bench_memory(*shapes["memory"]))
+    for xla_read in (False, True):
+        records.append(bench_step_memory_estimate(**shapes["memory_estimate"], xla_read=xla_read))
     device = jax.devices()[0]
     return {
         "device": f"{device.platform}:{device.device_kind}",
