@@ -399,6 +399,7 @@ def _check_memory(config, task, configs, available_memory, devices, seeds_per_de
             seq_len=length,
             seeds_per_device=seeds_per_device,
             backend=backend,
+            segment_length=train.get("segment_length"),
         )
     )
     eval_need = (
@@ -442,8 +443,8 @@ def _check_memory(config, task, configs, available_memory, devices, seeds_per_de
             "train.batch_size",
             f"one training step needs about {footprint.format_bytes(train_need)} {where}, "
             f"the device has {available} available; reduce train.batch_size, "
-            "seeds.num_seeds or task.seq_len (or model.chunk_size for a Newton-Schulz read, "
-            "or the model's width).",
+            "seeds.num_seeds or task.seq_len, set or lower train.segment_length (or "
+            "model.chunk_size for a Newton-Schulz read, or the model's width).",
         )
     if eval_need > available_memory:
         _fail(
