@@ -51,6 +51,50 @@ _MEMORY_SHAPE = flags.DEFINE_list("memory_shape", ["64", "1024"], "Internal: bat
 VOCAB, SEQ_LEN = 80, 512  # The reference task (noise vocabulary 16, p = 0.8) at v80/s512.
 
 
+def read_flops(read_name: str, dim: int, *, train: bool, algorithm: str | None = None) -> int:
+    """Flops of one read h = R(C)ᵀq of a d x d memory, for the algorithm that runs it:
+    ``"gram"`` (G = X0ᵀX0, then (3^k - 1) / 2 products of G with a vector), ``"explicit"``
+    (per iteration XᵀX and X P: 4 d³, 6 d³ with the quintic term) or ``"raw"`` (qᵀC).
+    Training adds the backward pass as the CPU kernel and the custom VJPs run it
+    (recomputation included). Counts multiply-adds as two flops; O(d²) terms besides
+    the products are left out."""
+    from orthorecall import gram_read
+    from orthorecall.reads import read_from_name
+
+    read = read_from_name(read_name)
+    if read.kind == "raw":
+        return 2 * dim**2 * (2 if train else 1)
+    if algorithm is None:
+        algorithm = "gram" if read.gram_steps() is not None else "explicit"
+    k = read.num_iterations
+    if algorithm == "gram":
+        products = gram_read.matvec_count(k) * 2 * dim**2
+        forward = 2 * dim**3 + products + 2 * dim**2
+        # Recompute, reverse sweep (products again), Ḡ = W̄ᵀU (as many flops), X0 Ḡ.
+        backward = forward + 2 * products + 2 * dim**3
+    else:
+        per_iteration = (4 if read.coefficients == "cubic" else 6) * dim**3
+        forward = k * per_iteration
+        backward = forward + k * (per_iteration + 2 * dim**3)
+    return forward + (backward if train else 0)
+
+
+def _model_read_flops(read_name: str, *, train: bool) -> int:
+    """The reference model's read flops per token (every head), as run on this backend."""
+    from orthorecall import cell
+    from orthorecall.reads import read_from_name
+
+    config = cell.CellConfig()
+    read = read_from_name(read_name)
+    # The CPU kernel reads cubic NS_k (k <= 6) through the Gram matrix; XLA explicitly.
+    algorithm = "gram" if read.implementation() == "cpu_kernel" and read.gram_steps() else None
+    if read.kind == "newton_schulz" and algorithm is None:
+        algorithm = "explicit"
+    return config.num_heads * read_flops(
+        read_name, config.head_dim, train=train, algorithm=algorithm
+    )
+
+
 def _median_seconds(fn, repeats: int) -> float:
     import jax
 
@@ -102,6 +146,7 @@ def bench_train_step(read_name, batch, seq_len, seeds, repeats):
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "tokens_per_s_per_seed": tokens / seconds / seeds,
+        "read_flops_per_token": _model_read_flops(read_name, train=True),
     }
 
 
@@ -132,6 +177,7 @@ def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
         "seeds": 1,
         "seconds": seconds,
         "tokens_per_s": count / seconds,
+        "read_flops_per_token": _model_read_flops(read_name, train=False),
     }
 
 
@@ -150,16 +196,21 @@ def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
     model_read_vjp = jax.jit(lambda c, q, g: jax.vjp(ns.newton_schulz_read, c, q)[1](g))
     xla_read = jax.jit(lambda c, q: ns.newton_schulz_read(c, q, 5, implementation="xla"))
     implementation = ns.read_implementation(5, "cubic")
-    # Nominal flops: two d x d products per iteration forward; backward adds
-    # three per iteration (its recomputation of the iterates is not counted).
+    # Nominal flops of the explicit iteration, whatever runs (so that figures compare
+    # across versions): two d x d products per iteration forward; backward adds three
+    # per iteration (its recomputation of the iterates is not counted). Each record
+    # also gives the flops of the algorithm that ran and the time.
     forward_flops = 5 * 2 * 2 * dim**3 * num_matrices
     backward_flops = 5 * 3 * 2 * dim**3 * num_matrices
+    algorithm = "gram" if implementation == "cpu_kernel" else "explicit"
     a = jax.random.normal(jax.random.PRNGKey(1), (gemm_dim, gemm_dim))
     gemm = jax.jit(lambda m: m @ m)
     gemm_gflops = 2 * gemm_dim**3 / _median_seconds(lambda: gemm(a), repeats) / 1e9
 
     def record(implementation, passes, flops, fn):
-        gflops = flops / _median_seconds(fn, repeats) / 1e9
+        seconds = _median_seconds(fn, repeats)
+        gflops = flops / seconds / 1e9
+        run = algorithm if implementation == "cpu_kernel" else "explicit"
         return {
             "name": "read",
             "read": "ns5",
@@ -171,6 +222,11 @@ def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
             "pass": passes,
             "gflops": gflops,
             "fraction_of_gemm": gflops / gemm_gflops,
+            "seconds": seconds,
+            "algorithm": run,
+            "flops_per_read": read_flops(
+                "ns5", dim, train=passes == "forward_backward", algorithm=run
+            ),
         }
 
     records = [

@@ -6,7 +6,14 @@ import pytest
 
 from tests.conftest import run_module
 
-NAMES = {"train_step", "eval_forward", "read", "gemm", "train_step_memory"}
+NAMES = {
+    "train_step",
+    "eval_forward",
+    "read",
+    "gemm",
+    "train_step_memory",
+    "train_step_memory_estimate",
+}
 
 
 # Both start the benchmark in a subprocess (the smoke run compiles every step).
@@ -27,7 +34,7 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
     for r in records:
         assert {"name", "read", "batch", "seq_len", "seeds"} <= r.keys(), r
         assert r["name"] in NAMES
-        assert r["read"] in ("raw", "ns5", None)
+        assert r["read"] in ("raw", "ns5", "raw+ns5", None)
     by_name = lambda name: [r for r in records if r["name"] == name]
     assert {(r["read"], r["seeds"]) for r in by_name("train_step")} >= {
         ("raw", 1),
@@ -49,6 +56,23 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
         assert r["gflops"] > 0 and abs(r["fraction_of_gemm"] - r["gflops"] / gemm) < 1e-9
     memory = by_name("train_step_memory")[0]
     assert memory["read"] == "ns5" and memory["peak_rss_bytes"] > 50 * 2**20
+    # The work each read does per token, as run: NS5 through the Gram matrix on CPU.
+    for r in by_name("train_step") + by_name("eval_forward"):
+        assert r["read_flops_per_token"] > 0
+    for r in reads:
+        assert r["seconds"] > 0 and r["flops_per_read"] > 0
+        assert r["algorithm"] == ("gram" if r["implementation"] == "cpu_kernel" else "explicit")
+    # The published step's compiled memory, with this backend's read and with XLA's.
+    estimates = by_name("train_step_memory_estimate")
+    assert {r["ns_read_implementation"] for r in estimates} == {
+        out["ns_read_implementation"],
+        "xla",
+    }
+    for r in estimates:
+        assert r["reads"] == ["raw", "ns5"] and r["backend"] == "cpu"
+        assert {"seeds", "batch", "seq_len", "method", "segment_length"} <= r.keys()
+        small, large = r["measured_bytes"].values()
+        assert 0 < small < large < r["bytes"]
     # The table is printed too.
     assert "train_step_memory" in done.stdout and "GFLOP/s" in done.stdout
 

@@ -1,5 +1,6 @@
 """The fused CPU read kernel against float64 numpy and the pure-JAX read."""
 
+import ctypes
 import os
 import pathlib
 import subprocess
@@ -63,10 +64,29 @@ def test_kernel_builds_and_is_used_on_cpu():
     assert cpu_kernel.BACKWARD_TARGET in grad_hlo
 
 
+def test_cubic_reads_up_to_six_iterations_go_through_the_gram_matrix():
+    library = ctypes.cdll.LoadLibrary(str(cpu_kernel.build()))
+    uses_gram = library.OrthorecallNsReadUsesGram
+    uses_gram.restype = ctypes.c_int
+
+    def path(coefficients, k):
+        flat = np.asarray(ns.iteration_coefficients(coefficients, k), np.float32).reshape(-1)
+        pointer = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        return uses_gram(pointer, flat.size)
+
+    assert [path("cubic", k) for k in range(8)] == [0, 1, 1, 1, 1, 1, 1, 0]
+    assert path("muon", 5) == path("polar_express", 3) == 0
+    # The same rule as the pure-JAX Gram read's.
+    for k in range(8):
+        assert path("cubic", k) == (reads.read_from_name(f"ns{k}").gram_steps() is not None)
+
+
 # Widths cover no padding (16, 48), padding to 16 (5, 20) and two tiles (33).
 @pytest.mark.parametrize("d", [5, 16, 20, 33, 48])
 @pytest.mark.parametrize(
-    "coefficients,k", [("cubic", 5), ("muon", 3), ("polar_express", 6), ("cubic", 1)]
+    "coefficients,k",
+    # Cubic with k <= 6 runs through the Gram matrix, the rest as the explicit iteration.
+    [("cubic", 5), ("muon", 3), ("polar_express", 6), ("cubic", 1), ("cubic", 6), ("cubic", 7)],
 )
 @pytest.mark.slow
 def test_forward_and_backward_match_float64_numpy(d, coefficients, k):

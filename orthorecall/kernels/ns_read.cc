@@ -7,6 +7,11 @@
 // register-tiled product written with GCC vector extensions (any SIMD width
 // the compiler targets), and the batch is split over XLA's intra-op threads.
 //
+// For steps without a quintic term (the cubic NS_k) and k <= 6, the iterates are never
+// formed: h is M_{k-1} ··· M_0 X0ᵀq with M_j polynomials in G = X0ᵀX0, evaluated by
+// (3^k - 1) / 2 products of G with a vector (see "The read through the Gram matrix"
+// below; 121 for NS5, a quarter of the explicit iteration's flops).
+//
 // Only the read's result h = NS_k(C)ᵀ q leaves the kernel; the backward
 // recomputes the iterates per matrix, so neither pass stores a d x d array per
 // iteration in memory (the XLA formulation keeps 2k of them per position).
@@ -123,8 +128,16 @@ struct Normalization {
 // is 2^32 or more is first scaled, exactly, by the power of two that brings it into
 // [2, 4); otherwise its float32 norm would overflow (from about 1.2e18) and read 0.
 Normalization Normalize(const float* c, int d, int n, float* x0) {
+  // Partial maxima, for the same reason as the partial sums below. A NaN entry is
+  // lost here (max ignores it) but not in the sum, which makes the read NaN anyway.
+  float partial_max[8] = {};
+  int e = 0;
+  for (; e + 8 <= d * d; e += 8)
+    for (int lane = 0; lane < 8; ++lane)
+      partial_max[lane] = std::max(partial_max[lane], std::fabs(c[e + lane]));
+  for (; e < d * d; ++e) partial_max[0] = std::max(partial_max[0], std::fabs(c[e]));
   float largest = 0.0f;
-  for (int i = 0; i < d * d; ++i) largest = std::max(largest, std::fabs(c[i]));
+  for (float value : partial_max) largest = std::max(largest, value);
   float prescale = 1.0f;
   // Not finite: the sum is inf or NaN and so is the read, prescaled or not.
   if (largest >= 0x1p32f && std::isfinite(largest)) {
@@ -132,11 +145,22 @@ Normalization Normalize(const float* c, int d, int n, float* x0) {
     std::frexp(largest, &exponent);
     prescale = std::ldexp(1.0f, 2 - exponent);  // at least 2^-126, a normal float
   }
-  double sum = 0.0;
-  for (int i = 0; i < d * d; ++i) {
+  // Eight partial sums: one chain of dependent double additions would take as long as
+  // the whole read of a small matrix.
+  double partial[8] = {};
+  const int total = d * d;
+  int i = 0;
+  for (; i + 8 <= total; i += 8)
+    for (int lane = 0; lane < 8; ++lane) {
+      const float v = c[i + lane] * prescale;
+      partial[lane] += static_cast<double>(v) * v;
+    }
+  for (; i < total; ++i) {
     const float v = c[i] * prescale;
-    sum += static_cast<double>(v) * v;
+    partial[0] += static_cast<double>(v) * v;
   }
+  const double sum = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+                     ((partial[4] + partial[5]) + (partial[6] + partial[7]));
   const float norm_sq = static_cast<float>(sum);
   const float floor_sq = kFrobeniusFloor * kFrobeniusFloor;
   Normalization result;
@@ -164,6 +188,181 @@ void Iterate(const Step& s, const float* x, float* g, float* p, float* tmp, floa
 }
 
 int Padded(int d) { return (d + kLanes - 1) / kLanes * kLanes; }
+
+// X0 = s P C with s = 1/max(|P C|, floor) and P the prescale:
+// C̄ = P s (X̄0 - <X̄0, X0> X0) unless clamped. P is applied last: P s alone
+// could be subnormal (for |C| near 3e38) and lose bits.
+void WriteMemoryCotangent(const Normalization& norm, const float* x0, const float* x0_bar,
+                          float* c_bar, int d, int n) {
+  float inner = 0.0f;
+  if (!norm.clamped)
+    for (int e = 0; e < n * n; ++e) inner += x0_bar[e] * x0[e];
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < d; ++j)
+      c_bar[i * d + j] = norm.scale * (x0_bar[i * n + j] - inner * x0[i * n + j]) * norm.prescale;
+}
+
+// A 64-byte aligned float buffer of one thread.
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(size_t count)
+      : data_(static_cast<float*>(std::aligned_alloc(64, (sizeof(float) * count + 63) / 64 * 64))) {}
+  ~AlignedBuffer() { std::free(data_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  float* data() { return data_; }
+
+ private:
+  float* data_;
+};
+
+// ---- The read through the Gram matrix, for steps without a quintic term ----
+//
+// With G = X0ᵀX0, every iterate of X <- X (aI + bXᵀX) is X0 times a polynomial in G:
+// G_j = X_jᵀX_j and M_j = a_j I + b_j G_j commute, X_{j+1} = X_j M_j and
+// G_{j+1} = G_j M_j², so h = X_kᵀq = M_{k-1} ··· M_0 (X0ᵀq), and G_j v is
+// M_{j-1} G_{j-1} M_{j-1} v down to G v: (3^k - 1) / 2 products of G with a vector
+// (121 for NS5, 0.56 MFLOP at d = 48) and one G = X0ᵀX0, instead of 2k matrix
+// products (2.2 MFLOP). Beyond kGramMaxSteps the 3^k products cost more than the
+// products they replace, and G's rounding (eigenvalues a few ulps below zero, which
+// the map g -> g (a + b g)² amplifies by a² = 2.25 per step) would start to matter.
+constexpr int kGramMaxSteps = 6;
+
+bool UseGram(const std::vector<Step>& steps) {
+  if (steps.empty() || steps.size() > static_cast<size_t>(kGramMaxSteps)) return false;
+  for (const Step& s : steps)
+    if (s.c != 0.0f) return false;
+  return true;
+}
+
+// The nested read as a straight-line program over vectors ("slots") of n floats:
+// slot 0 holds y = X0ᵀq, each op writes a new slot, and backward walks it in reverse.
+struct VecOp {
+  bool matvec;  // dst = G src1; otherwise dst = a src1 + b src2
+  int src1, src2, dst;
+  float a, b;
+};
+
+class GramProgram {
+ public:
+  explicit GramProgram(const std::vector<Step>& steps) : steps_(steps) {
+    int h = 0;
+    for (int level = 0; level < static_cast<int>(steps.size()); ++level) h = TimesM(level, h);
+    result_ = h;
+  }
+  const std::vector<VecOp>& ops() const { return ops_; }
+  int slots() const { return slots_; }
+  int result() const { return result_; }
+
+ private:
+  int TimesGram(int level, int v) {  // G_level v
+    if (level == 0) {
+      ops_.push_back({true, v, -1, slots_, 0.0f, 0.0f});
+      return slots_++;
+    }
+    const int u = TimesM(level - 1, v);
+    return TimesM(level - 1, TimesGram(level - 1, u));
+  }
+  int TimesM(int level, int v) {  // M_level v = a v + b G_level v
+    const int t = TimesGram(level, v);
+    ops_.push_back({false, v, t, slots_, steps_[level].a, steps_[level].b});
+    return slots_++;
+  }
+  std::vector<Step> steps_;
+  std::vector<VecOp> ops_;
+  int slots_ = 1;
+  int result_ = 0;
+};
+
+// W output vectors of out = G v, G symmetric (row j = column j) and zero beyond d:
+// out = Σ_j v_j G[j, :]. Each product depends on the one before, so the chains of
+// dependent FMAs bound the speed: four accumulator sets (j mod 4) cut them to d / 4.
+template <int W>
+inline void MatVecBlock(const float* g, const float* v, float* out, int d, int n, int j0) {
+  constexpr int kSets = 4;
+  Vec acc[kSets][W] = {};
+  int j = 0;
+  for (; j + kSets <= d; j += kSets) {
+    const float* row = g + j * n + j0;
+    for (int set = 0; set < kSets; ++set) {
+      const float scalar = v[j + set];
+      for (int w = 0; w < W; ++w) acc[set][w] += scalar * Load(row + set * n + w * kLanes);
+    }
+  }
+  for (; j < d; ++j)
+    for (int w = 0; w < W; ++w) acc[0][w] += v[j] * Load(g + j * n + j0 + w * kLanes);
+  for (int w = 0; w < W; ++w)
+    Store(out + j0 + w * kLanes, (acc[0][w] + acc[1][w]) + (acc[2][w] + acc[3][w]));
+}
+
+void MatVec(const float* g, const float* v, float* out, int d, int n) {
+  const int vectors = n / kLanes;
+  for (int w0 = 0; w0 < vectors; w0 += 4) {
+    switch (std::min(4, vectors - w0)) {
+      case 4: MatVecBlock<4>(g, v, out, d, n, w0 * kLanes); break;
+      case 3: MatVecBlock<3>(g, v, out, d, n, w0 * kLanes); break;
+      case 2: MatVecBlock<2>(g, v, out, d, n, w0 * kLanes); break;
+      default: MatVecBlock<1>(g, v, out, d, n, w0 * kLanes); break;
+    }
+  }
+}
+
+// One kRows x W-vector tile of Ḡ = Σ_p w̄_p u_pᵀ over the program's products
+// (w̄_p the adjoint of product p's output, u_p its input), accumulated in registers.
+template <int W>
+inline void OuterTile(const GramProgram& program, const float* adjoints, const float* slots,
+                      float* g_bar, int n, int i0, int j0) {
+  Vec acc[kRows][W] = {};
+  for (const VecOp& op : program.ops()) {
+    if (!op.matvec) continue;
+    const float* w_bar = adjoints + static_cast<size_t>(op.dst) * n + i0;
+    const float* u = slots + static_cast<size_t>(op.src1) * n + j0;
+    Vec uk[W];
+    for (int w = 0; w < W; ++w) uk[w] = Load(u + w * kLanes);
+    for (int r = 0; r < kRows; ++r)
+      for (int w = 0; w < W; ++w) acc[r][w] += w_bar[r] * uk[w];
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int w = 0; w < W; ++w) Store(g_bar + (i0 + r) * n + j0 + w * kLanes, acc[r][w]);
+}
+
+void OuterProducts(const GramProgram& program, const float* adjoints, const float* slots,
+                   float* g_bar, int n) {
+  const int vectors = n / kLanes;
+  const int width = vectors % 3 == 0 ? 3 : (vectors % 2 == 0 ? 2 : 3);
+  for (int j = 0; j < vectors; j += width) {
+    const int w = std::min(width, vectors - j);
+    for (int i = 0; i < n; i += kRows) {
+      switch (w) {
+        case 3: OuterTile<3>(program, adjoints, slots, g_bar, n, i, j * kLanes); break;
+        case 2: OuterTile<2>(program, adjoints, slots, g_bar, n, i, j * kLanes); break;
+        default: OuterTile<1>(program, adjoints, slots, g_bar, n, i, j * kLanes); break;
+      }
+    }
+  }
+}
+
+// Runs the program: slots[0] must hold y; every other slot is written.
+void RunGramProgram(const GramProgram& program, const float* g, float* slots, int d, int n) {
+  for (const VecOp& op : program.ops()) {
+    float* dst = slots + static_cast<size_t>(op.dst) * n;
+    const float* src1 = slots + static_cast<size_t>(op.src1) * n;
+    if (op.matvec) {
+      MatVec(g, src1, dst, d, n);
+    } else {
+      const float* src2 = slots + static_cast<size_t>(op.src2) * n;
+      for (int i = 0; i < n; ++i) dst[i] = op.a * src1[i] + op.b * src2[i];
+    }
+  }
+}
+
+// x0 (n x n, zero beyond d) -> g = x0ᵀx0 and y = x0ᵀq (n floats, zero beyond d).
+void GramAndProjection(const float* x0, const float* q, float* g, float* y, int d, int n) {
+  MatMul<true>(x0, x0, g, n);
+  std::memset(y, 0, sizeof(float) * n);
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < n; ++j) y[j] += q[i] * x0[i * n + j];
+}
 
 // Runs fn(begin, end) over [0, count) on the calling thread and the intra-op
 // pool. Chunks are claimed from a shared counter, so the caller never waits
@@ -232,6 +431,22 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<ff
   const float* c_data = c.typed_data();
   const float* q_data = q.typed_data();
   float* h_data = h->typed_data();
+  if (UseGram(steps)) {
+    const GramProgram program(steps);
+    ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
+      Scratch scratch(n, 2);
+      AlignedBuffer slots(static_cast<size_t>(program.slots()) * n);
+      float *x0 = scratch[0], *g = scratch[1];
+      for (int64_t m = begin; m < end; ++m) {
+        Normalize(c_data + m * d * d, d, n, x0);
+        GramAndProjection(x0, q_data + m * d, g, slots.data(), d, n);
+        RunGramProgram(program, g, slots.data(), d, n);
+        std::memcpy(h_data + m * d, slots.data() + static_cast<size_t>(program.result()) * n,
+                    sizeof(float) * d);
+      }
+    });
+    return ffi::Error::Success();
+  }
   ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
     Scratch scratch(n, 5);
     float *x = scratch[0], *next = scratch[1], *g = scratch[2], *p = scratch[3], *tmp = scratch[4];
@@ -265,6 +480,65 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
   const float* hb_data = h_bar.typed_data();
   float* cb_data = c_bar->typed_data();
   float* qb_data = q_bar->typed_data();
+  if (UseGram(steps)) {
+    const GramProgram program(steps);
+    ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
+      Scratch scratch(n, 4);
+      const size_t size = static_cast<size_t>(program.slots()) * n;
+      AlignedBuffer slots(size), adjoints(size), product(n);
+      float *x0 = scratch[0], *g = scratch[1], *g_bar = scratch[2], *x_bar = scratch[3];
+      for (int64_t m = begin; m < end; ++m) {
+        const float* cm = c_data + m * d * d;
+        const float* qm = q_data + m * d;
+        const float* hb = hb_data + m * d;
+        const Normalization norm = Normalize(cm, d, n, x0);
+        GramAndProjection(x0, qm, g, slots.data(), d, n);
+        RunGramProgram(program, g, slots.data(), d, n);
+        // Reverse sweep with G fixed: a slot's adjoint is complete when the sweep
+        // reaches the op that wrote it (its uses all come later in the program).
+        std::memset(adjoints.data(), 0, sizeof(float) * size);
+        std::memcpy(adjoints.data() + static_cast<size_t>(program.result()) * n, hb,
+                    sizeof(float) * d);
+        const auto& ops = program.ops();
+        for (auto op = ops.rbegin(); op != ops.rend(); ++op) {
+          const float* dst_bar = adjoints.data() + static_cast<size_t>(op->dst) * n;
+          float* src1_bar = adjoints.data() + static_cast<size_t>(op->src1) * n;
+          if (op->matvec) {
+            MatVec(g, dst_bar, product.data(), d, n);  // Gᵀ = G
+            for (int i = 0; i < n; ++i) src1_bar[i] += product.data()[i];
+          } else {
+            float* src2_bar = adjoints.data() + static_cast<size_t>(op->src2) * n;
+            for (int i = 0; i < n; ++i) {
+              src1_bar[i] += op->a * dst_bar[i];
+              src2_bar[i] += op->b * dst_bar[i];
+            }
+          }
+        }
+        // Ḡ = Σ over products w = G u of w̄ uᵀ: a (n x N)(N x n) product.
+        OuterProducts(program, adjoints.data(), slots.data(), g_bar, n);
+        // G = X0ᵀX0, y = X0ᵀq: X̄0 = X0 (Ḡ + Ḡᵀ) + q ȳᵀ and q̄ = X0 ȳ.
+        for (int r = 0; r < n; ++r)
+          for (int col = r; col < n; ++col) {
+            const float v = g_bar[r * n + col] + g_bar[col * n + r];
+            g_bar[r * n + col] = v;
+            g_bar[col * n + r] = v;
+          }
+        MatMul<false>(x0, g_bar, x_bar, n);
+        const float* y_bar = adjoints.data();
+        float* qb = qb_data + m * d;
+        for (int i = 0; i < d; ++i) {
+          float sum = 0.0f;
+          for (int j = 0; j < d; ++j) {
+            x_bar[i * n + j] += qm[i] * y_bar[j];
+            sum += x0[i * n + j] * y_bar[j];
+          }
+          qb[i] = sum;
+        }
+        WriteMemoryCotangent(norm, x0, x_bar, cb_data + m * d * d, d, n);
+      }
+    });
+    return ffi::Error::Success();
+  }
   ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
     // Iterates X_0..X_k and Grams G_0..G_{k-1}, then five work matrices.
     Scratch scratch(n, 2 * k + 6);
@@ -318,23 +592,22 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
         MatMul<false>(x, sym, y_bar, n);
         for (int e = 0; e < n * n; ++e) y_bar[e] += tmp[e];
       }
-      // X0 = s P C with s = 1/max(|P C|, floor) and P the prescale:
-      // C̄ = P s (X̄0 - <X̄0, X0> X0) unless clamped. P is applied last: P s alone
-      // could be subnormal (for |C| near 3e38) and lose bits.
-      float inner = 0.0f;
-      if (!norm.clamped)
-        for (int e = 0; e < n * n; ++e) inner += y_bar[e] * iterate(0)[e];
-      float* cb = cb_data + m * d * d;
-      for (int i = 0; i < d; ++i)
-        for (int j = 0; j < d; ++j)
-          cb[i * d + j] =
-              norm.scale * (y_bar[i * n + j] - inner * iterate(0)[i * n + j]) * norm.prescale;
+      WriteMemoryCotangent(norm, iterate(0), y_bar, cb_data + m * d * d, d, n);
     }
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+// 1 when the kernel reads these (a, b, c) triples through the Gram matrix, 0 when it runs
+// the explicit iteration: lets tests check which algorithm a coefficient set gets.
+extern "C" int OrthorecallNsReadUsesGram(const float* coefficients, int count) {
+  std::vector<Step> steps;
+  for (int i = 0; i + 2 < count; i += 3)
+    steps.push_back({coefficients[i], coefficients[i + 1], coefficients[i + 2]});
+  return UseGram(steps) ? 1 : 0;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthorecallNsReadForward, Forward,
                               ffi::Ffi::Bind()
