@@ -1,10 +1,12 @@
 """The benchmark's public contract, end to end at tiny shapes (--smoke)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import REPO_ROOT, run_module
 
 NAMES = {
     "train_step",
@@ -80,3 +82,16 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
 def test_quick_and_smoke_are_exclusive():
     done = run_module("experiments.benchmark", "--smoke", "--quick")
     assert done.returncode != 0 and "exclusive" in done.stderr
+
+
+def test_reference_benchmark_refuses_a_directory_that_is_not_the_reference(tmp_path):
+    script = REPO_ROOT / "experiments" / "benchmark_reference.py"
+    done = subprocess.run(
+        [sys.executable, str(script), f"--reference_dir={tmp_path}", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "is not a checkout of no-way-labs/recurrent-memory-scaffold" in done.stderr
+    assert "Traceback" not in done.stderr
