@@ -86,8 +86,10 @@ def _model_read_flops(read_name: str, *, train: bool) -> int:
 
     config = cell.CellConfig()
     read = read_from_name(read_name)
-    # The CPU kernel reads cubic NS_k (k <= 6) through the Gram matrix; XLA explicitly.
-    algorithm = "gram" if read.implementation() == "cpu_kernel" and read.gram_steps() else None
+    # The CPU kernel reads cubic NS_k (k <= 6, d > 16) through the Gram matrix; XLA
+    # explicitly.
+    kernel_gram = read.implementation() == "cpu_kernel" and read.gram_steps() is not None
+    algorithm = "gram" if kernel_gram and config.head_dim > 16 else None
     if read.kind == "newton_schulz" and algorithm is None:
         algorithm = "explicit"
     return config.num_heads * read_flops(

@@ -64,18 +64,20 @@ def test_kernel_builds_and_is_used_on_cpu():
     assert cpu_kernel.BACKWARD_TARGET in grad_hlo
 
 
-def test_cubic_reads_up_to_six_iterations_go_through_the_gram_matrix():
+def test_cubic_reads_up_to_six_iterations_of_wide_memories_go_through_the_gram_matrix():
     library = ctypes.cdll.LoadLibrary(str(cpu_kernel.build()))
     uses_gram = library.OrthorecallNsReadUsesGram
     uses_gram.restype = ctypes.c_int
 
-    def path(coefficients, k):
+    def path(coefficients, k, d=48):
         flat = np.asarray(ns.iteration_coefficients(coefficients, k), np.float32).reshape(-1)
         pointer = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        return uses_gram(pointer, flat.size)
+        return uses_gram(pointer, flat.size, d)
 
     assert [path("cubic", k) for k in range(8)] == [0, 1, 1, 1, 1, 1, 1, 0]
     assert path("muon", 5) == path("polar_express", 3) == 0
+    # Small memories keep the explicit iteration (faster there, see the kernel's comment).
+    assert [path("cubic", 5, d) for d in (5, 16, 17, 20, 33)] == [0, 0, 1, 1, 1]
     # The same rule as the pure-JAX Gram read's.
     for k in range(8):
         assert path("cubic", k) == (reads.read_from_name(f"ns{k}").gram_steps() is not None)

@@ -7,7 +7,7 @@
 // register-tiled product written with GCC vector extensions (any SIMD width
 // the compiler targets), and the batch is split over XLA's intra-op threads.
 //
-// For steps without a quintic term (the cubic NS_k) and k <= 6, the iterates are never
+// For steps without a quintic term (the cubic NS_k), k <= 6 and d > 16, the iterates are never
 // formed: h is M_{k-1} ··· M_0 X0ᵀq with M_j polynomials in G = X0ᵀX0, evaluated by
 // (3^k - 1) / 2 products of G with a vector (see "The read through the Gram matrix"
 // below; 121 for NS5, a quarter of the explicit iteration's flops).
@@ -227,8 +227,16 @@ class AlignedBuffer {
 // products they replace, and G's rounding (eigenvalues a few ulps below zero, which
 // the map g -> g (a + b g)² amplifies by a² = 2.25 per step) would start to matter.
 constexpr int kGramMaxSteps = 6;
+// Small memories are the other way round: at d <= 16 a matrix product is a handful of
+// vector instructions, while the 121 products with a vector form a chain of dependent
+// steps. Measured (NS5, AVX-512, microseconds per matrix forward | forward+backward,
+// explicit vs Gram): d = 8 0.57|1.76 vs 0.98|2.74, d = 16 0.64|2.13 vs 1.37|3.70,
+// d = 24 3.72|11.3 vs 2.56|7.90, d = 32 3.88|12.0 vs 3.04|9.50, d = 48 12.0|35.8 vs
+// 6.46|20.2, d = 64 27.5|77.3 vs 10.7|34.5.
+constexpr int kGramMinDim = 17;
 
-bool UseGram(const std::vector<Step>& steps) {
+bool UseGram(const std::vector<Step>& steps, int d) {
+  if (d < kGramMinDim) return false;
   if (steps.empty() || steps.size() > static_cast<size_t>(kGramMaxSteps)) return false;
   for (const Step& s : steps)
     if (s.c != 0.0f) return false;
@@ -431,7 +439,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<ff
   const float* c_data = c.typed_data();
   const float* q_data = q.typed_data();
   float* h_data = h->typed_data();
-  if (UseGram(steps)) {
+  if (UseGram(steps, d)) {
     const GramProgram program(steps);
     ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
       Scratch scratch(n, 2);
@@ -480,7 +488,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
   const float* hb_data = h_bar.typed_data();
   float* cb_data = c_bar->typed_data();
   float* qb_data = q_bar->typed_data();
-  if (UseGram(steps)) {
+  if (UseGram(steps, d)) {
     const GramProgram program(steps);
     ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
       Scratch scratch(n, 4);
@@ -602,11 +610,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
 
 // 1 when the kernel reads these (a, b, c) triples through the Gram matrix, 0 when it runs
 // the explicit iteration: lets tests check which algorithm a coefficient set gets.
-extern "C" int OrthorecallNsReadUsesGram(const float* coefficients, int count) {
+extern "C" int OrthorecallNsReadUsesGram(const float* coefficients, int count, int d) {
   std::vector<Step> steps;
   for (int i = 0; i + 2 < count; i += 3)
     steps.push_back({coefficients[i], coefficients[i + 1], coefficients[i + 2]});
-  return UseGram(steps) ? 1 : 0;
+  return UseGram(steps, d) ? 1 : 0;
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthorecallNsReadForward, Forward,
