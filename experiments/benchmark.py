@@ -377,7 +377,7 @@ def _memory_child(batch, seq_len):
 
 
 def _format(records) -> str:
-    lines = [f"{'name':<18}{'read':<6}{'batch':>7}{'len':>6}{'seeds':>6}  figure"]
+    lines = [f"{'name':<28}{'read':<8}{'batch':>7}{'len':>6}{'seeds':>6}  figure"]
     for r in records:
         if "tokens_per_s" in r:
             figure = f"{r['tokens_per_s']:,.0f} tokens/s ({r['seconds']:.3f} s)"
@@ -394,7 +394,7 @@ def _format(records) -> str:
             figure = f"compiled step {r['bytes'] / 2**30:.1f} GiB (extrapolated, {r['backend']})"
         cells = [r["name"], r["read"] or "", r["batch"] or "", r["seq_len"] or "", r["seeds"] or ""]
         lines.append(
-            f"{cells[0]:<18}{cells[1]:<6}{cells[2]!s:>7}{cells[3]!s:>6}{cells[4]!s:>6}  {figure}"
+            f"{cells[0]:<28}{cells[1]:<8}{cells[2]!s:>7}{cells[3]!s:>6}{cells[4]!s:>6}  {figure}"
         )
     return "\n".join(lines)
 
