@@ -150,7 +150,9 @@ def test_sequence_matches_the_recurrence_with_resets_and_a_given_state(chunk_siz
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("read", ["ns2", pytest.param("ns5", marks=pytest.mark.slow)])
+# ns2 has the nesting of every k (products of G inside M inside products of G); NS5's
+# own gradients are checked against float64 above and in the model by test_mlstm.
+@pytest.mark.parametrize("read", ["ns2"])
 def test_sequence_gradients_match_the_recurrence(read):
     rng = np.random.default_rng(6)
     inputs = _sequence_inputs(rng, t=13)
@@ -198,7 +200,7 @@ def _recurrence_64(q, k, v, input_gate, forget_gate, steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("forget_bias", [3.0, 20.0])
+@pytest.mark.parametrize("forget_bias", [20.0])
 def test_8192_steps_stay_finite_and_as_accurate_as_the_recurrence(forget_bias):
     # forget_bias 20: f = 1 to float32, the memory only grows and G's rounding never
     # decays: the case where carrying G could drift from CᵀC.

@@ -34,7 +34,10 @@ def _loss_and_grad(params, inputs, targets, config, segment_length):
 
 @pytest.mark.parametrize(
     "read, segment_length",
-    [("raw", 13), pytest.param("ns5", 8, marks=pytest.mark.slow)],
+    [
+        pytest.param("raw", 13, marks=pytest.mark.slow),
+        pytest.param("ns5", 8, marks=pytest.mark.slow),
+    ],
 )
 def test_segments_give_the_same_loss_and_gradients(read, segment_length):
     config, params, inputs, targets = _setup(read)
