@@ -363,20 +363,9 @@ def scan(
         h, memory = mlstm.recurrent_sequence(
             q, k, v, i_pre, f_pre, read=config.read, reset=reset, state=state.memory
         )
-    elif config.sequence_form == "gram":
-        h, memory = mlstm.gram_sequence(
-            q,
-            k,
-            v,
-            i_pre,
-            f_pre,
-            read=config.read,
-            reset=reset,
-            state=state.memory,
-            chunk_size=config.chunk_size,
-        )
     else:
-        h, memory = mlstm.chunkwise_sequence(
+        form = mlstm.gram_sequence if config.sequence_form == "gram" else mlstm.chunkwise_sequence
+        h, memory = form(
             q,
             k,
             v,

@@ -253,6 +253,28 @@ def recurrent_sequence(
     return jnp.moveaxis(outs, 0, 1), final
 
 
+def _padded_inputs(q, k, v, input_gate, forget_gate, reset, length: int):
+    """float32 q, k/√d, v, log f, ĩ and a bool reset, padded in time to ``length`` with
+    identity steps (f = 1, i = 0: the state is unchanged) whose outputs are dropped."""
+    b, t, _, d = q.shape
+    if reset is None:
+        reset = jnp.zeros((b, t), bool)
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    k = k / math.sqrt(d)
+    log_f = jax.nn.log_sigmoid(forget_gate.astype(jnp.float32))
+    i_pre = input_gate.astype(jnp.float32)
+    pad = length - t
+    if pad:
+        time_pad = lambda x, value: jnp.pad(
+            x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
+        )
+        q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
+        log_f = time_pad(log_f, 0.0)
+        i_pre = time_pad(i_pre, _LOG_ZERO)
+        reset = time_pad(reset, False)
+    return q, k, v, log_f, i_pre, reset
+
+
 def gram_sequence(
     q,
     k,
@@ -294,24 +316,11 @@ def gram_sequence(
     b, t, h, d = q.shape
     if state is None:
         state = initial_memory_state(b, h, d)
-    if reset is None:
-        reset = jnp.zeros((b, t), bool)
     size = min(chunk_size, t)
     num_chunks = -(-t // size)
-    pad = num_chunks * size - t
-
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    k = k / math.sqrt(d)
-    log_f = jax.nn.log_sigmoid(forget_gate.astype(jnp.float32))
-    i_pre = input_gate.astype(jnp.float32)
-    if pad:  # Identity steps (f = 1, i = 0), dropped from the outputs.
-        time_pad = lambda x, value: jnp.pad(
-            x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
-        )
-        q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
-        log_f = time_pad(log_f, 0.0)
-        i_pre = time_pad(i_pre, _LOG_ZERO)
-        reset = time_pad(reset, False)
+    q, k, v, log_f, i_pre, reset = _padded_inputs(
+        q, k, v, input_gate, forget_gate, reset, num_chunks * size
+    )
 
     def step(carry, xs):
         c, g, n, m = carry
@@ -392,24 +401,11 @@ def chunkwise_sequence(
     b, t, h, d = q.shape
     if state is None:
         state = initial_memory_state(b, h, d)
-    if reset is None:
-        reset = jnp.zeros((b, t), bool)
     size = min(chunk_size, t)
     num_chunks = -(-t // size)
-    pad = num_chunks * size - t
-
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    k = k / math.sqrt(d)
-    log_f = jax.nn.log_sigmoid(forget_gate.astype(jnp.float32))
-    i_pre = input_gate.astype(jnp.float32)
-    if pad:
-        time_pad = lambda x, value: jnp.pad(
-            x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
-        )
-        q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
-        log_f = time_pad(log_f, 0.0)
-        i_pre = time_pad(i_pre, _LOG_ZERO)
-        reset = time_pad(reset, False)
+    q, k, v, log_f, i_pre, reset = _padded_inputs(
+        q, k, v, input_gate, forget_gate, reset, num_chunks * size
+    )
 
     def to_chunks(x):
         # (B, T, H, ...) -> (num_chunks, B, H, L, ...)

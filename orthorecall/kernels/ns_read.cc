@@ -187,6 +187,16 @@ void Iterate(const Step& s, const float* x, float* g, float* p, float* tmp, floa
   MatMul<false>(x, p, next, n);
 }
 
+// a <- a + aᵀ in place (n x n).
+void AddTranspose(float* a, int n) {
+  for (int r = 0; r < n; ++r)
+    for (int col = r; col < n; ++col) {
+      const float v = a[r * n + col] + a[col * n + r];
+      a[r * n + col] = v;
+      a[col * n + r] = v;
+    }
+}
+
 int Padded(int d) { return (d + kLanes - 1) / kLanes * kLanes; }
 
 // X0 = s P C with s = 1/max(|P C|, floor) and P the prescale:
@@ -525,12 +535,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
         // Ḡ = Σ over products w = G u of w̄ uᵀ: a (n x N)(N x n) product.
         OuterProducts(program, adjoints.data(), slots.data(), g_bar, n);
         // G = X0ᵀX0, y = X0ᵀq: X̄0 = X0 (Ḡ + Ḡᵀ) + q ȳᵀ and q̄ = X0 ȳ.
-        for (int r = 0; r < n; ++r)
-          for (int col = r; col < n; ++col) {
-            const float v = g_bar[r * n + col] + g_bar[col * n + r];
-            g_bar[r * n + col] = v;
-            g_bar[col * n + r] = v;
-          }
+        AddTranspose(g_bar, n);
         MatMul<false>(x0, g_bar, x_bar, n);
         const float* y_bar = adjoints.data();
         float* qb = qb_data + m * d;
@@ -589,13 +594,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
           Polynomial(s, g, nullptr, p, n);
           for (int e = 0; e < n * n; ++e) sym[e] = s.b * m_xy[e];
         }
-        // sym <- Ḡ + Ḡᵀ (in place, symmetric).
-        for (int r = 0; r < n; ++r)
-          for (int col = r; col < n; ++col) {
-            const float v = sym[r * n + col] + sym[col * n + r];
-            sym[r * n + col] = v;
-            sym[col * n + r] = v;
-          }
+        AddTranspose(sym, n);  // sym <- Ḡ + Ḡᵀ
         MatMul<false>(y_bar, p, tmp, n);
         MatMul<false>(x, sym, y_bar, n);
         for (int e = 0; e < n * n; ++e) y_bar[e] += tmp[e];
