@@ -6,7 +6,10 @@ nothing but such products. ``kernels/ns_read.cc`` carries each memory through
 all iterations in cache, with a register-tiled product, over XLA's intra-op
 threads, and returns only h = NS_k(C)ᵀ q (forward) or (C̄, q̄) (backward,
 recomputing the iterates per matrix). ``orthorecall.newton_schulz`` uses it on
-the CPU backend; GPU/TPU lower the pure-JAX formulation instead.
+the CPU backend; GPU/TPU lower the pure-JAX formulation instead. A second pair of
+entry points, the chunk read (``chunk_read_forward``/``chunk_read_backward``, used by
+``orthorecall.chunk_read``), also forms each position's memory of a chunkwise-mLSTM
+chunk inside the kernel.
 
 The kernel is compiled on first use with the system's C++ compiler against the
 XLA FFI headers that ship with jaxlib, for this machine's instruction set, and
@@ -38,6 +41,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 FORWARD_TARGET = "orthorecall_ns_read_forward"
 BACKWARD_TARGET = "orthorecall_ns_read_backward"
+CHUNK_FORWARD_TARGET = "orthorecall_chunk_read_forward"
+CHUNK_BACKWARD_TARGET = "orthorecall_chunk_read_backward"
 _SOURCE = pathlib.Path(__file__).with_name("kernels") / "ns_read.cc"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -135,6 +140,8 @@ def available() -> bool:
         for name, symbol in (
             (FORWARD_TARGET, library.OrthorecallNsReadForward),
             (BACKWARD_TARGET, library.OrthorecallNsReadBackward),
+            (CHUNK_FORWARD_TARGET, library.OrthorecallChunkReadForward),
+            (CHUNK_BACKWARD_TARGET, library.OrthorecallChunkReadBackward),
         ):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as error:
@@ -168,24 +175,69 @@ def ns_read_backward(
     return _operation("backward", steps)(memory, query, h_bar)
 
 
-# Per operation: (target, ranks of the operands' and results' matrix axes,
-# Shardy rule: leading axes are batch, matrix axes stay whole).
+def chunk_read_forward(
+    memory: jax.Array,
+    scale: jax.Array,
+    decay: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    queries: jax.Array,
+    steps: Steps,
+) -> jax.Array:
+    """h_t = NS(C_t)ᵀ q_t for every position t of a chunk, by the kernel, with
+    C_t = scale_t C0 + Σ_s decay[t, s] k_s v_sᵀ formed inside it (never in memory).
+
+    Shapes: memory C0 (..., d, d), scale (..., L), decay (..., L, L), keys, values
+    and queries (..., L, d), float32; returns (..., L, d). Requires ``available()``;
+    jit, vmap and sharding of the leading axes work as for ``ns_read_forward``.
+    """
+    return _operation("chunk_forward", steps)(memory, scale, decay, keys, values, queries)
+
+
+def chunk_read_backward(
+    memory, scale, decay, keys, values, queries, h_bar, steps: Steps
+) -> tuple[jax.Array, ...]:
+    """The VJP of ``chunk_read_forward`` for h̄: cotangents of its six operands."""
+    return _operation("chunk_backward", steps)(memory, scale, decay, keys, values, queries, h_bar)
+
+
+# Per operation: (target, ranks of the operands' matrix axes, the operands whose shapes
+# the results take, Shardy rule: leading axes are batch, matrix axes stay whole).
+_CHUNK_OPERANDS = "... i j, ... t, ... t s, ... t i, ... t j, ... t i"
 _SIGNATURES = {
     "forward": (FORWARD_TARGET, (2, 1), (1,), "... i j, ... i -> ... j"),
-    "backward": (BACKWARD_TARGET, (2, 1, 1), (2, 1), "... i j, ... i, ... j -> ... i j, ... i"),
+    "backward": (BACKWARD_TARGET, (2, 1, 1), (0, 1), "... i j, ... i, ... j -> ... i j, ... i"),
+    "chunk_forward": (
+        CHUNK_FORWARD_TARGET,
+        (2, 1, 2, 2, 2, 2),
+        (5,),
+        f"{_CHUNK_OPERANDS} -> ... t j",
+    ),
+    "chunk_backward": (
+        CHUNK_BACKWARD_TARGET,
+        (2, 1, 2, 2, 2, 2, 2),
+        (0, 1, 2, 3, 4, 5),
+        f"{_CHUNK_OPERANDS}, ... t j -> {_CHUNK_OPERANDS}",
+    ),
 }
+
+
+def _matrix_factors(rule: str) -> tuple[str, ...]:
+    """The named (non-batch) factors of a sharding rule in order of first appearance (the
+    order Shardy wants them listed in): "... i j, ... i -> ... j" -> (i, j)."""
+    names = [name for name in rule.replace(",", " ").split() if name not in ("...", "->")]
+    return tuple(dict.fromkeys(names))
 
 
 @functools.cache
 def _operation(direction: str, steps: Steps):
-    target, operand_ranks, result_ranks, rule = _SIGNATURES[direction]
+    target, operand_ranks, result_operands, rule = _SIGNATURES[direction]
+    result_ranks = tuple(operand_ranks[i] for i in result_operands)
     coefficients = np.asarray(steps, np.float32).reshape(-1)
 
     def call(*operands):
-        batch = operands[0].shape[:-2]
         results = tuple(
-            jax.ShapeDtypeStruct(batch + operands[0].shape[-2:][:rank], jnp.float32)
-            for rank in result_ranks
+            jax.ShapeDtypeStruct(operands[i].shape, jnp.float32) for i in result_operands
         )
         return jax.ffi.ffi_call(target, results if len(results) > 1 else results[0])(
             *operands, coefficients=coefficients
@@ -214,7 +266,7 @@ def _operation(direction: str, steps: Steps):
     # JAX 0.6 lacks the replication hint; `partition` still keeps
     # the matrix axes whole there.
     hint = (
-        {"need_replication_factors": ("i", "j")}
+        {"need_replication_factors": _matrix_factors(rule)}
         if "need_replication_factors" in inspect.signature(partitioned.def_partition).parameters
         else {}
     )

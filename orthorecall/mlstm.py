@@ -19,9 +19,10 @@ Two sequence forms compute the same thing:
   chunk every position is computed at once from the chunk-start state with
   L x L decay matrices, and the stabilizer is reproduced exactly as the
   recurrence computes it (so the two agree to float32 rounding even for reads
-  that are not scale invariant). For a non-raw read, C_t of all L positions is
-  formed with one batched product and read at once (``ReadConfig.retrieve``:
-  the fused kernel on CPU). The chunk body runs under ``jax.checkpoint``:
+  that are not scale invariant). For a non-raw read, every position reads its
+  C_t = (decayed chunk-start memory) + Σ_s decay[t, s] k̂_s v_sᵀ
+  (``chunk_read.chunk_read``: on CPU the fused kernel forms each C_t in cache,
+  elsewhere one batched product forms all L). The chunk body runs under ``jax.checkpoint``:
   backward keeps the chunk-boundary states and the read's output (B, H, L, d),
   recomputes the rest, and never repeats the read itself.
 
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from orthorecall import gram_read
+from orthorecall import chunk_read, gram_read
 from orthorecall.reads import ReadConfig
 from orthorecall.validation import check_int
 
@@ -360,8 +361,10 @@ def default_chunk_size(read: ReadConfig, backend: str | None = None) -> int:
 
     Forming C_t for every position costs O(L d²) per position, so a non-raw
     read wants short chunks; the raw read never forms C_t and wants longer
-    ones. Measured on the 2-core CPU (NS5 training step, v80/s512, batch 16):
-    chunk 8/16/32/64/128 gave 2,840/3,140/2,800/2,360/1,480 tokens/s; raw:
+    ones. Measured on the 2-core CPU (NS5 training step, v80/s512, batch 16),
+    with the fused chunk read: chunk 8/16/32 gave 6,800/6,460/5,790 tokens/s and the
+    evaluation forward 8/16/32/64 22.2k/22.9k/21.1k/18.4k (before it, with XLA forming
+    the memories: train 8/16/32/64/128 2,840/3,140/2,800/2,360/1,480); raw:
     16/32/64 gave 26.8k/29.5k/29.1k. Accelerators have not been timed; there a
     non-raw read runs as XLA arrays, about 22 d x d arrays per position of a chunk
     for NS5's backward (``footprint``), so it gets 16 there too, for memory (the
@@ -544,25 +547,20 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
     if read.is_raw:
         scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay  # (B, H, L, L)
         numerator = jnp.matmul(scores, v) + state_scale[..., None] * jnp.matmul(q, state.c)
-        last_c = None
     else:
-        # C_t for every t: state part plus sum_s decay[t, s] k̂_s v_sᵀ, as one
-        # batched (d x L) @ (L x d) product per position.
-        weighted_keys = decay[..., :, :, None] * k[..., None, :, :]  # (B, H, L, L, d)
-        c = state_scale[..., None, None] * state.c[:, :, None] + jnp.matmul(
-            jnp.swapaxes(weighted_keys, -1, -2), v[:, :, None]
+        # R(C_t)ᵀq_t with C_t = state part + Σ_s decay[t, s] k̂_s v_sᵀ (formed inside the
+        # CPU kernel, as one batched product elsewhere). Saved through the chunk's
+        # checkpoint: backward then needs only the read's VJP, not a second forward read.
+        numerator = checkpoint_name(
+            chunk_read.chunk_read(state.c, state_scale, decay, k, v, q, read),
+            READ_CHECKPOINT_NAME,
         )
-        # Saved through the chunk's checkpoint: backward then needs only the
-        # read's VJP, not a second forward read.
-        numerator = checkpoint_name(read.retrieve(c, q), READ_CHECKPOINT_NAME)
-        last_c = c[:, :, -1]
     h = _normalized_read(numerator, q_dot_n, m)
 
-    if last_c is None:
-        last_weights = decay[..., -1, :]  # (B, H, L)
-        last_c = state_scale[..., -1, None, None] * state.c + jnp.matmul(
-            jnp.swapaxes(k * last_weights[..., None], -1, -2), v
-        )
+    last_weights = decay[..., -1, :]  # (B, H, L)
+    last_c = state_scale[..., -1, None, None] * state.c + jnp.matmul(
+        jnp.swapaxes(k * last_weights[..., None], -1, -2), v
+    )
     h = jnp.where(bad_h, jnp.nan, h)
     bad_last_c = (
         bad_m[..., -1, None, None]

@@ -12,6 +12,11 @@
 // (3^k - 1) / 2 products of G with a vector (see "The read through the Gram matrix"
 // below; 121 for NS5, a quarter of the explicit iteration's flops).
 //
+// Two entry points: the read of given memories (OrthorecallNsRead*), and the chunk read
+// (OrthorecallChunkRead*), which first forms each memory of a chunk of the chunkwise mLSTM
+// from the chunk-start memory and the chunk's keys, values and decay matrix (see "The
+// chunk read" below), so that those memories never exist outside the kernel.
+//
 // Only the read's result h = NS_k(C)ᵀ q leaves the kernel; the backward
 // recomputes the iterates per matrix, so neither pass stores a d x d array per
 // iteration in memory (the XLA formulation keeps 2k of them per position).
@@ -439,47 +444,167 @@ std::vector<Step> Steps(ffi::Span<const float> coefficients) {
   return steps;
 }
 
+// One thread's reader: the read of one memory at a time, forward or backward, with
+// its work space allocated once.
+class Reader {
+ public:
+  Reader(const std::vector<Step>& steps, int d, bool backward)
+      : steps_(steps),
+        d_(d),
+        n_(Padded(d)),
+        gram_(UseGram(steps, d)),
+        program_(gram_ ? steps : std::vector<Step>()),
+        scratch_(n_, gram_ ? 4 : (backward ? 2 * static_cast<int>(steps.size()) + 6 : 5)),
+        slots_(gram_ ? static_cast<size_t>(program_.slots()) * n_ : 1),
+        adjoints_(gram_ && backward ? static_cast<size_t>(program_.slots()) * n_ : 1),
+        product_(n_) {}
+
+  // h = NS_k(c)ᵀq; c is d x d row-major, q and h d floats.
+  void Forward(const float* c, const float* q, float* h) {
+    const int d = d_, n = n_;
+    if (gram_) {
+      float *x0 = scratch_[0], *g = scratch_[1];
+      Normalize(c, d, n, x0);
+      GramAndProjection(x0, q, g, slots_.data(), d, n);
+      RunGramProgram(program_, g, slots_.data(), d, n);
+      std::memcpy(h, slots_.data() + static_cast<size_t>(program_.result()) * n,
+                  sizeof(float) * d);
+      return;
+    }
+    float *x = scratch_[0], *next = scratch_[1], *g = scratch_[2], *p = scratch_[3],
+          *tmp = scratch_[4];
+    Normalize(c, d, n, x);
+    for (const Step& s : steps_) {
+      Iterate(s, x, g, p, tmp, next, n);
+      std::swap(x, next);
+    }
+    for (int j = 0; j < d; ++j) h[j] = 0.0f;
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) h[j] += q[i] * x[i * n + j];
+  }
+
+  // (c̄, q̄) for h̄: the VJP of Forward at (c, q).
+  void Backward(const float* c, const float* q, const float* h_bar, float* c_bar, float* q_bar) {
+    if (gram_) {
+      GramBackward(c, q, h_bar, c_bar, q_bar);
+    } else {
+      ExplicitBackward(c, q, h_bar, c_bar, q_bar);
+    }
+  }
+
+ private:
+  void GramBackward(const float* c, const float* q, const float* h_bar, float* c_bar,
+                    float* q_bar) {
+    const int d = d_, n = n_;
+    const size_t size = static_cast<size_t>(program_.slots()) * n;
+    float *x0 = scratch_[0], *g = scratch_[1], *g_bar = scratch_[2], *x_bar = scratch_[3];
+    float *slots = slots_.data(), *adjoints = adjoints_.data(), *product = product_.data();
+    const Normalization norm = Normalize(c, d, n, x0);
+    GramAndProjection(x0, q, g, slots, d, n);
+    RunGramProgram(program_, g, slots, d, n);
+    // Reverse sweep with G fixed: a slot's adjoint is complete when the sweep
+    // reaches the op that wrote it (its uses all come later in the program).
+    std::memset(adjoints, 0, sizeof(float) * size);
+    std::memcpy(adjoints + static_cast<size_t>(program_.result()) * n, h_bar, sizeof(float) * d);
+    const auto& ops = program_.ops();
+    for (auto op = ops.rbegin(); op != ops.rend(); ++op) {
+      const float* dst_bar = adjoints + static_cast<size_t>(op->dst) * n;
+      float* src1_bar = adjoints + static_cast<size_t>(op->src1) * n;
+      if (op->matvec) {
+        MatVec(g, dst_bar, product, d, n);  // Gᵀ = G
+        for (int i = 0; i < n; ++i) src1_bar[i] += product[i];
+      } else {
+        float* src2_bar = adjoints + static_cast<size_t>(op->src2) * n;
+        for (int i = 0; i < n; ++i) {
+          src1_bar[i] += op->a * dst_bar[i];
+          src2_bar[i] += op->b * dst_bar[i];
+        }
+      }
+    }
+    // Ḡ = Σ over products w = G u of w̄ uᵀ: a (n x N)(N x n) product.
+    OuterProducts(program_, adjoints, slots, g_bar, n);
+    // G = X0ᵀX0, y = X0ᵀq: X̄0 = X0 (Ḡ + Ḡᵀ) + q ȳᵀ and q̄ = X0 ȳ.
+    AddTranspose(g_bar, n);
+    MatMul<false>(x0, g_bar, x_bar, n);
+    const float* y_bar = adjoints;
+    for (int i = 0; i < d; ++i) {
+      float sum = 0.0f;
+      for (int j = 0; j < d; ++j) {
+        x_bar[i * n + j] += q[i] * y_bar[j];
+        sum += x0[i * n + j] * y_bar[j];
+      }
+      q_bar[i] = sum;
+    }
+    WriteMemoryCotangent(norm, x0, x_bar, c_bar, d, n);
+  }
+
+  void ExplicitBackward(const float* c, const float* q, const float* h_bar, float* c_bar,
+                        float* q_bar) {
+    const int d = d_, n = n_, k = static_cast<int>(steps_.size());
+    // Iterates X_0..X_k and Grams G_0..G_{k-1}, then five work matrices.
+    auto iterate = [&](int i) { return scratch_[i]; };
+    auto gram = [&](int i) { return scratch_[k + 1 + i]; };
+    float *y_bar = scratch_[2 * k + 1], *p = scratch_[2 * k + 2], *m_xy = scratch_[2 * k + 3],
+          *sym = scratch_[2 * k + 4], *tmp = scratch_[2 * k + 5];
+    const Normalization norm = Normalize(c, d, n, iterate(0));
+    for (int i = 0; i < k; ++i) Iterate(steps_[i], iterate(i), gram(i), p, tmp, iterate(i + 1), n);
+    const float* x_out = iterate(k);
+    // h = Xᵀq: q̄ = X h̄ and X̄ = q h̄ᵀ.
+    for (int i = 0; i < d; ++i) {
+      float sum = 0.0f;
+      for (int j = 0; j < d; ++j) sum += x_out[i * n + j] * h_bar[j];
+      q_bar[i] = sum;
+    }
+    std::memset(y_bar, 0, sizeof(float) * n * n);
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) y_bar[i * n + j] = q[i] * h_bar[j];
+    // Y = X P(G), G = XᵀX:  X̄ = Ȳ P(G) + X (Ḡ + Ḡᵀ),
+    // Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
+    for (int i = k - 1; i >= 0; --i) {
+      const Step& s = steps_[i];
+      const float* x = iterate(i);
+      const float* g = gram(i);
+      MatMul<true>(x, y_bar, m_xy, n);
+      if (s.c != 0.0f) {
+        MatMul<false>(g, g, tmp, n);
+        Polynomial(s, g, tmp, p, n);
+        MatMul<false>(g, m_xy, tmp, n);
+        for (int e = 0; e < n * n; ++e) sym[e] = s.b * m_xy[e] + s.c * tmp[e];
+        MatMul<false>(m_xy, g, tmp, n);
+        for (int e = 0; e < n * n; ++e) sym[e] += s.c * tmp[e];
+      } else {
+        Polynomial(s, g, nullptr, p, n);
+        for (int e = 0; e < n * n; ++e) sym[e] = s.b * m_xy[e];
+      }
+      AddTranspose(sym, n);  // sym <- Ḡ + Ḡᵀ
+      MatMul<false>(y_bar, p, tmp, n);
+      MatMul<false>(x, sym, y_bar, n);
+      for (int e = 0; e < n * n; ++e) y_bar[e] += tmp[e];
+    }
+    WriteMemoryCotangent(norm, iterate(0), y_bar, c_bar, d, n);
+  }
+
+  std::vector<Step> steps_;
+  int d_, n_;
+  bool gram_;
+  GramProgram program_;
+  Scratch scratch_;
+  AlignedBuffer slots_, adjoints_, product_;
+};
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> q,
                    ffi::Span<const float> coefficients, ffi::ResultBuffer<ffi::F32> h) {
   int64_t count;
   int d;
   if (auto error = CheckShapes(c, q, &count, &d, coefficients); error.failure()) return error;
   const std::vector<Step> steps = Steps(coefficients);
-  const int n = Padded(d);
   const float* c_data = c.typed_data();
   const float* q_data = q.typed_data();
   float* h_data = h->typed_data();
-  if (UseGram(steps, d)) {
-    const GramProgram program(steps);
-    ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
-      Scratch scratch(n, 2);
-      AlignedBuffer slots(static_cast<size_t>(program.slots()) * n);
-      float *x0 = scratch[0], *g = scratch[1];
-      for (int64_t m = begin; m < end; ++m) {
-        Normalize(c_data + m * d * d, d, n, x0);
-        GramAndProjection(x0, q_data + m * d, g, slots.data(), d, n);
-        RunGramProgram(program, g, slots.data(), d, n);
-        std::memcpy(h_data + m * d, slots.data() + static_cast<size_t>(program.result()) * n,
-                    sizeof(float) * d);
-      }
-    });
-    return ffi::Error::Success();
-  }
   ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
-    Scratch scratch(n, 5);
-    float *x = scratch[0], *next = scratch[1], *g = scratch[2], *p = scratch[3], *tmp = scratch[4];
-    for (int64_t m = begin; m < end; ++m) {
-      Normalize(c_data + m * d * d, d, n, x);
-      for (const Step& s : steps) {
-        Iterate(s, x, g, p, tmp, next, n);
-        std::swap(x, next);
-      }
-      const float* qm = q_data + m * d;
-      float* hm = h_data + m * d;
-      for (int j = 0; j < d; ++j) hm[j] = 0.0f;
-      for (int i = 0; i < d; ++i)
-        for (int j = 0; j < d; ++j) hm[j] += qm[i] * x[i * n + j];
-    }
+    Reader reader(steps, d, /*backward=*/false);
+    for (int64_t m = begin; m < end; ++m)
+      reader.Forward(c_data + m * d * d, q_data + m * d, h_data + m * d);
   });
   return ffi::Error::Success();
 }
@@ -491,115 +616,187 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c, ffi::Buffer<f
   int d;
   if (auto error = CheckShapes(c, q, &count, &d, coefficients); error.failure()) return error;
   const std::vector<Step> steps = Steps(coefficients);
-  const int k = static_cast<int>(steps.size());
-  const int n = Padded(d);
   const float* c_data = c.typed_data();
   const float* q_data = q.typed_data();
   const float* hb_data = h_bar.typed_data();
   float* cb_data = c_bar->typed_data();
   float* qb_data = q_bar->typed_data();
-  if (UseGram(steps, d)) {
-    const GramProgram program(steps);
-    ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
-      Scratch scratch(n, 4);
-      const size_t size = static_cast<size_t>(program.slots()) * n;
-      AlignedBuffer slots(size), adjoints(size), product(n);
-      float *x0 = scratch[0], *g = scratch[1], *g_bar = scratch[2], *x_bar = scratch[3];
-      for (int64_t m = begin; m < end; ++m) {
-        const float* cm = c_data + m * d * d;
-        const float* qm = q_data + m * d;
-        const float* hb = hb_data + m * d;
-        const Normalization norm = Normalize(cm, d, n, x0);
-        GramAndProjection(x0, qm, g, slots.data(), d, n);
-        RunGramProgram(program, g, slots.data(), d, n);
-        // Reverse sweep with G fixed: a slot's adjoint is complete when the sweep
-        // reaches the op that wrote it (its uses all come later in the program).
-        std::memset(adjoints.data(), 0, sizeof(float) * size);
-        std::memcpy(adjoints.data() + static_cast<size_t>(program.result()) * n, hb,
-                    sizeof(float) * d);
-        const auto& ops = program.ops();
-        for (auto op = ops.rbegin(); op != ops.rend(); ++op) {
-          const float* dst_bar = adjoints.data() + static_cast<size_t>(op->dst) * n;
-          float* src1_bar = adjoints.data() + static_cast<size_t>(op->src1) * n;
-          if (op->matvec) {
-            MatVec(g, dst_bar, product.data(), d, n);  // Gᵀ = G
-            for (int i = 0; i < n; ++i) src1_bar[i] += product.data()[i];
-          } else {
-            float* src2_bar = adjoints.data() + static_cast<size_t>(op->src2) * n;
-            for (int i = 0; i < n; ++i) {
-              src1_bar[i] += op->a * dst_bar[i];
-              src2_bar[i] += op->b * dst_bar[i];
+  ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
+    Reader reader(steps, d, /*backward=*/true);
+    for (int64_t m = begin; m < end; ++m)
+      reader.Backward(c_data + m * d * d, q_data + m * d, hb_data + m * d, cb_data + m * d * d,
+                      qb_data + m * d);
+  });
+  return ffi::Error::Success();
+}
+
+// ---- The chunk read: each position's memory formed inside the kernel ----
+//
+// The chunkwise mLSTM (orthorecall.mlstm) reads R(C_t)ᵀq_t at every position t of a chunk
+// of L from C_t = scale_t C0 + Σ_s decay[t, s] k_s v_sᵀ. Formed by XLA, the L memories
+// of every (batch, head) go to memory and come back, forward and backward, and that
+// traffic cost more than the reads themselves (NS5 training step, v80/s512, batch 16:
+// 0.77 of 1.78 s). Here each C_t is formed in cache, read and dropped; backward forms
+// it again and turns its cotangent into those of scale, decay, k, v and C0 at once.
+
+// Sum of a[i] b[i] over count floats, in eight partial sums (a single chain of
+// dependent additions would bound the speed).
+inline float Dot(const float* a, const float* b, int count) {
+  float partial[8] = {};
+  int i = 0;
+  for (; i + 8 <= count; i += 8)
+    for (int lane = 0; lane < 8; ++lane) partial[lane] += a[i + lane] * b[i + lane];
+  for (; i < count; ++i) partial[0] += a[i] * b[i];
+  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+         ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+}
+
+// memory = scale c0 + Σ_s decay_row[s] k_s v_sᵀ (d x d row-major; k, v are L x d).
+void FormMemory(const float* c0, float scale, const float* decay_row, const float* k,
+                const float* v, int length, int d, float* memory) {
+  for (int e = 0; e < d * d; ++e) memory[e] = scale * c0[e];
+  for (int s = 0; s < length; ++s) {
+    const float* ks = k + s * d;
+    const float* vs = v + s * d;
+    for (int i = 0; i < d; ++i) {
+      const float weight = decay_row[s] * ks[i];
+      float* row = memory + i * d;
+      for (int j = 0; j < d; ++j) row[j] += weight * vs[j];
+    }
+  }
+}
+
+struct ChunkShape {
+  int64_t count;  // (batch, head) pairs
+  int length;     // L
+  int d;
+};
+
+ffi::Error CheckChunkShapes(ffi::Buffer<ffi::F32>& c0, ffi::Buffer<ffi::F32>& scale,
+                            ffi::Buffer<ffi::F32>& decay, ffi::Buffer<ffi::F32>& k,
+                            ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& q,
+                            ffi::Span<const float> coefficients, ChunkShape* shape) {
+  auto c_dims = c0.dimensions();
+  auto q_dims = q.dimensions();
+  if (c_dims.size() < 2 || c_dims[c_dims.size() - 1] != c_dims[c_dims.size() - 2])
+    return ffi::Error::InvalidArgument("chunk_read: memory must be (..., d, d)");
+  const int64_t d = c_dims[c_dims.size() - 1];
+  if (q_dims.size() < 2 || q_dims[q_dims.size() - 1] != d)
+    return ffi::Error::InvalidArgument("chunk_read: queries must be (..., L, d)");
+  const int64_t length = q_dims[q_dims.size() - 2];
+  const int64_t count = c0.element_count() / (d * d);
+  if (q.element_count() != count * length * d || k.element_count() != q.element_count() ||
+      v.element_count() != q.element_count() || scale.element_count() != count * length ||
+      decay.element_count() != count * length * length)
+    return ffi::Error::InvalidArgument(
+        "chunk_read: operands must be (..., d, d), (..., L), (..., L, L) and three (..., L, d)");
+  if (coefficients.size() % 3 != 0)
+    return ffi::Error::InvalidArgument("chunk_read: coefficients must be (a, b, c) triples");
+  *shape = {count, static_cast<int>(length), static_cast<int>(d)};
+  return ffi::Error::Success();
+}
+
+ffi::Error ChunkForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c0,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> decay,
+                        ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> q,
+                        ffi::Span<const float> coefficients, ffi::ResultBuffer<ffi::F32> h) {
+  ChunkShape shape;
+  if (auto error = CheckChunkShapes(c0, scale, decay, k, v, q, coefficients, &shape);
+      error.failure())
+    return error;
+  const std::vector<Step> steps = Steps(coefficients);
+  const int L = shape.length, d = shape.d;
+  const float *c0_data = c0.typed_data(), *scale_data = scale.typed_data(),
+              *decay_data = decay.typed_data(), *k_data = k.typed_data(),
+              *v_data = v.typed_data(), *q_data = q.typed_data();
+  float* h_data = h->typed_data();
+  ParallelFor(pool, shape.count, [&](int64_t begin, int64_t end) {
+    Reader reader(steps, d, /*backward=*/false);
+    AlignedBuffer memory(static_cast<size_t>(d) * d);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* km = k_data + m * L * d;
+      const float* vm = v_data + m * L * d;
+      for (int t = 0; t < L; ++t) {
+        const int64_t position = m * L + t;
+        FormMemory(c0_data + m * d * d, scale_data[position], decay_data + position * L, km, vm,
+                   L, d, memory.data());
+        reader.Forward(memory.data(), q_data + position * d, h_data + position * d);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ChunkBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c0,
+                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> decay,
+                         ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                         ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> h_bar,
+                         ffi::Span<const float> coefficients, ffi::ResultBuffer<ffi::F32> c0_bar,
+                         ffi::ResultBuffer<ffi::F32> scale_bar,
+                         ffi::ResultBuffer<ffi::F32> decay_bar, ffi::ResultBuffer<ffi::F32> k_bar,
+                         ffi::ResultBuffer<ffi::F32> v_bar, ffi::ResultBuffer<ffi::F32> q_bar) {
+  ChunkShape shape;
+  if (auto error = CheckChunkShapes(c0, scale, decay, k, v, q, coefficients, &shape);
+      error.failure())
+    return error;
+  const std::vector<Step> steps = Steps(coefficients);
+  const int L = shape.length, d = shape.d;
+  const float *c0_data = c0.typed_data(), *scale_data = scale.typed_data(),
+              *decay_data = decay.typed_data(), *k_data = k.typed_data(),
+              *v_data = v.typed_data(), *q_data = q.typed_data(), *hb_data = h_bar.typed_data();
+  float *c0b_data = c0_bar->typed_data(), *sb_data = scale_bar->typed_data(),
+        *db_data = decay_bar->typed_data(), *kb_data = k_bar->typed_data(),
+        *vb_data = v_bar->typed_data(), *qb_data = q_bar->typed_data();
+  ParallelFor(pool, shape.count, [&](int64_t begin, int64_t end) {
+    Reader reader(steps, d, /*backward=*/true);
+    const size_t area = static_cast<size_t>(d) * d;
+    AlignedBuffer memory(area), memory_bar(area), transposed(area), u(d), w(d);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* c0m = c0_data + m * d * d;
+      const float* km = k_data + m * L * d;
+      const float* vm = v_data + m * L * d;
+      float* c0b = c0b_data + m * d * d;
+      float* kb = kb_data + m * L * d;
+      float* vb = vb_data + m * L * d;
+      std::memset(c0b, 0, sizeof(float) * area);
+      std::memset(kb, 0, sizeof(float) * L * d);
+      std::memset(vb, 0, sizeof(float) * L * d);
+      for (int t = 0; t < L; ++t) {
+        const int64_t position = m * L + t;
+        const float* decay_row = decay_data + position * L;
+        FormMemory(c0m, scale_data[position], decay_row, km, vm, L, d, memory.data());
+        reader.Backward(memory.data(), q_data + position * d, hb_data + position * d,
+                        memory_bar.data(), qb_data + position * d);
+        const float* cb = memory_bar.data();
+        // C_t = scale_t C0 + Σ_s decay[t, s] k_s v_sᵀ.
+        sb_data[position] = Dot(cb, c0m, d * d);
+        const float scale_t = scale_data[position];
+        for (size_t e = 0; e < area; ++e) c0b[e] += scale_t * cb[e];
+        for (int i = 0; i < d; ++i)
+          for (int j = 0; j < d; ++j) transposed.data()[j * d + i] = cb[i * d + j];
+        for (int s = 0; s < L; ++s) {
+          const float* ks = km + s * d;
+          const float* vs = vm + s * d;
+          // u = C̄ᵀk_s and w = C̄ v_s, both as sums of rows.
+          std::memset(u.data(), 0, sizeof(float) * d);
+          std::memset(w.data(), 0, sizeof(float) * d);
+          for (int i = 0; i < d; ++i) {
+            const float ki = ks[i], vi = vs[i];
+            const float* row = cb + i * d;
+            const float* column = transposed.data() + i * d;
+            for (int j = 0; j < d; ++j) {
+              u.data()[j] += ki * row[j];
+              w.data()[j] += vi * column[j];
             }
           }
-        }
-        // Ḡ = Σ over products w = G u of w̄ uᵀ: a (n x N)(N x n) product.
-        OuterProducts(program, adjoints.data(), slots.data(), g_bar, n);
-        // G = X0ᵀX0, y = X0ᵀq: X̄0 = X0 (Ḡ + Ḡᵀ) + q ȳᵀ and q̄ = X0 ȳ.
-        AddTranspose(g_bar, n);
-        MatMul<false>(x0, g_bar, x_bar, n);
-        const float* y_bar = adjoints.data();
-        float* qb = qb_data + m * d;
-        for (int i = 0; i < d; ++i) {
-          float sum = 0.0f;
+          db_data[position * L + s] = Dot(u.data(), vs, d);
+          const float weight = decay_row[s];
           for (int j = 0; j < d; ++j) {
-            x_bar[i * n + j] += qm[i] * y_bar[j];
-            sum += x0[i * n + j] * y_bar[j];
+            kb[s * d + j] += weight * w.data()[j];
+            vb[s * d + j] += weight * u.data()[j];
           }
-          qb[i] = sum;
         }
-        WriteMemoryCotangent(norm, x0, x_bar, cb_data + m * d * d, d, n);
       }
-    });
-    return ffi::Error::Success();
-  }
-  ParallelFor(pool, count, [&](int64_t begin, int64_t end) {
-    // Iterates X_0..X_k and Grams G_0..G_{k-1}, then five work matrices.
-    Scratch scratch(n, 2 * k + 6);
-    auto iterate = [&](int i) { return scratch[i]; };
-    auto gram = [&](int i) { return scratch[k + 1 + i]; };
-    float *y_bar = scratch[2 * k + 1], *p = scratch[2 * k + 2], *m_xy = scratch[2 * k + 3],
-          *sym = scratch[2 * k + 4], *tmp = scratch[2 * k + 5];
-    for (int64_t m = begin; m < end; ++m) {
-      const float* cm = c_data + m * d * d;
-      const Normalization norm = Normalize(cm, d, n, iterate(0));
-      for (int i = 0; i < k; ++i) Iterate(steps[i], iterate(i), gram(i), p, tmp, iterate(i + 1), n);
-      const float* x_out = iterate(k);
-      const float* qm = q_data + m * d;
-      const float* hb = hb_data + m * d;
-      float* qb = qb_data + m * d;
-      // h = Xᵀq: q̄ = X h̄ and X̄ = q h̄ᵀ.
-      for (int i = 0; i < d; ++i) {
-        float sum = 0.0f;
-        for (int j = 0; j < d; ++j) sum += x_out[i * n + j] * hb[j];
-        qb[i] = sum;
-      }
-      std::memset(y_bar, 0, sizeof(float) * n * n);
-      for (int i = 0; i < d; ++i)
-        for (int j = 0; j < d; ++j) y_bar[i * n + j] = qm[i] * hb[j];
-      // Y = X P(G), G = XᵀX:  X̄ = Ȳ P(G) + X (Ḡ + Ḡᵀ),
-      // Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
-      for (int i = k - 1; i >= 0; --i) {
-        const Step& s = steps[i];
-        const float* x = iterate(i);
-        const float* g = gram(i);
-        MatMul<true>(x, y_bar, m_xy, n);
-        if (s.c != 0.0f) {
-          MatMul<false>(g, g, tmp, n);
-          Polynomial(s, g, tmp, p, n);
-          MatMul<false>(g, m_xy, tmp, n);
-          for (int e = 0; e < n * n; ++e) sym[e] = s.b * m_xy[e] + s.c * tmp[e];
-          MatMul<false>(m_xy, g, tmp, n);
-          for (int e = 0; e < n * n; ++e) sym[e] += s.c * tmp[e];
-        } else {
-          Polynomial(s, g, nullptr, p, n);
-          for (int e = 0; e < n * n; ++e) sym[e] = s.b * m_xy[e];
-        }
-        AddTranspose(sym, n);  // sym <- Ḡ + Ḡᵀ
-        MatMul<false>(y_bar, p, tmp, n);
-        MatMul<false>(x, sym, y_bar, n);
-        for (int e = 0; e < n * n; ++e) y_bar[e] += tmp[e];
-      }
-      WriteMemoryCotangent(norm, iterate(0), y_bar, cb_data + m * d * d, d, n);
     }
   });
   return ffi::Error::Success();
@@ -633,3 +830,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthorecallNsReadBackward, Backward,
                                   .Attr<ffi::Span<const float>>("coefficients")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthorecallChunkReadForward, ChunkForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // C0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // decay
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Attr<ffi::Span<const float>>("coefficients")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthorecallChunkReadBackward, ChunkBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // C0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // decay
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h̄
+                                  .Attr<ffi::Span<const float>>("coefficients")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // C̄0
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // scalē
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // decaȳ
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // k̄
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // v̄
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // q̄

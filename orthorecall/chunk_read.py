@@ -1,0 +1,139 @@
+"""The read at every position of a chunk from the chunk-start memory.
+
+The chunkwise mLSTM (``mlstm.chunkwise_sequence``) reads, at each position t of a
+chunk of L, h_t = R(C_t)ᵀ q_t with
+
+    C_t = scale_t C0 + Σ_s decay[t, s] k_s v_sᵀ,
+
+C0 the memory at the chunk's start and decay the chunk's L x L (causal, stabilized)
+decay matrix. ``chunk_read`` computes that. On the CPU backend, for Newton–Schulz
+reads, a fused kernel (``cpu_kernel.chunk_read_forward``) forms each C_t in cache,
+reads it and drops it, forward and backward: formed by XLA, the L memories of every
+batch element and head go to memory and back, and that traffic cost as much as the
+reads (0.77 s of a 1.78 s NS5 training step at v80/s512, batch 16, on 2 cores).
+Elsewhere (GPU/TPU, other reads, ``implementation="xla"``) it forms all L memories
+with one batched product and reads them with ``ReadConfig.retrieve``; both compute
+the same function to float32 rounding, with the same gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from orthorecall import cpu_kernel, newton_schulz
+from orthorecall.reads import ReadConfig
+
+IMPLEMENTATIONS = ("auto", "xla")
+
+
+def chunk_memories(memory, scale, decay, keys, values):
+    """C_t = scale_t C0 + Σ_s decay[t, s] k_s v_sᵀ for every t: (..., L, d, d)."""
+    weighted_keys = decay[..., :, :, None] * keys[..., None, :, :]  # (..., L, L, d)
+    return scale[..., None, None] * memory[..., None, :, :] + jnp.matmul(
+        jnp.swapaxes(weighted_keys, -1, -2), values[..., None, :, :]
+    )
+
+
+def chunk_read(
+    memory: jax.Array,
+    scale: jax.Array,
+    decay: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    queries: jax.Array,
+    read: ReadConfig,
+    *,
+    implementation: str = "auto",
+) -> jax.Array:
+    """h_t = R(C_t)ᵀ q_t at every position of a chunk (see the module docstring).
+
+    Args:
+        memory: C0, (..., d, d).
+        scale: (..., L), the weight of C0 in each C_t.
+        decay: (..., L, L), the weight of source s in C_t.
+        keys, values, queries: (..., L, d).
+        read: the read R.
+        implementation: ``"auto"`` (the fused CPU kernel where it applies: Newton–Schulz
+            reads on the CPU backend) or ``"xla"`` (form the memories, then read).
+
+    Returns:
+        float32 (..., L, d).
+
+    Raises:
+        ValueError: inconsistent shapes or an unknown implementation.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}."
+        )
+    batch, length, d = queries.shape[:-2], queries.shape[-2], queries.shape[-1]
+    expected = {
+        "memory": (memory, batch + (d, d)),
+        "scale": (scale, batch + (length,)),
+        "decay": (decay, batch + (length, length)),
+        "keys": (keys, batch + (length, d)),
+        "values": (values, batch + (length, d)),
+    }
+    for name, (array, shape) in expected.items():
+        if array.shape != shape:
+            raise ValueError(
+                f"chunk_read: {name} must have shape {shape} for queries of shape "
+                f"{queries.shape} (..., L, d), got {array.shape}."
+            )
+    operands = tuple(x.astype(jnp.float32) for x in (memory, scale, decay, keys, values, queries))
+    if implementation == "auto" and read.implementation() == "cpu_kernel":
+        return _fused(*operands, read)
+    return _formed_read(*operands, read=read)
+
+
+def _formed_read(memory, scale, decay, keys, values, queries, *, read):
+    memories = chunk_memories(memory, scale, decay, keys, values)
+    if read.kind == "newton_schulz":
+        return newton_schulz.newton_schulz_read(
+            memories, queries, read.num_iterations, read.coefficients, implementation="xla"
+        )
+    return read.retrieve(memories, queries)
+
+
+def _steps(read: ReadConfig):
+    return newton_schulz.iteration_coefficients(read.coefficients, read.num_iterations)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused(memory, scale, decay, keys, values, queries, read):
+    return _fused_fwd(memory, scale, decay, keys, values, queries, read)[0]
+
+
+def _fused_fwd(memory, scale, decay, keys, values, queries, read):
+    operands = (memory, scale, decay, keys, values, queries)
+    # platform_dependent: a program exported or lowered for another platform from a
+    # CPU process gets the XLA formulation.
+    h = jax.lax.platform_dependent(
+        *operands,
+        cpu=functools.partial(cpu_kernel.chunk_read_forward, steps=_steps(read)),
+        default=functools.partial(_formed_read, read=read),
+    )
+    # Only the operands are kept: backward forms the memories again.
+    return h, operands
+
+
+def _formed_backward(memory, scale, decay, keys, values, queries, h_bar, *, read):
+    operands = (memory, scale, decay, keys, values, queries)
+    return jax.vjp(functools.partial(_formed_read, read=read), *operands)[1](h_bar)
+
+
+def _fused_bwd(read, operands, h_bar):
+    return tuple(
+        jax.lax.platform_dependent(
+            *operands,
+            h_bar,
+            cpu=functools.partial(cpu_kernel.chunk_read_backward, steps=_steps(read)),
+            default=functools.partial(_formed_backward, read=read),
+        )
+    )
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
