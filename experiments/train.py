@@ -366,19 +366,40 @@ def validate_config(
 
 
 def _check_resources(config, task, configs, available_memory, devices) -> None:
-    """Refuses a configuration whose steps cannot fit in the devices' memory
-    (``orthorecall.footprint``) or whose numpy data would take too long to draw."""
+    """Refuses a configuration whose steps cannot fit in the devices' memory even one
+    seed at a time (``orthorecall.footprint``) or whose numpy data would take too long
+    to draw."""
     devices = list(jax.devices() if devices is None else devices)
+    seed_groups(config, configs, available_memory=available_memory, devices=devices)
     # As training.padded_seed_count: every device holds the same number of seeds.
     seeds_per_device = -(-config.seeds.num_seeds // len(devices))
-    _check_memory(config, task, configs, available_memory, devices, seeds_per_device)
     _check_generation_time(config, task, seeds_per_device * len(devices))
 
 
-def _check_memory(config, task, configs, available_memory, devices, seeds_per_device) -> None:
-    train = config.train
+def seed_groups(
+    config: ml_collections.ConfigDict,
+    configs: dict[str, model_lib.ModelConfig],
+    *,
+    available_memory: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> int:
+    """How many groups of seeds the trainer updates and evaluates one after the other on
+    each device (``training.make_train_step``'s ``seed_groups``): 1 when a training step
+    and an evaluation of all the device's seeds fit in its memory, otherwise the fewest
+    groups (a divisor of the device's seed count) that make both fit, from
+    ``orthorecall.footprint``'s estimates. Nothing about the results depends on it, so
+    it is decided on the machine at hand and not part of the configuration.
+
+    Args: as :func:`validate_config` (``configs`` is what that returns).
+
+    Raises:
+        ConfigError: the parameters or the validation set alone do not fit, or even one
+            seed at a time does not.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    seeds_per_device = -(-config.seeds.num_seeds // len(devices))
+    train, length = config.train, task_from_config(config).example_len
     reads = list(configs.values())
-    length = task.example_len
     backend = devices[0].platform
     state = footprint.state_bytes(reads, seeds_per_device=seeds_per_device)
     val_set = footprint.validation_set_bytes(
@@ -388,36 +409,43 @@ def _check_memory(config, task, configs, available_memory, devices, seeds_per_de
     # The trainer also keeps host copies of the validation set (every seed's, and their
     # stack), which on CPU come out of the devices' memory.
     host_copies = 2 * val_set if backend == "cpu" else 0
-    # The validation set stays on the devices through training, and the optimizer state
-    # through evaluation.
-    train_need = (
-        host_copies
-        + val_set
-        + footprint.train_step_memory_estimate(
-            reads,
-            batch_size=train.batch_size,
-            seq_len=length,
-            seeds_per_device=seeds_per_device,
-            backend=backend,
-            segment_length=train.get("segment_length"),
+
+    def train_need(groups):
+        # The validation set stays on the devices through training.
+        return (
+            host_copies
+            + val_set
+            + footprint.train_step_memory_estimate(
+                reads,
+                batch_size=train.batch_size,
+                seq_len=length,
+                seeds_per_device=seeds_per_device,
+                backend=backend,
+                segment_length=train.get("segment_length"),
+                seed_groups=groups,
+            )
         )
-    )
-    eval_need = (
-        host_copies
-        + state
-        + footprint.eval_step_memory_estimate(
-            reads,
-            num_batches=train.val_batches,
-            batch_size=train.val_batch_size,
-            seq_len=length,
-            seeds_per_device=seeds_per_device,
-            backend=backend,
+
+    def eval_need(groups):
+        # The optimizer state stays on the devices through evaluation.
+        return (
+            host_copies
+            + state
+            + footprint.eval_step_memory_estimate(
+                reads,
+                num_batches=train.val_batches,
+                batch_size=train.val_batch_size,
+                seq_len=length,
+                seeds_per_device=seeds_per_device,
+                backend=backend,
+                seed_groups=groups,
+            )
         )
-    )
+
     if available_memory is None:
         available_memory = footprint.per_device_available_memory(devices)
     if available_memory is None:  # The platform reports nothing: nothing to compare with.
-        return
+        return 1
     where = (
         f"per device ({seeds_per_device} seed(s) x {len(reads)} read(s) on each of "
         f"{len(devices)} device(s))"
@@ -438,21 +466,26 @@ def _check_memory(config, task, configs, available_memory, devices, seeds_per_de
             f"{footprint.format_bytes(host_copies + val_set)} {where}, the device has "
             f"{available} available; reduce train.val_batch_size or train.val_batches.",
         )
-    if train_need > available_memory:
+    divisors = [g for g in range(1, seeds_per_device + 1) if seeds_per_device % g == 0]
+    for groups in divisors:
+        if train_need(groups) <= available_memory and eval_need(groups) <= available_memory:
+            return groups
+    if train_need(seeds_per_device) > available_memory:
         _fail(
             "train.batch_size",
-            f"one training step needs about {footprint.format_bytes(train_need)} {where}, "
-            f"the device has {available} available; reduce train.batch_size, "
-            "seeds.num_seeds or task.seq_len, set or lower train.segment_length (or "
-            "model.chunk_size for a Newton-Schulz read, or the model's width).",
+            f"one training step needs about "
+            f"{footprint.format_bytes(train_need(seeds_per_device))} {where} even with one "
+            f"seed at a time, the device has {available} available; reduce "
+            "train.batch_size or task.seq_len, "
+            "set or lower train.segment_length (or model.chunk_size for a Newton-Schulz "
+            "read, or the model's width).",
         )
-    if eval_need > available_memory:
-        _fail(
-            "train.val_batch_size",
-            f"one evaluation needs about {footprint.format_bytes(eval_need)} {where}, the "
-            f"device has {available} available; reduce train.val_batch_size or "
-            "train.val_batches.",
-        )
+    _fail(
+        "train.val_batch_size",
+        f"one evaluation needs about {footprint.format_bytes(eval_need(seeds_per_device))} "
+        f"{where} even with one seed at a time, the device has {available} available; reduce "
+        "train.val_batch_size or train.val_batches.",
+    )
 
 
 def _check_generation_time(config, task, padded_seeds) -> None:
@@ -635,6 +668,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             _check_workdir_without_checkpoint(workdir, checkpointer, config_dict)
 
         task = task_from_config(config)
+        groups = seed_groups(config, configs)
         mesh = training.seed_mesh()
         num_seeds = config.seeds.num_seeds
         seeds = config.seeds.first_seed + np.arange(training.padded_seed_count(num_seeds, mesh))
@@ -681,7 +715,10 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                     data.ReferenceTrainingStream.from_state(s) for s in restored.meta["streams"]
                 ]
             resumed_from = step
-        description = _run_description(config, names) | {"config_fingerprint": fingerprint}
+        description = _run_description(config, names) | {
+            "config_fingerprint": fingerprint,
+            "seed_groups": groups,
+        }
         _atomic_write(workdir / RUN_CONFIG_FILE, json.dumps(description, indent=1))
 
         val_sets = [
@@ -696,9 +733,13 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
         if streams is None:
             sample = lambda key: data.sample_noisy_recall(key, task, batch_size=train.batch_size)
         train_step = training.make_train_step(
-            configs, optimizer, sample, segment_length=train.get("segment_length")
+            configs,
+            optimizer,
+            sample,
+            segment_length=train.get("segment_length"),
+            seed_groups=groups,
         )
-        eval_step = training.make_eval_step(configs)
+        eval_step = training.make_eval_step(configs, seed_groups=groups)
 
         # As the report counts them: reached the threshold and never diverged.
         solved = {name: set() for name in names}
@@ -737,6 +778,11 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                 for r in checkpointer.rejected
             )
             progress.note(f"resuming {workdir} from step {resumed_from}{damaged}")
+        if groups > 1:
+            progress.note(
+                f"the seeds of each device run in {groups} groups one after the other: all "
+                "at once would not fit in its memory (same results, proportionally slower)"
+            )
         # Ctrl-C / SIGTERM only set a flag, acted on between steps: raised in the middle of a
         # step, the interruption could drop the step's result after its input states were
         # donated (deleted), or leave `step`, the states and the records out of step.

@@ -173,6 +173,14 @@ def _with_margin(total: int) -> int:
     return total * 11 // 10
 
 
+def _group_size(seeds_per_device: int, seed_groups: int) -> int:
+    if seed_groups < 1 or seeds_per_device % seed_groups:
+        raise ValueError(
+            f"seed_groups={seed_groups} must be a divisor of seeds_per_device={seeds_per_device}."
+        )
+    return seeds_per_device // seed_groups
+
+
 def train_step_memory_estimate(
     model_configs: model_lib.ModelConfig | Iterable[model_lib.ModelConfig],
     *,
@@ -181,6 +189,7 @@ def train_step_memory_estimate(
     seeds_per_device: int = 1,
     backend: str | None = None,
     segment_length: int | None = None,
+    seed_groups: int = 1,
 ) -> int:
     """Bytes one device needs for one step of ``training.make_train_step``.
 
@@ -192,29 +201,37 @@ def train_step_memory_estimate(
         backend: "cpu", "gpu", "tpu" (default: JAX's), which picks the default chunk
             size and whether the Newton-Schulz read runs as the fused CPU kernel.
         segment_length: the step's ``segment_length`` (None: the whole sequence).
+        seed_groups: the step's ``seed_groups`` (a divisor of ``seeds_per_device``).
 
     Returns:
         An upper bound of XLA's figure for the compiled step, in bytes.
     """
-    # The reads are summed: they sit side by side in one program whose temporaries
-    # XLA:CPU keeps apart (raw + ns5 measured at about the sum of the two alone).
-    total = 0
+    group = _group_size(seeds_per_device, seed_groups)
+    # Parameters and both AdamW moments: the step's donated arguments and outputs (with
+    # groups also the stacked outputs of the loop and their reordering).
+    held = 0
+    # Per seed updated at once: gradients, the clipped update and the moments' new
+    # values before the select that freezes a diverged seed, and the activations.
+    per_seed = []
     for config in _as_list(model_configs):
-        # Parameters and both AdamW moments (the step's donated arguments and outputs),
-        # gradients, the clipped update and the moments' new values before the select
-        # that freezes a diverged seed.
-        total += _F32 * 7 * parameter_count(config)
+        params = _F32 * parameter_count(config)
+        held += (3 if seed_groups == 1 else 9) * params
         if segment_length is None or segment_length >= seq_len:
-            total += _activation_bytes(config, batch_size, seq_len, backend, train=True)
+            activations = _activation_bytes(config, batch_size, seq_len, backend, train=True)
         else:
             # Backward recomputes one segment at a time; the scan over segments keeps
             # each segment's starting state (C, n, m and the conv window per block).
             segments = -(-seq_len // segment_length)
-            total += _activation_bytes(config, batch_size, segment_length, backend, train=True)
-            total += segments * _F32 * batch_size * _state_floats(config)
-    # The batch (inputs, targets) and the on-device sampler's draws.
-    total += _INT32 * 8 * batch_size * (seq_len + 1)
-    return _with_margin(seeds_per_device * total)
+            activations = _activation_bytes(config, batch_size, segment_length, backend, train=True)
+            activations += segments * _F32 * batch_size * _state_floats(config)
+        per_seed.append(4 * params + activations)
+    # Without groups the reads sit side by side in one program whose temporaries XLA:CPU
+    # keeps apart (raw + ns5 measured at about the sum of the two alone); with groups
+    # each read is a loop of its own, and the loops run one after the other.
+    working = sum(per_seed) if seed_groups == 1 else max(per_seed)
+    # The batch (inputs, targets) and the on-device sampler's draws, for every seed.
+    batch = _INT32 * 8 * batch_size * (seq_len + 1)
+    return _with_margin(seeds_per_device * (held + batch) + group * working)
 
 
 def eval_step_memory_estimate(
@@ -225,6 +242,7 @@ def eval_step_memory_estimate(
     seq_len: int,
     seeds_per_device: int = 1,
     backend: str | None = None,
+    seed_groups: int = 1,
 ) -> int:
     """Bytes one device needs for one call of ``training.make_eval_step``: parameters, the
     validation set (its arguments) and one batch's forward pass (``lax.map`` over batches).
@@ -232,17 +250,19 @@ def eval_step_memory_estimate(
     Args: as :func:`train_step_memory_estimate`, with ``num_batches`` x ``batch_size``
     validation sequences per seed.
     """
+    group = _group_size(seeds_per_device, seed_groups)
     configs = _as_list(model_configs)
     activations = [
         _activation_bytes(config, batch_size, seq_len, backend, train=False) for config in configs
     ]
-    # Each read's lax.map over batches is a loop of its own, and the loops run one after
-    # the other, reusing the same temporaries; a single batch needs no loop, and then
-    # the reads' forward passes may overlap.
-    total = max(activations) if num_batches > 1 else sum(activations)
-    total += _F32 * sum(parameter_count(config) for config in configs)
-    total += validation_set_bytes(num_sequences=num_batches * batch_size, seq_len=seq_len)
-    return _with_margin(seeds_per_device * total)
+    # Each read's lax.map over batches (or groups) is a loop of its own, and the loops run
+    # one after the other, reusing the same temporaries; a single batch of a single group
+    # needs no loop, and then the reads' forward passes may overlap.
+    looped = num_batches > 1 or seed_groups > 1
+    working = max(activations) if looped else sum(activations)
+    held = _F32 * sum(parameter_count(config) for config in configs)
+    held += validation_set_bytes(num_sequences=num_batches * batch_size, seq_len=seq_len)
+    return _with_margin(seeds_per_device * held + group * working)
 
 
 def state_bytes(

@@ -270,11 +270,39 @@ def _update_one_seed(
     return new_params, new_opt_state, bad, loss, grad_norm
 
 
+def in_seed_groups(fn: Callable, seed_groups: int, *trees):
+    """``fn`` (seed-vmapped: (S, ...) leaves in and out) computed on ``seed_groups``
+    groups of seeds one after the other (``lax.map``), so that only one group's
+    temporaries are alive at a time; the same values as ``fn(*trees)``.
+
+    Group g holds seeds g, g + G, g + 2G, ...: when the seed axis is sharded over
+    devices in contiguous blocks whose size G divides, every group takes the same
+    number of seeds from every device's own block, so grouping moves no data.
+    """
+    if seed_groups == 1:
+        return fn(*trees)
+
+    def split(x):  # (S, ...) -> (G, S / G, ...)
+        return jnp.swapaxes(x.reshape((-1, seed_groups) + x.shape[1:]), 0, 1)
+
+    def merge(x):  # (G, S / G, ...) -> (S, ...)
+        return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+    grouped = jax.tree_util.tree_map(split, trees)
+    out = jax.lax.map(lambda group: fn(*group), grouped)
+    return jax.tree_util.tree_map(merge, out)
+
+
+def _check_seed_groups(seed_groups) -> int:
+    return check_int("seed_groups", seed_groups, minimum=1)
+
+
 def make_train_step(
     configs: dict[str, model_lib.ModelConfig],
     optimizer: optax.GradientTransformation,
     sample_batch: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None,
     segment_length: int | None = None,
+    seed_groups: int = 1,
 ) -> Callable:
     """Builds the jitted step over all reads and seeds.
 
@@ -285,6 +313,10 @@ def make_train_step(
             generated on device; None when batches are passed in (numpy stream).
         segment_length: None, or the loss's ``segment_length`` (``next_token_loss``):
             backward recomputes the sequence segment by segment, for memory.
+        seed_groups: G >= 1: every read's update runs on G groups of seeds one after the
+            other (``in_seed_groups``), for memory; G must divide the seed count (and,
+            on several devices, each device's share of it). Results are the same to
+            float32 rounding.
 
     Returns:
         ``step(states, keys, batch) -> (states, keys, metrics)`` where states is
@@ -295,8 +327,10 @@ def make_train_step(
     """
     if segment_length is not None:
         segment_length = check_int("segment_length", segment_length, minimum=1)
+    seed_groups = _check_seed_groups(seed_groups)
 
     def step(states, keys, batch):
+        _check_divides(seed_groups, keys.shape[0])
         if batch is None:
             split = jax.vmap(jax.random.split)(keys)
             keys, batch_keys = split[:, 0], split[:, 1]
@@ -311,8 +345,14 @@ def make_train_step(
                 optimizer=optimizer,
                 segment_length=segment_length,
             )
-            params, opt_state, bad, loss, grad_norm = jax.vmap(update)(
-                state.params, state.opt_state, state.nonfinite, inputs, targets
+            params, opt_state, bad, loss, grad_norm = in_seed_groups(
+                jax.vmap(update),
+                seed_groups,
+                state.params,
+                state.opt_state,
+                state.nonfinite,
+                inputs,
+                targets,
             )
             new_states[read] = SeedState(params, opt_state, bad)
             metrics[read] = {"loss": loss, "grad_norm": grad_norm}
@@ -321,8 +361,19 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,))
 
 
-def make_eval_step(configs: dict[str, model_lib.ModelConfig]) -> Callable:
+def _check_divides(seed_groups: int, num_seeds: int) -> None:
+    if num_seeds % seed_groups:
+        raise ValueError(
+            f"seed_groups={seed_groups} must divide the number of seeds, {num_seeds}; "
+            "pick a divisor (training.padded_seed_count pads seeds to the device count)."
+        )
+
+
+def make_eval_step(configs: dict[str, model_lib.ModelConfig], seed_groups: int = 1) -> Callable:
     """Builds the jitted evaluation of every seed of every read.
+
+    ``seed_groups`` evaluates the seeds in that many groups one after the other, as
+    ``make_train_step``'s.
 
     Returns:
         ``evaluate(states, inputs, targets) -> {read: {"accuracy", "loss"}}``
@@ -331,7 +382,10 @@ def make_eval_step(configs: dict[str, model_lib.ModelConfig]) -> Callable:
         values, as the reference reports them.
     """
 
+    seed_groups = _check_seed_groups(seed_groups)
+
     def evaluate(states, inputs, targets):
+        _check_divides(seed_groups, inputs.shape[0])
         out = {}
         for read, config in configs.items():
 
@@ -341,7 +395,9 @@ def make_eval_step(configs: dict[str, model_lib.ModelConfig]) -> Callable:
                 )
                 return {"loss": jnp.mean(losses), "accuracy": jnp.mean(accuracies)}
 
-            out[read] = jax.vmap(one_seed)(states[read].params, inputs, targets)
+            out[read] = in_seed_groups(
+                jax.vmap(one_seed), seed_groups, states[read].params, inputs, targets
+            )
         return out
 
     return jax.jit(evaluate)

@@ -352,14 +352,20 @@ def test_the_memory_of_this_machine_is_asked_by_default():
 
 
 def test_padded_seeds_count_per_device():
-    """3 seeds on 2 devices are padded to 4: 2 per device; on 3 devices, 1."""
+    """3 seeds on 2 devices are padded to 4: 2 per device; on 3 devices, 1. Where two
+    seeds do not fit but one does, the trainer runs them in two groups; where not even
+    one does, the configuration is refused."""
     config = config_with(seeds__num_seeds=3)
     one, two = _train_need(config, 1), _train_need(config, 2)
     between = (one + two) // 2
     device = jax.devices()[0]
-    train.validate_config(config, available_memory=between, devices=[device] * 3)
+    configs = train.validate_config(config, available_memory=between, devices=[device] * 3)
+    assert train.seed_groups(config, configs, available_memory=between, devices=[device] * 3) == 1
+    configs = train.validate_config(config, available_memory=between, devices=[device] * 2)
+    assert train.seed_groups(config, configs, available_memory=between, devices=[device] * 2) == 2
+    assert train.seed_groups(config, configs, available_memory=2**34, devices=[device] * 2) == 1
     with pytest.raises(train.ConfigError, match=r"2 seed\(s\) x 2 read\(s\) on each of 2"):
-        train.validate_config(config, available_memory=between, devices=[device] * 2)
+        train.validate_config(config, available_memory=one // 2, devices=[device] * 2)
 
 
 def test_an_evaluation_that_cannot_fit_names_the_validation_batch():

@@ -124,7 +124,7 @@ def xla_bytes(compiled) -> int:
     )
 
 
-def train_step_bytes(configs, *, seeds, batch_size, seq_len, segment_length=None):
+def train_step_bytes(configs, *, seeds, batch_size, seq_len, segment_length=None, seed_groups=1):
     """XLA's figure for the trainer's step (training.make_train_step, batches passed in
     as with data_source="numpy") over ``seeds`` seeds."""
     optimizer = training.make_optimizer(total_steps=10)
@@ -136,11 +136,13 @@ def train_step_bytes(configs, *, seeds, batch_size, seq_len, segment_length=None
     }
     keys = jax.ShapeDtypeStruct((seeds, 2), jnp.uint32)
     batch = (jax.ShapeDtypeStruct((seeds, batch_size, seq_len), jnp.int32),) * 2
-    step = training.make_train_step(configs, optimizer, None, segment_length=segment_length)
+    step = training.make_train_step(
+        configs, optimizer, None, segment_length=segment_length, seed_groups=seed_groups
+    )
     return xla_bytes(step.lower(states, keys, batch).compile(FAST_COMPILE))
 
 
-def eval_step_bytes(configs, *, seeds, num_batches, batch_size, seq_len):
+def eval_step_bytes(configs, *, seeds, num_batches, batch_size, seq_len, seed_groups=1):
     optimizer = training.make_optimizer(total_steps=10)
     states = {
         name: jax.eval_shape(
@@ -149,7 +151,7 @@ def eval_step_bytes(configs, *, seeds, num_batches, batch_size, seq_len):
         for name, config in configs.items()
     }
     tokens = jax.ShapeDtypeStruct((seeds, num_batches, batch_size, seq_len), jnp.int32)
-    evaluate = training.make_eval_step(configs)
+    evaluate = training.make_eval_step(configs, seed_groups=seed_groups)
     return xla_bytes(evaluate.lower(states, tokens, tokens).compile(FAST_COMPILE))
 
 
@@ -202,3 +204,29 @@ def test_the_eval_step_estimate_bounds_xla_from_above(num_batches):
         list(configs.values()), seeds_per_device=3, **shape
     )
     assert 1.0 <= estimate / measured <= MAX_OVERESTIMATE, (estimate, measured)
+
+
+@pytest.mark.slow
+def test_seed_group_estimates_bound_xla_and_shrink_with_the_groups():
+    # 4 seeds in 4 groups: one seed's activations at a time, the reads' loops in turn.
+    configs = {name: model(name) for name in ("raw", "ns5")}
+    reads = list(configs.values())
+    shape = dict(batch_size=8, seq_len=31)
+    train_estimates, eval_estimates = {}, {}
+    for groups in (1, 4):
+        measured = train_step_bytes(configs, seeds=4, seed_groups=groups, **shape)
+        estimate = footprint.train_step_memory_estimate(
+            reads, seeds_per_device=4, seed_groups=groups, **shape
+        )
+        assert 1.0 <= estimate / measured <= MAX_OVERESTIMATE, (groups, estimate, measured)
+        train_estimates[groups] = estimate
+        measured = eval_step_bytes(configs, seeds=4, num_batches=2, seed_groups=groups, **shape)
+        estimate = footprint.eval_step_memory_estimate(
+            reads, seeds_per_device=4, num_batches=2, seed_groups=groups, **shape
+        )
+        assert 1.0 <= estimate / measured <= MAX_OVERESTIMATE, (groups, estimate, measured)
+        eval_estimates[groups] = estimate
+    assert train_estimates[4] < train_estimates[1] / 2
+    assert eval_estimates[4] < eval_estimates[1] / 2
+    with pytest.raises(ValueError, match="seed_groups=3 must be a divisor"):
+        footprint.train_step_memory_estimate(reads, seeds_per_device=4, seed_groups=3, **shape)

@@ -197,6 +197,86 @@ def test_vmapped_seeds_match_single_seed_runs(ns5_steps):
 
 
 @pytest.mark.slow
+def test_seed_groups_compute_the_same_steps_and_evaluations(ns5_steps):
+    """Three groups of one seed, one after the other (the trainer's answer to a step that
+    does not fit in memory), follow the 3-seed trajectory and evaluate as it does."""
+    s = ns5_steps
+    grouped = training.make_train_step(s["configs"], s["optimizer"], None, seed_groups=3)
+    hlo = grouped.lower(s["trajectory"][0], s["keys"], s["batches"][0]).as_text()
+    assert "while" in hlo  # the groups are a loop, not three copies of the step
+    states = copy.deepcopy(s["trajectory"][0])
+    for k, batch in enumerate(s["batches"]):
+        states, _, metrics = grouped(states, s["keys"], batch)
+        np.testing.assert_allclose(metrics["ns5"]["loss"], s["losses"][k], rtol=1e-5)
+        np.testing.assert_allclose(metrics["ns5"]["grad_norm"], s["grad_norms"][k], rtol=1e-5)
+        _assert_trees_equal(_host(states), s["trajectory"][k + 1], rtol=1e-5, atol=1e-6)
+
+    inputs = np.stack([b[0] for b in s["batches"]], axis=1)  # (seeds, batches, B, L)
+    targets = np.stack([b[1] for b in s["batches"]], axis=1)
+    final = s["trajectory"][-1]
+    want = training.make_eval_step(s["configs"])(final, inputs, targets)
+    got = training.make_eval_step(s["configs"], seed_groups=3)(final, inputs, targets)
+    _assert_trees_equal(got, want, rtol=1e-6, atol=1e-7)
+
+    with pytest.raises(ValueError, match="seed_groups=2 must divide the number of seeds, 3"):
+        grouped_badly = training.make_train_step(s["configs"], s["optimizer"], None, seed_groups=2)
+        grouped_badly(states, s["keys"], s["batches"][0])
+    with pytest.raises(ValueError, match="seed_groups"):
+        training.make_eval_step(s["configs"], seed_groups=0)
+
+
+_GROUPED_ON_EIGHT_DEVICES = """
+import jax, numpy as np
+from experiments import train
+from orthorecall import training
+from tests.test_training import tiny_config
+configs = train.validate_config(tiny_config(reads="ns5"))
+# eps 1e-3: see ns5_steps (Adam turns gradient components that are float noise into
+# updates of about the learning rate).
+optimizer = training.make_optimizer(total_steps=4, eps=1e-3)
+mesh = training.seed_mesh()
+seeds = np.arange(16)  # two per device
+states = {"ns5": training.init_seed_states(seeds, configs["ns5"], optimizer)}
+states = training.shard_seeds(states, mesh)
+keys = training.shard_seeds(jax.vmap(jax.random.PRNGKey)(seeds), mesh)
+rng = np.random.default_rng(0)
+batch = training.shard_seeds(tuple(rng.integers(0, 24, (2, 16, 4, 15)).astype(np.int32)), mesh)
+host = lambda tree: jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+results = {}
+for groups in (1, 2):
+    step = training.make_train_step(configs, optimizer, None, seed_groups=groups)
+    compiled = step.lower(states, keys, batch).compile().as_text()
+    for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+        assert collective not in compiled, (groups, collective)
+    copy = jax.tree_util.tree_map(lambda x: x.copy(), states)
+    new_states, _, metrics = step(copy, keys, batch)
+    assert new_states["ns5"].params["embedding"].sharding.spec[0] == "seed"
+    results[groups] = host((new_states, metrics))
+for a, b in zip(jax.tree_util.tree_leaves(results[1]), jax.tree_util.tree_leaves(results[2])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_seed_groups_on_eight_devices_stay_on_their_devices():
+    """Seeds sharded over 8 devices and updated in 2 groups: each group takes one seed of
+    every device's own pair, so the compiled step moves no data between devices."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _GROUPED_ON_EIGHT_DEVICES],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_nonfinite_seed_is_frozen_and_others_unaffected(ns5_steps):
     """Seed 1 gets a batch with no scored position (loss 0/0 = NaN, NaN gradients) at
     step 2: it is flagged, keeps its step-1 parameters and optimizer state, stays frozen
@@ -424,6 +504,41 @@ def test_identical_runs_are_identical(two_runs):
     assert step_a == step_b == 24
     assert meta_a == meta_b
     _assert_trees_equal(state_a, state_b)  # Parameters, optimizer states and data keys.
+
+
+def _memory_that_needs_groups(config) -> int:
+    """A per-device memory in which all three seeds at once do not fit, one at a time do."""
+    configs = train.validate_config(config, available_memory=2**40)
+    for exponent in np.arange(20, 40, 0.25):
+        available = int(2**exponent)
+        try:
+            if train.seed_groups(config, configs, available_memory=available) > 1:
+                return available
+        except train.ConfigError:
+            continue
+    raise AssertionError("no memory size makes the trainer group the seeds")
+
+
+@pytest.mark.slow
+def test_seeds_are_grouped_when_the_device_memory_is_short(two_runs, tmp_path, monkeypatch):
+    """Where a step of all seeds would not fit, the trainer runs them in groups, on its
+    own, with the same results as the ungrouped run."""
+    config = tiny_config()
+    available = _memory_that_needs_groups(config)
+    configs = train.validate_config(config, available_memory=available)
+    assert train.seed_groups(config, configs, available_memory=available) == 3
+    with pytest.raises(train.ConfigError, match="even with one seed at a time"):
+        train.seed_groups(config, configs, available_memory=available // 4)
+    monkeypatch.setattr(train.footprint, "per_device_available_memory", lambda devices: available)
+    train.train_and_evaluate(config, tmp_path, tensorboard=False)
+    assert json.loads((tmp_path / "run_config.json").read_text())["seed_groups"] == 3
+    grouped = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    whole = [json.loads(line) for line in (two_runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert len(grouped) == len(whole) == 2 * 3 * 6
+    for got, want in zip(grouped, whole, strict=True):
+        assert (got["read"], got["seed"], got["step"]) == (want["read"], want["seed"], want["step"])
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-4)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
 
 
 def _snapshot(root: Path) -> dict:
@@ -710,7 +825,7 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
     captured = []
     interrupt_at = 3
 
-    def capturing_make_train_step(configs, optimizer, sample_batch, segment_length=None):
+    def capturing_make_train_step(configs, optimizer, sample_batch, **options):
         assert sample_batch is None  # Batches come from the host streams.
 
         def step(states, keys, batch):
