@@ -1,6 +1,6 @@
 """Speed and memory of the reference model, the reads and the seed vmap.
 
-    python -m experiments.benchmark [--quick | --smoke] [--json PATH]
+    python -m experiments.benchmark [--quick | --smoke] [--json PATH] [--reference_json PATH]
 
 Times (after compilation and a warm-up, medians over repeats):
 
@@ -44,6 +44,12 @@ _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repeats (under 5 mi
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny shapes, one repeat: checks the benchmark runs (figures meaningless)."
+)
+_REFERENCE_JSON = flags.DEFINE_string(
+    "reference_json",
+    None,
+    "The --json output of experiments/benchmark_reference.py, run on this machine in this "
+    "session: adds the side-by-side ratios (ours / reference) to the table and the JSON.",
 )
 _MEMORY_CHILD = flags.DEFINE_bool("memory_child", False, "Internal: run one step, print peak RSS.")
 _MEMORY_SHAPE = flags.DEFINE_list("memory_shape", ["64", "1024"], "Internal: batch,length.")
@@ -399,6 +405,47 @@ def _format(records) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(records: list[dict], reference_records: list[dict]) -> list[dict]:
+    """Our ``train_step`` / ``eval_forward`` figures next to the reference's at the same
+    read, batch and length (``benchmark_reference.py``'s ``reference_*`` records), with
+    ``ratio`` = ours / reference in tokens per second."""
+    ours = {
+        (r["name"], r["read"], r["batch"], r["seq_len"]): r
+        for r in records
+        if r["name"] in ("train_step", "eval_forward") and r.get("seeds") == 1
+    }
+    rows = []
+    for ref in reference_records:
+        figure = ref["name"].removeprefix("reference_")
+        mine = ours.get((figure, ref["read"], ref["batch"], ref["seq_len"]))
+        if mine is None:
+            continue
+        rows.append(
+            {
+                "figure": figure,
+                "read": ref["read"],
+                "batch": ref["batch"],
+                "seq_len": ref["seq_len"],
+                "orthorecall_tokens_per_s": mine["tokens_per_s"],
+                "reference_tokens_per_s": ref["tokens_per_s"],
+                "ratio": mine["tokens_per_s"] / ref["tokens_per_s"],
+                "read_flops_per_token": mine["read_flops_per_token"],
+            }
+        )
+    return rows
+
+
+def _format_side_by_side(rows: list[dict]) -> str:
+    lines = [f"{'figure':<14}{'read':<6}{'batch':>6}{'len':>6}{'ours':>12}{'reference':>12}  ratio"]
+    for r in rows:
+        lines.append(
+            f"{r['figure']:<14}{r['read']:<6}{r['batch']:>6}{r['seq_len']:>6}"
+            f"{r['orthorecall_tokens_per_s']:>12,.0f}{r['reference_tokens_per_s']:>12,.0f}"
+            f"  {r['ratio']:.1f}x"
+        )
+    return "\n".join(lines)
+
+
 # Shapes per mode: the train/eval shape, the seed-vmap pair, the read batch,
 # the gemm size and the memory measurement's shape.
 _MODES = {
@@ -501,12 +548,27 @@ def main(argv):
         return
     if _QUICK.value and _SMOKE.value:
         raise app.UsageError("--quick and --smoke are exclusive; pick one.")
+    reference = None
+    if _REFERENCE_JSON.value:
+        try:
+            with open(_REFERENCE_JSON.value) as f:
+                reference = json.load(f)["records"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise app.UsageError(
+                f"--reference_json={_REFERENCE_JSON.value} is not the --json output of "
+                f"experiments/benchmark_reference.py: {error}"
+            ) from error
     out = run_benchmark("smoke" if _SMOKE.value else "quick" if _QUICK.value else "full")
     print(
         f"{out['device']} x{out['num_devices']}, jax {out['jax_version']}, "
         f"NS read: {out['ns_read_implementation']}"
     )
     print(_format(out["records"]))
+    if reference is not None:
+        out["reference"] = {"records": reference}
+        out["side_by_side"] = side_by_side(out["records"], reference)
+        print("\nSide by side with the reference (tokens/s, this machine):")
+        print(_format_side_by_side(out["side_by_side"]))
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(out, f, indent=1)

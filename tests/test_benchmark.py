@@ -24,7 +24,29 @@ pytestmark = pytest.mark.slow
 
 def test_smoke_run_writes_the_documented_json(tmp_path):
     path = tmp_path / "bench.json"
-    done = run_module("experiments.benchmark", "--smoke", f"--json={path}", timeout=900)
+    # What benchmark_reference.py --smoke writes (figures made up: only the pairing and
+    # the ratios are checked here).
+    reference = tmp_path / "reference.json"
+    made_up = {("train_step", "raw"): 100.0, ("train_step", "ns5"): 10.0}
+    made_up |= {("eval_forward", "raw"): 400.0, ("eval_forward", "ns5"): 40.0}
+    reference.write_text(
+        json.dumps(
+            {
+                "records": [
+                    {"name": f"reference_{figure}", "read": read, "batch": 2, "seq_len": 24}
+                    | {"tokens_per_s": tokens_per_s}
+                    for (figure, read), tokens_per_s in made_up.items()
+                ]
+            }
+        )
+    )
+    done = run_module(
+        "experiments.benchmark",
+        "--smoke",
+        f"--json={path}",
+        f"--reference_json={reference}",
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(path.read_text())
     assert isinstance(out["device"], str) and out["device"].startswith("cpu")
@@ -77,6 +99,29 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
         assert 0 < small < large < r["bytes"]
     # The table is printed too.
     assert "train_step_memory" in done.stdout and "GFLOP/s" in done.stdout
+    # Side by side with the reference: each of its figures next to ours at the same shape.
+    rows = out["side_by_side"]
+    assert {(r["figure"], r["read"]) for r in rows} == set(made_up)
+    for r in rows:
+        ours = next(
+            x
+            for x in records
+            if (x["name"], x["read"], x["batch"], x["seq_len"], x["seeds"])
+            == (r["figure"], r["read"], 2, 24, 1)
+        )
+        assert r["orthorecall_tokens_per_s"] == ours["tokens_per_s"]
+        assert r["reference_tokens_per_s"] == made_up[r["figure"], r["read"]]
+        assert r["ratio"] == pytest.approx(ours["tokens_per_s"] / r["reference_tokens_per_s"])
+    assert out["reference"]["records"] == json.loads(reference.read_text())["records"]
+    assert "Side by side with the reference" in done.stdout
+
+
+def test_a_reference_file_that_is_not_the_reference_benchmark_is_refused(tmp_path):
+    bad = tmp_path / "reference.json"
+    bad.write_text('{"figures": []}')
+    done = run_module("experiments.benchmark", "--smoke", f"--reference_json={bad}")
+    assert done.returncode != 0
+    assert "is not the --json output of experiments/benchmark_reference.py" in done.stderr
 
 
 def test_quick_and_smoke_are_exclusive():
