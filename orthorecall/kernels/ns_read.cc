@@ -10,7 +10,9 @@
 // For steps without a quintic term (the cubic NS_k), k <= 6 and d > 16, the iterates are never
 // formed: h is M_{k-1} ··· M_0 X0ᵀq with M_j polynomials in G = X0ᵀX0, evaluated by
 // (3^k - 1) / 2 products of G with a vector (see "The read through the Gram matrix"
-// below; 121 for NS5, a quarter of the explicit iteration's flops).
+// below; 121 for NS5, a quarter of the explicit iteration's flops). The forward of k >= 5
+// first forms G_1 = G M_0² (two products of matrices) and runs the rest on it: 41
+// products with a vector for NS5 (see ForwardLifts).
 //
 // Two entry points: the read of given memories (OrthorecallNsRead*), and the chunk read
 // (OrthorecallChunkRead*), which first forms each memory of a chunk of the chunkwise mLSTM
@@ -380,8 +382,43 @@ void RunGramProgram(const GramProgram& program, const float* g, float* slots, in
 }
 
 // x0 (n x n, zero beyond d) -> g = x0ᵀx0 and y = x0ᵀq (n floats, zero beyond d).
+// g = xᵀx for n x n x, only the tiles on or above the diagonal multiplied (two thirds
+// of the product at n = 48), the rest mirrored. Each entry is the same sum in the same
+// order as in MatMul<true>, so g is bit for bit what that gives.
+void SymmetricGram(const float* x, float* g, int n) {
+  for (int i = 0; i < n; i += kRows)
+    for (int j0 = i / kLanes * kLanes; j0 < n; j0 += kLanes) Tile<1, true>(x, x, g, n, i, j0);
+  for (int r = 1; r < n; ++r)
+    for (int c = 0; c < r; ++c) g[r * n + c] = g[c * n + r];
+}
+
+// c = a b for n x n a, b that commute and are symmetric (so is c): the tiles on or above
+// the diagonal, the rest mirrored.
+void SymmetricProduct(const float* a, const float* b, float* c, int n) {
+  for (int i = 0; i < n; i += kRows)
+    for (int j0 = i / kLanes * kLanes; j0 < n; j0 += kLanes) Tile<1, false>(a, b, c, n, i, j0);
+  for (int r = 1; r < n; ++r)
+    for (int col = 0; col < r; ++col) c[r * n + col] = c[col * n + r];
+}
+
+// Forward only, long schedules: the first level's M_0 = aI + bG is applied to y by one
+// product with a vector, and G_1 = G M_0² = a²G + 2ab G² + b²G³ is formed with two
+// products of matrices (two thirds each, by symmetry), so the rest of the schedule runs
+// on G_1: for NS5 1 + 40 products with a vector instead of 121. A product with a vector
+// is bound by loading G (about 1.7 cycles per vector FMA measured at d = 48, AVX-512)
+// while a register-tiled product of matrices runs at about one, so trading 80 of the
+// former (80 d² FMAs) for two of the latter (4/3 d³) pays from k = 5 on at d = 48 (the
+// next level would trade 26 for two: it does not). Backward keeps the plain program.
+constexpr int kLiftMinSteps = 5;
+
+int ForwardLifts(const std::vector<Step>& steps) {
+  int lifts = 0;
+  while (static_cast<int>(steps.size()) - lifts >= kLiftMinSteps) ++lifts;
+  return lifts;
+}
+
 void GramAndProjection(const float* x0, const float* q, float* g, float* y, int d, int n) {
-  MatMul<true>(x0, x0, g, n);
+  SymmetricGram(x0, g, n);
   std::memset(y, 0, sizeof(float) * n);
   for (int i = 0; i < d; ++i)
     for (int j = 0; j < n; ++j) y[j] += q[i] * x0[i * n + j];
@@ -453,7 +490,9 @@ class Reader {
         d_(d),
         n_(Padded(d)),
         gram_(UseGram(steps, d)),
-        program_(gram_ ? steps : std::vector<Step>()),
+        lifts_(gram_ && !backward ? ForwardLifts(steps) : 0),
+        program_(gram_ ? std::vector<Step>(steps.begin() + lifts_, steps.end())
+                       : std::vector<Step>()),
         scratch_(n_, gram_ ? 4 : (backward ? 2 * static_cast<int>(steps.size()) + 6 : 5)),
         slots_(gram_ ? static_cast<size_t>(program_.slots()) * n_ : 1),
         adjoints_(gram_ && backward ? static_cast<size_t>(program_.slots()) * n_ : 1),
@@ -463,10 +502,19 @@ class Reader {
   void Forward(const float* c, const float* q, float* h) {
     const int d = d_, n = n_;
     if (gram_) {
-      float *x0 = scratch_[0], *g = scratch_[1];
+      float *x0 = scratch_[0], *g = scratch_[1], *g2 = scratch_[2], *g3 = scratch_[3];
+      float *y = slots_.data(), *product = product_.data();
       Normalize(c, d, n, x0);
-      GramAndProjection(x0, q, g, slots_.data(), d, n);
-      RunGramProgram(program_, g, slots_.data(), d, n);
+      GramAndProjection(x0, q, g, y, d, n);
+      for (int level = 0; level < lifts_; ++level) {
+        const float a = steps_[level].a, b = steps_[level].b;
+        MatVec(g, y, product, d, n);
+        for (int i = 0; i < n; ++i) y[i] = a * y[i] + b * product[i];
+        SymmetricGram(g, g2, n);        // G² = GᵀG
+        SymmetricProduct(g, g2, g3, n);  // G³
+        for (int e = 0; e < n * n; ++e) g[e] = a * a * g[e] + 2 * a * b * g2[e] + b * b * g3[e];
+      }
+      RunGramProgram(program_, g, y, d, n);
       std::memcpy(h, slots_.data() + static_cast<size_t>(program_.result()) * n,
                   sizeof(float) * d);
       return;
@@ -587,6 +635,7 @@ class Reader {
   std::vector<Step> steps_;
   int d_, n_;
   bool gram_;
+  int lifts_;  // levels applied by forming G_{j+1} (forward only)
   GramProgram program_;
   Scratch scratch_;
   AlignedBuffer slots_, adjoints_, product_;
@@ -651,11 +700,15 @@ inline float Dot(const float* a, const float* b, int count) {
          ((partial[4] + partial[5]) + (partial[6] + partial[7]));
 }
 
-// memory = scale c0 + Σ_s decay_row[s] k_s v_sᵀ (d x d row-major; k, v are L x d).
+// memory = scale c0 + Σ_s decay_row[s] k_s v_sᵀ (d x d row-major; k, v are L x d); a
+// source whose weight is exactly 0 is skipped (adds nothing, even if k_s or v_s is not
+// finite: the chunkwise mLSTM passes finite values and exact zeros where it masks).
 void FormMemory(const float* c0, float scale, const float* decay_row, const float* k,
                 const float* v, int length, int d, float* memory) {
   for (int e = 0; e < d * d; ++e) memory[e] = scale * c0[e];
   for (int s = 0; s < length; ++s) {
+    // The masked (future, other-segment) sources of the chunkwise form weigh exactly 0.
+    if (decay_row[s] == 0.0f) continue;
     const float* ks = k + s * d;
     const float* vs = v + s * d;
     for (int i = 0; i < d; ++i) {
@@ -791,6 +844,7 @@ ffi::Error ChunkBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c0,
           }
           db_data[position * L + s] = Dot(u.data(), vs, d);
           const float weight = decay_row[s];
+          if (weight == 0.0f) continue;  // as in FormMemory
           for (int j = 0; j < d; ++j) {
             kb[s * d + j] += weight * w.data()[j];
             vb[s * d + j] += weight * u.data()[j];
