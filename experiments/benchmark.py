@@ -59,7 +59,8 @@ VOCAB, SEQ_LEN = 80, 512  # The reference task (noise vocabulary 16, p = 0.8) at
 
 def read_flops(read_name: str, dim: int, *, train: bool, algorithm: str | None = None) -> int:
     """Flops of one read h = R(C)ᵀq of a d x d memory, for the algorithm that runs it:
-    ``"gram"`` (G = X0ᵀX0, then (3^k - 1) / 2 products of G with a vector), ``"explicit"``
+    ``"gram"`` (G = X0ᵀX0, then (3^k - 1) / 2 products of G with a vector; the CPU
+    kernel's forward of k >= 5 forms G_1 first, see kernels/ns_read.cc), ``"explicit"``
     (per iteration XᵀX and X P: 4 d³, 6 d³ with the quintic term) or ``"raw"`` (qᵀC).
     Training adds the backward pass as the CPU kernel and the custom VJPs run it
     (recomputation included). Counts multiply-adds as two flops; O(d²) terms besides
@@ -75,9 +76,19 @@ def read_flops(read_name: str, dim: int, *, train: bool, algorithm: str | None =
     k = read.num_iterations
     if algorithm == "gram":
         products = gram_read.matvec_count(k) * 2 * dim**2
-        forward = 2 * dim**3 + products + 2 * dim**2
-        # Recompute, reverse sweep (products again), Ḡ = W̄ᵀU (as many flops), X0 Ḡ.
-        backward = forward + 2 * products + 2 * dim**3
+        plain_forward = 2 * dim**3 + products + 2 * dim**2
+        # The kernel's forward forms G_{j+1} = G_j M_j² (two products of matrices) for the
+        # first k - 4 levels of k >= 5 and runs the rest of the schedule on it.
+        lifts = max(0, k - 4)
+        forward = (
+            2 * dim**3
+            + lifts * (4 * dim**3 + 2 * dim**2)
+            + gram_read.matvec_count(k - lifts) * 2 * dim**2
+            + 2 * dim**2
+        )
+        # Recompute (the plain program), reverse sweep (products again), Ḡ = W̄ᵀU (as
+        # many flops), X0 Ḡ.
+        backward = plain_forward + 2 * products + 2 * dim**3
     else:
         per_iteration = (4 if read.coefficients == "cubic" else 6) * dim**3
         forward = k * per_iteration

@@ -140,3 +140,18 @@ def test_reference_benchmark_refuses_a_directory_that_is_not_the_reference(tmp_p
     assert done.returncode != 0
     assert "is not a checkout of no-way-labs/recurrent-memory-scaffold" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_read_flops_count_the_algorithm_that_runs():
+    from experiments.benchmark import read_flops
+
+    d = 48
+    # Forward of NS5 through the Gram matrix: G, one lift (a product with a vector and two
+    # of matrices), 40 products with G_1, the projection.
+    lift = 4 * d**3 + 2 * d**2
+    assert read_flops("ns5", d, train=False) == 2 * d**3 + lift + 40 * 2 * d**2 + 2 * d**2
+    # NS3 does not lift: 13 products with G.
+    assert read_flops("ns3", d, train=False) == 2 * d**3 + 13 * 2 * d**2 + 2 * d**2
+    # The explicit iteration: XᵀX and X P per step, and the backward's recomputation.
+    assert read_flops("ns5", d, train=False, algorithm="explicit") == 5 * 4 * d**3
+    assert read_flops("raw", d, train=True) == 4 * d**2
