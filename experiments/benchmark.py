@@ -20,7 +20,8 @@ Times (after compilation and a warm-up, medians over repeats):
   of 128), from one seed at batches 4 and 8 extrapolated linearly; once with this
   backend's read, once with the XLA read that GPUs and TPUs run.
 
---quick repeats twice (five times without); --smoke runs everything once at
+--quick repeats twice (five times without), and more for figures that take less than
+1.5 s (until 3 s are timed, at most 50 repeats); --smoke runs everything once at
 tiny shapes (to check the benchmark works, not to measure). Prints a table
 and, with --json, writes the figures with the device kind, the JAX version and
 the configuration, so runs on other machines compare.
@@ -114,12 +115,22 @@ def _model_read_flops(read_name: str, *, train: bool) -> int:
     )
 
 
+# A figure's repeats continue until they add up to this many seconds (at most
+# _MAX_REPEATS): two repeats of a 0.1 s forward pass say little on a shared machine
+# (10-20% run to run). benchmark_reference.py times the reference the same way.
+MIN_TIMED_SECONDS = 3.0
+_MAX_REPEATS = 50
+
+
 def _median_seconds(fn, repeats: int) -> float:
     import jax
 
     jax.block_until_ready(fn())  # Compilation and warm-up.
     times = []
-    for _ in range(repeats):
+    # One repeat (--smoke) means exactly one.
+    while len(times) < repeats or (
+        repeats > 1 and sum(times) < MIN_TIMED_SECONDS and len(times) < _MAX_REPEATS
+    ):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
