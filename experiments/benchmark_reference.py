@@ -14,6 +14,9 @@ then
     /tmp/refvenv/bin/python experiments/benchmark_reference.py \\
         --reference_dir=/tmp/refscratch [--quick | --smoke] --json=PATH
 
+and ``python -m experiments.benchmark --quick --reference_json=PATH`` right after, which
+prints and records both side by side.
+
 Measured exactly as ours: a training step (forward, cross-entropy, backward, gradient
 clipping at 1.0, AdamW, the cosine schedule's step: the reference's ``train_one`` loop
 body) and an evaluation forward under ``torch.no_grad``, on batches drawn beforehand by
