@@ -7,6 +7,7 @@ already imported this module as ``tests.conftest``, so it is the same module obj
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,23 @@ def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+def assert_script_passes_on_eight_cpu_devices(script: str) -> None:
+    """Runs ``python -c script`` from the repository root with 8 simulated CPU devices
+    (set before JAX starts, hence a subprocess) and checks that it ends printing "ok"."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def with_overrides(**overrides) -> dict:

@@ -1,10 +1,6 @@
 """The fused CPU read kernel against float64 numpy and the pure-JAX read."""
 
 import ctypes
-import os
-import pathlib
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -16,6 +12,7 @@ from jax import export
 from orthorecall import cpu_kernel, reads
 from orthorecall import newton_schulz as ns
 from tests import numpy_reference as ref
+from tests.conftest import assert_script_passes_on_eight_cpu_devices
 from tests.test_newton_schulz import SCALES, assert_close, fd_gradient, scaled_memories
 
 pytestmark = pytest.mark.skipif(
@@ -247,18 +244,7 @@ print("ok")
 
 @pytest.mark.slow
 def test_sharded_over_eight_devices_reads_each_shard_locally():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=pathlib.Path(__file__).resolve().parents[1],
-    )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert_script_passes_on_eight_cpu_devices(_SHARDED_SCRIPT)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

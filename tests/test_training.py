@@ -31,7 +31,12 @@ from experiments.configs.noisy_ar import get_config
 from experiments.workdir import WorkdirError, WorkdirLock
 from orthorecall import checkpointing, data, training
 from orthorecall import model as model_lib
-from tests.conftest import REPO_ROOT, TINY_TASK, with_overrides
+from tests.conftest import (
+    REPO_ROOT,
+    TINY_TASK,
+    assert_script_passes_on_eight_cpu_devices,
+    with_overrides,
+)
 
 TASK = data.NoisyRecallTask(**TINY_TASK)
 
@@ -262,18 +267,7 @@ print("ok")
 def test_seed_groups_on_eight_devices_stay_on_their_devices():
     """Seeds sharded over 8 devices and updated in 2 groups: each group takes one seed of
     every device's own pair, so the compiled step moves no data between devices."""
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", _GROUPED_ON_EIGHT_DEVICES],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert_script_passes_on_eight_cpu_devices(_GROUPED_ON_EIGHT_DEVICES)
 
 
 @pytest.mark.slow
