@@ -33,6 +33,9 @@ from experiments.report.records import METRICS_FILE, RESULTS_JSON
 LOCK_FILE = ".lock"
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = frozenset({"train.log_every"})
+# Fields added after runs were made without them, with the value that those runs had:
+# a stored configuration without the field counts as having that value.
+FIELDS_ADDED_LATER = {"train.segment_length": None, "model.matmul_precision": "highest"}
 
 
 class WorkdirError(Exception):
@@ -64,11 +67,15 @@ def differing_fields(previous: dict, current: dict) -> str:
     differing = sorted(
         k
         for k in set(previous) | set(current)
-        if k not in RESUMABLE_FIELDS and previous.get(k) != current.get(k)
+        if k not in RESUMABLE_FIELDS and _value(previous, k) != _value(current, k)
     )
     return "; ".join(
-        f"{k}: workdir has {previous.get(k)!r}, now {current.get(k)!r}" for k in differing
+        f"{k}: workdir has {_value(previous, k)!r}, now {_value(current, k)!r}" for k in differing
     )
+
+
+def _value(flat_config: dict, field: str):
+    return flat_config.get(field, FIELDS_ADDED_LATER.get(field))
 
 
 def read_run_description(workdir: pathlib.Path) -> dict | None:

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from orthorecall import mlstm
+from orthorecall import mlstm, precision
 from orthorecall.reads import ReadConfig
 from orthorecall.validation import check_int
 
@@ -63,6 +63,10 @@ class CellConfig:
             initialization as the reference does (2 / (num_blocks sqrt(D))).
         compute_dtype: dtype of the projections ("float32" or "bfloat16");
             the memory recurrence and its state are always float32.
+        matmul_precision: precision of the matrix products of the cell and of a model
+            built from it (``orthorecall.precision``): "highest" (default: float32, as
+            the reference), "tensorfloat32", "bfloat16" or "default" (the backend's:
+            TF32 on NVIDIA GPUs, one bfloat16 pass on TPUs). CPUs always use float32.
     """
 
     embedding_dim: int = 94
@@ -76,6 +80,7 @@ class CellConfig:
     chunk_size: int | None = None
     num_blocks: int = 1
     compute_dtype: str = "float32"
+    matmul_precision: str = "highest"
 
     def __post_init__(self):
         names = (
@@ -102,6 +107,7 @@ class CellConfig:
             )
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}; use 'float32' or 'bfloat16'.")
+        precision.check_matmul_precision(self.matmul_precision)
         if self.inner_dim % self.num_heads:
             raise ValueError(
                 f"inner_dim={self.inner_dim} (from embedding_dim={self.embedding_dim}, "
@@ -280,6 +286,11 @@ def step(
     _check_input(x, config, time_axis=False)
     _check_state(state, x.shape[0], config)
     mlstm.check_reset(reset, x.shape[:1], "(batch,)")
+    with precision.matmul_precision(config.matmul_precision):
+        return _step(params, state, x, reset, config)
+
+
+def _step(params, state, x, reset, config):
     dtype = jnp.dtype(config.compute_dtype)
     conv_window = state.conv
     if reset is not None:
@@ -353,6 +364,11 @@ def scan(
     mlstm.check_reset(reset, (b, t), "(batch, time)")
     if reset is None:
         reset = jnp.zeros((b, t), bool)
+    with precision.matmul_precision(config.matmul_precision):
+        return _scan(params, x, config, reset, state)
+
+
+def _scan(params, x, config, reset, state):
     dtype = jnp.dtype(config.compute_dtype)
     u = x.astype(dtype) @ params["up_proj"].astype(dtype)
     x_m, z = jnp.split(u, 2, axis=-1)

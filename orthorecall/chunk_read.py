@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from orthorecall import cpu_kernel, newton_schulz
+from orthorecall import cpu_kernel, newton_schulz, precision
 from orthorecall.reads import ReadConfig
 
 IMPLEMENTATIONS = ("auto", "xla")
@@ -85,7 +85,7 @@ def chunk_read(
             )
     operands = tuple(x.astype(jnp.float32) for x in (memory, scale, decay, keys, values, queries))
     if implementation == "auto" and read.implementation() == "cpu_kernel":
-        return _fused(*operands, read)
+        return _fused(*operands, read, precision.current())
     return _formed_read(*operands, read=read)
 
 
@@ -102,12 +102,12 @@ def _steps(read: ReadConfig):
     return newton_schulz.iteration_coefficients(read.coefficients, read.num_iterations)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused(memory, scale, decay, keys, values, queries, read):
-    return _fused_fwd(memory, scale, decay, keys, values, queries, read)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fused(memory, scale, decay, keys, values, queries, read, jax_precision):
+    return _fused_fwd(memory, scale, decay, keys, values, queries, read, jax_precision)[0]
 
 
-def _fused_fwd(memory, scale, decay, keys, values, queries, read):
+def _fused_fwd(memory, scale, decay, keys, values, queries, read, jax_precision):
     operands = (memory, scale, decay, keys, values, queries)
     # platform_dependent: a program exported or lowered for another platform from a
     # CPU process gets the XLA formulation.
@@ -125,15 +125,17 @@ def _formed_backward(memory, scale, decay, keys, values, queries, h_bar, *, read
     return jax.vjp(functools.partial(_formed_read, read=read), *operands)[1](h_bar)
 
 
-def _fused_bwd(read, operands, h_bar):
-    return tuple(
-        jax.lax.platform_dependent(
-            *operands,
-            h_bar,
-            cpu=functools.partial(cpu_kernel.chunk_read_backward, steps=_steps(read)),
-            default=functools.partial(_formed_backward, read=read),
+def _fused_bwd(read, jax_precision, operands, h_bar):
+    # Under the precision in force when the forward was traced (orthorecall.precision).
+    with precision.scope(jax_precision):
+        return tuple(
+            jax.lax.platform_dependent(
+                *operands,
+                h_bar,
+                cpu=functools.partial(cpu_kernel.chunk_read_backward, steps=_steps(read)),
+                default=functools.partial(_formed_backward, read=read),
+            )
         )
-    )
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

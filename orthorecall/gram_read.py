@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from orthorecall import newton_schulz
+from orthorecall import newton_schulz, precision
 
 # 3^6 = 729 products: beyond this the explicit iteration (2k products of d³) is
 # cheaper at the model's d = 48, and rounding in G starts to matter (module docstring).
@@ -82,7 +82,6 @@ def _evaluate(gram, y, steps: Steps, offsets=None):
     return h, inputs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def nested_read(gram: jax.Array, y: jax.Array, steps: Steps) -> jax.Array:
     """M_{k-1} ··· M_0 y for a normalized Gram matrix G_0 = X_0ᵀX_0 and y = X_0ᵀq.
 
@@ -97,16 +96,27 @@ def nested_read(gram: jax.Array, y: jax.Array, steps: Steps) -> jax.Array:
     The VJP keeps only ``gram`` and ``y``: backward recomputes the products' inputs U
     (N x d, N = ``matvec_count``), gets every product's output cotangent W̄ in one
     reverse sweep that never touches Ḡ, and forms Ḡ = W̄ᵀU as one (d x N)(N x d)
-    product instead of N outer products.
+    product instead of N outer products. Backward runs under the matrix-product precision
+    in force when the forward was traced (``orthorecall.precision``).
     """
+    return _nested_read(gram, y, steps, precision.current())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _nested_read(gram, y, steps, jax_precision):
     return _evaluate(gram, y, steps)[0]
 
 
-def _nested_read_fwd(gram, y, steps):
-    return nested_read(gram, y, steps), (gram, y)
+def _nested_read_fwd(gram, y, steps, jax_precision):
+    return _evaluate(gram, y, steps)[0], (gram, y)
 
 
-def _nested_read_bwd(steps, residuals, h_bar):
+def _nested_read_bwd(steps, jax_precision, residuals, h_bar):
+    with precision.scope(jax_precision):
+        return _nested_read_backward(steps, residuals, h_bar)
+
+
+def _nested_read_backward(steps, residuals, h_bar):
     gram, y = residuals
     count = matvec_count(len(steps))
     offsets = jnp.zeros((count,) + y.shape, y.dtype)
@@ -118,7 +128,7 @@ def _nested_read_bwd(steps, residuals, h_bar):
     return gram_bar, y_bar
 
 
-nested_read.defvjp(_nested_read_fwd, _nested_read_bwd)
+_nested_read.defvjp(_nested_read_fwd, _nested_read_bwd)
 
 
 def gram_read(gram: jax.Array, memory_t_query: jax.Array, steps: Steps) -> jax.Array:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from orthorecall import cell as cell_lib
-from orthorecall import mlstm
+from orthorecall import mlstm, precision
 from orthorecall.validation import check_int
 
 Params = dict[str, Any]
@@ -210,20 +210,21 @@ def apply(
     mlstm.check_reset(reset, tokens.shape, "(batch, time)")
     if state is not None:
         _check_states(state, config)
-    h = _embed(params, tokens)
-    states = state if state is not None else [None] * config.num_blocks
-    new_states = []
-    for block, block_state in zip(params["blocks"], states, strict=True):
-        y, block_state = cell_lib.scan(
-            block["mlstm"],
-            cell_lib.layer_norm(h, block["norm"]["scale"]),
-            config.cell,
-            reset=reset,
-            state=block_state,
-        )
-        h = h + y
-        new_states.append(block_state)
-    logits = _head(params, h)
+    with precision.matmul_precision(config.cell.matmul_precision):
+        h = _embed(params, tokens)
+        states = state if state is not None else [None] * config.num_blocks
+        new_states = []
+        for block, block_state in zip(params["blocks"], states, strict=True):
+            y, block_state = cell_lib.scan(
+                block["mlstm"],
+                cell_lib.layer_norm(h, block["norm"]["scale"]),
+                config.cell,
+                reset=reset,
+                state=block_state,
+            )
+            h = h + y
+            new_states.append(block_state)
+        logits = _head(params, h)
     return (logits, new_states) if return_state else logits
 
 
@@ -255,19 +256,20 @@ def step(
     _check_tokens(tokens, config, 1)
     mlstm.check_reset(reset, tokens.shape, "(batch,)")
     _check_states(state, config)
-    h = _embed(params, tokens)
-    new_states = []
-    for block, block_state in zip(params["blocks"], state, strict=True):
-        y, block_state = cell_lib.step(
-            block["mlstm"],
-            block_state,
-            cell_lib.layer_norm(h, block["norm"]["scale"]),
-            reset,
-            config.cell,
-        )
-        h = h + y
-        new_states.append(block_state)
-    return _head(params, h), new_states
+    with precision.matmul_precision(config.cell.matmul_precision):
+        h = _embed(params, tokens)
+        new_states = []
+        for block, block_state in zip(params["blocks"], state, strict=True):
+            y, block_state = cell_lib.step(
+                block["mlstm"],
+                block_state,
+                cell_lib.layer_norm(h, block["norm"]["scale"]),
+                reset,
+                config.cell,
+            )
+            h = h + y
+            new_states.append(block_state)
+        return _head(params, h), new_states
 
 
 def checked_apply(params: Params, tokens: jax.Array, config: ModelConfig, **kwargs):

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from orthorecall import cpu_kernel
+from orthorecall import cpu_kernel, precision
 from orthorecall.validation import check_int
 
 # Smallest Frobenius norm divided by, as in the reference: keeps the all-zero
@@ -218,18 +218,28 @@ def _forward_iterates(x, steps):
     return x, saved
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _iterations(x, steps):
+    # The backward runs under the precision in force now (orthorecall.precision).
+    return _recorded_iterations(x, steps, precision.current())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _recorded_iterations(x, steps, jax_precision):
     return _forward_iterates(x, steps)[0]
 
 
-def _iterations_fwd(x, steps):
+def _iterations_fwd(x, steps, jax_precision):
     # Only the input is kept: backward recomputes the iterates, so the memory
     # of the read does not grow with the iteration count.
     return _forward_iterates(x, steps)[0], x
 
 
-def _iterations_bwd(steps, x, cotangent):
+def _iterations_bwd(steps, jax_precision, x, cotangent):
+    with precision.scope(jax_precision):
+        return _iterations_backward(steps, x, cotangent)
+
+
+def _iterations_backward(steps, x, cotangent):
     # Y = a X + X P(G), P(G) = b G + c G², G = XᵀX:
     #   X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
     _, saved = _forward_iterates(x, steps)
@@ -248,7 +258,7 @@ def _iterations_bwd(steps, x, cotangent):
     return (cotangent,)
 
 
-_iterations.defvjp(_iterations_fwd, _iterations_bwd)
+_recorded_iterations.defvjp(_iterations_fwd, _iterations_bwd)
 
 
 def newton_schulz_read(
@@ -296,7 +306,13 @@ def newton_schulz_read(
         )
     steps = iteration_coefficients(coefficients, num_iterations)
     use_kernel = implementation == "auto" and _kernel_applies(steps, jax.default_backend())
-    return _ns_read(memory.astype(jnp.float32), query.astype(jnp.float32), steps, use_kernel)
+    return _ns_read(
+        memory.astype(jnp.float32),
+        query.astype(jnp.float32),
+        steps,
+        use_kernel,
+        precision.current(),
+    )
 
 
 def read_implementation(
@@ -325,9 +341,9 @@ def _jax_backward(memory, query, h_bar, steps):
     return jax.vjp(functools.partial(_jax_read, steps=steps), memory, query)[1](h_bar)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _ns_read(memory, query, steps, use_kernel):
-    return _ns_read_fwd(memory, query, steps, use_kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _ns_read(memory, query, steps, use_kernel, jax_precision):
+    return _ns_read_fwd(memory, query, steps, use_kernel, jax_precision)[0]
 
 
 def _by_backend(kernel_fn, jax_fn, steps, use_kernel, *operands):
@@ -340,18 +356,19 @@ def _by_backend(kernel_fn, jax_fn, steps, use_kernel, *operands):
     return jax_fn(*operands)
 
 
-def _ns_read_fwd(memory, query, steps, use_kernel):
+def _ns_read_fwd(memory, query, steps, use_kernel, jax_precision):
     h = _by_backend(cpu_kernel.ns_read_forward, _jax_read, steps, use_kernel, memory, query)
     return h, (memory, query)
 
 
-def _ns_read_bwd(steps, use_kernel, residuals, h_bar):
+def _ns_read_bwd(steps, use_kernel, jax_precision, residuals, h_bar):
     memory, query = residuals
-    return tuple(
-        _by_backend(
-            cpu_kernel.ns_read_backward, _jax_backward, steps, use_kernel, memory, query, h_bar
+    with precision.scope(jax_precision):
+        return tuple(
+            _by_backend(
+                cpu_kernel.ns_read_backward, _jax_backward, steps, use_kernel, memory, query, h_bar
+            )
         )
-    )
 
 
 _ns_read.defvjp(_ns_read_fwd, _ns_read_bwd)

@@ -21,12 +21,13 @@ math in a function here (or in a module of its own when it is large), a ``kind``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 
-from orthorecall import gram_read, newton_schulz
+from orthorecall import gram_read, newton_schulz, precision
 from orthorecall.validation import check_int
 
 READ_KINDS = ("raw", "newton_schulz", "polar")
@@ -39,8 +40,8 @@ _DEFAULT_COEFFICIENTS = "cubic"
 POLAR_RANK_RTOL = 2.0**-11.5
 
 
-@jax.custom_vjp
-def _polar_factor(x: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _polar_factor(x: jax.Array, jax_precision) -> jax.Array:
     return _polar_forward(x)[0]
 
 
@@ -57,12 +58,18 @@ def _polar_forward(x):
     return q, (u, s * keep, vt, keep)
 
 
-def _polar_fwd(x):
+def _polar_fwd(x, jax_precision):
     q, residuals = _polar_forward(x)
     return q, residuals
 
 
-def _polar_bwd(residuals, g):
+def _polar_bwd(jax_precision, residuals, g):
+    # Under the precision in force when the forward was traced (orthorecall.precision).
+    with precision.scope(jax_precision):
+        return _polar_backward(residuals, g)
+
+
+def _polar_backward(residuals, g):
     # For X = U Σ Vᵀ the polar factor Q = U Vᵀ has dQ = U Ω Vᵀ with
     # Ω = (M - Mᵀ) / (σ_i + σ_j), M = Uᵀ dX V. Only sums of singular values
     # appear, so repeated singular values are harmless; pairs whose sum is zero
@@ -108,7 +115,7 @@ def polar(x: jax.Array) -> jax.Array:
     """
     newton_schulz.check_square(x, "polar")
     x = x.astype(jnp.float32)
-    return _polar_factor(x * newton_schulz.rescaling(x, upscale=True))
+    return _polar_factor(x * newton_schulz.rescaling(x, upscale=True), precision.current())
 
 
 @dataclasses.dataclass(frozen=True)

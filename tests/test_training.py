@@ -235,17 +235,17 @@ import jax, numpy as np
 from experiments import train
 from orthorecall import training
 from tests.test_training import tiny_config
-configs = train.validate_config(tiny_config(reads="ns5"))
+configs = train.validate_config(tiny_config(reads="raw"))
 # eps 1e-3: see ns5_steps (Adam turns gradient components that are float noise into
 # updates of about the learning rate).
 optimizer = training.make_optimizer(total_steps=4, eps=1e-3)
 mesh = training.seed_mesh()
 seeds = np.arange(16)  # two per device
-states = {"ns5": training.init_seed_states(seeds, configs["ns5"], optimizer)}
+states = {"raw": training.init_seed_states(seeds, configs["raw"], optimizer)}
 states = training.shard_seeds(states, mesh)
 keys = training.shard_seeds(jax.vmap(jax.random.PRNGKey)(seeds), mesh)
 rng = np.random.default_rng(0)
-batch = training.shard_seeds(tuple(rng.integers(0, 24, (2, 16, 4, 15)).astype(np.int32)), mesh)
+batch = training.shard_seeds(tuple(rng.integers(0, 24, (2, 16, 2, 15)).astype(np.int32)), mesh)
 host = lambda tree: jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 results = {}
 for groups in (1, 2):
@@ -255,7 +255,7 @@ for groups in (1, 2):
         assert collective not in compiled, (groups, collective)
     copy = jax.tree_util.tree_map(lambda x: x.copy(), states)
     new_states, _, metrics = step(copy, keys, batch)
-    assert new_states["ns5"].params["embedding"].sharding.spec[0] == "seed"
+    assert new_states["raw"].params["embedding"].sharding.spec[0] == "seed"
     results[groups] = host((new_states, metrics))
 for a, b in zip(jax.tree_util.tree_leaves(results[1]), jax.tree_util.tree_leaves(results[2])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

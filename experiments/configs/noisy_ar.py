@@ -45,6 +45,9 @@ def _base() -> ml_collections.ConfigDict:
     # None: mlstm.default_chunk_size picks it for the read and backend.
     config.model.chunk_size = ml_collections.config_dict.placeholder(int)
     config.model.compute_dtype = "float32"
+    # Matrix products in float32, as the reference (orthorecall.precision): on GPUs and
+    # TPUs, "tensorfloat32", "bfloat16" or "default" trade accuracy for speed.
+    config.model.matmul_precision = "highest"
 
     # Comma-separated read names: "raw" (baseline), "nsK" (cubic NS, K
     # iterations), "nsK_muon", "nsK_polar_express", "polar" (exact). The
