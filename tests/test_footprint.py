@@ -211,7 +211,7 @@ def test_seed_group_estimates_bound_xla_and_shrink_with_the_groups():
     # 4 seeds in 4 groups: one seed's activations at a time, the reads' loops in turn.
     configs = {name: model(name) for name in ("raw", "ns5")}
     reads = list(configs.values())
-    shape = dict(batch_size=4, seq_len=15)
+    shape = dict(batch_size=8, seq_len=31)
     train_estimates, eval_estimates = {}, {}
     for groups in (1, 4):
         measured = train_step_bytes(configs, seeds=4, seed_groups=groups, **shape)

@@ -13,7 +13,7 @@ from experiments import train
 from experiments.workdir import differing_fields
 from orthorecall import cell, model, precision, training
 from orthorecall.reads import read_from_name
-from tests.conftest import with_overrides
+from tests.test_training import tiny_config
 
 # How each choice shows in StableHLO: the precision_config of every dot_general.
 LOWERED = {
@@ -91,29 +91,16 @@ def test_every_product_of_the_training_step_has_the_requested_precision(platform
 def test_the_default_is_float32_everywhere_a_config_is_made():
     assert cell.CellConfig().matmul_precision == "highest"
     assert model.ModelConfig().cell.matmul_precision == "highest"
-    config = train.model_configs(train_config := _study_config())
+    config = train.model_configs(train_config := tiny_config())
     assert {c.cell.matmul_precision for c in config.values()} == {"highest"}
     assert train_config.model.matmul_precision == "highest"
 
 
-def _study_config(**overrides):
-    from experiments.configs.noisy_ar import get_config
-
-    config = get_config("smoke")
-    for key, value in with_overrides(**overrides).items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
-
-
 def test_the_cli_field_reaches_the_cell_and_bad_values_name_the_field():
-    configs = train.model_configs(_study_config(model__matmul_precision="tensorfloat32"))
+    configs = train.model_configs(tiny_config(model__matmul_precision="tensorfloat32"))
     assert {c.cell.matmul_precision for c in configs.values()} == {"tensorfloat32"}
     with pytest.raises(train.ConfigError, match=r"^config\.model.*matmul_precision.*'highest'"):
-        train.model_configs(_study_config(model__matmul_precision="fp32"))
+        train.model_configs(tiny_config(model__matmul_precision="fp32"))
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
         cell.CellConfig(matmul_precision="HIGHEST")
 
