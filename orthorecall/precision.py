@@ -27,14 +27,8 @@ import contextlib
 
 import jax
 
+# Names jax.default_matmul_precision takes as they are.
 MATMUL_PRECISIONS = ("highest", "tensorfloat32", "bfloat16", "default")
-# Our names -> jax.default_matmul_precision's.
-_JAX_NAMES = {
-    "highest": "highest",
-    "tensorfloat32": "tensorfloat32",
-    "bfloat16": "bfloat16",
-    "default": "default",
-}
 
 
 def check_matmul_precision(value: object) -> str:
@@ -49,7 +43,7 @@ def check_matmul_precision(value: object) -> str:
 
 def matmul_precision(name: str):
     """A context in which the products JAX traces have the precision ``name``."""
-    return jax.default_matmul_precision(_JAX_NAMES[check_matmul_precision(name)])
+    return jax.default_matmul_precision(check_matmul_precision(name))
 
 
 def current() -> str | None:

@@ -381,22 +381,16 @@ void RunGramProgram(const GramProgram& program, const float* g, float* slots, in
   }
 }
 
-// x0 (n x n, zero beyond d) -> g = x0ᵀx0 and y = x0ᵀq (n floats, zero beyond d).
-// g = xᵀx for n x n x, only the tiles on or above the diagonal multiplied (two thirds
-// of the product at n = 48), the rest mirrored. Each entry is the same sum in the same
-// order as in MatMul<true>, so g is bit for bit what that gives.
-void SymmetricGram(const float* x, float* g, int n) {
-  for (int i = 0; i < n; i += kRows)
-    for (int j0 = i / kLanes * kLanes; j0 < n; j0 += kLanes) Tile<1, true>(x, x, g, n, i, j0);
-  for (int r = 1; r < n; ++r)
-    for (int c = 0; c < r; ++c) g[r * n + c] = g[c * n + r];
-}
-
-// c = a b for n x n a, b that commute and are symmetric (so is c): the tiles on or above
-// the diagonal, the rest mirrored.
+// c = op(a) b for n x n matrices whose product is known to be symmetric (aᵀa, or a b
+// with a, b symmetric and commuting): only the tiles on or above the diagonal are
+// multiplied (two thirds of the product at n = 48), the rest mirrored. Each computed
+// entry is the same sum in the same order as in MatMul, so aᵀa is bit for bit what
+// MatMul<true> gives.
+template <bool kTransposeA>
 void SymmetricProduct(const float* a, const float* b, float* c, int n) {
   for (int i = 0; i < n; i += kRows)
-    for (int j0 = i / kLanes * kLanes; j0 < n; j0 += kLanes) Tile<1, false>(a, b, c, n, i, j0);
+    for (int j0 = i / kLanes * kLanes; j0 < n; j0 += kLanes)
+      Tile<1, kTransposeA>(a, b, c, n, i, j0);
   for (int r = 1; r < n; ++r)
     for (int col = 0; col < r; ++col) c[r * n + col] = c[col * n + r];
 }
@@ -417,8 +411,9 @@ int ForwardLifts(const std::vector<Step>& steps) {
   return lifts;
 }
 
+// x0 (n x n, zero beyond d) -> g = x0ᵀx0 and y = x0ᵀq (n floats, zero beyond d).
 void GramAndProjection(const float* x0, const float* q, float* g, float* y, int d, int n) {
-  SymmetricGram(x0, g, n);
+  SymmetricProduct<true>(x0, x0, g, n);
   std::memset(y, 0, sizeof(float) * n);
   for (int i = 0; i < d; ++i)
     for (int j = 0; j < n; ++j) y[j] += q[i] * x0[i * n + j];
@@ -510,8 +505,8 @@ class Reader {
         const float a = steps_[level].a, b = steps_[level].b;
         MatVec(g, y, product, d, n);
         for (int i = 0; i < n; ++i) y[i] = a * y[i] + b * product[i];
-        SymmetricGram(g, g2, n);        // G² = GᵀG
-        SymmetricProduct(g, g2, g3, n);  // G³
+        SymmetricProduct<true>(g, g, g2, n);    // G² = GᵀG
+        SymmetricProduct<false>(g, g2, g3, n);  // G³
         for (int e = 0; e < n * n; ++e) g[e] = a * a * g[e] + 2 * a * b * g2[e] + b * b * g3[e];
       }
       RunGramProgram(program_, g, y, d, n);
