@@ -12,6 +12,14 @@ a workdir of a different configuration, or one another process is using, is refu
 with exit code 2. Ctrl-C (or SIGTERM) stops after writing a checkpoint once the first
 step has run (before it, at once).
 
+Several processes (hosts) run one study together through JAX's distributed runtime:
+start the same command in each with ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` (or ``--distributed`` where JAX reads them from the
+cluster's environment: Slurm, Open MPI, Cloud TPU). The seeds are sharded over every
+process's devices; process 0 writes the files (run_config.json, metrics, TensorBoard,
+the report), checkpoints are written by all (Orbax) into the shared workdir, and a
+stop signal to any process stops all of them at the same step.
+
 Progress is a bar on a terminal and plain status lines otherwise; training curves also
 go to TensorBoard (``tensorboard --logdir DIR/tensorboard``). Library logging (Orbax,
 JAX) is shown from WARNING up; ``--verbosity=0`` shows its INFO messages too.
@@ -41,6 +49,26 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: workdirs/<config.name>).")
 _TENSORBOARD = flags.DEFINE_bool(
     "tensorboard", True, "Write TensorBoard event files under <workdir>/tensorboard."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Several processes: HOST:PORT of process 0's coordinator (jax.distributed).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Several processes: how many take part.", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    None,
+    "Several processes: this one's index, 0 to num_processes - 1.",
+    lower_bound=0,
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Start jax.distributed with what it detects from the cluster's environment (Slurm, "
+    "Open MPI, Cloud TPU); implied by any of the three flags above.",
 )
 
 
@@ -165,6 +193,15 @@ def main(argv: Sequence[str]) -> None:
     if config is None:
         raise app.UsageError("--config=configs/noisy_ar.py[:PRESET] is required.")
     library_logging_at_warning()
+    distributed = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DISTRIBUTED.value or any(v is not None for v in distributed):
+        from orthorecall import multihost
+
+        try:
+            multihost.initialize(*distributed)
+        except ValueError as e:
+            print(f"run: distributed setup error: {e}", file=sys.stderr)
+            sys.exit(2)
     from experiments import train
     from experiments.workdir import WorkdirError
 

@@ -37,7 +37,7 @@ from experiments.workdir import (
     read_run_description,
 )
 from orthorecall import cell as cell_lib
-from orthorecall import checkpointing, data, evaluation, footprint, training
+from orthorecall import checkpointing, data, evaluation, footprint, multihost, training
 from orthorecall import model as model_lib
 from orthorecall.reads import read_from_name
 from orthorecall.validation import check_int
@@ -443,7 +443,9 @@ def seed_groups(
         )
 
     if available_memory is None:
-        available_memory = footprint.per_device_available_memory(devices)
+        available_memory = multihost.agreed_minimum(
+            footprint.per_device_available_memory(_local(devices))
+        )
     if available_memory is None:  # The platform reports nothing: nothing to compare with.
         return 1
     where = (
@@ -486,6 +488,13 @@ def seed_groups(
         f"{where} even with one seed at a time, the device has {available} available; reduce "
         "train.val_batch_size or train.val_batches.",
     )
+
+
+def _local(devices: Sequence[jax.Device]) -> list[jax.Device]:
+    """The devices of this process among ``devices`` (whose memory it can ask about)."""
+    if jax.process_count() == 1:
+        return list(devices)
+    return [d for d in devices if d.process_index == jax.process_index()]
 
 
 def _check_generation_time(config, task, padded_seeds) -> None:
@@ -557,6 +566,7 @@ def _run_description(config, names) -> dict:
         "frac_noise": config.task.frac_noise,
         "multi_query": config.task.multi_query,
         "devices": [str(d) for d in jax.devices()],
+        "processes": jax.process_count(),
         "config": json.loads(config.to_json()),
     }
 
@@ -589,6 +599,10 @@ def train_and_evaluate(
     configs = validate_config(config)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    if not multihost.is_primary():
+        # Process 0 holds the lock for all; the others write nothing and print nothing.
+        with open(os.devnull, "w") as silent:
+            return _train_in_workdir(config, configs, workdir, False, silent)
     with WorkdirLock(workdir):
         return _train_in_workdir(config, configs, workdir, tensorboard, console)
 
@@ -655,6 +669,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
     from experiments import report  # Plotting stays out of library imports.
 
     names = list(configs)
+    primary = multihost.is_primary()  # The one process that writes files.
     config_dict = json.loads(config.to_json())
     fingerprint = config_fingerprint(config_dict)
     train = config.train
@@ -719,7 +734,8 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             "config_fingerprint": fingerprint,
             "seed_groups": groups,
         }
-        _atomic_write(workdir / RUN_CONFIG_FILE, json.dumps(description, indent=1))
+        if primary:
+            _atomic_write(workdir / RUN_CONFIG_FILE, json.dumps(description, indent=1))
 
         val_sets = [
             data.reference_validation_set(
@@ -764,7 +780,10 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             }
 
         def write_metrics():
-            _atomic_write(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+            if primary:
+                _atomic_write(
+                    workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records)
+                )
 
         summaries = None
         if tensorboard:
@@ -827,7 +846,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                     log_now = step % train.log_every == 0 or step == train.steps
                     if evaluate_now or log_now:
                         # Padding seeds (several devices) are dropped here, once.
-                        metrics, bad = jax.device_get(
+                        metrics, bad = multihost.host_copy(
                             (
                                 step_metrics,
                                 {n: tree["states"][n].nonfinite for n in names},
@@ -838,7 +857,9 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                         }
                         bad = {n: b[:num_seeds] for n, b in bad.items()}
                     if evaluate_now:
-                        results = jax.device_get(eval_step(tree["states"], val_inputs, val_targets))
+                        results = multihost.host_copy(
+                            eval_step(tree["states"], val_inputs, val_targets)
+                        )
                         new_records = _evaluation_records(
                             step, names, seeds[:num_seeds], results, metrics, bad
                         )
@@ -867,7 +888,8 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                         if summaries is not None:
                             summaries.train(step, metrics)
                     checkpointer.save(step, tree, meta(), force=step == train.steps)
-                    if stop_requested:
+                    # All processes stop at the same step, whichever one was signalled.
+                    if multihost.any_process(bool(stop_requested)):
                         break
         finally:
             for signum, handler in previous_handlers.items():
@@ -883,8 +905,12 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             raise KeyboardInterrupt
         checkpointer.close()
         write_metrics()
-        results = report.build_report(workdir)
-        print(report.format_summary(results), flush=True)
+        if primary:
+            results = report.build_report(workdir)
+            print(report.format_summary(results), flush=True)
+        multihost.sync("report")
+        if not primary:
+            results = json.loads((workdir / report.RESULTS_JSON).read_text())
         return results
     finally:
         checkpointer.close()

@@ -30,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from orthorecall import multihost
+
 # Files Orbax writes last, when a checkpoint directory is complete.
 _COMPLETION_MARKERS = ("_CHECKPOINT_METADATA",)
 # The key of ``meta`` under which a checkpoint's checksums are stored.
@@ -105,7 +107,9 @@ def _named_leaves(tree: Any) -> dict[str, Any]:
 def state_digests(state: Any) -> dict[str, str]:
     """Name of each array in ``state`` -> SHA-256 of its dtype, shape and bytes."""
     leaves = _named_leaves(state)
-    host = jax.device_get(list(leaves.values()))
+    # Every process gets (and digests) the global arrays, also those sharded over
+    # several processes: they must all record, and verify, the same digests.
+    host = multihost.host_copy(list(leaves.values()))
     digests = {}
     for name, value in zip(leaves, host, strict=True):
         value = np.ascontiguousarray(value)
@@ -286,7 +290,10 @@ class RunCheckpointer:
         target = self.directory / f"{QUARANTINE_PREFIX}{step}"
         if target.exists():  # Damaged twice at the same step: keep both.
             target = self.directory / f"{QUARANTINE_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(source, target)
+        # Every process finds the same damage (they read the same files); one moves it.
+        if multihost.is_primary():
+            os.replace(source, target)
+        multihost.sync(f"quarantine-{step}")
         self._manager.reload()
         rejected = Rejected(step, target, reason)
         self.rejected.append(rejected)

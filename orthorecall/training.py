@@ -416,6 +416,20 @@ def padded_seed_count(num_seeds: int, mesh: Mesh) -> int:
 
 
 def shard_seeds(tree, mesh: Mesh):
-    """Places every leaf's leading (seed) axis across the mesh."""
+    """Places every leaf's leading (seed) axis across the mesh.
+
+    With several processes (``orthorecall.multihost``) every process passes the same
+    global values (host arrays, or arrays already sharded over the mesh) and keeps the
+    seeds of its own devices.
+    """
     sharding = NamedSharding(mesh, PartitionSpec("seed"))
-    return jax.device_put(tree, sharding)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.is_fully_addressable:
+            # A process-local array: its host value is the global one.
+            x = np.asarray(jax.device_get(x))
+        return jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map(put, tree)

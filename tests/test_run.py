@@ -360,3 +360,67 @@ def test_eight_devices_match_one(reference_runs):
             err_msg=field,
         )
     assert [r["nonfinite"] for r in rows_eight] == [r["nonfinite"] for r in rows_one]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_processes(workdir: Path, env, logs: list[Path]) -> list[subprocess.Popen]:
+    """The README's multi-process command: 2 processes on this machine, 4 CPU devices
+    each, collectives through gloo."""
+    address = f"127.0.0.1:{_free_port()}"
+    environment = dict(env, JAX_NUM_CPU_DEVICES="4")
+    return [
+        start(
+            command(workdir)
+            + [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+            log,
+            environment,
+        )
+        for i, log in enumerate(logs)
+    ]
+
+
+def test_two_processes_match_one_and_resume_after_one_is_killed(reference_runs, env, tmp_path):
+    """Two processes of 4 CPU devices each (jax.distributed on 127.0.0.1): killed once a
+    checkpoint exists (one, then the other, as a scheduler stops a job whose task died),
+    restarted, they finish with the metrics of one process on 8 devices, byte for byte,
+    and the same report; only process 0 prints and writes the run's files."""
+    workdir = tmp_path / "two_processes"
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    processes = _start_processes(workdir, env, logs)
+    try:
+        wait_for_checkpoint(workdir, 4, processes[0], logs[0])
+    finally:
+        for process in reversed(processes):
+            process.kill()
+            process.wait()
+    assert processes[1].returncode == -signal.SIGKILL, "the run ended before it was killed"
+    killed_at = max(complete_checkpoints(workdir))
+    assert killed_at < STEPS
+
+    processes = _start_processes(workdir, env, logs)
+    outputs = [finish(process, log) for process, log in zip(processes, logs)]
+    for code, out in outputs:
+        assert code == 0, out[-3000:]
+    first, second = (out for _, out in outputs)
+    resumed = int(re.search(rf"resuming {re.escape(str(workdir))} from step (\d+)", first).group(1))
+    assert 4 <= resumed < STEPS
+    assert f"] {STEPS}/{STEPS} | " in first and "solved" in first
+    assert "resuming" not in second and f"/{STEPS} |" not in second  # process 1 is silent
+
+    eight, _ = reference_runs["eight"]
+    assert (workdir / "metrics.jsonl").read_bytes() == (eight / "metrics.jsonl").read_bytes()
+    description = json.loads((workdir / "run_config.json").read_text())
+    assert description["processes"] == 2 and len(description["devices"]) == 8
+    results = json.loads((workdir / "results.json").read_text())
+    expected = json.loads((eight / "results.json").read_text())
+    # The runs differ in the devices' names and the workdir, nothing else reported.
+    for key in ("config", "workdir"):
+        results.pop(key), expected.pop(key)
+    assert results == expected
