@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import signal
+import time
 from collections.abc import Sequence
 from typing import IO
 
@@ -37,7 +38,15 @@ from experiments.workdir import (
     read_run_description,
 )
 from orthorecall import cell as cell_lib
-from orthorecall import checkpointing, data, evaluation, footprint, multihost, training
+from orthorecall import (
+    checkpointing,
+    data,
+    evaluation,
+    footprint,
+    host_data,
+    multihost,
+    training,
+)
 from orthorecall import model as model_lib
 from orthorecall.reads import read_from_name
 from orthorecall.validation import check_int
@@ -676,6 +685,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
     checkpointer = checkpointing.RunCheckpointer(
         workdir / "checkpoints", save_every=train.checkpoint_every, keep=train.keep_checkpoints
     )
+    streams = None  # The numpy data source's host streams (host_data.ParallelStreams).
     try:
         # Before any compute: the newest checkpoint must be of this configuration.
         check_config = _checkpoint_config_check(workdir, config_dict)
@@ -707,12 +717,6 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             jnp.asarray(seeds, jnp.uint32)
         )
         tree = training.shard_seeds({"states": states, "keys": keys}, mesh)
-        streams = None
-        if train.data_source == "numpy":
-            streams = [
-                data.ReferenceTrainingStream(task, seed=int(s), batch_size=train.batch_size)
-                for s in seeds
-            ]
 
         step, records, resumed_from = 0, [], None
         restored = checkpointer.restore_latest(tree, check_config)
@@ -725,11 +729,13 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
         if restored is not None:
             step, tree, records = restored.step, restored.state, restored.meta["metrics"]
             tree = training.shard_seeds(tree, mesh)
-            if streams is not None:
-                streams = [
-                    data.ReferenceTrainingStream.from_state(s) for s in restored.meta["streams"]
-                ]
             resumed_from = step
+        if train.data_source == "numpy":
+            # Drawn ahead, in worker processes, while the devices run a step.
+            if restored is not None:
+                streams = host_data.ParallelStreams.from_states(restored.meta["streams"])
+            else:
+                streams = host_data.ParallelStreams(task, seeds=seeds, batch_size=train.batch_size)
         description = _run_description(config, names) | {
             "config_fingerprint": fingerprint,
             "seed_groups": groups,
@@ -774,7 +780,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             return {
                 "step": step,
                 "metrics": list(records),
-                "streams": None if streams is None else [s.state() for s in streams],
+                "streams": None if streams is None else streams.states(),
                 "config": config_dict,
                 "config_fingerprint": fingerprint,
             }
@@ -810,6 +816,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
         # at once even inside XLA, where a Python handler would wait for it to return.
         stop_requested = []
         previous_handlers = {}
+        timer = first_step = None
 
         def request_stop(signum, frame):
             if stop_requested:  # A second signal stops at once, without a checkpoint.
@@ -826,20 +833,19 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                 while step < train.steps:
                     batch = None
                     if streams is not None:
-                        batches = [s.next_batch() for s in streams]
-                        batch = training.shard_seeds(
-                            (
-                                jnp.asarray(np.stack([b[0] for b in batches])),
-                                jnp.asarray(np.stack([b[1] for b in batches])),
-                            ),
-                            mesh,
-                        )
+                        batch = training.shard_seeds(streams.next_batches(), mesh)
+                        if timer is not None and step == first_step + THROTTLE_CHECK_STEPS:
+                            _note_if_data_throttles(progress, streams, time.perf_counter() - timer)
                     new_states, new_keys, step_metrics = train_step(
                         tree["states"], tree["keys"], batch
                     )
                     tree = {"states": new_states, "keys": new_keys}
                     if not previous_handlers:
                         arm_stop_handlers()
+                        # Compiled: from here the wait for data is compared with the steps.
+                        timer, first_step = time.perf_counter(), step + 1
+                        if streams is not None:
+                            streams.wait_seconds = 0.0
                     step += 1
                     progress.advance(step)
                     evaluate_now = step % train.eval_every == 0 or step == train.steps
@@ -914,6 +920,26 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
         return results
     finally:
         checkpointer.close()
+        if streams is not None:
+            streams.close()
+
+
+# After this many steps past the first (compiled) one, a run on numpy data says whether
+# drawing it holds the devices up.
+THROTTLE_CHECK_STEPS = 10
+# ... which it does when the loop waited for batches this fraction of the time.
+THROTTLE_FRACTION = 0.2
+
+
+def _note_if_data_throttles(progress, streams, elapsed: float) -> None:
+    if elapsed <= 0 or streams.wait_seconds < THROTTLE_FRACTION * elapsed:
+        return
+    progress.note(
+        f"the numpy data source held the devices up: the loop waited "
+        f"{100 * streams.wait_seconds / elapsed:.0f}% of the time for batches drawn on the "
+        f"host ({streams.workers} worker process(es)). train.data_source='jax' draws the "
+        "same distribution on the devices; numpy is the reference's exact stream."
+    )
 
 
 def _evaluation_records(step, names, seeds, results, metrics, bad) -> list[dict]:

@@ -870,3 +870,20 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
     step, _, meta = _restore(workdir / "checkpoints")
     assert step == steps
     assert meta["streams"] == json.loads(json.dumps([s.state() for s in streams]))
+
+
+def test_a_run_says_when_the_numpy_source_holds_the_devices_up():
+    class Streams:
+        workers, wait_seconds = 4, 3.0
+
+    notes = []
+
+    class Progress:
+        note = notes.append
+
+    train._note_if_data_throttles(Progress, Streams, elapsed=20.0)  # 15%: not worth a word
+    assert notes == []
+    train._note_if_data_throttles(Progress, Streams, elapsed=10.0)
+    assert len(notes) == 1
+    assert "waited 30% of the time" in notes[0] and "4 worker process(es)" in notes[0]
+    assert "train.data_source='jax'" in notes[0]
