@@ -1,6 +1,7 @@
 """Speed and memory of the reference model, the reads and the seed vmap.
 
-    python -m experiments.benchmark [--quick | --smoke] [--json PATH] [--reference_json PATH]
+    python -m experiments.benchmark [--quick | --smoke | --accelerator] [--json PATH]
+        [--reference_json PATH]
 
 Times (after compilation and a warm-up, medians over repeats):
 
@@ -22,9 +23,16 @@ Times (after compilation and a warm-up, medians over repeats):
 
 --quick repeats twice (five times without), and more for figures that take less than
 1.5 s (until 3 s are timed, at most 50 repeats); --smoke runs everything once at
-tiny shapes (to check the benchmark works, not to measure). Prints a table
-and, with --json, writes the figures with the device kind, the JAX version and
-the configuration, so runs on other machines compare.
+tiny shapes with a tiny model (to check the benchmark works, not to measure).
+--accelerator times the published study on one GPU/TPU instead: training steps of
+24 seeds vmapped at batch 64, lengths 512 and 1024 (segments of 128, as the presets),
+one seed at batch 64, the forward at batch 64, and the read over 65,536 memories
+(against the device's dense float32 peak where it is known: ``FLOAT32_PEAK_TFLOPS``).
+Every training step's record carries XLA's compiled memory figure, and on devices
+that keep allocator statistics the peak allocation so far. Prints a table and, with
+--json, writes the figures with the device kind, its memory statistics
+(``memory_stats()``), the JAX version and the configuration, so runs on other
+machines compare.
 """
 
 from __future__ import annotations
@@ -52,6 +60,13 @@ _REFERENCE_JSON = flags.DEFINE_string(
     "The --json output of experiments/benchmark_reference.py, run on this machine in this "
     "session: adds the side-by-side ratios (ours / reference) to the table and the JSON.",
 )
+_ACCELERATOR = flags.DEFINE_bool(
+    "accelerator",
+    False,
+    "The published shapes for one GPU/TPU: 24 seeds vmapped at batch 64, lengths 512 and "
+    "1024, reads of 65,536 memories; reports device memory.",
+)
+_MODE_FLAGS = {"quick": _QUICK, "smoke": _SMOKE, "accelerator": _ACCELERATOR}
 _MEMORY_CHILD = flags.DEFINE_bool("memory_child", False, "Internal: run one step, print peak RSS.")
 _MEMORY_SHAPE = flags.DEFINE_list("memory_shape", ["64", "1024"], "Internal: batch,length.")
 
@@ -137,35 +152,78 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _train_step_runner(read_name: str, batch: int, seq_len: int, seeds: int):
-    """A closure running one training step of ``seeds`` seeds."""
+def _model_config(read_name: str, cell_fields: dict | None = None):
+    """The reference model with ``read_name``'s read (``cell_fields`` override the
+    cell's, e.g. a tiny width for --smoke)."""
+    from orthorecall import cell, model
+    from orthorecall.reads import read_from_name
+
+    return model.ModelConfig(
+        vocab_size=VOCAB,
+        cell=cell.CellConfig(read=read_from_name(read_name), **(cell_fields or {})),
+    )
+
+
+def _compiled_bytes(compiled) -> int:
+    """XLA's memory figure of a compiled program: arguments + outputs - aliased +
+    temporaries."""
+    analysis = compiled.memory_analysis()
+    return (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )
+
+
+def _train_step_runner(
+    read_name: str,
+    batch: int,
+    seq_len: int,
+    seeds: int,
+    *,
+    cell_fields: dict | None = None,
+    segment_length: int | None = None,
+):
+    """A closure running one training step of ``seeds`` seeds (compiled ahead of time),
+    and XLA's memory figure for that step."""
     import jax
     import numpy as np
 
-    from orthorecall import cell, data, model, training
-    from orthorecall.reads import read_from_name
+    from orthorecall import data, training
 
-    config = model.ModelConfig(
-        vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(read_name))
-    )
+    config = _model_config(read_name, cell_fields)
     optimizer = training.make_optimizer()
     seed_ids = np.arange(seeds)
     states = {read_name: training.init_seed_states(seed_ids, config, optimizer)}
     keys = jax.vmap(jax.random.PRNGKey)(jax.numpy.asarray(seed_ids, jax.numpy.uint32))
     task = data.NoisyRecallTask(vocab_size=VOCAB, seq_len=seq_len)
     sample = lambda key: data.sample_noisy_recall(key, task, batch_size=batch)
-    step = training.make_train_step({read_name: config}, optimizer, sample)
+    step = training.make_train_step(
+        {read_name: config}, optimizer, sample, segment_length=segment_length
+    )
+    step = step.lower(states, keys, None).compile()
     carry = {"states": states, "keys": keys}
 
     def run():
         carry["states"], carry["keys"], metrics = step(carry["states"], carry["keys"], None)
         return metrics
 
-    return run
+    return run, _compiled_bytes(step)
 
 
-def bench_train_step(read_name, batch, seq_len, seeds, repeats):
-    seconds = _median_seconds(_train_step_runner(read_name, batch, seq_len, seeds), repeats)
+def bench_train_step(
+    read_name, batch, seq_len, seeds, repeats, *, cell_fields=None, segment_length=None
+):
+    run, compiled_bytes = _train_step_runner(
+        read_name,
+        batch,
+        seq_len,
+        seeds,
+        cell_fields=cell_fields,
+        segment_length=segment_length,
+    )
+    seconds = _median_seconds(run, repeats)
     tokens = seeds * batch * (seq_len - 1)
     return {
         "name": "train_step",
@@ -173,22 +231,36 @@ def bench_train_step(read_name, batch, seq_len, seeds, repeats):
         "batch": batch,
         "seq_len": seq_len,
         "seeds": seeds,
+        "segment_length": segment_length,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "tokens_per_s_per_seed": tokens / seconds / seeds,
         "read_flops_per_token": _model_read_flops(read_name, train=True),
+        "compiled_bytes": compiled_bytes,
+        **_device_peak(),
     }
 
 
-def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
+def _device_peak() -> dict:
+    """The device's peak allocation so far, where its backend keeps statistics (GPU,
+    TPU): ``{"device_peak_bytes_in_use": N}``; ``{}`` elsewhere (CPU)."""
     import jax
 
-    from orthorecall import cell, data, model
-    from orthorecall.reads import read_from_name
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return {}
+    if not stats or "peak_bytes_in_use" not in stats:
+        return {}
+    return {"device_peak_bytes_in_use": int(stats["peak_bytes_in_use"])}
 
-    config = model.ModelConfig(
-        vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(read_name))
-    )
+
+def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN, *, cell_fields=None):
+    import jax
+
+    from orthorecall import data, model
+
+    config = _model_config(read_name, cell_fields)
     params = model.init_params(jax.random.PRNGKey(0), config)
     tokens, _ = data.sample_noisy_recall(
         jax.random.PRNGKey(1),
@@ -208,6 +280,7 @@ def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN):
         "seconds": seconds,
         "tokens_per_s": count / seconds,
         "read_flops_per_token": _model_read_flops(read_name, train=False),
+        **_device_peak(),
     }
 
 
@@ -284,8 +357,9 @@ def bench_read_and_gemm(repeats, num_matrices=8192, dim=48, gemm_dim=2048):
     return records
 
 
-def bench_memory(batch=64, seq_len=1024):
-    """Peak RSS of a fresh process running one NS5 training step."""
+def bench_memory(batch=64, seq_len=1024, *, smoke=False):
+    """Peak RSS of a fresh process running one NS5 training step (``smoke``: the
+    --smoke model)."""
     done = subprocess.run(
         [
             sys.executable,
@@ -293,6 +367,7 @@ def bench_memory(batch=64, seq_len=1024):
             "experiments.benchmark",
             "--memory_child",
             f"--memory_shape={batch},{seq_len}",
+            *(["--smoke"] if smoke else []),
         ],
         capture_output=True,
         text=True,
@@ -311,20 +386,16 @@ def bench_memory(batch=64, seq_len=1024):
     }
 
 
-def _compiled_step_bytes(read_names, seeds, batch, seq_len, segment_length):
+def _compiled_step_bytes(read_names, seeds, batch, seq_len, segment_length, cell_fields=None):
     """XLA's memory figure for the trainer's step (arguments + outputs - aliased +
     temporaries), compiled, never run."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from orthorecall import cell, model, training
-    from orthorecall.reads import read_from_name
+    from orthorecall import training
 
-    configs = {
-        name: model.ModelConfig(vocab_size=VOCAB, cell=cell.CellConfig(read=read_from_name(name)))
-        for name in read_names
-    }
+    configs = {name: _model_config(name, cell_fields) for name in read_names}
     optimizer = training.make_optimizer()
     states = {
         name: jax.eval_shape(
@@ -335,17 +406,17 @@ def _compiled_step_bytes(read_names, seeds, batch, seq_len, segment_length):
     keys = jax.ShapeDtypeStruct((seeds, 2), jnp.uint32)
     batch_shape = (jax.ShapeDtypeStruct((seeds, batch, seq_len), jnp.int32),) * 2
     step = training.make_train_step(configs, optimizer, None, segment_length=segment_length)
-    analysis = step.lower(states, keys, batch_shape).compile().memory_analysis()
-    return (
-        analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        - analysis.alias_size_in_bytes
-        + analysis.temp_size_in_bytes
-    )
+    return _compiled_bytes(step.lower(states, keys, batch_shape).compile())
 
 
 def bench_step_memory_estimate(
-    seeds=24, batch=64, seq_len=1024, measured_batches=(4, 8), segment_length=128, xla_read=False
+    seeds=24,
+    batch=64,
+    seq_len=1024,
+    measured_batches=(4, 8),
+    segment_length=128,
+    xla_read=False,
+    cell_fields=None,
 ):
     """The published study's training step (raw and NS5 side by side, the presets'
     segment length), from XLA's figure at one seed and two small batches, extrapolated
@@ -365,8 +436,8 @@ def bench_step_memory_estimate(
     if xla_read:  # What ORTHORECALL_CPU_KERNEL=0 does, once the kernel is loaded.
         cpu_kernel.available = lambda: False
     try:
-        small = _compiled_step_bytes(reads, 1, low, length, segment_length)
-        large = _compiled_step_bytes(reads, 1, high, length, segment_length)
+        small = _compiled_step_bytes(reads, 1, low, length, segment_length, cell_fields)
+        large = _compiled_step_bytes(reads, 1, high, length, segment_length, cell_fields)
         implementation = read_from_name("ns5").implementation()
     finally:
         cpu_kernel.available = kernel_available
@@ -394,10 +465,10 @@ def bench_step_memory_estimate(
     }
 
 
-def _memory_child(batch, seq_len):
+def _memory_child(batch, seq_len, cell_fields):
     import jax
 
-    run = _train_step_runner("ns5", batch, seq_len, 1)
+    run, _ = _train_step_runner("ns5", batch, seq_len, 1, cell_fields=cell_fields)
     jax.block_until_ready(run())
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if platform.system() == "Darwin" else 1024
@@ -431,11 +502,10 @@ def side_by_side(records: list[dict], reference_records: list[dict]) -> list[dic
     """Our ``train_step`` / ``eval_forward`` figures next to the reference's at the same
     read, batch and length (``benchmark_reference.py``'s ``reference_*`` records), with
     ``ratio`` = ours / reference in tokens per second."""
-    ours = {
-        (r["name"], r["read"], r["batch"], r["seq_len"]): r
-        for r in records
-        if r["name"] in ("train_step", "eval_forward") and r.get("seeds") == 1
-    }
+    ours = {}
+    for r in records:  # The first figure of a shape (--smoke times one shape twice).
+        if r["name"] in ("train_step", "eval_forward") and r.get("seeds") == 1:
+            ours.setdefault((r["name"], r["read"], r["batch"], r["seq_len"]), r)
     rows = []
     for ref in reference_records:
         figure = ref["name"].removeprefix("reference_")
@@ -468,81 +538,146 @@ def _format_side_by_side(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# Shapes per mode: the train/eval shape, the seed-vmap pair, the read batch,
-# the gemm size and the memory measurement's shape.
+# Per mode: cell overrides (the model's size), the train_step figures as (batch,
+# length, seeds, segment length) for each read, the eval_forward figures as (batch,
+# length), the seed-vmap pair's (batch, length) (NS5 at 1 and vmapped_seeds seeds), the read's
+# batch of matrices, the gemm size, the peak-RSS measurement's shape and the compiled
+# memory estimate's arguments (None: not measured), and the repeats.
+_REFERENCE_SHAPES = dict(
+    cell={},
+    train=((16, SEQ_LEN, 1, None), (64, SEQ_LEN, 1, None)),
+    eval=((16, SEQ_LEN), (64, SEQ_LEN)),
+    seed_vmap=(16, 128),
+    vmapped_seeds=24,
+    read_matrices=8192,
+    gemm_dim=2048,
+    memory=(64, 1024),
+    memory_estimate=dict(seeds=24, batch=64, seq_len=1024, measured_batches=(4, 8)),
+    repeats=5,
+)
 _MODES = {
-    "full": dict(
-        train_batches=(16, 64),
-        eval_batches=(16, 64),
-        seq_len=SEQ_LEN,
-        seed_batch=16,
-        seed_len=128,
-        read_matrices=8192,
-        gemm_dim=2048,
-        memory=(64, 1024),
-        memory_estimate=dict(seeds=24, batch=64, seq_len=1024, measured_batches=(4, 8)),
-        repeats=5,
-    ),
-    "quick": dict(
-        train_batches=(16, 64),
-        eval_batches=(16, 64),
-        seq_len=SEQ_LEN,
-        seed_batch=2,
-        seed_len=128,
-        read_matrices=8192,
-        gemm_dim=2048,
-        memory=(64, 1024),
-        memory_estimate=dict(seeds=24, batch=64, seq_len=1024, measured_batches=(4, 8)),
-        repeats=2,
-    ),
+    "full": _REFERENCE_SHAPES,
+    "quick": _REFERENCE_SHAPES | dict(seed_vmap=(2, 128), repeats=2),
     "smoke": dict(
-        train_batches=(2,),
-        eval_batches=(2,),
-        seq_len=24,
-        seed_batch=2,
-        seed_len=16,
+        cell=dict(embedding_dim=16, num_heads=2, inner_multiple=8),
+        train=((2, 24, 1, None),),
+        eval=((2, 24),),
+        # The memory child and the one-seed figure compile the ns5 train figure's
+        # program again: a persistent compilation cache serves them.
+        seed_vmap=(2, 24),
+        vmapped_seeds=4,
         read_matrices=32,
         gemm_dim=128,
-        memory=(2, 64),
+        memory=(2, 24),
         memory_estimate=dict(
             seeds=2, batch=4, seq_len=64, measured_batches=(1, 2), segment_length=16
         ),
         repeats=1,
     ),
+    # The published study on one accelerator: 24 seeds vmapped at batch 64, lengths 512
+    # and 1024, segments of 128 as the presets; its compiled memory is measured directly
+    # (each train_step record's compiled_bytes), and host RSS says nothing there.
+    "accelerator": dict(
+        cell={},
+        train=((64, 512, 1, None), (64, 512, 24, 128), (64, 1024, 24, 128)),
+        eval=((64, 512), (64, 1024)),
+        seed_vmap=None,
+        vmapped_seeds=None,
+        read_matrices=65536,
+        gemm_dim=8192,
+        memory=None,
+        memory_estimate=None,
+        repeats=5,
+    ),
 }
+
+# Dense float32 peaks (TFLOP/s, no tensor cores) from NVIDIA's datasheets, by a
+# substring of JAX's device_kind; the read's GFLOP/s are reported against them.
+FLOAT32_PEAK_TFLOPS = (
+    ("H100 PCIe", 51.2),
+    ("H100", 66.9),
+    ("H200", 66.9),
+    ("A100", 19.5),
+)
+
+
+def float32_peak_tflops(device_kind: str) -> float | None:
+    """The device's dense float32 peak in TFLOP/s when known (NVIDIA GPUs listed in
+    ``FLOAT32_PEAK_TFLOPS``), else None."""
+    for name, tflops in FLOAT32_PEAK_TFLOPS:
+        if name in device_kind:
+            return tflops
+    return None
+
+
+def _memory_stats(device) -> dict | None:
+    try:
+        stats = device.memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    return {k: int(v) for k, v in stats.items()} if stats else None
 
 
 def run_benchmark(mode: str) -> dict:
-    """Runs every measurement; returns the JSON-able result."""
+    """Runs every measurement of ``mode`` (``_MODES``); returns the JSON-able result."""
     import jax
 
     from orthorecall import data, mlstm
     from orthorecall.reads import read_from_name
 
     shapes = _MODES[mode]
-    repeats = shapes["repeats"]
+    repeats, cell_fields = shapes["repeats"], shapes["cell"]
+    device = jax.devices()[0]
+    memory_at_start = _memory_stats(device)
     records = []
     for read in ("raw", "ns5"):
-        for batch in shapes["train_batches"]:
-            records.append(bench_train_step(read, batch, shapes["seq_len"], 1, repeats))
-        for batch in shapes["eval_batches"]:
-            records.append(bench_eval_forward(read, batch, repeats, seq_len=shapes["seq_len"]))
-    for seeds in (1, 24):
-        records.append(
-            bench_train_step("ns5", shapes["seed_batch"], shapes["seed_len"], seeds, repeats)
-        )
-    records.extend(
-        bench_read_and_gemm(
-            repeats, num_matrices=shapes["read_matrices"], gemm_dim=shapes["gemm_dim"]
-        )
+        for batch, seq_len, seeds, segment_length in shapes["train"]:
+            records.append(
+                bench_train_step(
+                    read,
+                    batch,
+                    seq_len,
+                    seeds,
+                    repeats,
+                    cell_fields=cell_fields,
+                    segment_length=segment_length,
+                )
+            )
+        for batch, seq_len in shapes["eval"]:
+            records.append(
+                bench_eval_forward(read, batch, repeats, seq_len=seq_len, cell_fields=cell_fields)
+            )
+    if shapes["seed_vmap"] is not None:
+        for seeds in (1, shapes["vmapped_seeds"]):
+            records.append(
+                bench_train_step(
+                    "ns5", *shapes["seed_vmap"], seeds, repeats, cell_fields=cell_fields
+                )
+            )
+    peak = float32_peak_tflops(device.device_kind)
+    reads = bench_read_and_gemm(
+        repeats, num_matrices=shapes["read_matrices"], gemm_dim=shapes["gemm_dim"]
     )
-    records.append(bench_memory(*shapes["memory"]))
-    for xla_read in (False, True):
-        records.append(bench_step_memory_estimate(**shapes["memory_estimate"], xla_read=xla_read))
-    device = jax.devices()[0]
+    for r in reads:
+        if peak is not None and r["name"] == "read":
+            r["fraction_of_float32_peak"] = r["gflops"] / (1e3 * peak)
+    records.extend(reads)
+    if shapes["memory"] is not None:
+        records.append(bench_memory(*shapes["memory"], smoke=mode == "smoke"))
+    if shapes["memory_estimate"] is not None:
+        for xla_read in (False, True):
+            records.append(
+                bench_step_memory_estimate(
+                    **shapes["memory_estimate"], xla_read=xla_read, cell_fields=cell_fields
+                )
+            )
     return {
         "device": f"{device.platform}:{device.device_kind}",
+        "platform": device.platform,
+        "device_kind": device.device_kind,
         "num_devices": jax.device_count(),
+        "device_memory_stats": {"start": memory_at_start, "end": _memory_stats(device)},
+        "float32_peak_tflops": peak,
         "jax_version": jax.__version__,
         "mode": mode,
         "quick": mode == "quick",
@@ -550,7 +685,8 @@ def run_benchmark(mode: str) -> dict:
         "ns_read_implementation": read_from_name("ns5").implementation(),
         "config": {
             **data.NoisyRecallTask(vocab_size=VOCAB, seq_len=SEQ_LEN).to_dict(),
-            "model": "reference (ModelConfig defaults)",
+            "model": "reference (ModelConfig defaults)"
+            + (f" with cell {cell_fields}" if cell_fields else ""),
             "chunk_size": {
                 name: mlstm.default_chunk_size(read_from_name(name)) for name in ("raw", "ns5")
             },
@@ -566,10 +702,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _MEMORY_CHILD.value:
         batch, seq_len = (int(x) for x in _MEMORY_SHAPE.value)
-        _memory_child(batch, seq_len)
+        _memory_child(batch, seq_len, _MODES["smoke"]["cell"] if _SMOKE.value else None)
         return
-    if _QUICK.value and _SMOKE.value:
-        raise app.UsageError("--quick and --smoke are exclusive; pick one.")
+    chosen = [name for name, flag in _MODE_FLAGS.items() if flag.value]
+    if len(chosen) > 1:
+        raise app.UsageError(
+            f"--{' and --'.join(chosen)} are exclusive; pick one of --quick, --smoke, "
+            "--accelerator (none: the full benchmark)."
+        )
     reference = None
     if _REFERENCE_JSON.value:
         try:
@@ -580,10 +720,17 @@ def main(argv):
                 f"--reference_json={_REFERENCE_JSON.value} is not the --json output of "
                 f"experiments/benchmark_reference.py: {error}"
             ) from error
-    out = run_benchmark("smoke" if _SMOKE.value else "quick" if _QUICK.value else "full")
+    out = run_benchmark(chosen[0] if chosen else "full")
+    stats = out["device_memory_stats"]["end"] or {}
+    memory = (
+        f", device memory peak {stats['peak_bytes_in_use'] / 2**30:.1f} of "
+        f"{stats['bytes_limit'] / 2**30:.1f} GiB"
+        if "peak_bytes_in_use" in stats and "bytes_limit" in stats
+        else ""
+    )
     print(
         f"{out['device']} x{out['num_devices']}, jax {out['jax_version']}, "
-        f"NS read: {out['ns_read_implementation']}"
+        f"NS read: {out['ns_read_implementation']}{memory}"
     )
     print(_format(out["records"]))
     if reference is not None:

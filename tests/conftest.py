@@ -53,15 +53,29 @@ TINY_TASK = {
 }
 
 
-def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m module args...`` from the repository root, output captured as text."""
+def run_module(
+    module: str, *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m module args...`` from the repository root, output captured as text;
+    ``env`` adds to (or overrides) this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
+
+
+def compilation_cache_env(directory) -> dict:
+    """The environment of a JAX process that keeps every compiled program in
+    ``directory`` (processes compiling the same programs share them)."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(directory),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 def assert_script_passes_on_eight_cpu_devices(script: str) -> None:
