@@ -12,8 +12,10 @@ reads it and drops it, forward and backward: formed by XLA, the L memories of ev
 batch element and head go to memory and back, and that traffic cost as much as the
 reads (0.77 s of a 1.78 s NS5 training step at v80/s512, batch 16, on 2 cores).
 Elsewhere (GPU/TPU, other reads, ``implementation="xla"``) it forms all L memories
-with one batched product and reads them with ``ReadConfig.retrieve``; both compute
-the same function to float32 rounding, with the same gradients.
+with one batched product and reads them with ``ReadConfig.retrieve`` (on NVIDIA GPUs,
+``"auto"``, Newton–Schulz reads through the Pallas kernel of
+``orthorecall.pallas_read``); all compute the same function to float32 rounding, with
+the same gradients.
 """
 
 from __future__ import annotations
@@ -86,14 +88,19 @@ def chunk_read(
     operands = tuple(x.astype(jnp.float32) for x in (memory, scale, decay, keys, values, queries))
     if implementation == "auto" and read.implementation() == "cpu_kernel":
         return _fused(*operands, read, precision.current())
-    return _formed_read(*operands, read=read)
+    # On GPUs ("auto") the formed memories are read by newton_schulz_read's Pallas kernel.
+    return _formed_read(*operands, read=read, ns_implementation=implementation)
 
 
-def _formed_read(memory, scale, decay, keys, values, queries, *, read):
+def _formed_read(memory, scale, decay, keys, values, queries, *, read, ns_implementation="xla"):
     memories = chunk_memories(memory, scale, decay, keys, values)
     if read.kind == "newton_schulz":
         return newton_schulz.newton_schulz_read(
-            memories, queries, read.num_iterations, read.coefficients, implementation="xla"
+            memories,
+            queries,
+            read.num_iterations,
+            read.coefficients,
+            implementation=ns_implementation,
         )
     return read.retrieve(memories, queries)
 

@@ -24,12 +24,13 @@ lose the small singular values the iteration has to lift).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from orthorecall import cpu_kernel, precision
+from orthorecall import cpu_kernel, pallas_read, precision
 from orthorecall.validation import check_int
 
 # Smallest Frobenius norm divided by, as in the reference: keeps the all-zero
@@ -59,7 +60,8 @@ COEFFICIENT_SETS = ("cubic", "muon", "polar_express")
 # so 100 lifts any above about 1e-16 (float32 resolves about 1e-7 of the largest).
 MAX_ITERATIONS = 100
 # How newton_schulz_read may run: "auto" picks the fused CPU kernel on the CPU backend
-# (when it builds) and the XLA formulation elsewhere; "xla" always runs the latter.
+# (when it builds), the Pallas kernel on NVIDIA GPUs (where it applies, see
+# read_implementation) and the XLA formulation elsewhere; "xla" always runs the latter.
 IMPLEMENTATIONS = ("auto", "xla")
 # Matrices whose largest magnitude is at least 2^this are rescaled before their sum of
 # squares (``rescaling``): low enough that the sum of the others cannot overflow
@@ -274,10 +276,11 @@ def newton_schulz_read(
     This is what the mLSTM needs (h_j = Σ_i q_i NS_k(C)_ij) and what it runs:
     on the CPU backend a fused kernel (``orthorecall.cpu_kernel``) keeps each
     memory in cache through all iterations and never writes NS_k(C) or its
-    iterates to memory, forward or backward; on other backends, or when the
-    kernel is unavailable, it is ``einsum(q, newton_schulz(C))``. Both compute
-    the same function (to float32 rounding) and the same gradients.
-    :func:`read_implementation` says which one runs.
+    iterates to memory, forward or backward; on NVIDIA GPUs a Pallas kernel
+    (``orthorecall.pallas_read``) does the same on chip, for widths up to
+    ``pallas_read.MAX_WIDTH``; elsewhere, or when neither applies, it is
+    ``einsum(q, newton_schulz(C))``. All compute the same function (to float32
+    rounding) and the same gradients. :func:`read_implementation` says which one runs.
 
     Args:
         memory: (..., d, d) memories, any float dtype.
@@ -305,32 +308,60 @@ def newton_schulz_read(
             f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}."
         )
     steps = iteration_coefficients(coefficients, num_iterations)
-    use_kernel = implementation == "auto" and _kernel_applies(steps, jax.default_backend())
+    kernel = "xla"
+    if implementation == "auto":
+        kernel = _implementation(steps, jax.default_backend(), memory.shape[-1])
     return _ns_read(
         memory.astype(jnp.float32),
         query.astype(jnp.float32),
         steps,
-        use_kernel,
+        kernel,
         precision.current(),
     )
 
 
 def read_implementation(
-    num_iterations: int = 5, coefficients: str = "cubic", backend: str | None = None
+    num_iterations: int = 5,
+    coefficients: str = "cubic",
+    backend: str | None = None,
+    width: int | None = None,
 ) -> str:
     """What :func:`newton_schulz_read` (``implementation="auto"``) runs on ``backend``
-    (default: JAX's default backend): ``"cpu_kernel"`` or ``"xla"``.
+    (default: JAX's default backend) for memories of ``width`` (None: any the kernels
+    take): ``"cpu_kernel"``, ``"pallas_gpu"`` (NVIDIA GPUs, widths up to
+    ``pallas_read.MAX_WIDTH``, under a matmul precision it implements, not disabled by
+    ``ORTHORECALL_PALLAS=0``) or ``"xla"``.
 
     Raises:
         ValueError: unknown coefficients or k outside [0, ``MAX_ITERATIONS``].
     """
     steps = iteration_coefficients(coefficients, num_iterations)
-    return "cpu_kernel" if _kernel_applies(steps, backend or jax.default_backend()) else "xla"
+    return _implementation(steps, backend or jax.default_backend(), width)
 
 
-def _kernel_applies(steps, backend: str) -> bool:
-    # Decided at trace time; GPU/TPU programs never build the CPU kernel.
-    return bool(steps) and backend == "cpu" and cpu_kernel.available()
+def _implementation(steps, backend: str, width: int | None) -> str:
+    # Decided at trace time from the default backend, as JAX places the computation:
+    # GPU/TPU programs never build the CPU kernel, and a program exported from a CPU
+    # process for another platform gets the XLA formulation there (platform_dependent).
+    if not steps:
+        return "xla"
+    if backend == "cpu":
+        return "cpu_kernel" if cpu_kernel.available() else "xla"
+    if (
+        backend in ("gpu", "cuda")
+        and _pallas_enabled()
+        and pallas_read.available()
+        and (width is None or width <= pallas_read.MAX_WIDTH)
+        and precision.current() in pallas_read.SUPPORTED_PRECISIONS
+    ):
+        return "pallas_gpu"
+    return "xla"
+
+
+def _pallas_enabled() -> bool:
+    """False when ``ORTHORECALL_PALLAS`` is set to 0/false/no/off."""
+    value = os.environ.get("ORTHORECALL_PALLAS", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
 
 
 def _jax_read(memory, query, steps):
@@ -342,31 +373,39 @@ def _jax_backward(memory, query, h_bar, steps):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _ns_read(memory, query, steps, use_kernel, jax_precision):
-    return _ns_read_fwd(memory, query, steps, use_kernel, jax_precision)[0]
+def _ns_read(memory, query, steps, kernel, jax_precision):
+    return _ns_read_fwd(memory, query, steps, kernel, jax_precision)[0]
 
 
-def _by_backend(kernel_fn, jax_fn, steps, use_kernel, *operands):
-    """The kernel in CPU programs (when asked for), the pure-JAX form elsewhere."""
+def _by_backend(kernel, kernel_fns, jax_fn, steps, jax_precision, *operands):
+    """The kernel ``kernel`` names in programs for its platform, the pure-JAX form
+    elsewhere (and when ``kernel`` is "xla")."""
     jax_fn = functools.partial(jax_fn, steps=steps)
-    if use_kernel:
+    if kernel == "cpu_kernel":
         return jax.lax.platform_dependent(
-            *operands, cpu=functools.partial(kernel_fn, steps=steps), default=jax_fn
+            *operands, cpu=functools.partial(kernel_fns[0], steps=steps), default=jax_fn
         )
+    if kernel == "pallas_gpu":
+        pallas_fn = functools.partial(kernel_fns[1], steps=steps, jax_precision=jax_precision)
+        return jax.lax.platform_dependent(*operands, cuda=pallas_fn, default=jax_fn)
     return jax_fn(*operands)
 
 
-def _ns_read_fwd(memory, query, steps, use_kernel, jax_precision):
-    h = _by_backend(cpu_kernel.ns_read_forward, _jax_read, steps, use_kernel, memory, query)
+_FORWARD_KERNELS = (cpu_kernel.ns_read_forward, pallas_read.ns_read_forward)
+_BACKWARD_KERNELS = (cpu_kernel.ns_read_backward, pallas_read.ns_read_backward)
+
+
+def _ns_read_fwd(memory, query, steps, kernel, jax_precision):
+    h = _by_backend(kernel, _FORWARD_KERNELS, _jax_read, steps, jax_precision, memory, query)
     return h, (memory, query)
 
 
-def _ns_read_bwd(steps, use_kernel, jax_precision, residuals, h_bar):
+def _ns_read_bwd(steps, kernel, jax_precision, residuals, h_bar):
     memory, query = residuals
     with precision.scope(jax_precision):
         return tuple(
             _by_backend(
-                cpu_kernel.ns_read_backward, _jax_backward, steps, use_kernel, memory, query, h_bar
+                kernel, _BACKWARD_KERNELS, _jax_backward, steps, jax_precision, memory, query, h_bar
             )
         )
 

@@ -164,7 +164,8 @@ class ReadConfig:
 
     def implementation(self, backend: str | None = None) -> str:
         """What :meth:`retrieve` runs on ``backend`` (default: JAX's default backend):
-        ``"cpu_kernel"`` (the fused Newton–Schulz read) or ``"xla"``."""
+        ``"cpu_kernel"`` or ``"pallas_gpu"`` (the fused Newton–Schulz reads, see
+        ``newton_schulz.read_implementation``) or ``"xla"``."""
         if self.kind == "newton_schulz":
             return newton_schulz.read_implementation(
                 self.num_iterations, self.coefficients, backend

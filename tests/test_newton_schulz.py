@@ -84,11 +84,23 @@ def test_xla_implementation_equals_the_default_one():
         ns.newton_schulz_read(c, q, 5, implementation="cuda")
 
 
-def test_read_implementation_by_backend():
+def test_read_implementation_by_backend(monkeypatch):
     # Accelerators never run the CPU kernel; zero iterations have nothing to fuse.
-    assert ns.read_implementation(5, "cubic", backend="gpu") == "xla"
+    assert ns.read_implementation(5, "cubic", backend="gpu") == "pallas_gpu"
+    assert ns.read_implementation(5, "cubic", backend="gpu", width=48) == "pallas_gpu"
+    assert ns.read_implementation(5, "muon", backend="gpu", width=64) == "pallas_gpu"
     assert ns.read_implementation(5, "cubic", backend="tpu") == "xla"
     assert ns.read_implementation(0, "cubic", backend="cpu") == "xla"
+    assert ns.read_implementation(0, "cubic", backend="gpu") == "xla"
+    # Wider than the Pallas kernel's tiles, or under a precision it does not implement,
+    # or switched off: the XLA read.
+    assert ns.read_implementation(5, "cubic", backend="gpu", width=65) == "xla"
+    with jax.default_matmul_precision("highest"):
+        assert ns.read_implementation(5, "cubic", backend="gpu") == "pallas_gpu"
+    with jax.default_matmul_precision("BF16_BF16_F32_X3"):
+        assert ns.read_implementation(5, "cubic", backend="gpu") == "xla"
+    monkeypatch.setenv("ORTHORECALL_PALLAS", "0")
+    assert ns.read_implementation(5, "cubic", backend="gpu") == "xla"
     from orthorecall import cpu_kernel
 
     expected = "cpu_kernel" if cpu_kernel.available() else "xla"

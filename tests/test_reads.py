@@ -122,7 +122,8 @@ def test_read_configs_are_canonical_and_report_their_implementation():
     assert reads.ReadConfig("newton_schulz", np.int64(5)) == reads.NS5
     assert hash(reads.ReadConfig("newton_schulz", np.int64(5))) == hash(reads.NS5)
     assert reads.RAW.implementation() == reads.POLAR.implementation() == "xla"
-    assert reads.NS5.implementation(backend="gpu") == "xla"
+    assert reads.NS5.implementation(backend="gpu") == "pallas_gpu"
+    assert reads.NS5.implementation(backend="tpu") == "xla"
     assert reads.NS5.implementation(backend="cpu") == ns.read_implementation(5, "cubic", "cpu")
 
 

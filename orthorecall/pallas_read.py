@@ -1,0 +1,477 @@
+"""The fused Newton–Schulz read for NVIDIA GPUs, written in Pallas (Triton backend).
+
+On GPUs the pure-JAX read (``newton_schulz._jax_read``) is a chain of small batched
+products: every iterate X_j and Gram matrix G_j = X_jᵀX_j of every memory makes a round
+trip through global memory, k times forward and again in the backward pass, which also
+keeps all k iterates alive between its recompute and its reverse sweep. Here one Triton
+program takes one memory C (and its query q) from global memory, and everything else
+happens on chip: the Frobenius normalization with its floor, the k iterations
+X <- a X + X (b G + c G²), and the read h = qᵀ NS_k(C). Only h (d floats) goes back
+(``ns_read_forward``). The backward (``ns_read_backward``) is one program per memory
+too: it recomputes the iterates from C, forms Ȳ = q h̄ᵀ, runs the reverse iterations of
+``newton_schulz._iterations_backward`` and the normalization's VJP, and writes only
+C̄ and q̄. It is the same function as ``_jax_read`` and ``_jax_backward`` (to float32
+rounding): the tests compare the two in Pallas' interpret mode, on CPU.
+
+Widths. Triton's blocks must have power-of-two sides and its matrix product wants at
+least 16, so a d x d memory is handled as a D x D block, D the next power of two
+>= max(d, 16). The padding is zeros, loaded with masks from the unpadded array (no
+padded copy is written to global memory), and it is exact: X0's padded rows and columns
+are zero, hence so are those of G = XᵀX, of X P(G) and of every later iterate (and, in
+the backward, of Ȳ = q h̄ᵀ, XᵀȲ, Ḡ and X̄), while the sum of squares, and with it the
+normalization, only gains zeros. Sums over the padded index only add exact zeros, so
+the d x d corner is what an unpadded computation gives. Widths above ``MAX_WIDTH`` are
+refused (ValueError) so the caller can fall back to XLA; see there why.
+
+Huge memories. ``newton_schulz.rescaling`` (a per-matrix power of two, without
+gradient) is applied in the JAX wrapper, before the kernel, exactly as
+``frobenius_normalize`` applies it: the kernel sees x = s C with s piecewise constant,
+so C̄ = s x̄.
+
+Backward recomputation. Each reverse step needs its forward step's input X_j (and
+G_j = X_jᵀX_j). The Triton backend of Pallas has no scratch memory (pallas_call
+refuses ``scratch_shapes`` there), and writing the iterates to a global buffer and
+reading them back in the same program would need a barrier whose effect could not be
+tested here. So the backward program recomputes the forward once and keeps the k
+inputs X_0..X_{k-1} as values of the unrolled program: registers, which the compiler
+spills to (cached) local memory when they do not fit. That costs one forward of
+products (not the k(k+1)/2 iterations of recomputing X_j from X0 for every j) and k
+live D x D tiles; G_j is recomputed in the reverse sweep rather than also kept, which
+would double the live tiles to save one product per iteration (of 6 for a cubic step,
+forward and backward). For large k (tens of iterations) the spills and the unrolled
+program's compile time grow; the XLA read has the same unrolling.
+
+Precision. Every product is requested explicitly (``jax_precision`` as recorded by
+``orthorecall.precision.current()``), since Triton's float32 ``tt.dot`` defaults to
+TensorFloat-32: see ``SUPPORTED_PRECISIONS`` and ``_Products``.
+
+Lowering. ``interpret=False`` lowers for CUDA only (Pallas refuses the CPU backend
+unless interpreted); ``interpret=True`` runs the same kernel body as XLA operations on
+any backend, which is how the tests check it on CPU. The kernels are always given
+Triton ``CompilerParams``: without them JAX 0.10 picks its Mosaic GPU backend for
+``pallas_call``. The functions are not meant to be differentiated by JAX: the caller
+pairs them in a ``jax.custom_vjp`` (as ``newton_schulz._ns_read`` does with
+``cpu_kernel``). They batch under ``vmap`` (pallas_call adds a grid axis) but have no
+partitioning rule: under SPMD sharding of the leading axes XLA would gather them, so a
+sharded caller should run them per shard (``shard_map``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from orthorecall import newton_schulz
+
+try:  # Missing from some JAX builds; ``available()`` says so instead of the import failing.
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - depends on the installed JAX
+    pl = plgpu = None
+
+Steps = tuple[tuple[float, float, float], ...]
+
+# The widest memory (d) the kernels take; wider ones raise ValueError (the caller falls
+# back to XLA). A program holds several D x D float32 tiles at once (the iterate, its
+# Gram matrix and products, and in the backward the k saved iterates): at D = 64 one
+# tile is 16 KiB (16 registers per thread over 8 warps) and the two operands of a
+# product, staged in shared memory, 32 KiB, which fits every CUDA GPU Triton supports.
+# At D = 128 a tile is 64 KiB: the operands alone take 128 KiB of shared memory (more
+# than the 99-101 KiB per block of consumer Ampere/Ada GPUs, where Triton's compilation
+# would fail when XLA compiles the program, too late for a fallback), and the backward's
+# saved iterates would mostly live in spilled local memory. 64 covers the model's
+# d = 48; raising it needs measurements on the GPUs concerned.
+MAX_WIDTH = 64
+# Smallest block side: Triton's tt.dot needs every dimension >= 16.
+_MIN_BLOCK = 16
+# The custom call pallas_call's Triton lowering emits with jaxlib <= 0.10.2 (later
+# jaxlibs compile the kernel at lowering and emit "triton_kernel_call_ffi").
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+
+# The precisions of ``jax.default_matmul_precision`` (as ``precision.current()``
+# returns them) the kernels implement, and how:
+#   "highest", "float32", "F32_F32_F32": IEEE float32 products. Passed to every product
+#       as lax.Precision.HIGHEST, which Pallas' Triton lowering
+#       (jax/_src/pallas/triton/lowering.py, _dot_general_lowering) turns into
+#       tt.dot {inputPrecision = ieee} for float32 operands.
+#   None, "default", "high", "tensorfloat32", "TF32_TF32_F32": TensorFloat-32 products,
+#       what XLA does on NVIDIA GPUs for these: lax.Precision.DEFAULT or HIGH, lowered to
+#       tt.dot {inputPrecision = tf32}.
+#   "bfloat16", "BF16_BF16_F32": both operands rounded to bfloat16 in the kernel, the
+#       product accumulated in float32 (preferred_element_type); the lowering emits a
+#       bf16 x bf16 -> f32 tt.dot (its inputPrecision only concerns f32 operands).
+# Other presets (TF32/BF16 multi-pass, float16, float8) raise ValueError: XLA then.
+_IEEE = ("highest", "float32", "F32_F32_F32")
+_TF32 = (None, "default", "high", "tensorfloat32", "TF32_TF32_F32")
+_BF16 = ("bfloat16", "BF16_BF16_F32")
+SUPPORTED_PRECISIONS = _IEEE + _TF32 + _BF16
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Pallas and its Triton backend import in this JAX (a GPU is not needed to
+    lower for CUDA, and not at all in interpret mode)."""
+    if pl is None or plgpu is None:
+        return False
+    try:
+        # What pallas_call's CUDA lowering imports to pick the Triton backend.
+        importlib.import_module("jax._src.pallas.triton.pallas_call_registration")
+    except ImportError:
+        return False
+    return True
+
+
+def block_width(d: int) -> int:
+    """The block side D the kernels use for d x d memories: the next power of two >= d,
+    at least 16."""
+    return max(_MIN_BLOCK, 1 << (d - 1).bit_length())
+
+
+def ns_read_forward(
+    memory: jax.Array,
+    query: jax.Array,
+    *,
+    steps: Steps,
+    jax_precision: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """h = NS(C)ᵀ q by the Pallas kernel, one program per memory.
+
+    Computes what ``newton_schulz._jax_read(memory, query, steps)`` computes.
+
+    Args:
+        memory: C, (..., d, d) with d <= ``MAX_WIDTH``, any real float dtype (computed in
+            float32).
+        query: q, (..., d), the same leading shape.
+        steps: the (a, b, c) of each of k >= 1 iterations
+            (``newton_schulz.iteration_coefficients``); c == 0 skips the G² product.
+        jax_precision: the precision of the products, one of ``SUPPORTED_PRECISIONS``
+            (``orthorecall.precision.current()``; None is TensorFloat-32 on GPUs).
+        interpret: run the kernel as XLA operations (any backend, e.g. CPU for tests)
+            instead of lowering it to Triton (CUDA only).
+
+    Returns:
+        float32 (..., d).
+
+    Raises:
+        ValueError: non-square memory, mismatched shapes, a non-real dtype, d above
+            ``MAX_WIDTH``, malformed or empty steps, an unsupported precision.
+        RuntimeError: Pallas' Triton backend is not available (``available()``).
+    """
+    memory, query = _check_operands("ns_read_forward", memory, query)
+    call = _Call.of(memory, steps, jax_precision, interpret)
+    batch_shape, d = memory.shape[:-2], memory.shape[-1]
+    if call.count == 0:
+        return jnp.zeros(query.shape, jnp.float32)
+    memory = memory * newton_schulz.rescaling(memory)
+    h = call.forward()(memory.reshape(call.count, d, d), query.reshape(call.count, d))
+    return h.reshape(*batch_shape, d)
+
+
+def ns_read_backward(
+    memory: jax.Array,
+    query: jax.Array,
+    h_bar: jax.Array,
+    *,
+    steps: Steps,
+    jax_precision: str | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """(C̄, q̄), the VJP of ``ns_read_forward`` at (memory, query) for h̄, by the Pallas
+    kernel, one program per memory.
+
+    Equals ``newton_schulz._jax_backward(memory, query, h_bar, steps)``: C̄ is the
+    normalization's VJP of the reverse iterations from Ȳ = q h̄ᵀ, q̄ = NS(C) h̄.
+
+    Args:
+        memory: C, (..., d, d) with d <= ``MAX_WIDTH``, any real float dtype.
+        query: q, (..., d).
+        h_bar: h̄, (..., d), the cotangent of the read.
+        steps, jax_precision, interpret: as for ``ns_read_forward``.
+
+    Returns:
+        float32 (C̄ (..., d, d), q̄ (..., d)).
+
+    Raises:
+        ValueError, RuntimeError: as ``ns_read_forward``, and an h̄ whose shape is not
+            the query's.
+    """
+    memory, query = _check_operands("ns_read_backward", memory, query)
+    h_bar = _real_float32("ns_read_backward", "h_bar", h_bar)
+    if h_bar.shape != query.shape:
+        raise ValueError(
+            f"ns_read_backward expects h_bar of the query's shape {query.shape}, got {h_bar.shape}."
+        )
+    call = _Call.of(memory, steps, jax_precision, interpret)
+    batch_shape, d = memory.shape[:-2], memory.shape[-1]
+    if call.count == 0:
+        return jnp.zeros(memory.shape, jnp.float32), jnp.zeros(query.shape, jnp.float32)
+    # The rescaling is piecewise constant and treated as such by the XLA read
+    # (stop_gradient), so the chain rule through x = scale * C is C̄ = scale * x̄.
+    scale = newton_schulz.rescaling(memory)
+    x_bar, q_bar = call.backward()(
+        (memory * scale).reshape(call.count, d, d),
+        query.reshape(call.count, d),
+        h_bar.reshape(call.count, d),
+    )
+    return scale * x_bar.reshape(memory.shape), q_bar.reshape(*batch_shape, d)
+
+
+def _real_float32(caller: str, name: str, x) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{caller} expects a real floating {name}, got dtype {x.dtype}.")
+    return x.astype(jnp.float32)
+
+
+def _check_operands(caller: str, memory, query) -> tuple[jax.Array, jax.Array]:
+    memory = _real_float32(caller, "memory", memory)
+    query = _real_float32(caller, "query", query)
+    if memory.ndim < 2 or memory.shape[-1] != memory.shape[-2]:
+        raise ValueError(
+            f"{caller} expects a batch of square memories (..., d, d), got shape {memory.shape}."
+        )
+    if query.shape != memory.shape[:-1]:
+        raise ValueError(
+            f"{caller} expects query of shape memory.shape[:-1] = {memory.shape[:-1]}, "
+            f"got {query.shape}."
+        )
+    d = memory.shape[-1]
+    if d < 1:
+        raise ValueError(f"{caller} expects memories of width d >= 1, got shape {memory.shape}.")
+    if d > MAX_WIDTH:
+        raise ValueError(
+            f"{caller} supports widths d <= MAX_WIDTH = {MAX_WIDTH} (a wider memory's tiles "
+            f"do not fit on chip; use the XLA read), got d = {d}."
+        )
+    return memory, query
+
+
+def _check_steps(steps) -> Steps:
+    """``steps`` as a tuple of plain float triples (the kernels unroll them)."""
+    try:
+        triples = [tuple(step) for step in steps]
+    except TypeError:
+        triples = []
+    valid = bool(triples) and all(
+        len(step) == 3
+        and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            for v in step
+        )
+        for step in triples
+    )
+    if not valid:
+        raise ValueError(
+            "steps must be a non-empty sequence of finite (a, b, c) triples, one per "
+            "Newton–Schulz iteration (newton_schulz.iteration_coefficients; k = 0, the "
+            f"normalization alone, is not a kernel read), got {steps!r}."
+        )
+    return tuple(tuple(float(v) for v in step) for step in triples)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Products:
+    """The matrix products of a kernel body, at one precision (see
+    ``SUPPORTED_PRECISIONS``)."""
+
+    precision: jax.lax.Precision
+    bfloat16: bool
+
+    @classmethod
+    def of(cls, jax_precision: str | None) -> _Products:
+        if jax_precision in _IEEE:
+            return cls(jax.lax.Precision.HIGHEST, False)
+        if jax_precision in _TF32:
+            precision = jax.lax.Precision.DEFAULT
+            if jax_precision in ("high", "tensorfloat32"):
+                precision = jax.lax.Precision.HIGH
+            return cls(precision, False)
+        if jax_precision in _BF16:
+            # _dot rounds the operands to bfloat16, whose products are exact in float32:
+            # HIGHEST adds nothing but keeps the lowering from tagging the dot tf32.
+            return cls(jax.lax.Precision.HIGHEST, True)
+        raise ValueError(
+            f"jax_precision={jax_precision!r} is not supported by the Pallas read; use one "
+            f"of {SUPPORTED_PRECISIONS} (or the XLA read)."
+        )
+
+    def _dot(self, a, b, contract_a: int):
+        if self.bfloat16:
+            a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        return jax.lax.dot_general(
+            a,
+            b,
+            (((contract_a,), (0,)), ((), ())),
+            precision=self.precision,
+            preferred_element_type=jnp.float32,
+        )
+
+    def mm(self, a, b):
+        """a b."""
+        return self._dot(a, b, 1)
+
+    def tmm(self, a, b):
+        """aᵀ b (the lowering transposes the operand on chip)."""
+        return self._dot(a, b, 0)
+
+
+def _inverse_norm(c, floor: float):
+    """(s, r): the sum of squares of the block and r = rsqrt(max(s, floor²)), the
+    scale of frobenius_normalize."""
+    # Triton reduces one axis at a time.
+    s = jnp.sum(jnp.sum(c * c, axis=1), axis=0)
+    return s, jax.lax.rsqrt(jnp.maximum(s, floor * floor))
+
+
+def _polynomial(products: _Products, gram, b: float, c: float):
+    """P(G) = b G + c G²; the G² product only for quintic steps."""
+    if c == 0.0:
+        return b * gram
+    return b * gram + c * products.mm(gram, gram)
+
+
+def _iterate(products: _Products, x, steps: Steps):
+    """The iterate after ``steps`` and the input X_j of each step."""
+    inputs = []
+    for a, b, c in steps:
+        inputs.append(x)
+        poly = _polynomial(products, products.tmm(x, x), b, c)
+        x = a * x + products.mm(x, poly)
+    return x, inputs
+
+
+def _masks(d: int, width: int):
+    """Which entries of a D-vector and of a D x D block are inside the d x d memory."""
+    index = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (width, width), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (width, width), 1)
+    return index < d, (rows < d) & (cols < d)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One shape and configuration of the kernels: ``count`` memories of width d."""
+
+    count: int
+    d: int
+    steps: Steps
+    products: _Products
+    interpret: bool
+
+    @classmethod
+    def of(cls, memory, steps, jax_precision, interpret) -> _Call:
+        steps = _check_steps(steps)
+        products = _Products.of(jax_precision)
+        if not available():
+            raise RuntimeError(
+                "the Pallas read needs jax.experimental.pallas with its Triton backend, "
+                "which this JAX does not provide; use the XLA read."
+            )
+        count = math.prod(memory.shape[:-2])
+        return cls(count, memory.shape[-1], steps, products, bool(interpret))
+
+    @property
+    def width(self) -> int:
+        return block_width(self.d)
+
+    def _pallas_call(self, kernel, in_specs, out_specs, out_shape):
+        width = self.width
+        return pl.pallas_call(
+            kernel,
+            grid=(self.count,),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            # Without Triton's parameters JAX 0.10 lowers pallas_call with Mosaic GPU.
+            # 8 warps at D = 64 halve each tile's registers per thread (16), which the
+            # backward's k saved iterates need; straight-line code has nothing to
+            # software-pipeline, so one stage.
+            compiler_params=plgpu.CompilerParams(num_warps=8 if width >= 64 else 4, num_stages=1),
+            interpret=self.interpret,
+        )
+
+    def _matrix_spec(self):
+        # Blocks wider than the array: the kernel loads and stores them with masks.
+        return pl.BlockSpec((None, self.width, self.width), lambda i: (i, 0, 0))
+
+    def _vector_spec(self):
+        return pl.BlockSpec((None, self.width), lambda i: (i, 0))
+
+    def forward(self):
+        """(count, d, d) rescaled memories, (count, d) queries -> (count, d) reads."""
+        d, steps, products = self.d, self.steps, self.products
+        floor = newton_schulz.FROBENIUS_FLOOR
+
+        def ns_read_forward_kernel(memory_ref, query_ref, h_ref):
+            vector_mask, matrix_mask = _masks(d, self.width)
+            c = plgpu.load(memory_ref, mask=matrix_mask, other=0.0)
+            q = plgpu.load(query_ref, mask=vector_mask, other=0.0)
+            _, r = _inverse_norm(c, floor)
+            x, _ = _iterate(products, c * r, steps)
+            # qᵀX as a broadcast and a sum: a 1 x D product is below tt.dot's 16, and
+            # this way the read is float32 whatever the precision of the iterations.
+            plgpu.store(h_ref, jnp.sum(q[:, None] * x, axis=0), mask=vector_mask)
+
+        return self._pallas_call(
+            ns_read_forward_kernel,
+            in_specs=[self._matrix_spec(), self._vector_spec()],
+            out_specs=self._vector_spec(),
+            out_shape=jax.ShapeDtypeStruct((self.count, d), jnp.float32),
+        )
+
+    def backward(self):
+        """(count, d, d) rescaled memories, (count, d) queries and h̄ -> (x̄, q̄)."""
+        d, steps, products = self.d, self.steps, self.products
+        floor = newton_schulz.FROBENIUS_FLOOR
+
+        def ns_read_backward_kernel(memory_ref, query_ref, h_bar_ref, memory_bar_ref, q_bar_ref):
+            vector_mask, matrix_mask = _masks(d, self.width)
+            c = plgpu.load(memory_ref, mask=matrix_mask, other=0.0)
+            q = plgpu.load(query_ref, mask=vector_mask, other=0.0)
+            h_bar = plgpu.load(h_bar_ref, mask=vector_mask, other=0.0)
+            s, r = _inverse_norm(c, floor)
+            x, inputs = _iterate(products, c * r, steps)
+            # h = qᵀ X_k: q̄ = X_k h̄ and X̄_k = q h̄ᵀ.
+            plgpu.store(q_bar_ref, jnp.sum(x * h_bar[None, :], axis=1), mask=vector_mask)
+            y_bar = q[:, None] * h_bar[None, :]
+            # newton_schulz._iterations_backward: Y = a X + X P(G), G = XᵀX:
+            #   X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
+            for x_j, (a, b, cc) in zip(reversed(inputs), reversed(steps), strict=True):
+                gram = products.tmm(x_j, x_j)
+                xt_y_bar = products.tmm(x_j, y_bar)
+                gram_bar = b * xt_y_bar
+                if cc != 0.0:
+                    gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
+                y_bar = (
+                    a * y_bar
+                    + products.mm(y_bar, _polynomial(products, gram, b, cc))
+                    + products.mm(x_j, gram_bar + gram_bar.T)
+                )
+            # X0 = C r, r = rsqrt(max(s, floor²)), s = ΣC²: where s > floor²,
+            # dr/ds = -r³/2, so C̄ = r X̄0 - r³ <X̄0, C> C; below the floor r is constant.
+            # At s == floor² jnp.maximum's derivative is split evenly between its
+            # arguments, so half the second term (as the XLA read).
+            floor_sq = floor * floor
+            # (Comparisons cast to float: Pallas' Triton lowering of JAX 0.10.2 types a
+            # jnp.where between two constants as its i1 predicate and fails.)
+            share = (s > floor_sq).astype(jnp.float32) + 0.5 * (s == floor_sq).astype(jnp.float32)
+            inner = jnp.sum(jnp.sum(y_bar * c, axis=1), axis=0)
+            memory_bar = r * y_bar - (share * r * r * r * inner) * c
+            plgpu.store(memory_bar_ref, memory_bar, mask=matrix_mask)
+
+        return self._pallas_call(
+            ns_read_backward_kernel,
+            in_specs=[self._matrix_spec(), self._vector_spec(), self._vector_spec()],
+            out_specs=[self._matrix_spec(), self._vector_spec()],
+            out_shape=[
+                jax.ShapeDtypeStruct((self.count, d, d), jnp.float32),
+                jax.ShapeDtypeStruct((self.count, d), jnp.float32),
+            ],
+        )
