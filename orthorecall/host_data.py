@@ -9,7 +9,10 @@ devices run the current step, and says how long the training loop had to wait fo
 data (``wait_seconds``), so that a run can tell when this source throttles it.
 
 Workers are started with ``spawn``: forking a process whose JAX runtime already runs
-threads can deadlock the child.
+threads can deadlock the child. Spawned workers import the main module, so a script
+that trains must keep its work under ``if __name__ == "__main__":`` (as
+``python -m experiments.run`` does); if the workers cannot run, the batches are drawn
+in the calling process instead, with a warning.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import multiprocessing
 import os
 import signal
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -118,7 +122,10 @@ class ParallelStreams:
         if self._pool is None:
             inputs, targets, states = _draw(self._states)
         else:
-            parts = [future.result() for future in self._pending]
+            try:
+                parts = [future.result() for future in self._pending]
+            except concurrent.futures.process.BrokenProcessPool as error:
+                return self._without_workers(error)
             inputs = np.concatenate([p[0] for p in parts])
             targets = np.concatenate([p[1] for p in parts])
             states = [state for p in parts for state in p[2]]
@@ -127,6 +134,21 @@ class ParallelStreams:
         self._states = states
         self.batches_returned += 1
         return inputs, targets
+
+    def _without_workers(self, error: Exception) -> tuple[np.ndarray, np.ndarray]:
+        # The states are those of the batches returned so far, so nothing is lost: the
+        # same batches follow, drawn here.
+        warnings.warn(
+            f"orthorecall: the worker processes drawing the numpy training data failed "
+            f"({error}); drawing it in this process from now on (same batches, slower). "
+            "A script that starts training must guard it with `if __name__ == '__main__':` "
+            "(workers are spawned, and import the main module).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool, self._workers = None, 0
+        return self.next_batches()
 
     def states(self) -> list[dict]:
         """Each stream's state after the batches returned so far (JSON-able dicts)."""

@@ -62,3 +62,22 @@ def test_invalid_arguments_are_refused():
         host_data.ParallelStreams(TASK, seeds=[1], batch_size=2, workers=-1)
     with pytest.raises(ValueError):
         host_data.ParallelStreams.from_states([{"config": {}}], workers=0)
+
+
+def test_workers_that_die_leave_the_batches_to_this_process():
+    drawn, states_after = _sequential(SEEDS, 2)
+    streams = host_data.ParallelStreams(TASK, seeds=SEEDS, batch_size=2, workers=2)
+    try:
+        # Killed while they start (importing takes them a second): the first batches
+        # cannot have been drawn yet.
+        for process in list(streams._pool._processes.values()):
+            process.kill()
+            process.join()
+        with pytest.warns(RuntimeWarning, match="drawing it in this process"):
+            inputs, _ = streams.next_batches()
+        np.testing.assert_array_equal(inputs, np.stack([b[0] for b in drawn[0]]))
+        assert streams.workers == 0
+        np.testing.assert_array_equal(streams.next_batches()[0], np.stack([b[0] for b in drawn[1]]))
+        assert json.loads(json.dumps(streams.states())) == json.loads(json.dumps(states_after))
+    finally:
+        streams.close()
