@@ -47,7 +47,13 @@ def _tokens(seed, batch=2, length=19, vocab=80):
 
 @pytest.mark.slow
 def test_parameters_stack_over_seeds_with_vmap():
-    config = model_lib.ModelConfig(cell=CellConfig(read=reads.NS5, chunk_size=8))
+    # A narrow model: what is checked is the seed axis, not the width (the reference
+    # width took 40 s here, most of it compiling).
+    config = model_lib.ModelConfig(
+        cell=CellConfig(
+            read=reads.NS5, chunk_size=8, embedding_dim=16, num_heads=2, inner_multiple=8
+        )
+    )
     keys = jax.random.split(jax.random.PRNGKey(2), 3)
     stacked = jax.vmap(lambda k: model_lib.init_params(k, config))(keys)
     tokens = _tokens(3)
