@@ -5,8 +5,10 @@ PYTHON ?= python
 install:
 	$(PYTHON) -m pip install -e ".[test,lint,torch]"
 
+# Two workers (or one per core): most tests wait on XLA compiling on one core.
+# loadscope keeps each module on one worker, so module fixtures (trained runs) run once.
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadscope
 
 # The suite without the tests marked slow: well under a minute.
 test-fast:
