@@ -188,13 +188,33 @@ def init_params(key: jax.Array, config: CellConfig) -> Params:
     }
 
 
-def initial_state(config: CellConfig, batch_size: int) -> CellState:
-    """The state of a fresh episode for ``batch_size`` sequences."""
-    check_int("batch_size", batch_size, minimum=1)
+def initial_state(
+    config: CellConfig, batch_size: int | tuple[int, ...], dtype=jnp.float32
+) -> CellState:
+    """The state of a fresh episode (all zeros).
+
+    Args:
+        config: the cell configuration.
+        batch_size: the number of sequences, or the batch shape (any number of axes;
+            ``()`` for a single unbatched sequence).
+        dtype: the state's dtype (``step``/``scan`` compute in float32 whatever it is,
+            and return the state in the dtype it came in).
+    """
+    batch = _batch_shape(batch_size)
+    h, d = config.num_heads, config.head_dim
+    zeros = lambda *shape: jnp.zeros((*batch, *shape), dtype)
     return CellState(
-        conv=jnp.zeros((batch_size, config.conv_kernel_size - 1, config.inner_dim), jnp.float32),
-        memory=mlstm.initial_memory_state(batch_size, config.num_heads, config.head_dim),
+        conv=zeros(config.conv_kernel_size - 1, config.inner_dim),
+        memory=mlstm.MemoryState(c=zeros(h, d, d), n=zeros(h, d), m=zeros(h)),
     )
+
+
+def _batch_shape(batch_size) -> tuple[int, ...]:
+    if isinstance(batch_size, tuple):
+        for size in batch_size:
+            check_int("batch_size", size, minimum=1)
+        return batch_size
+    return (check_int("batch_size", batch_size, minimum=1),)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, groups: int = 1) -> jax.Array:
@@ -237,28 +257,86 @@ def _output(params, h, x_c, z, config):
     return (out @ params["down_proj"].astype(dtype)).astype(jnp.float32)
 
 
-def _check_input(x, config, time_axis):
-    expected = 3 if time_axis else 2
-    if x.ndim != expected or x.shape[-1] != config.embedding_dim:
-        layout = "(batch, time, embedding_dim)" if time_axis else "(batch, embedding_dim)"
+def _check_input(x, config, time_axis) -> tuple[int, ...]:
+    """The batch shape of ``x``: (*batch, [time,] embedding_dim), any number of batch axes."""
+    minimum = 2 if time_axis else 1
+    if not hasattr(x, "ndim") or x.ndim < minimum or x.shape[-1] != config.embedding_dim:
+        layout = "(*batch, time, embedding_dim)" if time_axis else "(*batch, embedding_dim)"
         raise ValueError(
-            f"x must have shape {layout} with embedding_dim={config.embedding_dim}; got {x.shape}."
+            f"x must have shape {layout} with embedding_dim={config.embedding_dim} (any "
+            f"number of batch axes); got {getattr(x, 'shape', type(x).__name__)}."
         )
+    return tuple(x.shape[: x.ndim - minimum])
 
 
-def _check_state(state, batch_size, config):
+def _check_state(state, batch, config):
     if not isinstance(state, CellState):
         raise ValueError(
             f"state must be a cell.CellState (initial_state(config, batch_size)); got "
             f"{type(state).__name__}."
         )
-    want = (batch_size, config.conv_kernel_size - 1, config.inner_dim)
-    if state.conv.shape != want:
+    expected = initial_state_shapes(config, batch)
+    shapes = (expected.conv, *expected.memory)
+    for name, leaf, want in zip(
+        ("conv", "memory.c", "memory.n", "memory.m"),
+        jax.tree_util.tree_leaves(state),
+        shapes,
+        strict=True,
+    ):
+        if tuple(leaf.shape) != tuple(want):
+            count = lambda shape: shape[0] if len(shape) == 1 else shape
+            have = tuple(leaf.shape[: len(leaf.shape) - len(want) + len(batch)])
+            raise ValueError(
+                f"state is for {count(have)} sequences, x for {count(batch)}: state.{name} "
+                f"must have shape {tuple(want)}, got {tuple(leaf.shape)}. Make it with "
+                f"initial_state(config, {batch[0] if len(batch) == 1 else batch})."
+            )
+
+
+def initial_state_shapes(config: CellConfig, batch: tuple[int, ...]) -> CellState:
+    """The shapes of ``initial_state(config, batch)``'s leaves, as a ``CellState``."""
+    h, d, i = config.num_heads, config.head_dim, config.inner_dim
+    return CellState(
+        conv=(*batch, config.conv_kernel_size - 1, i),
+        memory=mlstm.MemoryState(c=(*batch, h, d, d), n=(*batch, h, d), m=(*batch, h)),
+    )
+
+
+def _check_mask(mask, shape, layout):
+    if mask is None:
+        return
+    if not hasattr(mask, "dtype") or mask.dtype != jnp.bool_ or tuple(mask.shape) != shape:
         raise ValueError(
-            f"state is for {state.conv.shape[0]} sequences, x for {batch_size}: state.conv "
-            f"must have shape {want}, got {state.conv.shape}. Make it with "
-            f"initial_state(config, {batch_size})."
+            f"mask must be a bool array of shape {shape} {layout} (true: the step counts, "
+            f"false: it leaves the state untouched); got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}{tuple(getattr(mask, 'shape', ()))}."
         )
+
+
+def _flatten(tree, batch):
+    """Leaves (*batch, ...) -> (B, ...), B = prod(batch) (1 for no batch axis)."""
+    size = math.prod(batch)
+    return jax.tree_util.tree_map(lambda a: a.reshape(size, *a.shape[len(batch) :]), tree)
+
+
+def _unflatten(tree, batch):
+    return jax.tree_util.tree_map(lambda a: a.reshape(*batch, *a.shape[1:]), tree)
+
+
+def _float32(state: CellState) -> CellState:
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), state)
+
+
+def _like(state: CellState, reference: CellState) -> CellState:
+    """``state`` in the dtypes of ``reference`` (a carry keeps the dtype it came in)."""
+    return jax.tree_util.tree_map(lambda a, r: a.astype(r.dtype), state, reference)
+
+
+def _keep_where_masked(mask, new, old):
+    """Per sequence: ``new`` where ``mask`` is true, ``old`` where it is false."""
+    return jax.tree_util.tree_map(
+        lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old
+    )
 
 
 def step(
@@ -267,27 +345,40 @@ def step(
     x: jax.Array,
     reset: jax.Array | None,
     config: CellConfig,
+    *,
+    mask: jax.Array | None = None,
 ) -> tuple[jax.Array, CellState]:
     """One time step.
 
     Args:
         params: the cell parameters.
-        state: ``CellState`` for B sequences.
-        x: (B, D) input at this step.
-        reset: (B,) bool or None; true clears the state before this step.
+        state: ``CellState`` for the batch (leaves (*batch, ...), any dtype: computed in
+            float32, returned in the dtype it came in).
+        x: (*batch, D) input at this step: any number of batch axes, none included.
+        reset: (*batch) bool or None; true clears the state before this step.
         config: the cell configuration.
+        mask: (*batch) bool or None; false leaves that sequence's state untouched (and
+            its output zero): a padded step.
 
     Returns:
-        (y (B, D) float32, new ``CellState``).
+        (y (*batch, D) float32, new ``CellState``).
 
     Raises:
-        ValueError: wrong input or state shape, or a reset that is not (B,) bool.
+        ValueError: wrong input or state shape, or a reset or mask that is not (*batch)
+            bool.
     """
-    _check_input(x, config, time_axis=False)
-    _check_state(state, x.shape[0], config)
-    mlstm.check_reset(reset, x.shape[:1], "(batch,)")
+    batch = _check_input(x, config, time_axis=False)
+    _check_state(state, batch, config)
+    mlstm.check_reset(reset, batch, "(batch,)")
+    _check_mask(mask, batch, "(batch,)")
+    flat = lambda tree: None if tree is None else _flatten(tree, batch)
+    old = _float32(flat(state))
     with precision.matmul_precision(config.matmul_precision):
-        return _step(params, state, x, reset, config)
+        y, new = _step(params, old, flat(x), flat(reset), config)
+    if mask is not None:
+        new = _keep_where_masked(flat(mask), new, old)
+        y = jnp.where(flat(mask)[:, None], y, 0.0)
+    return _unflatten(y, batch), _like(_unflatten(new, batch), state)
 
 
 def _step(params, state, x, reset, config):
@@ -340,32 +431,91 @@ def scan(
     *,
     reset: jax.Array | None = None,
     state: CellState | None = None,
-) -> tuple[jax.Array, CellState]:
+    mask: jax.Array | None = None,
+    return_states: bool = False,
+):
     """The cell over a sequence.
 
     Args:
         params: the cell parameters.
-        x: (B, T, D) inputs.
+        x: (*batch, T, D) inputs: any number of batch axes, none included; T may be 0.
         config: the cell configuration (``sequence_form`` picks the form).
-        reset: optional (B, T) bool; true at t starts a new episode at t.
-        state: optional initial ``CellState``; a fresh episode when None.
+        reset: optional (*batch, T) bool; true at t starts a new episode at t.
+        state: optional initial ``CellState`` (any dtype: computed in float32, returned
+            in the dtype it came in); a fresh episode when None.
+        mask: optional (*batch, T) bool; false steps leave the state untouched and
+            output zeros (padding, e.g. after a sequence's end).
+        return_states: also return the state after every step (leaves
+            (*batch, T, ...)), e.g. for a replay buffer's burn-in starts.
+
+    With a mask or ``return_states`` the sequence runs step by step (``step`` in a
+    ``lax.scan``), whatever ``sequence_form`` says: the parallel forms keep no per-step
+    state, and a masked step must not move the causal convolution's window.
 
     Returns:
-        (y (B, T, D) float32, final ``CellState``).
+        (y (*batch, T, D) float32, final ``CellState``), and the per-step states last
+        when ``return_states``.
 
     Raises:
-        ValueError: wrong shapes, or a reset that is not (B, T) bool.
+        ValueError: wrong shapes, or a reset or mask that is not (*batch, T) bool.
     """
-    _check_input(x, config, time_axis=True)
-    b, t, _ = x.shape
+    batch = _check_input(x, config, time_axis=True)
+    t = x.shape[-2]
     if state is None:
-        state = initial_state(config, b)
-    _check_state(state, b, config)
-    mlstm.check_reset(reset, (b, t), "(batch, time)")
-    if reset is None:
-        reset = jnp.zeros((b, t), bool)
+        state = initial_state(config, batch if batch else ())
+    _check_state(state, batch, config)
+    mlstm.check_reset(reset, (*batch, t), "(batch, time)")
+    _check_mask(mask, (*batch, t), "(batch, time)")
+    if t == 0:  # Nothing to read or write: the state as it came.
+        y = jnp.zeros((*batch, 0, config.embedding_dim), jnp.float32)
+        if return_states:
+            states = jax.tree_util.tree_map(
+                lambda a: jnp.zeros((*batch, 0, *a.shape[len(batch) :]), a.dtype), state
+            )
+            return y, state, states
+        return y, state
+    flat = lambda tree: None if tree is None else _flatten(tree, batch)
+    x_flat, old = flat(x), _float32(flat(state))
+    reset_flat = flat(reset)
     with precision.matmul_precision(config.matmul_precision):
-        return _scan(params, x, config, reset, state)
+        if mask is None and not return_states:
+            if reset_flat is None:
+                reset_flat = jnp.zeros(x_flat.shape[:2], bool)
+            y, new = _scan(params, x_flat, config, reset_flat, old)
+            return _unflatten(y, batch), _like(_unflatten(new, batch), state)
+        y, new, states = _step_by_step(params, x_flat, config, reset_flat, flat(mask), old)
+    y, new = _unflatten(y, batch), _like(_unflatten(new, batch), state)
+    if not return_states:
+        return y, new
+    return y, new, _like(_unflatten(states, batch), _time_axis(state, len(batch)))
+
+
+def _time_axis(state, batch_ndim):
+    """Shape-only stand-in with a time axis after the batch axes (for ``_like``)."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((*a.shape[:batch_ndim], 1, *a.shape[batch_ndim:]), a.dtype),
+        state,
+    )
+
+
+def _step_by_step(params, x, config, reset, mask, state):
+    """``_step`` over time in a ``lax.scan``: x (B, T, D); returns (y (B, T, D), final
+    state, per-step states with a time axis after B)."""
+    b, t = x.shape[:2]
+    reset = jnp.zeros((b, t), bool) if reset is None else reset
+    mask = jnp.ones((b, t), bool) if mask is None else mask
+
+    def one(carry, inputs):
+        x_t, reset_t, mask_t = inputs
+        y, new = _step(params, carry, x_t, reset_t, config)
+        new = _keep_where_masked(mask_t, new, carry)
+        return new, (jnp.where(mask_t[:, None], y, 0.0), new)
+
+    time_major = lambda a: jnp.swapaxes(a, 0, 1)
+    final, (y, states) = jax.lax.scan(
+        one, state, (time_major(x), time_major(reset), time_major(mask))
+    )
+    return time_major(y), final, jax.tree_util.tree_map(time_major, states)
 
 
 def _scan(params, x, config, reset, state):
