@@ -164,18 +164,6 @@ def _model_config(read_name: str, cell_fields: dict | None = None):
     )
 
 
-def _compiled_bytes(compiled) -> int:
-    """XLA's memory figure of a compiled program: arguments + outputs - aliased +
-    temporaries."""
-    analysis = compiled.memory_analysis()
-    return (
-        analysis.argument_size_in_bytes
-        + analysis.output_size_in_bytes
-        - analysis.alias_size_in_bytes
-        + analysis.temp_size_in_bytes
-    )
-
-
 def _train_step_runner(
     read_name: str,
     batch: int,
@@ -190,7 +178,7 @@ def _train_step_runner(
     import jax
     import numpy as np
 
-    from orthorecall import data, training
+    from orthorecall import data, footprint, training
 
     config = _model_config(read_name, cell_fields)
     optimizer = training.make_optimizer()
@@ -209,7 +197,7 @@ def _train_step_runner(
         carry["states"], carry["keys"], metrics = step(carry["states"], carry["keys"], None)
         return metrics
 
-    return run, _compiled_bytes(step)
+    return run, footprint.compiled_memory_bytes(step)
 
 
 def bench_train_step(
@@ -393,7 +381,7 @@ def _compiled_step_bytes(read_names, seeds, batch, seq_len, segment_length, cell
     import jax.numpy as jnp
     import numpy as np
 
-    from orthorecall import training
+    from orthorecall import footprint, training
 
     configs = {name: _model_config(name, cell_fields) for name in read_names}
     optimizer = training.make_optimizer()
@@ -406,7 +394,7 @@ def _compiled_step_bytes(read_names, seeds, batch, seq_len, segment_length, cell
     keys = jax.ShapeDtypeStruct((seeds, 2), jnp.uint32)
     batch_shape = (jax.ShapeDtypeStruct((seeds, batch, seq_len), jnp.int32),) * 2
     step = training.make_train_step(configs, optimizer, None, segment_length=segment_length)
-    return _compiled_bytes(step.lower(states, keys, batch_shape).compile())
+    return footprint.compiled_memory_bytes(step.lower(states, keys, batch_shape).compile())
 
 
 def bench_step_memory_estimate(

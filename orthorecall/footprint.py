@@ -372,6 +372,19 @@ def per_device_available_memory(devices: Sequence) -> int | None:
     return min(figures) if figures else None
 
 
+def compiled_memory_bytes(compiled) -> int:
+    """What a compiled program (``jax.jit(f).lower(...).compile()``) needs at its peak,
+    by XLA's own analysis: arguments, outputs that do not reuse a donated argument, and
+    temporaries. The figure the estimates here are checked against."""
+    stats = compiled.memory_analysis()
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+    )
+
+
 def format_bytes(count: float) -> str:
     """``count`` bytes as a short human figure (MiB, GiB or TiB)."""
     if count >= 2**40:

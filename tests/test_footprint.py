@@ -112,18 +112,6 @@ MAX_OVERESTIMATE = 2.5
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def xla_bytes(compiled) -> int:
-    """What the compiled program needs at its peak: arguments, outputs that do not reuse
-    a donated argument, and temporaries."""
-    stats = compiled.memory_analysis()
-    return (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        - stats.alias_size_in_bytes
-        + stats.temp_size_in_bytes
-    )
-
-
 def train_step_bytes(configs, *, seeds, batch_size, seq_len, segment_length=None, seed_groups=1):
     """XLA's figure for the trainer's step (training.make_train_step, batches passed in
     as with data_source="numpy") over ``seeds`` seeds."""
@@ -139,7 +127,7 @@ def train_step_bytes(configs, *, seeds, batch_size, seq_len, segment_length=None
     step = training.make_train_step(
         configs, optimizer, None, segment_length=segment_length, seed_groups=seed_groups
     )
-    return xla_bytes(step.lower(states, keys, batch).compile(FAST_COMPILE))
+    return footprint.compiled_memory_bytes(step.lower(states, keys, batch).compile(FAST_COMPILE))
 
 
 def eval_step_bytes(configs, *, seeds, num_batches, batch_size, seq_len, seed_groups=1):
@@ -152,7 +140,9 @@ def eval_step_bytes(configs, *, seeds, num_batches, batch_size, seq_len, seed_gr
     }
     tokens = jax.ShapeDtypeStruct((seeds, num_batches, batch_size, seq_len), jnp.int32)
     evaluate = training.make_eval_step(configs, seed_groups=seed_groups)
-    return xla_bytes(evaluate.lower(states, tokens, tokens).compile(FAST_COMPILE))
+    return footprint.compiled_memory_bytes(
+        evaluate.lower(states, tokens, tokens).compile(FAST_COMPILE)
+    )
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ agree with stepping."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,10 +19,13 @@ from orthorecall import reads
 from orthorecall.flax_modules import MLSTMNNXCell, MLSTMRNNCell, _value
 
 # The recurrent form is what stepping computes; the chunkwise form equals it to float32
-# rounding (tests/test_cell.py), so the comparisons below hold at 1e-5 either way.
+# rounding (tests/test_cell.py), so the comparisons below hold at 1e-5 either way. The
+# conventions do not depend on the read: the raw read keeps compiles short, and the
+# first test runs NS5 too.
 CONFIG = cell_lib.CellConfig(
-    embedding_dim=8, num_heads=2, inner_multiple=8, chunk_size=4, read=reads.NS5
+    embedding_dim=8, num_heads=2, inner_multiple=8, chunk_size=4, read=reads.RAW
 )
+NS5_CONFIG = dataclasses.replace(CONFIG, read=reads.NS5)
 D = CONFIG.embedding_dim
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -39,19 +44,20 @@ def _close(a, b):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **TOL)
 
 
-def test_nn_rnn_equals_the_cells_scan(params):
+@pytest.mark.parametrize("config", [CONFIG, NS5_CONFIG], ids=["raw", "ns5"])
+def test_nn_rnn_equals_the_cells_scan(params, config):
     xs = _x((3, 7))
-    rnn = nn.RNN(MLSTMRNNCell(CONFIG), return_carry=True)
+    rnn = nn.RNN(MLSTMRNNCell(config), return_carry=True)
     variables = rnn.init(jax.random.PRNGKey(0), xs)
     assert jax.tree_util.tree_structure(variables["params"]["cell"]["cell"]) == (
         jax.tree_util.tree_structure(params)
     )
     carry, ys = rnn.apply({"params": {"cell": {"cell": params}}}, xs)
-    want_y, want_state = cell_lib.scan(params, xs, CONFIG)
+    want_y, want_state = cell_lib.scan(params, xs, config)
     _close(ys, want_y)
     _close(carry, want_state)
     # time_major: the same numbers with time first.
-    ys_tm = nn.RNN(MLSTMRNNCell(CONFIG), time_major=True).apply(
+    ys_tm = nn.RNN(MLSTMRNNCell(config), time_major=True).apply(
         {"params": {"cell": {"cell": params}}}, jnp.swapaxes(xs, 0, 1)
     )
     _close(jnp.swapaxes(ys_tm, 0, 1), want_y)
