@@ -200,13 +200,9 @@ def initial_state(
         dtype: the state's dtype (``step``/``scan`` compute in float32 whatever it is,
             and return the state in the dtype it came in).
     """
-    batch = _batch_shape(batch_size)
-    h, d = config.num_heads, config.head_dim
-    zeros = lambda *shape: jnp.zeros((*batch, *shape), dtype)
-    return CellState(
-        conv=zeros(config.conv_kernel_size - 1, config.inner_dim),
-        memory=mlstm.MemoryState(c=zeros(h, d, d), n=zeros(h, d), m=zeros(h)),
-    )
+    shapes = initial_state_shapes(config, _batch_shape(batch_size))
+    zeros = lambda shape: jnp.zeros(shape, dtype)
+    return CellState(conv=zeros(shapes.conv), memory=mlstm.MemoryState(*map(zeros, shapes.memory)))
 
 
 def _batch_shape(batch_size) -> tuple[int, ...]:
@@ -332,10 +328,16 @@ def _like(state: CellState, reference: CellState) -> CellState:
     return jax.tree_util.tree_map(lambda a, r: a.astype(r.dtype), state, reference)
 
 
-def _keep_where_masked(mask, new, old):
-    """Per sequence: ``new`` where ``mask`` is true, ``old`` where it is false."""
+def select_state(flags: jax.Array, new: CellState, old: CellState) -> CellState:
+    """Per sequence: ``new`` where ``flags`` (*batch) is true, ``old`` where it is false,
+    in ``old``'s dtypes. ``new`` may lack the batch axes (one state for every sequence,
+    e.g. a learned initial state)."""
     return jax.tree_util.tree_map(
-        lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old
+        lambda n, o: jnp.where(
+            flags.reshape(flags.shape + (1,) * (o.ndim - flags.ndim)), n.astype(o.dtype), o
+        ),
+        new,
+        old,
     )
 
 
@@ -376,7 +378,7 @@ def step(
     with precision.matmul_precision(config.matmul_precision):
         y, new = _step(params, old, flat(x), flat(reset), config)
     if mask is not None:
-        new = _keep_where_masked(flat(mask), new, old)
+        new = select_state(flat(mask), new, old)
         y = jnp.where(flat(mask)[:, None], y, 0.0)
     return _unflatten(y, batch), _like(_unflatten(new, batch), state)
 
@@ -462,7 +464,7 @@ def scan(
     batch = _check_input(x, config, time_axis=True)
     t = x.shape[-2]
     if state is None:
-        state = initial_state(config, batch if batch else ())
+        state = initial_state(config, batch)
     _check_state(state, batch, config)
     mlstm.check_reset(reset, (*batch, t), "(batch, time)")
     _check_mask(mask, (*batch, t), "(batch, time)")
@@ -487,15 +489,7 @@ def scan(
     y, new = _unflatten(y, batch), _like(_unflatten(new, batch), state)
     if not return_states:
         return y, new
-    return y, new, _like(_unflatten(states, batch), _time_axis(state, len(batch)))
-
-
-def _time_axis(state, batch_ndim):
-    """Shape-only stand-in with a time axis after the batch axes (for ``_like``)."""
-    return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct((*a.shape[:batch_ndim], 1, *a.shape[batch_ndim:]), a.dtype),
-        state,
-    )
+    return y, new, _like(_unflatten(states, batch), state)
 
 
 def _step_by_step(params, x, config, reset, mask, state):
@@ -508,7 +502,7 @@ def _step_by_step(params, x, config, reset, mask, state):
     def one(carry, inputs):
         x_t, reset_t, mask_t = inputs
         y, new = _step(params, carry, x_t, reset_t, config)
-        new = _keep_where_masked(mask_t, new, carry)
+        new = select_state(mask_t, new, carry)
         return new, (jnp.where(mask_t[:, None], y, 0.0), new)
 
     time_major = lambda a: jnp.swapaxes(a, 0, 1)

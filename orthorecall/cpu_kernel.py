@@ -39,6 +39,8 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from orthorecall.validation import switched_on
+
 FORWARD_TARGET = "orthorecall_ns_read_forward"
 BACKWARD_TARGET = "orthorecall_ns_read_backward"
 CHUNK_FORWARD_TARGET = "orthorecall_chunk_read_forward"
@@ -53,8 +55,7 @@ class KernelBuildError(RuntimeError):
 
 def enabled_by_environment() -> bool:
     """False when ``ORTHORECALL_CPU_KERNEL`` is set to 0/false/no/off."""
-    value = os.environ.get("ORTHORECALL_CPU_KERNEL", "1").strip().lower()
-    return value not in ("0", "false", "no", "off")
+    return switched_on("ORTHORECALL_CPU_KERNEL")
 
 
 def _compiler() -> str | None:

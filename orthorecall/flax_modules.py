@@ -91,15 +91,23 @@ def _learned_state_init(config: cell_lib.CellConfig):
     return lambda key: cell_lib.initial_state(config, ())
 
 
-def _with_initial(carry, reset, learned):
-    """The carry with ``learned`` (no batch axes) broadcast in where ``reset``."""
-    return jax.tree_util.tree_map(
-        lambda c, s: jnp.where(
-            reset.reshape(reset.shape + (1,) * (c.ndim - reset.ndim)), s.astype(c.dtype), c
-        ),
-        carry,
-        learned,
-    )
+def _cell_step(params, config, reset_channel, initial, carry, inputs):
+    """One step of either Flax cell: (carry, y). ``initial`` is the learned initial
+    state (no batch axes) or None (zeros, the reset of ``cell.step``)."""
+    x, reset = _split_inputs(inputs, reset_channel)
+    if initial is not None and reset is not None:
+        carry, reset = cell_lib.select_state(reset, _learnable(initial), carry), None
+    y, carry = cell_lib.step(params, carry, x, reset, config)
+    return carry, y
+
+
+def _fresh_carry(config, input_shape, dtype, initial):
+    """Either Flax cell's ``initialize_carry``: zeros, or the learned initial state."""
+    batch = tuple(input_shape[:-1])
+    state = cell_lib.initial_state(config, batch, dtype=dtype)
+    if initial is not None:
+        state = cell_lib.select_state(jnp.ones(batch, bool), _learnable(initial), state)
+    return state
 
 
 def _learnable(state: cell_lib.CellState) -> cell_lib.CellState:
@@ -137,19 +145,13 @@ class MLSTMRNNCell(nn.RNNCellBase):
             self.initial_state = self.param("initial_state", _learned_state_init(self.config))
 
     def __call__(self, carry: cell_lib.CellState, inputs):
-        x, reset = _split_inputs(inputs, self.reset_channel)
-        if self.learned_initial_state and reset is not None:
-            carry, reset = _with_initial(carry, reset, _learnable(self.initial_state)), None
-        y, carry = cell_lib.step(self.cell, carry, x, reset, self.config)
-        return carry, y
+        initial = self.initial_state if self.learned_initial_state else None
+        return _cell_step(self.cell, self.config, self.reset_channel, initial, carry, inputs)
 
     def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]):
         """A fresh episode's carry for inputs of ``input_shape`` (*batch, features)."""
-        batch = tuple(input_shape[:-1])
-        state = cell_lib.initial_state(self.config, batch, dtype=self.carry_dtype)
-        if self.learned_initial_state:
-            state = _with_initial(state, jnp.ones(batch, bool), _learnable(self.initial_state))
-        return state
+        initial = self.initial_state if self.learned_initial_state else None
+        return _fresh_carry(self.config, input_shape, self.carry_dtype, initial)
 
     @property
     def num_feature_axes(self) -> int:
@@ -190,25 +192,17 @@ class MLSTMNNXCell(nnx.Module):
         else:
             self.initial_state = None
 
+    def _initial(self):
+        return None if self.initial_state is None else _value(self.initial_state)
+
     def __call__(self, carry: cell_lib.CellState, inputs):
-        x, reset = _split_inputs(inputs, self.reset_channel)
-        if self.initial_state is not None and reset is not None:
-            carry, reset = (
-                _with_initial(carry, reset, _learnable(_value(self.initial_state))),
-                None,
-            )
-        y, carry = cell_lib.step(_value(self.cell), carry, x, reset, self.config)
-        return carry, y
+        return _cell_step(
+            _value(self.cell), self.config, self.reset_channel, self._initial(), carry, inputs
+        )
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs=None):
         """A fresh episode's carry for inputs of ``input_shape`` (*batch, features)."""
-        batch = tuple(input_shape[:-1])
-        state = cell_lib.initial_state(self.config, batch, dtype=self.carry_dtype)
-        if self.initial_state is not None:
-            state = _with_initial(
-                state, jnp.ones(batch, bool), _learnable(_value(self.initial_state))
-            )
-        return state
+        return _fresh_carry(self.config, input_shape, self.carry_dtype, self._initial())
 
     @property
     def num_feature_axes(self) -> int:

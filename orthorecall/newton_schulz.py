@@ -24,14 +24,13 @@ lose the small singular values the iteration has to lift).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from orthorecall import cpu_kernel, pallas_read, precision
-from orthorecall.validation import check_int
+from orthorecall.validation import check_int, switched_on
 
 # Smallest Frobenius norm divided by, as in the reference: keeps the all-zero
 # memory (start of a sequence, after a reset) at zero with finite gradients.
@@ -349,19 +348,13 @@ def _implementation(steps, backend: str, width: int | None) -> str:
         return "cpu_kernel" if cpu_kernel.available() else "xla"
     if (
         backend in ("gpu", "cuda")
-        and _pallas_enabled()
+        and switched_on("ORTHORECALL_PALLAS")
         and pallas_read.available()
         and (width is None or width <= pallas_read.MAX_WIDTH)
         and precision.current() in pallas_read.SUPPORTED_PRECISIONS
     ):
         return "pallas_gpu"
     return "xla"
-
-
-def _pallas_enabled() -> bool:
-    """False when ``ORTHORECALL_PALLAS`` is set to 0/false/no/off."""
-    value = os.environ.get("ORTHORECALL_PALLAS", "1").strip().lower()
-    return value not in ("0", "false", "no", "off")
 
 
 def _jax_read(memory, query, steps):
@@ -377,22 +370,30 @@ def _ns_read(memory, query, steps, kernel, jax_precision):
     return _ns_read_fwd(memory, query, steps, kernel, jax_precision)[0]
 
 
+# The fused kernels by implementation name, and the platform whose programs run them.
+_FORWARD_KERNELS = {
+    "cpu_kernel": cpu_kernel.ns_read_forward,
+    "pallas_gpu": pallas_read.ns_read_forward,
+}
+_BACKWARD_KERNELS = {
+    "cpu_kernel": cpu_kernel.ns_read_backward,
+    "pallas_gpu": pallas_read.ns_read_backward,
+}
+_KERNEL_PLATFORMS = {"cpu_kernel": "cpu", "pallas_gpu": "cuda"}
+
+
 def _by_backend(kernel, kernel_fns, jax_fn, steps, jax_precision, *operands):
     """The kernel ``kernel`` names in programs for its platform, the pure-JAX form
     elsewhere (and when ``kernel`` is "xla")."""
     jax_fn = functools.partial(jax_fn, steps=steps)
-    if kernel == "cpu_kernel":
-        return jax.lax.platform_dependent(
-            *operands, cpu=functools.partial(kernel_fns[0], steps=steps), default=jax_fn
-        )
-    if kernel == "pallas_gpu":
-        pallas_fn = functools.partial(kernel_fns[1], steps=steps, jax_precision=jax_precision)
-        return jax.lax.platform_dependent(*operands, cuda=pallas_fn, default=jax_fn)
-    return jax_fn(*operands)
-
-
-_FORWARD_KERNELS = (cpu_kernel.ns_read_forward, pallas_read.ns_read_forward)
-_BACKWARD_KERNELS = (cpu_kernel.ns_read_backward, pallas_read.ns_read_backward)
+    if kernel == "xla":
+        return jax_fn(*operands)
+    kernel_fn = functools.partial(kernel_fns[kernel], steps=steps)
+    if kernel == "pallas_gpu":  # Triton products take the precision explicitly.
+        kernel_fn = functools.partial(kernel_fn, jax_precision=jax_precision)
+    return jax.lax.platform_dependent(
+        *operands, **{_KERNEL_PLATFORMS[kernel]: kernel_fn}, default=jax_fn
+    )
 
 
 def _ns_read_fwd(memory, query, steps, kernel, jax_precision):

@@ -4,6 +4,7 @@ argument, what it must be and what it was."""
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any
 
 import numpy as np
@@ -32,3 +33,10 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
     return bool(value)
+
+
+def switched_on(variable: str) -> bool:
+    """False when the environment variable ``variable`` is set to 0/false/no/off (any
+    case, spaces ignored); True when it is unset or anything else."""
+    value = os.environ.get(variable, "1").strip().lower()
+    return value not in ("0", "false", "no", "off")

@@ -316,12 +316,12 @@ def test_newton_schulz_read_runs_the_kernel_through_its_custom_vjp(monkeypatch):
     monkeypatch.setattr(
         ns,
         "_FORWARD_KERNELS",
-        (None, functools.partial(pallas_read.ns_read_forward, interpret=True)),
+        {"pallas_gpu": functools.partial(pallas_read.ns_read_forward, interpret=True)},
     )
     monkeypatch.setattr(
         ns,
         "_BACKWARD_KERNELS",
-        (None, functools.partial(pallas_read.ns_read_backward, interpret=True)),
+        {"pallas_gpu": functools.partial(pallas_read.ns_read_backward, interpret=True)},
     )
     branches = []
 
