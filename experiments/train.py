@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import time
 from collections.abc import Sequence
 from typing import IO
@@ -26,16 +25,16 @@ import numpy as np
 
 from experiments.progress import Progress
 from experiments.report.statistics import finite_or_none
+from experiments.stopping import StopOnSignal
 from experiments.summaries import RunSummaries, finite_mean
 from experiments.workdir import (
     METRICS_FILE,
     RUN_CONFIG_FILE,
     WorkdirError,
     WorkdirLock,
+    check_workdir_without_checkpoint,
+    checkpoint_config_check,
     config_fingerprint,
-    differing_fields,
-    has_results,
-    read_run_description,
 )
 from orthorecall import cell as cell_lib
 from orthorecall import (
@@ -616,63 +615,6 @@ def train_and_evaluate(
         return _train_in_workdir(config, configs, workdir, tensorboard, console)
 
 
-def _check_stored_config(workdir: pathlib.Path, stored: dict, config_dict: dict) -> None:
-    differences = differing_fields(stored, config_dict)
-    if differences:
-        raise WorkdirError(
-            f"{workdir} holds a run with a different configuration ({differences}). Use "
-            "another --workdir, or repeat the original configuration to resume it."
-        )
-
-
-def _checkpoint_config_check(workdir: pathlib.Path, config_dict: dict):
-    """``check_meta`` for the checkpointer: refuses a checkpoint of another configuration."""
-
-    def check(step: int, meta: dict) -> None:
-        stored = meta.get("config")
-        if stored is None:  # Written before checkpoints stored their configuration.
-            description = read_run_description(workdir)
-            if description is None:
-                raise WorkdirError(
-                    f"the checkpoint of step {step} in {workdir} does not record its "
-                    f"configuration (an older orthorecall wrote it) and {RUN_CONFIG_FILE} is "
-                    "missing, so resuming it under this command cannot be checked. Use "
-                    "another --workdir."
-                )
-            stored = description["config"]
-        _check_stored_config(workdir, stored, config_dict)
-
-    return check
-
-
-def _check_workdir_without_checkpoint(workdir: pathlib.Path, checkpointer, config_dict) -> None:
-    """A workdir without a usable checkpoint: starting (over) must not lose results."""
-    damaged = checkpointer.quarantined()
-    if damaged:
-        raise WorkdirError(
-            f"{workdir} holds no checkpoint that passes verification, only damaged ones "
-            f"moved aside: {', '.join(p.name for p in damaged)}. Starting over would "
-            "discard that run: move the workdir's results away (or use another --workdir) "
-            f"and delete the {checkpointing.QUARANTINE_PREFIX}* folders to start over."
-        )
-    if not has_results(workdir):
-        return  # Nothing to lose: a new workdir, or a start that failed before results.
-    try:
-        description = read_run_description(workdir)
-    except WorkdirError as e:
-        raise WorkdirError(
-            f"{e} {workdir} holds results of a run without checkpoints whose configuration "
-            "cannot be told. Use another --workdir, or move the results away."
-        ) from None
-    if description is None:
-        raise WorkdirError(
-            f"{workdir} holds results ({METRICS_FILE}) but neither checkpoints nor "
-            f"{RUN_CONFIG_FILE}: their configuration cannot be told. Use another "
-            "--workdir, or move the results away."
-        )
-    _check_stored_config(workdir, description["config"], config_dict)
-
-
 def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
     """train_and_evaluate, once the configuration is valid and the workdir locked."""
     from experiments import report  # Plotting stays out of library imports.
@@ -688,9 +630,9 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
     streams = None  # The numpy data source's host streams (host_data.ParallelStreams).
     try:
         # Before any compute: the newest checkpoint must be of this configuration.
-        check_config = _checkpoint_config_check(workdir, config_dict)
+        check_config = checkpoint_config_check(workdir, config_dict)
         if checkpointer.newest_meta(check_config) is None:
-            _check_workdir_without_checkpoint(workdir, checkpointer, config_dict)
+            check_workdir_without_checkpoint(workdir, checkpointer, config_dict)
 
         task = task_from_config(config)
         groups = seed_groups(config, configs)
@@ -808,25 +750,9 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                 f"the seeds of each device run in {groups} groups one after the other: all "
                 "at once would not fit in its memory (same results, proportionally slower)"
             )
-        # Ctrl-C / SIGTERM only set a flag, acted on between steps: raised in the middle of a
-        # step, the interruption could drop the step's result after its input states were
-        # donated (deleted), or leave `step`, the states and the records out of step.
-        # Armed once the first step has returned: until then (tracing, compiling) nothing
-        # has been computed that a checkpoint would keep, and the default handlers stop
-        # at once even inside XLA, where a Python handler would wait for it to return.
-        stop_requested = []
-        previous_handlers = {}
+        # Ctrl-C / SIGTERM stop between steps, with a checkpoint (experiments.stopping).
+        stop = StopOnSignal()
         timer = first_step = None
-
-        def request_stop(signum, frame):
-            if stop_requested:  # A second signal stops at once, without a checkpoint.
-                raise KeyboardInterrupt
-            stop_requested.append(signum)  # (No print here: a handler may interrupt a print.)
-
-        def arm_stop_handlers():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                if signum != signal.SIGINT or signal.getsignal(signum) is not signal.SIG_IGN:
-                    previous_handlers[signum] = signal.signal(signum, request_stop)
 
         try:
             with progress:
@@ -840,8 +766,8 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                         tree["states"], tree["keys"], batch
                     )
                     tree = {"states": new_states, "keys": new_keys}
-                    if not previous_handlers:
-                        arm_stop_handlers()
+                    if not stop.armed:
+                        stop.arm()
                         # Compiled: from here the wait for data is compared with the steps.
                         timer, first_step = time.perf_counter(), step + 1
                         if streams is not None:
@@ -895,11 +821,10 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                             summaries.train(step, metrics)
                     checkpointer.save(step, tree, meta(), force=step == train.steps)
                     # All processes stop at the same step, whichever one was signalled.
-                    if multihost.any_process(bool(stop_requested)):
+                    if multihost.any_process(stop.requested):
                         break
         finally:
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+            stop.restore()
             if summaries is not None:
                 summaries.close()
         if step < train.steps:  # Stopped by a signal, between two steps.

@@ -9,6 +9,9 @@
   stores it (``experiments.train``), and resuming compares it with the command's.
 * ``read_run_description``: ``run_config.json``, or a clear error when it is
   unreadable.
+* ``checkpoint_config_check`` / ``check_workdir_without_checkpoint``: before any
+  compute, a run refuses a workdir whose checkpoints or results belong to another
+  configuration, or whose only checkpoints are damaged.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ except ImportError:  # Windows: no flock; runs there are not protected.
 
 from experiments.report.records import CONFIG_FILE as RUN_CONFIG_FILE
 from experiments.report.records import METRICS_FILE, RESULTS_JSON
+from orthorecall import checkpointing
 
 LOCK_FILE = ".lock"
 # Fields that may change between a run and its resumption.
@@ -153,3 +157,60 @@ class WorkdirLock:
             self._file.truncate(0)
             self._file.close()  # Closing releases the flock.
             self._file = None
+
+
+def check_stored_config(workdir: pathlib.Path, stored: dict, config_dict: dict) -> None:
+    differences = differing_fields(stored, config_dict)
+    if differences:
+        raise WorkdirError(
+            f"{workdir} holds a run with a different configuration ({differences}). Use "
+            "another --workdir, or repeat the original configuration to resume it."
+        )
+
+
+def checkpoint_config_check(workdir: pathlib.Path, config_dict: dict):
+    """``check_meta`` for the checkpointer: refuses a checkpoint of another configuration."""
+
+    def check(step: int, meta: dict) -> None:
+        stored = meta.get("config")
+        if stored is None:  # Written before checkpoints stored their configuration.
+            description = read_run_description(workdir)
+            if description is None:
+                raise WorkdirError(
+                    f"the checkpoint of step {step} in {workdir} does not record its "
+                    f"configuration (an older orthorecall wrote it) and {RUN_CONFIG_FILE} is "
+                    "missing, so resuming it under this command cannot be checked. Use "
+                    "another --workdir."
+                )
+            stored = description["config"]
+        check_stored_config(workdir, stored, config_dict)
+
+    return check
+
+
+def check_workdir_without_checkpoint(workdir: pathlib.Path, checkpointer, config_dict) -> None:
+    """A workdir without a usable checkpoint: starting (over) must not lose results."""
+    damaged = checkpointer.quarantined()
+    if damaged:
+        raise WorkdirError(
+            f"{workdir} holds no checkpoint that passes verification, only damaged ones "
+            f"moved aside: {', '.join(p.name for p in damaged)}. Starting over would "
+            "discard that run: move the workdir's results away (or use another --workdir) "
+            f"and delete the {checkpointing.QUARANTINE_PREFIX}* folders to start over."
+        )
+    if not has_results(workdir):
+        return  # Nothing to lose: a new workdir, or a start that failed before results.
+    try:
+        description = read_run_description(workdir)
+    except WorkdirError as e:
+        raise WorkdirError(
+            f"{e} {workdir} holds results of a run without checkpoints whose configuration "
+            "cannot be told. Use another --workdir, or move the results away."
+        ) from None
+    if description is None:
+        raise WorkdirError(
+            f"{workdir} holds results ({METRICS_FILE}) but neither checkpoints nor "
+            f"{RUN_CONFIG_FILE}: their configuration cannot be told. Use another "
+            "--workdir, or move the results away."
+        )
+    check_stored_config(workdir, description["config"], config_dict)

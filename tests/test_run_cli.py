@@ -5,35 +5,35 @@ from pathlib import Path
 
 import pytest
 
-from experiments import run
+from experiments import cli
 from tests.conftest import REPO_ROOT
 
 
 def test_config_path_resolves_from_the_current_directory_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     want = str(REPO_ROOT / "experiments" / "configs" / "noisy_ar.py")
-    assert run.resolve_config_path("configs/noisy_ar.py") == want
-    assert run.resolve_config_path("configs/noisy_ar.py:smoke") == want + ":smoke"
+    assert cli.resolve_config_path("configs/noisy_ar.py") == want
+    assert cli.resolve_config_path("configs/noisy_ar.py:smoke") == want + ":smoke"
     local = tmp_path / "configs" / "noisy_ar.py"
     local.parent.mkdir()
     local.write_text("")
-    assert run.resolve_config_path("configs/noisy_ar.py:cpu") == "configs/noisy_ar.py:cpu"
-    assert run.resolve_config_path("elsewhere/x.py") == "elsewhere/x.py"
+    assert cli.resolve_config_path("configs/noisy_ar.py:cpu") == "configs/noisy_ar.py:cpu"
+    assert cli.resolve_config_path("elsewhere/x.py") == "elsewhere/x.py"
 
 
 def test_load_config_and_its_errors():
-    path = run.resolve_config_path("configs/noisy_ar.py")
-    assert run.load_config(path + ":smoke").name == "smoke"
-    assert run.load_config(path).name == "cpu"  # no preset: cpu
-    with pytest.raises(run.UsageError, match="unknown preset 'nope'"):
-        run.load_config(path + ":nope")
-    with pytest.raises(run.UsageError, match="no such file"):
-        run.load_config(str(Path("configs") / "missing.py"))
+    path = cli.resolve_config_path("configs/noisy_ar.py")
+    assert cli.load_config(path + ":smoke").name == "smoke"
+    assert cli.load_config(path).name == "cpu"  # no preset: cpu
+    with pytest.raises(cli.UsageError, match="unknown preset 'nope'"):
+        cli.load_config(path + ":nope")
+    with pytest.raises(cli.UsageError, match="no such file"):
+        cli.load_config(str(Path("configs") / "missing.py"))
 
 
 def test_overrides_must_name_existing_fields():
-    config = run.load_config(run.resolve_config_path("configs/noisy_ar.py:smoke"))
-    run.check_overrides(
+    config = cli.load_config(cli.resolve_config_path("configs/noisy_ar.py:smoke"))
+    cli.check_overrides(
         config,
         [
             "run",
@@ -43,8 +43,8 @@ def test_overrides_must_name_existing_fields():
             "--noconfig.task.multi_query",
         ],
     )
-    with pytest.raises(run.UsageError) as error:
-        run.check_overrides(
+    with pytest.raises(cli.UsageError) as error:
+        cli.check_overrides(
             config,
             [
                 "run",
@@ -61,28 +61,28 @@ def test_overrides_must_name_existing_fields():
 
 
 def test_unknown_fields_name_the_configuration_file_they_came_from():
-    config = run.load_config(run.resolve_config_path("configs/noisy_ar.py:smoke"))
-    with pytest.raises(run.UsageError, match=r"defined in configs/noisy_ar\.py\.$"):
-        run.check_overrides(config, ["--config.nope=1"], source="configs/noisy_ar.py:smoke")
+    config = cli.load_config(cli.resolve_config_path("configs/noisy_ar.py:smoke"))
+    with pytest.raises(cli.UsageError, match=r"defined in configs/noisy_ar\.py\.$"):
+        cli.check_overrides(config, ["--config.nope=1"], source="configs/noisy_ar.py:smoke")
 
 
 def test_only_the_config_value_is_rewritten(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # configs/ does not exist here
     home = str(REPO_ROOT / "experiments" / "configs" / "noisy_ar.py")
     argv = ["run", "--config=configs/noisy_ar.py:smoke", "--config.train.steps=3", "--workdir=w"]
-    assert run.with_resolved_config(argv) == [
+    assert cli.with_resolved_config(argv) == [
         "run",
         f"--config={home}:smoke",
         "--config.train.steps=3",
         "--workdir=w",
     ]
     assert argv[1] == "--config=configs/noisy_ar.py:smoke"  # the caller's list is untouched
-    assert run.with_resolved_config(["run", "--config", "configs/noisy_ar.py"]) == [
+    assert cli.with_resolved_config(["run", "--config", "configs/noisy_ar.py"]) == [
         "run",
         "--config",
         home,
     ]
     # A path that exists from the current directory is kept as given.
     (tmp_path / "c").write_text("")
-    assert run.with_resolved_config(["run", "--config=c"]) == ["run", "--config=c"]
-    assert run.with_resolved_config(["run", "--workdir=x"]) == ["run", "--workdir=x"]
+    assert cli.with_resolved_config(["run", "--config=c"]) == ["run", "--config=c"]
+    assert cli.with_resolved_config(["run", "--workdir=x"]) == ["run", "--workdir=x"]
