@@ -15,6 +15,22 @@ from ml_collections import config_flags
 _CONFIGS_HOME = pathlib.Path(__file__).resolve().parent
 
 
+# XLA's CPU runtime can run independent parts of a program concurrently on its thread
+# pool. On a 2-core machine that deadlocks (every thread idle, forever) on the agents'
+# seed-vmapped PPO programs from width 64 on (a GRU core as well as the mLSTM's); they
+# run with it off. Neither results nor GPU/TPU runs depend on it.
+_XLA_CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def avoid_xla_cpu_scheduler_deadlock() -> None:
+    """Turns XLA's concurrency-optimized CPU scheduler off (see above) unless
+    ``XLA_FLAGS`` already sets it. Call it before JAX starts a backend (before the
+    first computation): XLA reads its flags once."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags_now:
+        os.environ["XLA_FLAGS"] = f"{flags_now} {_XLA_CPU_SCHEDULER_FLAG}".strip()
+
+
 def library_logging_at_warning() -> None:
     """Shows library logging (Orbax, JAX) from WARNING up unless ``--verbosity`` was given.
 

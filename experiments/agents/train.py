@@ -1,0 +1,368 @@
+"""The agent study's driver: PPO for several recurrent cores and seeds in one workdir.
+
+``train_agents(config, workdir)`` runs (or resumes) ``experiments/configs/popgym_ppo.py``
+with the conventions of ``experiments.train``: a locked workdir, ``run_config.json``,
+Orbax checkpoints that store the configuration (a workdir of another configuration is
+refused; damaged checkpoints are moved aside), resumption from the newest checkpoint,
+Ctrl-C / SIGTERM stopping with a checkpoint, a progress line, ``metrics.jsonl`` (one
+line per update, core and seed) and, at the end, ``results.json``, ``results.md`` and
+``curves.png``.
+
+Every core's seeds train together (vmapped) in one compiled call of ``run.log_every``
+updates (``ppo.make_train_chunk``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+from typing import IO
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments.agents import envs as envs_lib
+from experiments.agents import ppo
+from experiments.agents.networks import CoreConfig, carry_size
+from experiments.progress import Progress
+from experiments.stopping import StopOnSignal
+from experiments.workdir import (
+    METRICS_FILE,
+    RESULTS_JSON,
+    RUN_CONFIG_FILE,
+    WorkdirError,
+    WorkdirLock,
+    check_workdir_without_checkpoint,
+    checkpoint_config_check,
+    config_fingerprint,
+)
+from orthorecall import checkpointing
+
+RESULTS_MARKDOWN = "results.md"
+CURVES_FILE = "curves.png"
+# A seed's final return: its mean episode return over this last fraction of updates.
+FINAL_FRACTION = 0.1
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and what to do."""
+
+
+def _positive_int(config, section: str, field: str) -> int:
+    value = config[section][field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{section}.{field} must be a positive integer, got {value!r}.")
+    return value
+
+
+def core_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The names of ``config.cores``, in order (validated)."""
+    if not isinstance(config.cores, str):
+        raise ConfigError(
+            f"cores must be a comma-separated string such as 'gru,ns5', got {config.cores!r}."
+        )
+    names = [name.strip() for name in config.cores.split(",") if name.strip()]
+    if not names:
+        raise ConfigError("cores names no core; use e.g. 'gru,raw,ns5'.")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"cores lists a core twice: {config.cores!r}.")
+    return names
+
+
+def agents_from_config(config: ml_collections.ConfigDict) -> dict[str, ppo.Agent]:
+    """Core name -> ``ppo.Agent``, validating every field first.
+
+    Raises:
+        ConfigError: naming the offending field.
+    """
+    try:
+        env = envs_lib.make(config.env)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"env: {e}") from None
+    _positive_int(config, "seeds", "num_seeds")
+    if not isinstance(config.seeds.first_seed, int) or config.seeds.first_seed < 0:
+        raise ConfigError(f"seeds.first_seed must be an int >= 0, got {config.seeds.first_seed!r}.")
+    for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive_int(config, "run", field)
+    try:
+        hyper = ppo.PPOConfig(**config.ppo.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"ppo: {e}") from None
+    if hyper.num_updates % config.run.log_every:
+        raise ConfigError(
+            f"ppo.num_updates={hyper.num_updates} must be a multiple of run.log_every="
+            f"{config.run.log_every} (updates per compiled call)."
+        )
+    if config.run.checkpoint_every % config.run.log_every:
+        raise ConfigError(
+            f"run.checkpoint_every={config.run.checkpoint_every} must be a multiple of "
+            f"run.log_every={config.run.log_every}: checkpoints are written between calls."
+        )
+    agents = {}
+    for name in core_names(config):
+        try:
+            core = CoreConfig(name=name, width=config.model.width, num_heads=config.model.num_heads)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cores: {e}") from None
+        agents[name] = ppo.Agent(env=env, core=core, ppo=hyper)
+    return agents
+
+
+def _seeds(config) -> np.ndarray:
+    return config.seeds.first_seed + np.arange(config.seeds.num_seeds)
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _records(first_update: int, agents, seeds, metrics) -> list[dict]:
+    """metrics.jsonl lines of one call: (update, core, seed) with every metric."""
+    records = []
+    steps_per_update = next(iter(agents.values())).ppo.steps_per_update
+    for name in agents:
+        values = jax.tree_util.tree_map(np.asarray, metrics[name])
+        num_updates = len(values["loss"])
+        for u in range(num_updates):
+            update = first_update + u + 1
+            for s, seed in enumerate(seeds):
+                record = {
+                    "update": update,
+                    "env_steps": update * steps_per_update,
+                    "core": name,
+                    "seed": int(seed),
+                }
+                for key, value in values.items():
+                    record[key] = int(value[u, s]) if key == "episodes" else _finite(value[u, s])
+                records.append(record)
+    return records
+
+
+def _status(update: int, total: int, agents, records) -> str:
+    latest = [r for r in records if r["update"] == update]
+    parts = [f"update {update}/{total}"]
+    for name in agents:
+        returns = [r["episode_return"] for r in latest if r["core"] == name]
+        returns = [r for r in returns if r is not None]
+        shown = f"{np.mean(returns):+.3f}" if returns else "n/a"
+        parts.append(f"{name}: return {shown}")
+    return " | ".join(parts)
+
+
+def train_agents(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    console: IO[str] | None = None,
+) -> dict:
+    """Runs (or resumes) the agent study of ``config`` in ``workdir``.
+
+    Returns:
+        The results dict written to ``workdir/results.json``.
+
+    Raises:
+        ConfigError: an invalid configuration, before anything is written.
+        WorkdirError: a workdir in use, of another configuration, or holding only
+            damaged checkpoints; before any compute.
+        KeyboardInterrupt: stopped by a signal, after writing a checkpoint.
+    """
+    agents = agents_from_config(config)
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _train_in_workdir(config, agents, workdir, console)
+
+
+def _train_in_workdir(config, agents, workdir, console) -> dict:
+    config_dict = json.loads(config.to_json())
+    fingerprint = config_fingerprint(config_dict)
+    total = next(iter(agents.values())).ppo.num_updates
+    checkpointer = checkpointing.RunCheckpointer(
+        workdir / "checkpoints",
+        save_every=config.run.checkpoint_every,
+        keep=config.run.keep_checkpoints,
+    )
+    try:
+        check_config = checkpoint_config_check(workdir, config_dict)
+        if checkpointer.newest_meta(check_config) is None:
+            check_workdir_without_checkpoint(workdir, checkpointer, config_dict)
+
+        seeds = _seeds(config)
+        runners = {name: ppo.init_runners(agent, seeds) for name, agent in agents.items()}
+        update, records, elapsed = 0, [], 0.0
+        restored = checkpointer.restore_latest(runners, check_config)
+        if restored is None and checkpointer.rejected:
+            raise WorkdirError(
+                f"no checkpoint in {checkpointer.directory} passes verification: "
+                + "; ".join(r.describe() for r in checkpointer.rejected)
+                + ". They are kept there; the run was not started over."
+            )
+        if restored is not None:
+            update, runners = restored.step, restored.state
+            records, elapsed = restored.meta["metrics"], restored.meta["train_seconds"]
+        description = {
+            "config": config_dict,
+            "config_fingerprint": fingerprint,
+            "cores": list(agents),
+            "seeds": [int(s) for s in seeds],
+            "environment": config.env,
+        }
+        _atomic_write(workdir / RUN_CONFIG_FILE, json.dumps(description, indent=1))
+
+        def meta():
+            return {
+                "metrics": list(records),
+                "train_seconds": elapsed,
+                "config": config_dict,
+                "config_fingerprint": fingerprint,
+            }
+
+        def write_metrics():
+            _atomic_write(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+
+        train_chunk = ppo.make_train_chunk(agents, config.run.log_every)
+        progress = Progress(total, update, config.run.log_every, stream=console)
+        if restored is not None:
+            damaged = "".join(
+                f"; checkpoint of update {r.step} failed verification, moved to {r.moved_to.name}"
+                for r in checkpointer.rejected
+            )
+            progress.note(f"resuming {workdir} from update {update}{damaged}")
+        stop = StopOnSignal()
+        with stop, progress:
+            while update < total:
+                started = time.perf_counter()
+                runners, metrics = train_chunk(runners)
+                metrics = jax.device_get(metrics)  # Waits for the call to finish.
+                elapsed += time.perf_counter() - started
+                stop.arm()
+                records.extend(_records(update, agents, seeds, metrics))
+                update += config.run.log_every
+                progress.advance(update)
+                progress.note(_status(update, total, agents, records))
+                write_metrics()
+                checkpointer.save(update, runners, meta(), force=update == total)
+                if stop.requested:
+                    break
+        if update < total:
+            print(f"\ninterrupted at update {update}: writing a checkpoint...", flush=True)
+            checkpointer.save(update, runners, meta(), force=True)
+            checkpointer.close()
+            write_metrics()
+            print(f"checkpoint of update {update} saved; run the same command to resume.")
+            raise KeyboardInterrupt
+        checkpointer.close()
+        write_metrics()
+        results = summarize(agents, seeds, records, elapsed)
+        _atomic_write(workdir / RESULTS_JSON, json.dumps(results, indent=1))
+        _atomic_write(workdir / RESULTS_MARKDOWN, format_table(config.env, results))
+        plot_curves(config.env, agents, records, workdir / CURVES_FILE)
+        print(format_table(config.env, results), flush=True)
+        return results
+    finally:
+        checkpointer.close()
+
+
+def summarize(agents, seeds, records, train_seconds: float) -> dict:
+    """Per core: each seed's final return (mean over the last ``FINAL_FRACTION`` of
+    updates), their mean, standard deviation, min and max; the core's state size."""
+    total = next(iter(agents.values())).ppo.num_updates
+    last = max(1, math.ceil(FINAL_FRACTION * total))
+    cores = {}
+    for name, agent in agents.items():
+        finals = []
+        for seed in seeds:
+            returns = [
+                r["episode_return"]
+                for r in records
+                if r["core"] == name
+                and r["seed"] == int(seed)
+                and r["update"] > total - last
+                and r["episode_return"] is not None
+            ]
+            finals.append(float(np.mean(returns)) if returns else None)
+        finite = [f for f in finals if f is not None]
+        cores[name] = {
+            "final_returns": finals,
+            "mean": float(np.mean(finite)) if finite else None,
+            "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+            "min": min(finite) if finite else None,
+            "max": max(finite) if finite else None,
+            "carry_floats": carry_size(agent.core),
+        }
+    agent = next(iter(agents.values()))
+    return {
+        "environment": agent.env.name,
+        "updates": total,
+        "env_steps_per_seed": total * agent.ppo.steps_per_update,
+        "final_window_updates": last,
+        "seeds": [int(s) for s in seeds],
+        "train_seconds": train_seconds,
+        "cores": cores,
+    }
+
+
+def format_table(environment: str, results: dict) -> str:
+    """A markdown table of the final returns."""
+    lines = [
+        f"{environment}: mean episode return over the last {results['final_window_updates']} "
+        f"of {results['updates']} updates ({results['env_steps_per_seed']:,} env steps a seed)",
+        "",
+        "| core | mean | std | min | max | per seed | carry floats |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    show = lambda v: "n/a" if v is None else f"{v:+.3f}"
+    for name, c in results["cores"].items():
+        per_seed = ", ".join(show(v) for v in c["final_returns"])
+        spread = "n/a" if c["std"] is None else f"{c['std']:.3f}"
+        lines.append(
+            f"| {name} | {show(c['mean'])} | {spread} "
+            f"| {show(c['min'])} | {show(c['max'])} | {per_seed} | {c['carry_floats']:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(environment: str, agents, records, path: pathlib.Path) -> None:
+    """Episode return against environment steps: each core's mean over seeds, with
+    the range of its seeds shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for name in agents:
+        by_update = {}
+        for r in records:
+            if r["core"] == name and r["episode_return"] is not None:
+                by_update.setdefault(r["env_steps"], []).append(r["episode_return"])
+        steps = np.array(sorted(by_update))
+        if not len(steps):
+            continue
+        per_seed = [by_update[s] for s in steps]
+        mean = np.array([np.mean(v) for v in per_seed])
+        low = np.array([np.min(v) for v in per_seed])
+        high = np.array([np.max(v) for v in per_seed])
+        (line,) = axis.plot(steps, mean, label=name)
+        axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    axis.set_xlabel("environment steps per seed")
+    axis.set_ylabel("episode return")
+    axis.set_title(f"PPO on {environment}: mean over seeds, range shaded")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
