@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.agents.networks import ActorCritic, CoreConfig, carry_size, initial_carry
-from experiments.cli import avoid_xla_cpu_scheduler_deadlock
+from experiments.cli import avoid_xla_cpu_scheduler_deadlock, library_logging_at_warning
 
 _CORES = flags.DEFINE_string("cores", "gru,raw,ns5", "Comma-separated cores.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Environments stepped together.", lower_bound=1)
@@ -102,6 +102,7 @@ def format_table(figures: dict, batch: int, unroll: int) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    library_logging_at_warning()
     avoid_xla_cpu_scheduler_deadlock()
     names = [n.strip() for n in _CORES.value.split(",") if n.strip()]
     figures = {}

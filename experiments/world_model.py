@@ -1,0 +1,351 @@
+"""Train the mLSTM Dreamer-style world model and its actor on a memory environment.
+
+    python -m experiments.world_model --env=RepeatPreviousEasy --steps=2500 --seed=0 \\
+        --read=ns5 --out=DIR
+
+Each update collects ``num_envs x collect_steps`` real environment steps with the current
+actor, takes one world-model step on ``batch_size`` replayed chunks of ``seq_len`` steps
+and one actor-critic step in imagination (``experiments.agents.world_model``). Every
+``log_every`` updates the run evaluates on fresh environments, data no update has seen:
+the actor's mean episode return (sampled and greedy actions) and the world model's
+held-out losses on the sampled-action episodes, next to a uniform-random policy's return
+and the predict-the-mean reward baseline. It writes:
+
+* ``DIR/metrics.jsonl``: one JSON line per log (step, wall seconds, environment steps,
+  training losses averaged over the updates since the previous line, evaluation);
+* ``DIR/summary.json``: the settings, the first and last logged figures, the random
+  policy's return;
+* ``DIR/curves.png``: the world model's losses, reward prediction against the baseline,
+  and the real-environment return against the random policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from experiments.cli import avoid_xla_cpu_scheduler_deadlock, library_logging_at_warning
+
+_ENV = flags.DEFINE_string("env", "RepeatPreviousEasy", "Environment name (envs.make).")
+_STEPS = flags.DEFINE_integer("steps", 2500, "Updates (each collects, trains the model and actor).")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_READ = flags.DEFINE_string("read", "ns5", "The cell's memory read (ns5, raw, polar, ...).")
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Updates between metrics lines.")
+_REWARD_SCALE = flags.DEFINE_float(
+    "reward_scale",
+    None,
+    "Multiplies environment rewards for the model (default: the episode length, which "
+    "brings POPGym's ±1/length rewards to ±1).",
+)
+_NUM_ENVS = flags.DEFINE_integer("num_envs", 16, "Environments collecting data.")
+_COLLECT_STEPS = flags.DEFINE_integer("collect_steps", 16, "Steps per environment per update.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Replayed chunks per update.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Chunk length T (above the episode length).")
+_HORIZON = flags.DEFINE_integer("horizon", 15, "Imagination horizon.")
+_EVAL_ENVS = flags.DEFINE_integer("eval_envs", 32, "Fresh environments per evaluation.")
+
+CURVES_FILE = "curves.png"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+# The figures summary.json reports at the first and the last log.
+SUMMARY_KEYS = (
+    "eval_return",
+    "eval_return_greedy",
+    "train_episode_return",
+    "wm_loss",
+    "obs_loss",
+    "reward_loss",
+    "kl",
+    "heldout_obs_loss",
+    "heldout_reward_loss",
+    "heldout_kl",
+    "heldout_reward_mse",
+    "heldout_reward_mse_mean_baseline",
+    "heldout_reward_sign_accuracy",
+    "heldout_reward_sign_majority_baseline",
+    "actor_entropy",
+    "imagined_return",
+)
+
+
+def run(
+    *,
+    env_name: str,
+    steps: int,
+    seed: int,
+    read: str,
+    out: str | pathlib.Path,
+    log_every: int = 100,
+    reward_scale: float | None = None,
+    num_envs: int = 16,
+    collect_steps: int = 16,
+    batch_size: int = 8,
+    seq_len: int = 64,
+    horizon: int = 15,
+    eval_envs: int = 32,
+    model_overrides: dict | None = None,
+    echo=print,
+) -> dict:
+    """Trains, logs and writes the three output files into ``out``; returns the summary.
+
+    ``model_overrides`` replaces fields of ``world_model.Config`` (tests use it to
+    shrink the model).
+    """
+    import jax
+    import numpy as np
+
+    from experiments.agents import envs as envs_lib
+    from experiments.agents import world_model as wm
+
+    out = pathlib.Path(out)
+    earlier = [name for name in (METRICS_FILE, SUMMARY_FILE, CURVES_FILE) if (out / name).exists()]
+    if earlier:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(earlier)}); this command does not resume "
+            "and will not overwrite it: choose another --out, or delete those files."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    env = envs_lib.make(env_name)
+    scale = float(env.max_episode_length) if reward_scale is None else float(reward_scale)
+    config = wm.Config(
+        num_actions=env.num_actions,
+        obs_size=env.observation_size,
+        read=read,
+        reward_scale=scale,
+        horizon=horizon,
+        **(model_overrides or {}),
+    )
+    loop = wm.LoopConfig(
+        num_envs=num_envs,
+        collect_steps=collect_steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        capacity=max(4096, 2 * (seq_len + env.max_episode_length)),
+        eval_envs=eval_envs,
+    )
+    if seq_len <= env.max_episode_length:
+        echo(
+            f"warning: seq_len={seq_len} <= episode length {env.max_episode_length}: "
+            "chunks start at episode starts, so the steps past seq_len are never trained on."
+        )
+    fns = wm.make_functions(env, config, loop)
+    key = jax.random.PRNGKey(seed)
+    init_key, prefill_key, random_key, key = jax.random.split(key, 4)
+    start = time.perf_counter()
+    state, actor, replay = fns.init(init_key)
+    # Every environment's first episode starts at step 0: seq_len steps make a valid chunk.
+    actor, replay = fns.prefill(state, actor, replay, prefill_key, seq_len)
+    random_return, _ = fns.evaluate(state, random_key, "random")
+    random_return = float(random_return)
+    echo(f"random policy: mean episode return {random_return:+.3f}")
+
+    metrics_path = out / METRICS_FILE
+    records = []
+    window, window_count = None, 0
+    with metrics_path.open("w") as metrics_file:
+        for step in range(steps + 1):
+            if step > 0:
+                state, actor, replay, metrics = fns.update(
+                    state, actor, replay, jax.random.fold_in(key, step)
+                )
+                window = (
+                    metrics
+                    if window is None
+                    else jax.tree_util.tree_map(lambda a, b: a + b, window, metrics)
+                )
+                window_count += 1
+            if step % log_every and step != steps:
+                continue
+            eval_key = jax.random.fold_in(random_key, step)
+            eval_return, heldout = fns.evaluate(state, eval_key, "sample")
+            greedy_return, _ = fns.evaluate(state, jax.random.fold_in(eval_key, 1), "greedy")
+            record = {
+                "step": step,
+                "wall_s": round(time.perf_counter() - start, 2),
+                "env_steps": int(replay.written) * num_envs,
+                "eval_return": float(eval_return),
+                "eval_return_greedy": float(greedy_return),
+                "random_return": random_return,
+                **{name: float(value) for name, value in heldout.items()},
+            }
+            finished = int(actor.finished_count)
+            if finished:
+                record["train_episode_return"] = float(actor.finished_return) / finished
+            actor = actor._replace(
+                finished_return=actor.finished_return * 0, finished_count=actor.finished_count * 0
+            )
+            if window is not None:
+                record.update({name: float(value) / window_count for name, value in window.items()})
+                window, window_count = None, 0
+            records.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            echo(_progress_line(record))
+
+    summary = {
+        "command": {
+            "env": env_name,
+            "steps": steps,
+            "seed": seed,
+            "read": read,
+            "log_every": log_every,
+            "reward_scale": scale,
+            "num_envs": num_envs,
+            "collect_steps": collect_steps,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "horizon": horizon,
+            "eval_envs": eval_envs,
+        },
+        "model": {name: getattr(config, name) for name in config.__dataclass_fields__},
+        "environment": {
+            "num_actions": env.num_actions,
+            "observation_size": env.observation_size,
+            "max_episode_length": env.max_episode_length,
+        },
+        "wall_s": records[-1]["wall_s"],
+        "env_steps": records[-1]["env_steps"],
+        "random_return": random_return,
+        "best_eval_return": max(r["eval_return"] for r in records),
+        "first": _pick(records[0] if steps == 0 else records[1]),
+        "last": _pick(records[-1]),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(records, out / CURVES_FILE, title=f"{env_name}, read={read}, seed={seed}")
+    return summary
+
+
+def _pick(record: dict) -> dict:
+    return {"step": record["step"], **{k: record[k] for k in SUMMARY_KEYS if k in record}}
+
+
+def _progress_line(record: dict) -> str:
+    parts = [f"step {record['step']:5d}", f"{record['wall_s']:7.1f}s"]
+    for name, label in (
+        ("eval_return", "return"),
+        ("eval_return_greedy", "greedy"),
+        ("obs_loss", "obs"),
+        ("reward_loss", "reward"),
+        ("kl", "kl"),
+        ("heldout_reward_mse", "held-out reward mse"),
+        ("heldout_reward_mse_mean_baseline", "(mean baseline"),
+        ("actor_entropy", "entropy"),
+    ):
+        if name in record:
+            suffix = ")" if label.startswith("(") else ""
+            parts.append(f"{label} {record[name]:.4g}{suffix}")
+    return "  ".join(parts)
+
+
+def plot_curves(records: Sequence[dict], path: pathlib.Path, title: str = "") -> None:
+    """Four panels: world-model losses, held-out reward prediction (error, sign of the
+    nonzero rewards), real-environment return."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(name):
+        points = [(r["step"], r[name]) for r in records if name in r]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    figure = Figure(figsize=(19, 4.2))
+    FigureCanvasAgg(figure)
+    losses, reward, sign, returns = figure.subplots(1, 4)
+    for name, label in (
+        ("obs_loss", "observation (train)"),
+        ("reward_loss", "reward two-hot CE (train)"),
+        ("kl", "KL[q || p] (train)"),
+        ("heldout_obs_loss", "observation (held-out)"),
+        ("heldout_reward_loss", "reward two-hot CE (held-out)"),
+    ):
+        x, y = series(name)
+        if x:
+            style = "--" if name.startswith("heldout") else "-"
+            losses.plot(x, y, style, label=label)
+    losses.set(title="world-model losses", xlabel="update", yscale="log")
+    losses.legend(fontsize=8)
+    for name, label in (
+        ("heldout_reward_mse", "model"),
+        ("heldout_reward_mse_mean_baseline", "predict-the-mean baseline"),
+    ):
+        x, y = series(name)
+        style = "k--" if "baseline" in name else "-"
+        reward.plot(x, [max(v, 1e-12) for v in y], style, label=label)
+    reward.set(title="held-out reward MSE (environment units)", xlabel="update", yscale="log")
+    reward.legend(fontsize=8)
+    for name, label in (
+        ("heldout_reward_sign_accuracy", "model"),
+        ("heldout_reward_sign_majority_baseline", "always the commoner sign"),
+    ):
+        x, y = series(name)
+        sign.plot(x, y, "k--" if "baseline" in name else "-", label=label)
+    sign.set(title="held-out sign of nonzero rewards: accuracy", xlabel="update")
+    sign.legend(fontsize=8)
+    for name, label in (
+        ("eval_return", "actor (sampled actions)"),
+        ("eval_return_greedy", "actor (greedy)"),
+        ("train_episode_return", "actor while collecting"),
+    ):
+        x, y = series(name)
+        if x:
+            returns.plot(x, y, label=label)
+    x, _ = series("eval_return")
+    returns.plot(x, [records[0]["random_return"]] * len(x), "k:", label="random policy")
+    returns.set(title="real-environment episode return", xlabel="update")
+    returns.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    library_logging_at_warning()
+    avoid_xla_cpu_scheduler_deadlock()
+    for flag in (_STEPS, _LOG_EVERY, _NUM_ENVS, _COLLECT_STEPS, _BATCH_SIZE, _SEQ_LEN):
+        minimum = 0 if flag is _STEPS else 1
+        if flag.value < minimum:
+            raise app.UsageError(f"--{flag.name} must be >= {minimum}, got {flag.value}.")
+    if _REWARD_SCALE.value is not None and not (
+        math.isfinite(_REWARD_SCALE.value) and _REWARD_SCALE.value > 0
+    ):
+        raise app.UsageError(f"--reward_scale must be > 0, got {_REWARD_SCALE.value}.")
+    try:
+        summary = run(
+            env_name=_ENV.value,
+            steps=_STEPS.value,
+            seed=_SEED.value,
+            read=_READ.value,
+            out=_OUT.value,
+            log_every=_LOG_EVERY.value,
+            reward_scale=_REWARD_SCALE.value,
+            num_envs=_NUM_ENVS.value,
+            collect_steps=_COLLECT_STEPS.value,
+            batch_size=_BATCH_SIZE.value,
+            seq_len=_SEQ_LEN.value,
+            horizon=_HORIZON.value,
+            eval_envs=_EVAL_ENVS.value,
+        )
+    except (ValueError, FileExistsError) as e:  # a bad name or size; an earlier run in --out
+        print(f"world_model: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"done: {summary['env_steps']} environment steps in {summary['wall_s']:.0f}s; "
+        f"final return {summary['last']['eval_return']:+.3f} "
+        f"(random {summary['random_return']:+.3f})"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
