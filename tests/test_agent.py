@@ -94,6 +94,10 @@ def test_state_sizes_of_the_cores():
     assert carry_size(CoreConfig("gru", width=64)) == 64
     # width 64: inner 128 over 4 heads of 32 -> C 4x32x32, n 4x32, m 4, conv window 3x128.
     assert carry_size(CoreConfig("ns5", width=64)) == 4 * 32 * 32 + 4 * 32 + 4 + 3 * 128
+    # Without the conv (window 1) the carry holds the memory alone.
+    no_conv = CoreConfig("raw", width=64, conv_kernel_size=1)
+    assert no_conv.cell_config.conv_kernel_size == 1
+    assert carry_size(no_conv) == 4 * 32 * 32 + 4 * 32 + 4
 
 
 def test_configuration_errors_name_the_field():

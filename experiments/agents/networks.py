@@ -42,11 +42,15 @@ class CoreConfig:
         width: the core's input and output width (the GRU's hidden size; the mLSTM
             cell's embedding dimension, whose memory is num_heads x (2 width / num_heads)^2).
         num_heads: the mLSTM cell's heads (unused by the GRU).
+        conv_kernel_size: the mLSTM cell's causal conv window (reference 4; unused by
+            the GRU). The window alone sees the last K inputs, so a recall that far back
+            needs no memory; 1 leaves the matrix memory as the only way back in time.
     """
 
     name: str
     width: int = 64
     num_heads: int = 4
+    conv_kernel_size: int = 4
 
     def __post_init__(self):
         if self.name != GRU:
@@ -62,7 +66,12 @@ class CoreConfig:
             read = read_from_name(self.name)
         except ValueError as e:
             raise ValueError(f"core {self.name!r} is neither 'gru' nor a read name: {e}") from None
-        return cell_lib.CellConfig(embedding_dim=self.width, num_heads=self.num_heads, read=read)
+        return cell_lib.CellConfig(
+            embedding_dim=self.width,
+            num_heads=self.num_heads,
+            conv_kernel_size=self.conv_kernel_size,
+            read=read,
+        )
 
 
 def initial_carry(core: CoreConfig, batch: tuple[int, ...]) -> Any:

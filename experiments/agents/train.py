@@ -105,7 +105,12 @@ def agents_from_config(config: ml_collections.ConfigDict) -> dict[str, ppo.Agent
     agents = {}
     for name in core_names(config):
         try:
-            core = CoreConfig(name=name, width=config.model.width, num_heads=config.model.num_heads)
+            core = CoreConfig(
+                name=name,
+                width=config.model.width,
+                num_heads=config.model.num_heads,
+                conv_kernel_size=config.model.conv_kernel_size,
+            )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cores: {e}") from None
         agents[name] = ppo.Agent(env=env, core=core, ppo=hyper)

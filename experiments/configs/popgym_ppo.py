@@ -6,6 +6,8 @@ Presets:
 
 * ``repeat_previous`` (default): POPGym RepeatPrevious-Easy (output the suit shown 4
   cards ago): whether the agent learns at all.
+* ``repeat_previous_no_conv``: the same with the mLSTM cell's conv window at 1, so that
+  only its matrix memory can carry the card (a window of 4 spans the 3 steps back).
 * ``count_recall``, ``autoencode``: CountRecall-Easy / Autoencode-Easy, recall among
   distractors.
 * ``memory_chain``: gymnax's MemoryChain (bsuite memory length), the external control.
@@ -36,6 +38,9 @@ def _base() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.width = 64  # encoder, core and heads
     config.model.num_heads = 4  # mLSTM heads (memory 4 x 32 x 32 at width 64)
+    # The mLSTM cell's causal conv window. It alone recalls RepeatPrevious-Easy's card
+    # (3 steps back); 1 leaves the matrix memory as the only way back in time.
+    config.model.conv_kernel_size = 4
 
     # PureJaxRL's PPO-RNN defaults, but for the number of environments and updates.
     config.ppo = ml_collections.ConfigDict()
@@ -75,6 +80,12 @@ def _smoke(config):
     config.run.checkpoint_every = 2
 
 
+def _repeat_previous_no_conv(config):
+    config.name = "popgym_ppo_repeat_previous_no_conv"
+    config.cores = "raw,ns5"  # the GRU has no conv: its run is repeat_previous's
+    config.model.conv_kernel_size = 1
+
+
 def _count_recall(config):
     config.name = "popgym_ppo_count_recall"
     config.env = "CountRecallEasy"
@@ -92,6 +103,7 @@ def _memory_chain(config):
 
 PRESETS = {
     "repeat_previous": lambda config: None,
+    "repeat_previous_no_conv": _repeat_previous_no_conv,
     "count_recall": _count_recall,
     "autoencode": _autoencode,
     "memory_chain": _memory_chain,
