@@ -119,6 +119,32 @@ def state_digests(state: Any) -> dict[str, str]:
     return digests
 
 
+def _is_empty(leaf) -> bool:
+    return any(size == 0 for size in np.shape(leaf))
+
+
+def _storable(state: Any) -> Any:
+    """``state`` with each zero-size array (which holds no data, and which Orbax refuses
+    to save) replaced by a scalar zero of its dtype; ``_unstorable`` undoes it from a
+    template. Other arrays, and so older checkpoints, are untouched."""
+    return jax.tree_util.tree_map(
+        lambda leaf: np.zeros((), np.dtype(leaf.dtype)) if _is_empty(leaf) else leaf, state
+    )
+
+
+def _unstorable(state: Any, like: Any) -> Any:
+    """The restored ``state`` with the zero-size arrays of ``like`` back in place."""
+
+    def back(stored, template):
+        if not _is_empty(template):
+            return stored
+        empty = np.zeros(template.shape, np.dtype(template.dtype))
+        sharding = getattr(template, "sharding", None)
+        return jax.device_put(empty, sharding) if sharding is not None else jax.numpy.asarray(empty)
+
+    return jax.tree_util.tree_map(back, state, like)
+
+
 def _verify_meta(meta: Any) -> bool:
     """Raises when ``meta`` does not match its checksum; returns whether it had one."""
     if not isinstance(meta, dict):
@@ -207,6 +233,7 @@ class RunCheckpointer:
             return False
         # What a restore reads back (keys in their order: metrics.jsonl is written from it).
         meta = json.loads(json.dumps(meta, allow_nan=False))
+        state = _storable(state)
         meta[INTEGRITY_KEY] = {
             "format": _INTEGRITY_FORMAT,
             "meta": meta_digest(meta),
@@ -241,14 +268,15 @@ class RunCheckpointer:
 
         Args:
             like: the state's template (see ``restore_latest``), or None to restore the
-                arrays as saved, without sharding (for inspection).
+                arrays as saved, without sharding (for inspection; zero-size arrays come back as
+                the scalar zeros that stand for them).
 
         Raises:
             CheckpointMismatchError: readable, but its arrays' names, shapes or dtypes
                 differ from ``like``'s.
             CheckpointVerificationError: the state cannot be read or fails its checksums.
         """
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _storable(like))
         if like is not None:
             self._check_template(step, abstract)
         try:
@@ -259,7 +287,7 @@ class RunCheckpointer:
             raise CheckpointVerificationError(f"state unreadable: {_short(e)}") from e
         if INTEGRITY_KEY in meta:
             _verify_state(state, meta)
-        return state
+        return state if like is None else _unstorable(state, like)
 
     def _check_template(self, step: int, abstract: Any) -> None:
         try:

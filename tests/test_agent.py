@@ -17,12 +17,12 @@ from experiments.configs import popgym_ppo
 from tests.conftest import compilation_cache_env, run_module
 
 
-def _agent(core: str, **ppo_fields) -> ppo.Agent:
+def _agent(core: str, conv_kernel_size: int = 4, **ppo_fields) -> ppo.Agent:
     fields = dict(num_envs=4, num_steps=64, num_updates=2, num_minibatches=2, update_epochs=1)
     fields.update(ppo_fields)
     return ppo.Agent(
         env=envs_lib.make("RepeatPreviousEasy"),
-        core=CoreConfig(name=core, width=16, num_heads=4),
+        core=CoreConfig(name=core, width=16, num_heads=4, conv_kernel_size=conv_kernel_size),
         ppo=ppo.PPOConfig(**fields),
     )
 
@@ -71,6 +71,8 @@ def test_generalized_advantages_against_a_hand_computed_case():
 
 def test_ppo_updates_of_several_seeds_have_finite_losses_and_move_the_parameters():
     agents = {name: _agent(name, num_steps=16) for name in ("gru", "ns5")}
+    # A core whose carry has an empty leaf (no conv window) splits into minibatches too.
+    agents["raw_no_conv"] = _agent("raw", conv_kernel_size=1, num_steps=16)
     runners = {name: ppo.init_runners(agent, [0, 1]) for name, agent in agents.items()}
     before = jax.tree_util.tree_map(np.asarray, runners)
     runners, metrics = ppo.make_train_chunk(agents, 2)(runners)

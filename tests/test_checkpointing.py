@@ -74,6 +74,25 @@ def test_round_trip_verifies(saved, tmp_path):
     np.testing.assert_array_equal(restored.state["params"]["w"], tree_of(2)["params"]["w"])
 
 
+def test_zero_size_arrays_round_trip(tmp_path):
+    """Orbax refuses to save arrays without elements (an mLSTM carry with a conv window of
+    1 has one); they come back with their shape and dtype."""
+    state = {
+        "conv": jnp.zeros((2, 4, 0, 8), jnp.bfloat16),
+        "memory": jnp.arange(6.0).reshape(2, 3),
+        "none_yet": np.zeros((0,), np.int32),
+    }
+    checkpointer = checkpointing.RunCheckpointer(tmp_path / "checkpoints", save_every=1)
+    checkpointer.save(1, state, {"step": 1})
+    checkpointer.close()
+    like = jax.tree_util.tree_map(jnp.ones_like, state)
+    restored, rejected = restore(tmp_path / "checkpoints", like)
+    assert restored.verified and not rejected
+    assert_equal_trees(restored.state, state)
+    assert restored.state["conv"].shape == (2, 4, 0, 8)
+    assert restored.state["conv"].dtype == jnp.bfloat16
+
+
 # Orbax leaves the failed reads' asyncio tasks to be reported at exit.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_flipped_bits_in_array_data_never_restore_wrong_numbers(saved, tmp_path):

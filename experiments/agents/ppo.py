@@ -257,7 +257,9 @@ def _split_envs(tree, perm, num_minibatches: int, env_axis: int):
 
     def split(x):
         x = jnp.take(x, perm, axis=env_axis)
-        shape = x.shape[:env_axis] + (num_minibatches, -1) + x.shape[env_axis + 1 :]
+        # Explicit sizes, not -1: a carry leaf may be empty (the mLSTM's conv window at 1).
+        per_minibatch = x.shape[env_axis] // num_minibatches
+        shape = x.shape[:env_axis] + (num_minibatches, per_minibatch) + x.shape[env_axis + 1 :]
         return jnp.moveaxis(x.reshape(shape), env_axis, 0)
 
     return jax.tree_util.tree_map(split, tree)
