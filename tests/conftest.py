@@ -14,12 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import avoid_xla_cpu_scheduler_deadlock
-
-# Before any test starts JAX: the agents' PPO programs, run in-process here, deadlock on
-# 2-core machines without it (experiments.cli).
-avoid_xla_cpu_scheduler_deadlock()
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Shipped with the repository (tests/fixtures/*/NOTICE says where each comes from): a
 # missing file is a broken checkout, so tests that need them fail rather than skip.

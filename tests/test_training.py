@@ -842,8 +842,14 @@ def test_numpy_source_feeds_reference_streams_and_resumes_after_interrupt(tmp_pa
 
     monkeypatch.setattr(training, "make_train_step", capturing_make_train_step)
     workdir = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, workdir)
+    # A suite started in the background of a non-interactive shell inherits an ignored
+    # SIGINT, which the run rightly keeps ignoring: give this test Python's default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.train_and_evaluate(config, workdir)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(captured) == interrupt_at
     step, _, meta = _restore(workdir / "checkpoints")
     assert step == meta["step"] == interrupt_at
