@@ -30,11 +30,11 @@ from experiments.summaries import RunSummaries, finite_mean
 from experiments.workdir import (
     METRICS_FILE,
     RUN_CONFIG_FILE,
-    WorkdirError,
     WorkdirLock,
     check_workdir_without_checkpoint,
     checkpoint_config_check,
     config_fingerprint,
+    restore_latest_or_refuse,
 )
 from orthorecall import cell as cell_lib
 from orthorecall import (
@@ -661,13 +661,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
         tree = training.shard_seeds({"states": states, "keys": keys}, mesh)
 
         step, records, resumed_from = 0, [], None
-        restored = checkpointer.restore_latest(tree, check_config)
-        if restored is None and checkpointer.rejected:
-            raise WorkdirError(
-                f"no checkpoint in {checkpointer.directory} passes verification: "
-                + "; ".join(r.describe() for r in checkpointer.rejected)
-                + ". They are kept there; the run was not started over."
-            )
+        restored = restore_latest_or_refuse(checkpointer, tree, check_config)
         if restored is not None:
             step, tree, records = restored.step, restored.state, restored.meta["metrics"]
             tree = training.shard_seeds(tree, mesh)

@@ -188,6 +188,20 @@ def checkpoint_config_check(workdir: pathlib.Path, config_dict: dict):
     return check
 
 
+def restore_latest_or_refuse(checkpointer, like, check_config):
+    """``checkpointer.restore_latest(like, check_config)``, but a workdir whose every
+    checkpoint failed verification is refused (``WorkdirError``) rather than silently
+    started over; the damaged checkpoints stay where they were moved."""
+    restored = checkpointer.restore_latest(like, check_config)
+    if restored is None and checkpointer.rejected:
+        raise WorkdirError(
+            f"no checkpoint in {checkpointer.directory} passes verification: "
+            + "; ".join(r.describe() for r in checkpointer.rejected)
+            + ". They are kept there; the run was not started over."
+        )
+    return restored
+
+
 def check_workdir_without_checkpoint(workdir: pathlib.Path, checkpointer, config_dict) -> None:
     """A workdir without a usable checkpoint: starting (over) must not lose results."""
     damaged = checkpointer.quarantined()

@@ -79,13 +79,23 @@ def auto_reset_step(env: Environment, key: jax.Array, state: Any, action: jax.Ar
     return jnp.where(done, fresh_obs, obs), state, reward, done
 
 
+class _CardGame(Environment):
+    """A game dealt from ``num_decks`` shuffled 52-card decks."""
+
+    num_decks: int
+
+    @property
+    def num_cards(self) -> int:
+        return DECK_SIZE * self.num_decks
+
+
 class CardState(NamedTuple):
     cards: jax.Array  # (num_cards,) int32 card indices in dealing order
     t: jax.Array  # () int32 steps taken
 
 
 @dataclasses.dataclass(frozen=True)
-class RepeatPrevious(Environment):
+class RepeatPrevious(_CardGame):
     """Output the suit of the card dealt ``k`` steps ago (``k - 1`` cards back).
 
     Reward ±1/(cards − k) once ``k`` cards have been dealt; one episode deals the
@@ -97,12 +107,8 @@ class RepeatPrevious(Environment):
     k: int = 4
 
     def __post_init__(self):
-        if not 1 <= self.k < DECK_SIZE * self.num_decks:
-            raise ValueError(f"k={self.k} must be in [1, {DECK_SIZE * self.num_decks}).")
-
-    @property
-    def num_cards(self) -> int:
-        return DECK_SIZE * self.num_decks
+        if not 1 <= self.k < self.num_cards:
+            raise ValueError(f"k={self.k} must be in [1, {self.num_cards}).")
 
     @property
     def num_actions(self) -> int:
@@ -151,7 +157,7 @@ class CountRecallState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class CountRecall(Environment):
+class CountRecall(_CardGame):
     """Each step deals a value card and a query card; the next action must be how many
     value cards of the query's kind have been dealt so far (this one included).
 
@@ -168,10 +174,6 @@ class CountRecall(Environment):
             raise ValueError(
                 f"deck_type={self.deck_type!r}; expected one of {sorted(_CARD_FEATURES)}."
             )
-
-    @property
-    def num_cards(self) -> int:
-        return DECK_SIZE * self.num_decks
 
     @property
     def num_kinds(self) -> int:
@@ -226,7 +228,7 @@ class CountRecall(Environment):
 
 
 @dataclasses.dataclass(frozen=True)
-class Autoencode(Environment):
+class Autoencode(_CardGame):
     """Watch the deck's suits dealt one by one, then play them back in reverse.
 
     The observation is (mode, suit): mode 1 while watching, 0 from the step that
@@ -236,10 +238,6 @@ class Autoencode(Environment):
 
     name: str = "AutoencodeEasy"
     num_decks: int = 1
-
-    @property
-    def num_cards(self) -> int:
-        return DECK_SIZE * self.num_decks
 
     @property
     def num_actions(self) -> int:

@@ -34,11 +34,11 @@ from experiments.workdir import (
     METRICS_FILE,
     RESULTS_JSON,
     RUN_CONFIG_FILE,
-    WorkdirError,
     WorkdirLock,
     check_workdir_without_checkpoint,
     checkpoint_config_check,
     config_fingerprint,
+    restore_latest_or_refuse,
 )
 from orthorecall import checkpointing
 
@@ -206,13 +206,7 @@ def _train_in_workdir(config, agents, workdir, console) -> dict:
         seeds = _seeds(config)
         runners = {name: ppo.init_runners(agent, seeds) for name, agent in agents.items()}
         update, records, elapsed = 0, [], 0.0
-        restored = checkpointer.restore_latest(runners, check_config)
-        if restored is None and checkpointer.rejected:
-            raise WorkdirError(
-                f"no checkpoint in {checkpointer.directory} passes verification: "
-                + "; ".join(r.describe() for r in checkpointer.rejected)
-                + ". They are kept there; the run was not started over."
-            )
+        restored = restore_latest_or_refuse(checkpointer, runners, check_config)
         if restored is not None:
             update, runners = restored.step, restored.state
             records, elapsed = restored.meta["metrics"], restored.meta["train_seconds"]
