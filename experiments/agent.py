@@ -16,7 +16,6 @@ end, ``results.json``, ``results.md`` and ``curves.png``.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -25,6 +24,7 @@ from ml_collections import config_flags
 from experiments.cli import (
     avoid_xla_cpu_scheduler_deadlock,
     config_flag_parser,
+    exit_status_on_refusal,
     library_logging_at_warning,
 )
 
@@ -49,19 +49,10 @@ def main(argv: Sequence[str]) -> None:
     library_logging_at_warning()
     avoid_xla_cpu_scheduler_deadlock()
     from experiments.agents import train
-    from experiments.workdir import WorkdirError
 
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
-    try:
+    with exit_status_on_refusal("agent"):
         train.train_agents(config, workdir)
-    except train.ConfigError as e:
-        print(f"agent: configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except WorkdirError as e:
-        print(f"agent: workdir error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 if __name__ == "__main__":

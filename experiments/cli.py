@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -13,6 +14,29 @@ from ml_collections import config_flags
 
 # Where ``configs/...`` resolves when it is not relative to the current directory.
 _CONFIGS_HOME = pathlib.Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and what to do."""
+
+
+@contextlib.contextmanager
+def exit_status_on_refusal(program: str):
+    """Ends the command with status 2, the message on stderr, when the run inside refuses
+    its configuration (``ConfigError``) or its workdir (``WorkdirError``), and with 130
+    when a signal stopped it (after its checkpoint)."""
+    from experiments.workdir import WorkdirError  # Orbax and JAX: only when a run starts.
+
+    try:
+        yield
+    except ConfigError as e:
+        print(f"{program}: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except WorkdirError as e:
+        print(f"{program}: workdir error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 # XLA's CPU runtime can run independent parts of a program concurrently on its thread

@@ -34,7 +34,11 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.cli import config_flag_parser, library_logging_at_warning
+from experiments.cli import (
+    config_flag_parser,
+    exit_status_on_refusal,
+    library_logging_at_warning,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -89,19 +93,10 @@ def main(argv: Sequence[str]) -> None:
             print(f"run: distributed setup error: {e}", file=sys.stderr)
             sys.exit(2)
     from experiments import train
-    from experiments.workdir import WorkdirError
 
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
-    try:
+    with exit_status_on_refusal("run"):
         train.train_and_evaluate(config, workdir, tensorboard=_TENSORBOARD.value)
-    except train.ConfigError as e:
-        print(f"run: configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except WorkdirError as e:
-        print(f"run: workdir error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 if __name__ == "__main__":

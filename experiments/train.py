@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments.cli import ConfigError
 from experiments.progress import Progress
 from experiments.report.statistics import finite_or_none
 from experiments.stopping import StopOnSignal
@@ -51,10 +52,6 @@ from orthorecall.reads import read_from_name
 from orthorecall.validation import check_int
 
 TENSORBOARD_DIR = "tensorboard"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot run; the message names the field."""
 
 
 def _fail(field: str, message: str):

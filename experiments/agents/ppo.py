@@ -26,6 +26,7 @@ import optax
 
 from experiments.agents import envs as envs_lib
 from experiments.agents.networks import ActorCritic, CoreConfig, initial_carry
+from orthorecall.validation import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +49,8 @@ class PPOConfig:
 
     def __post_init__(self):
         for name in ("num_envs", "num_steps", "num_updates", "update_epochs", "num_minibatches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+            # Stored as Python ints: the config is a static jit argument, hashed.
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         if self.num_envs % self.num_minibatches:
             raise ValueError(
                 f"num_envs={self.num_envs} must be a multiple of num_minibatches="

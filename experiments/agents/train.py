@@ -28,6 +28,7 @@ import numpy as np
 from experiments.agents import envs as envs_lib
 from experiments.agents import ppo
 from experiments.agents.networks import CoreConfig, carry_size
+from experiments.cli import ConfigError
 from experiments.progress import Progress
 from experiments.stopping import StopOnSignal
 from experiments.workdir import (
@@ -41,6 +42,7 @@ from experiments.workdir import (
     restore_latest_or_refuse,
 )
 from orthorecall import checkpointing
+from orthorecall.validation import check_int
 
 RESULTS_MARKDOWN = "results.md"
 CURVES_FILE = "curves.png"
@@ -48,15 +50,11 @@ CURVES_FILE = "curves.png"
 FINAL_FRACTION = 0.1
 
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the field and what to do."""
-
-
-def _positive_int(config, section: str, field: str) -> int:
-    value = config[section][field]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{section}.{field} must be a positive integer, got {value!r}.")
-    return value
+def _check_int(config, section: str, field: str, minimum: int) -> int:
+    try:
+        return check_int(f"{section}.{field}", config[section][field], minimum=minimum)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def core_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -83,11 +81,10 @@ def agents_from_config(config: ml_collections.ConfigDict) -> dict[str, ppo.Agent
         env = envs_lib.make(config.env)
     except (ValueError, ImportError) as e:
         raise ConfigError(f"env: {e}") from None
-    _positive_int(config, "seeds", "num_seeds")
-    if not isinstance(config.seeds.first_seed, int) or config.seeds.first_seed < 0:
-        raise ConfigError(f"seeds.first_seed must be an int >= 0, got {config.seeds.first_seed!r}.")
+    _check_int(config, "seeds", "num_seeds", minimum=1)
+    _check_int(config, "seeds", "first_seed", minimum=0)
     for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        _positive_int(config, "run", field)
+        _check_int(config, "run", field, minimum=1)
     try:
         hyper = ppo.PPOConfig(**config.ppo.to_dict())
     except (TypeError, ValueError) as e:

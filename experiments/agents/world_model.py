@@ -70,6 +70,7 @@ import optax
 from experiments.agents import envs as envs_lib
 from orthorecall import cell as cell_lib
 from orthorecall.reads import read_from_name
+from orthorecall.validation import check_int
 
 Params = Any
 sg = jax.lax.stop_gradient
@@ -128,9 +129,7 @@ class Config:
     def __post_init__(self):
         _ = self.cell_config  # Validates the read name and the cell's shape now.
         for name in ("num_actions", "obs_size", "hidden", "latents", "classes", "horizon"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum=1))
         if self.bins < 2:
             raise ValueError(f"bins must be >= 2, got {self.bins!r}.")
 
