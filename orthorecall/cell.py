@@ -201,7 +201,7 @@ def initial_state(
             and return the state in the dtype it came in).
     """
     shapes = initial_state_shapes(config, _batch_shape(batch_size))
-    zeros = lambda shape: jnp.zeros(shape, dtype)
+    zeros = lambda shape: None if shape is None else jnp.zeros(shape, dtype)
     return CellState(conv=zeros(shapes.conv), memory=mlstm.MemoryState(*map(zeros, shapes.memory)))
 
 
@@ -272,13 +272,17 @@ def _check_state(state, batch, config):
             f"{type(state).__name__}."
         )
     expected = initial_state_shapes(config, batch)
-    shapes = (expected.conv, *expected.memory)
+    names = ("conv", "memory.c", "memory.n", "memory.m", "memory.p")
+    if (state.memory.p is None) != (expected.memory.p is None):
+        raise ValueError(
+            f"state.memory.p (the rls read's inverse) is kept exactly when the read is rls; "
+            f"read={config.read}. Make the state with initial_state(config, batch_size)."
+        )
     for name, leaf, want in zip(
-        ("conv", "memory.c", "memory.n", "memory.m"),
-        jax.tree_util.tree_leaves(state),
-        shapes,
-        strict=True,
+        names, (state.conv, *state.memory), (expected.conv, *expected.memory), strict=True
     ):
+        if want is None:
+            continue
         if tuple(leaf.shape) != tuple(want):
             count = lambda shape: shape[0] if len(shape) == 1 else shape
             have = tuple(leaf.shape[: len(leaf.shape) - len(want) + len(batch)])
@@ -294,7 +298,12 @@ def initial_state_shapes(config: CellConfig, batch: tuple[int, ...]) -> CellStat
     h, d, i = config.num_heads, config.head_dim, config.inner_dim
     return CellState(
         conv=(*batch, config.conv_kernel_size - 1, i),
-        memory=mlstm.MemoryState(c=(*batch, h, d, d), n=(*batch, h, d), m=(*batch, h)),
+        memory=mlstm.MemoryState(
+            c=(*batch, h, d, d),
+            n=(*batch, h, d),
+            m=(*batch, h),
+            p=(*batch, h, d, d) if mlstm.needs_inverse(config.read) else None,
+        ),
     )
 
 

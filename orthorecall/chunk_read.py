@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from orthorecall import cpu_kernel, newton_schulz, precision
-from orthorecall.reads import ReadConfig
+from orthorecall.reads import RAW, ReadConfig
 
 IMPLEMENTATIONS = ("auto", "xla")
 
@@ -85,6 +85,20 @@ def chunk_read(
                 f"chunk_read: {name} must have shape {shape} for queries of shape "
                 f"{queries.shape} (..., L, d), got {array.shape}."
             )
+    if not read.has_chunkwise_form:
+        raise ValueError(
+            f"chunk_read forms C_t by the additive write and reads it alone; read={read} "
+            "(a delta write or the rls read) has no such form (orthorecall.mlstm runs its "
+            "recurrence)."
+        )
+    if read.straight_through != "none":
+        own, raw = (
+            chunk_read(
+                memory, scale, decay, keys, values, queries, r, implementation=implementation
+            )
+            for r in (read.own_read, RAW)
+        )
+        return read.combine_straight_through(own, raw)
     operands = tuple(x.astype(jnp.float32) for x in (memory, scale, decay, keys, values, queries))
     if implementation == "auto" and read.implementation() == "cpu_kernel":
         return _fused(*operands, read, precision.current())

@@ -92,7 +92,11 @@ def _chunk_size(config: model_lib.ModelConfig, seq_len: int, backend: str | None
 def _forms_memories(read: ReadConfig, backend: str | None) -> bool:
     """Whether the chunkwise form holds C_t of every position of a chunk as XLA arrays:
     a non-raw read, except the Newton-Schulz read on the CPU kernel, which forms each C_t
-    inside the kernel (``orthorecall.chunk_read``)."""
+    inside the kernel (``orthorecall.chunk_read``). Variants without a chunk-parallel
+    form (delta write, rls read) run their recurrence there, whose backward holds every
+    step's state of a chunk: as many d x d arrays."""
+    if not read.has_chunkwise_form:
+        return True
     if read.is_raw:
         return False
     if read.kind == "newton_schulz":

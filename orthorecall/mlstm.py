@@ -12,6 +12,21 @@ pre-activations ĩ_t, f̃_t (REFERENCE §2.5):
 with k̂ = k / √d and R the read (``ReadConfig``): C itself, NS_k(C) or the
 polar factor of C. The read is used only for h̃; the state keeps the raw C.
 
+Two mechanism variants of the replication change the recurrence itself:
+
+* the delta write (``ReadConfig.write == "delta"``) erases along the key first:
+  C_t = e^{...} (I − k̂_t k̂_tᵀ) C_{t-1} + e^{...} k̂_t v_tᵀ (n, m unchanged);
+* the rls read (``ReadConfig.kind == "rls"``) reads with the whitened query
+  q'_t = P_t q_t, P_t = (λ Π_s f_s I + Σ_s w_{t,s} k̂_s k̂_sᵀ)⁻¹ with the weights w of
+  C_t (so the ridge term decays with the forget gates, as in recursive least
+  squares), kept by a Sherman–Morrison update of the stabilized inverse: in the
+  stabilized scale A_t = f' A_{t-1} + i' k̂k̂ᵀ, the recursion of C, from A_0 = λI;
+  the state holds P̃_t − I/λ (zero for a fresh episode). Then
+  h̃_t = q'ᵀC_t / (max(|q'ᵀn_t|, e^{-m_t}) + 1e-6) as for any query.
+
+Neither has a chunk-parallel form here: ``chunkwise_sequence`` runs their recurrence
+(steps of one chunk per ``jax.checkpoint``).
+
 Two sequence forms compute the same thing:
 
 * ``recurrent_sequence``: ``lax.scan`` over time of ``memory_step``.
@@ -71,26 +86,39 @@ class MemoryState(NamedTuple):
         c: (B, H, d, d) matrix memory (stabilized: true memory x e^{-m}).
         n: (B, H, d) normalizer (stabilized likewise).
         m: (B, H) log-scale stabilizer.
+        p: the rls read's (B, H, d, d) inverse key covariance, stored as P̃ − I/λ (zero
+            for a fresh episode); None for every other read.
     """
 
     c: jax.Array
     n: jax.Array
     m: jax.Array
+    p: jax.Array | None = None
 
 
-def initial_memory_state(batch_size: int, num_heads: int, head_dim: int) -> MemoryState:
-    """The all-zero state of a fresh episode (m_0 = 0)."""
+def initial_memory_state(
+    batch_size: int, num_heads: int, head_dim: int, read: ReadConfig | None = None
+) -> MemoryState:
+    """The all-zero state of a fresh episode (m_0 = 0), with the rls read's ``p`` when
+    ``read`` is rls."""
     for name, value in (
         ("batch_size", batch_size),
         ("num_heads", num_heads),
         ("head_dim", head_dim),
     ):
         check_int(name, value, minimum=1)
+    matrices = jnp.zeros((batch_size, num_heads, head_dim, head_dim), jnp.float32)
     return MemoryState(
-        c=jnp.zeros((batch_size, num_heads, head_dim, head_dim), jnp.float32),
+        c=matrices,
         n=jnp.zeros((batch_size, num_heads, head_dim), jnp.float32),
         m=jnp.zeros((batch_size, num_heads), jnp.float32),
+        p=matrices if needs_inverse(read) else None,
     )
+
+
+def needs_inverse(read: ReadConfig | None) -> bool:
+    """Whether the state of ``read`` carries the rls read's ``p``."""
+    return read is not None and read.kind == "rls"
 
 
 def check_reset(reset, shape: tuple[int, ...], layout: str) -> None:
@@ -134,7 +162,48 @@ def _clear(state: MemoryState, reset: jax.Array) -> MemoryState:
         c=jnp.where(keep[:, None, None, None], state.c, 0.0),
         n=jnp.where(keep[:, None, None], state.n, 0.0),
         m=jnp.where(keep[:, None], state.m, 0.0),
+        p=None if state.p is None else jnp.where(keep[:, None, None, None], state.p, 0.0),
     )
+
+
+def _check_inverse_state(state: MemoryState, read: ReadConfig, shape: tuple[int, ...]) -> None:
+    if needs_inverse(read) and (state.p is None or state.p.shape != shape):
+        have = None if state.p is None else state.p.shape
+        raise ValueError(
+            f"the rls read keeps P in state.p of shape {shape}, got {have}; make the state "
+            "with initial_memory_state(..., read=read) (cell.initial_state does)."
+        )
+    if not needs_inverse(read) and state.p is not None:
+        raise ValueError(
+            f"state.p is only kept for the rls read; read={read} needs a state without it "
+            "(initial_memory_state(..., read=read))."
+        )
+
+
+def _erase_along_key(c: jax.Array, k: jax.Array) -> jax.Array:
+    """(I − k̂k̂ᵀ) C: the delta rule's erasure, for C (..., d, d) and k̂ (..., d)."""
+    return c - k[..., :, None] * jnp.einsum("...i,...ij->...j", k, c)[..., None, :]
+
+
+def _whitening_update(p, k, f_scale, i_scale, ridge):
+    """Sherman–Morrison for A_t = f' A_{t-1} + i' k̂k̂ᵀ, with P̃ = A⁻¹ stored as p = P̃ − I/λ.
+
+    P̃_t = (P̃ − i' u uᵀ / (f' + i' k̂ᵀu)) / f' with u = P̃ k̂. f' = 0 (a forget gate of
+    exactly 0, or an underflow of its stabilized weight) leaves A singular; P̃ is then
+    inf, as the definition has it.
+    """
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype) / ridge
+    inverse = p + eye
+    u = jnp.einsum("...ij,...j->...i", inverse, k)
+    denominator = f_scale + i_scale * jnp.sum(k * u, axis=-1)
+    correction = (i_scale / denominator)[..., None, None] * (u[..., :, None] * u[..., None, :])
+    return (inverse - correction) / f_scale[..., None, None] - eye
+
+
+def _whitened_query(p, q, m, ridge):
+    """P_t q with P_t = e^{-m} P̃_t the unstabilized inverse: q' for an rls read."""
+    inverse = p + jnp.eye(p.shape[-1], dtype=p.dtype) / ridge
+    return jnp.exp(-m)[..., None] * jnp.einsum("...ij,...j->...i", inverse, q)
 
 
 def _normalized_read(numerator, q_dot_n, m):
@@ -179,6 +248,7 @@ def memory_step(
     if state.c.shape != (b, h, d, d):
         raise ValueError(f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
     check_reset(reset, (b,), "(batch,)")
+    _check_inverse_state(state, read, (b, h, d, d))
     if reset is not None:
         state = _clear(state, reset)
     q, k, v, i_pre, f_pre = (x.astype(jnp.float32) for x in (q, k, v, input_gate, forget_gate))
@@ -187,16 +257,21 @@ def memory_step(
     m = jnp.maximum(log_f + state.m, i_pre)
     f_scale = jnp.exp(log_f + state.m - m)
     i_scale = jnp.exp(i_pre - m)
-    c = f_scale[..., None, None] * state.c + i_scale[..., None, None] * (
+    previous = _erase_along_key(state.c, k) if read.write == "delta" else state.c
+    c = f_scale[..., None, None] * previous + i_scale[..., None, None] * (
         k[..., :, None] * v[..., None, :]
     )
     n = f_scale[..., None] * state.n + i_scale[..., None] * k
+    p = None
+    if needs_inverse(read):
+        p = _whitening_update(state.p, k, f_scale, i_scale, read.ridge)
+        q = _whitened_query(p, q, m, read.ridge)
     numerator = read.retrieve(c, q)
     h = _normalized_read(numerator, jnp.sum(q * n, axis=-1), m)
-    return h, MemoryState(c, n, m)
+    return h, MemoryState(c, n, m, p)
 
 
-def _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state):
+def _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state, read):
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             "q, k, v must all have shape (batch, time, heads, head_dim); got "
@@ -209,6 +284,8 @@ def _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state):
     check_reset(reset, (b, t), "(batch, time)")
     if state is not None and state.c.shape != (b, h, d, d):
         raise ValueError(f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
+    if state is not None:
+        _check_inverse_state(state, read, (b, h, d, d))
 
 
 def recurrent_sequence(
@@ -237,10 +314,10 @@ def recurrent_sequence(
     Raises:
         ValueError: inconsistent shapes, or a reset that is not (B, T) bool.
     """
-    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
+    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state, read)
     b, t, h, d = q.shape
     if state is None:
-        state = initial_memory_state(b, h, d)
+        state = initial_memory_state(b, h, d, read)
     if reset is None:
         reset = jnp.zeros((b, t), bool)
     time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, input_gate, forget_gate, reset)]
@@ -305,7 +382,7 @@ def gram_sequence(
     Raises:
         ValueError: inconsistent shapes, a bad chunk size, or a read without a Gram form.
     """
-    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
+    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state, read)
     steps = read.gram_steps()
     if steps is None:
         raise ValueError(
@@ -316,7 +393,7 @@ def gram_sequence(
     chunk_size = check_int("chunk_size", 64 if chunk_size is None else chunk_size, minimum=1)
     b, t, h, d = q.shape
     if state is None:
-        state = initial_memory_state(b, h, d)
+        state = initial_memory_state(b, h, d, read)
     size = min(chunk_size, t)
     num_chunks = -(-t // size)
     q, k, v, log_f, i_pre, reset = _padded_inputs(
@@ -354,6 +431,43 @@ def gram_sequence(
     (c, _, n, m), outs = jax.lax.scan(jax.checkpoint(chunk, prevent_cse=False), carry, xs)
     outs = jnp.moveaxis(outs.reshape((num_chunks * size, b, h, d)), 0, 1)
     return outs[:, :t], MemoryState(c, n, m)
+
+
+def _checkpointed_recurrence(q, k, v, input_gate, forget_gate, read, reset, state, chunk_size):
+    """``memory_step`` after ``memory_step``, every ``chunk_size`` steps one
+    ``jax.checkpoint`` (backward keeps a state per chunk): the sequence form of the
+    variants without a chunk-parallel one (``ReadConfig.has_chunkwise_form``)."""
+    b, t = q.shape[:2]
+    size = min(chunk_size, t)
+    num_chunks = -(-t // size)
+    if reset is None:
+        reset = jnp.zeros((b, t), bool)
+    pad = num_chunks * size - t
+    # Identity steps (f = 1, i = 0, zero q, k, v) after the end; their outputs are dropped.
+    padded = lambda x, value: jnp.pad(
+        x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
+    )
+    inputs = (
+        padded(q, 0),
+        padded(k, 0),
+        padded(v, 0),
+        padded(input_gate, -jnp.inf),
+        padded(forget_gate, jnp.inf),
+        padded(reset, False),
+    )
+    # (B, T, ...) -> (num_chunks, L, B, ...)
+    to_chunks = lambda x: jnp.moveaxis(x, 1, 0).reshape((num_chunks, size, b) + x.shape[2:])
+
+    def step(carry, xs):
+        out, carry = memory_step(carry, *xs, read)
+        return carry, out
+
+    chunk = lambda carry, xs: jax.lax.scan(step, carry, xs)
+    final, outs = jax.lax.scan(
+        jax.checkpoint(chunk, prevent_cse=False), state, tuple(map(to_chunks, inputs))
+    )
+    outs = jnp.moveaxis(outs.reshape((num_chunks * size,) + outs.shape[2:]), 0, 1)
+    return outs[:, :t], final
 
 
 def default_chunk_size(read: ReadConfig, backend: str | None = None) -> int:
@@ -397,13 +511,17 @@ def chunkwise_sequence(
     Raises:
         ValueError: inconsistent shapes or a bad chunk size.
     """
-    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state)
+    _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state, read)
     if chunk_size is None:
         chunk_size = default_chunk_size(read)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     b, t, h, d = q.shape
     if state is None:
-        state = initial_memory_state(b, h, d)
+        state = initial_memory_state(b, h, d, read)
+    if not read.has_chunkwise_form:
+        return _checkpointed_recurrence(
+            q, k, v, input_gate, forget_gate, read, reset, state, chunk_size
+        )
     size = min(chunk_size, t)
     num_chunks = -(-t // size)
     q, k, v, log_f, i_pre, reset = _padded_inputs(
@@ -544,17 +662,23 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
 
     n = state_scale[..., None] * state.n[:, :, None, :] + jnp.matmul(decay, k)  # (B, H, L, d)
     q_dot_n = jnp.sum(q * n, axis=-1)
+    # qᵀC_t at every position, C_t never formed: (B, H, L, d).
+    raw_read = lambda: (
+        jnp.matmul(jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay, v)
+        + state_scale[..., None] * jnp.matmul(q, state.c)
+    )
     if read.is_raw:
-        scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay  # (B, H, L, L)
-        numerator = jnp.matmul(scores, v) + state_scale[..., None] * jnp.matmul(q, state.c)
+        numerator = raw_read()
     else:
         # R(C_t)ᵀq_t with C_t = state part + Σ_s decay[t, s] k̂_s v_sᵀ (formed inside the
         # CPU kernel, as one batched product elsewhere). Saved through the chunk's
         # checkpoint: backward then needs only the read's VJP, not a second forward read.
         numerator = checkpoint_name(
-            chunk_read.chunk_read(state.c, state_scale, decay, k, v, q, read),
+            chunk_read.chunk_read(state.c, state_scale, decay, k, v, q, read.own_read),
             READ_CHECKPOINT_NAME,
         )
+        if read.straight_through != "none":
+            numerator = read.combine_straight_through(numerator, raw_read())
     h = _normalized_read(numerator, q_dot_n, m)
 
     last_weights = decay[..., -1, :]  # (B, H, L)

@@ -103,6 +103,23 @@ def init_params(key: jax.Array, config: ModelConfig) -> Params:
     }
 
 
+def keep_frozen(new_params: Params, old_params: Params, config: ModelConfig) -> Params:
+    """``new_params`` with the parameters the read's variant freezes (``randk``: every
+    block's key projection; ``randqk``: query and key) taken from ``old_params``.
+
+    Applied after every optimizer update, so frozen parameters stay bit for bit at
+    their initialization (weight decay included), whatever the optimizer.
+    """
+    frozen = config.cell.read.frozen_parameters()
+    if not frozen:
+        return new_params
+    blocks = [
+        {**new, "mlstm": {**new["mlstm"], **{name: old["mlstm"][name] for name in frozen}}}
+        for new, old in zip(new_params["blocks"], old_params["blocks"], strict=True)
+    ]
+    return {**new_params, "blocks": blocks}
+
+
 def initial_state(config: ModelConfig, batch_size: int) -> list[cell_lib.CellState]:
     """A fresh episode's state: one ``CellState`` per block."""
     return [cell_lib.initial_state(config.cell, batch_size) for _ in range(config.num_blocks)]

@@ -261,7 +261,9 @@ def _update_one_seed(
     loss, grads = jax.value_and_grad(loss_fn)(state_params, inputs, targets, config)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, state_params)
-    new_params = optax.apply_updates(state_params, updates)
+    new_params = model_lib.keep_frozen(
+        optax.apply_updates(state_params, updates), state_params, config
+    )
     bad = nonfinite | ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)
     # A diverged seed keeps its last finite parameters; the others never notice.
     keep = lambda new, old: jnp.where(bad, old, new)

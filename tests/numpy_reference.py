@@ -58,3 +58,49 @@ def mlstm_recurrence(q, k, v, igate, fgate, read, reset=None, state=None):
                 denom = max(abs(qt @ n[bi, hi]), np.exp(-m_new)) + 1e-6
                 out[bi, ti, hi] = (qt @ read(c[bi, hi])) / denom
     return out, (c, n, m)
+
+
+def mlstm_variant_recurrence(
+    q, k, v, igate, fgate, read, *, write="additive", ridge=None, reset=None
+):
+    """The replication's mechanism variants in float64, computed in the true
+    (unstabilized) scale and converted at each read: an independent form of
+    ``orthorecall.mlstm``'s stabilized recurrence.
+
+    write: "additive" (C = f C + e^ĩ k̂vᵀ) or "delta" (C = f (I − k̂k̂ᵀ) C + e^ĩ k̂vᵀ).
+    ridge: None, or λ of the whitened (rls) read: the query becomes P q with
+    P = (λ Π f I + Σ w k̂k̂ᵀ)⁻¹ (explicit inverse), the weights w those of C.
+
+    Returns h (B, T, H, d).
+    """
+    q, k, v, igate, fgate = (np.asarray(a, np.float64) for a in (q, k, v, igate, fgate))
+    b, t, h, d = q.shape
+    out = np.zeros((b, t, h, d))
+    for bi in range(b):
+        for hi in range(h):
+            c, n, m = np.zeros((d, d)), np.zeros(d), 0.0
+            key_covariance = np.zeros((d, d))
+            ridge_weight = 1.0  # Π f since the episode started
+            for ti in range(t):
+                if reset is not None and reset[bi, ti]:
+                    c, n, m = np.zeros((d, d)), np.zeros(d), 0.0
+                    key_covariance, ridge_weight = np.zeros((d, d)), 1.0
+                f = np.exp(log_sigmoid(fgate[bi, ti, hi]))
+                i = np.exp(igate[bi, ti, hi])
+                m = max(np.log(f) + m, igate[bi, ti, hi])
+                kh = k[bi, ti, hi] / np.sqrt(d)
+                if write == "delta":
+                    c = c - np.outer(kh, kh @ c)
+                c = f * c + i * np.outer(kh, v[bi, ti, hi])
+                n = f * n + i * kh
+                key_covariance = f * key_covariance + i * np.outer(kh, kh)
+                ridge_weight *= f
+                query = q[bi, ti, hi]
+                if ridge is not None:
+                    query = np.linalg.solve(
+                        ridge * ridge_weight * np.eye(d) + key_covariance, query
+                    )
+                scale = np.exp(-m)  # to the stabilized scale the layer reads in
+                denom = max(abs(query @ n) * scale, scale) + 1e-6
+                out[bi, ti, hi] = (query @ read(c * scale)) / denom
+    return out

@@ -146,7 +146,7 @@ def test_sequence_matches_the_recurrence_with_resets_and_a_given_state(chunk_siz
         q, k, v, i_gate, f_gate, read=reads.NS5, reset=reset, state=state, chunk_size=chunk_size
     )
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
-    for a, b in zip(got_state, want_state, strict=True):
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (got_state, want_state)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -302,7 +302,9 @@ def test_non_finite_values_stay_causal_and_inside_their_episode(read):
         )
         message = f"chunk_size={chunk_size}"
         _assert_bad_exactly_where_reachable(got, want, reachable, message)
-        for leaf, want_leaf, reachable_leaf in zip(got_state, want_state, reachable_state):
+        for leaf, want_leaf, reachable_leaf in zip(
+            *map(jax.tree_util.tree_leaves, (got_state, want_state, reachable_state))
+        ):
             _assert_bad_exactly_where_reachable(leaf, want_leaf, reachable_leaf, message)
         finite = np.isfinite(np.asarray(got))
         np.testing.assert_allclose(np.asarray(got)[finite], np.asarray(want)[finite], **tolerance)

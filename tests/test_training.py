@@ -895,3 +895,28 @@ def test_a_run_says_when_the_numpy_source_holds_the_devices_up():
     assert len(notes) == 1
     assert "waited 30% of the time" in notes[0] and "4 worker process(es)" in notes[0]
     assert "train.data_source='jax'" in notes[0]
+
+
+def test_frozen_projections_stay_at_their_initialization():
+    """randk / randqk: the optimizer's update (weight decay included) never reaches the
+    frozen projections, while every other parameter, and raw's k_proj, moves."""
+    configs = train.validate_config(tiny_config(reads="raw,randk,randqk"))
+    optimizer = training.make_optimizer(total_steps=4)
+    stream = data.ReferenceTrainingStream(TASK, seed=3, batch_size=4)
+    step = training.make_train_step(configs, optimizer, None)
+    seeds = np.array([0, 1])
+    states = {name: training.init_seed_states(seeds, c, optimizer) for name, c in configs.items()}
+    before = _host(states)
+    for _ in range(2):
+        inputs, targets = stream.next_batch()
+        batch = (np.stack([inputs] * 2), np.stack([targets] * 2))
+        states, _, _ = step(states, np.zeros((2, 2), np.uint32), batch)
+    after = _host(states)
+    for name, frozen in (("raw", ()), ("randk", ("k_proj",)), ("randqk", ("q_proj", "k_proj"))):
+        old = before[name].params["blocks"][0]["mlstm"]
+        new = after[name].params["blocks"][0]["mlstm"]
+        for param in ("q_proj", "k_proj", "v_proj", "up_proj"):
+            if param in frozen:
+                np.testing.assert_array_equal(new[param], old[param], err_msg=f"{name} {param}")
+            else:
+                assert not np.array_equal(new[param], old[param]), f"{name} {param} did not move"
