@@ -37,21 +37,25 @@ from experiments.workdir import (
     config_fingerprint,
     restore_latest_or_refuse,
 )
-from orthorecall import cell as cell_lib
 from orthorecall import (
+    anneal,
     checkpointing,
     data,
     evaluation,
     footprint,
     host_data,
+    mlstm,
     multihost,
     training,
 )
+from orthorecall import cell as cell_lib
 from orthorecall import model as model_lib
 from orthorecall.reads import read_from_name
 from orthorecall.validation import check_int
 
 TENSORBOARD_DIR = "tensorboard"
+# A read name ending in this trains that read under the scaffold anneal (config.anneal).
+ANNEAL_SUFFIX = "_anneal"
 
 
 def _fail(field: str, message: str):
@@ -148,6 +152,34 @@ def read_names(config: ml_collections.ConfigDict) -> list[str]:
     return names
 
 
+def annealed_reads(names: Sequence[str]) -> list[str]:
+    """The reads trained under the scaffold anneal: the names ending in ``_anneal``
+    (``ns5_anneal``: the ns5 model, its read annealed into the raw one)."""
+    return [name for name in names if name.endswith(ANNEAL_SUFFIX)]
+
+
+def anneal_schedule(config: ml_collections.ConfigDict) -> anneal.AnnealSchedule | None:
+    """The ``config.anneal`` schedule when some read is annealed, else None.
+
+    Raises:
+        ConfigError: an ``_anneal`` read without an ``anneal`` section, or a bad field.
+    """
+    if not annealed_reads(read_names(config)):
+        return None
+    if "anneal" not in config:
+        _fail(
+            "anneal",
+            "is missing: reads ending in '_anneal' follow the schedule of a config.anneal "
+            "section (mode, start, end, threshold, dwell, span, settle); start from the "
+            "cpu_anneal preset of experiments/configs/noisy_ar.py.",
+        )
+    fields = _section(config, "anneal", [f.name for f in dataclasses.fields(anneal.AnnealSchedule)])
+    try:
+        return anneal.AnnealSchedule(**fields)
+    except (ValueError, TypeError) as e:
+        _section_error("anneal", e, fields)
+
+
 def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.ModelConfig]:
     """Read name -> ModelConfig, validating every model and read field.
 
@@ -158,10 +190,14 @@ def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mode
     names = read_names(config)
     reads = {}
     for name in names:
+        annealed = name.endswith(ANNEAL_SUFFIX)
         try:
-            read = read_from_name(name)
+            read = read_from_name(name.removesuffix(ANNEAL_SUFFIX) if annealed else name)
+            if annealed:
+                mlstm.check_read_mix(read, 1.0)
         except ValueError as e:
             _fail("reads", str(e))
+        read = (read, annealed)
         for other, other_read in reads.items():
             if other == name:
                 _fail("reads", f"{name!r} is listed twice; list each read once.")
@@ -185,7 +221,7 @@ def model_configs(config: ml_collections.ConfigDict) -> dict[str, model_lib.Mode
             minimum_inclusive=False,
         )
     configs = {}
-    for name, read in reads.items():
+    for name, (read, _) in reads.items():
         try:
             cell = cell_lib.CellConfig(read=read, **fields)
         except (ValueError, TypeError, OverflowError) as e:
@@ -358,6 +394,13 @@ def validate_config(
         minimum_inclusive=False,
     )
     configs = model_configs(config)
+    schedule = anneal_schedule(config)
+    if schedule is not None and schedule.mode == "window" and schedule.end > config.train.steps:
+        _fail(
+            "anneal.end",
+            f"the window ends at step {schedule.end}, after the run's {config.train.steps} "
+            "steps: its last evaluation would not see α = 0; end it by train.steps.",
+        )
     taps = next(iter(configs.values())).cell.conv_kernel_size
     if taps > task.example_len:
         # Each tap is traced as its own operations: 10**5 taps take minutes to trace.
@@ -617,6 +660,8 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
     from experiments import report  # Plotting stays out of library imports.
 
     names = list(configs)
+    annealed = annealed_reads(names)
+    schedule = anneal_schedule(config)
     primary = multihost.is_primary()  # The one process that writes files.
     config_dict = json.loads(config.to_json())
     fingerprint = config_fingerprint(config_dict)
@@ -658,11 +703,16 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
         tree = training.shard_seeds({"states": states, "keys": keys}, mesh)
 
         step, records, resumed_from = 0, [], None
+        # The step at which each seed's gated anneal was triggered (anneal.NOT_TRIGGERED
+        # until then), kept in the checkpoint's metadata.
+        triggers = {n: np.full(len(seeds), anneal.NOT_TRIGGERED, np.int32) for n in annealed}
         restored = restore_latest_or_refuse(checkpointer, tree, check_config)
         if restored is not None:
             step, tree, records = restored.step, restored.state, restored.meta["metrics"]
             tree = training.shard_seeds(tree, mesh)
             resumed_from = step
+            for n in annealed:
+                triggers[n] = np.asarray(restored.meta["triggers"][n], np.int32)
         if train.data_source == "numpy":
             # Drawn ahead, in worker processes, while the devices run a step.
             if restored is not None:
@@ -716,7 +766,19 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                 "streams": None if streams is None else streams.states(),
                 "config": config_dict,
                 "config_fingerprint": fingerprint,
+                "triggers": {n: t.tolist() for n, t in triggers.items()},
             }
+
+        def budgets():
+            """Read -> each seed's step budget: train.steps, longer for a seed whose
+            gated anneal ends after it (anneal.AnnealSchedule.budget)."""
+            out = {n: np.full(len(seeds), train.steps, np.int64) for n in names}
+            for n in annealed:
+                out[n] = schedule.budget(triggers[n], train.steps)
+            return out
+
+        def total_steps() -> int:
+            return int(max(b.max() for b in budgets().values()))
 
         def write_metrics():
             if primary:
@@ -747,14 +809,24 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
 
         try:
             with progress:
-                while step < train.steps:
+                while step < total_steps():
+                    budget = budgets()
+                    read_mix = active = None
+                    if annealed:
+                        read_mix = training.shard_seeds(
+                            {n: schedule.alpha(step, triggers[n]) for n in annealed}, mesh
+                        )
+                        active = training.shard_seeds({n: step < budget[n] for n in names}, mesh)
                     batch = None
                     if streams is not None:
                         batch = training.shard_seeds(streams.next_batches(), mesh)
                         if timer is not None and step == first_step + THROTTLE_CHECK_STEPS:
                             _note_if_data_throttles(progress, streams, time.perf_counter() - timer)
+                    # The anneal's arguments only when there is one: the step of a run
+                    # without it is the program it always was.
+                    anneal_args = (read_mix, active) if annealed else ()
                     new_states, new_keys, step_metrics = train_step(
-                        tree["states"], tree["keys"], batch
+                        tree["states"], tree["keys"], batch, *anneal_args
                     )
                     tree = {"states": new_states, "keys": new_keys}
                     if not stop.armed:
@@ -765,8 +837,9 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                             streams.wait_seconds = 0.0
                     step += 1
                     progress.advance(step)
-                    evaluate_now = step % train.eval_every == 0 or step == train.steps
-                    log_now = step % train.log_every == 0 or step == train.steps
+                    ends = step == train.steps or any(np.any(step == b) for b in budget.values())
+                    evaluate_now = step % train.eval_every == 0 or ends
+                    log_now = step % train.log_every == 0 or ends
                     if evaluate_now or log_now:
                         # Padding seeds (several devices) are dropped here, once.
                         metrics, bad = multihost.host_copy(
@@ -780,12 +853,31 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                         }
                         bad = {n: b[:num_seeds] for n, b in bad.items()}
                     if evaluate_now:
+                        eval_mix = None
+                        if annealed:
+                            eval_mix = training.shard_seeds(
+                                {n: schedule.alpha(step, triggers[n]) for n in annealed}, mesh
+                            )
                         results = multihost.host_copy(
-                            eval_step(tree["states"], val_inputs, val_targets)
+                            eval_step(
+                                tree["states"],
+                                val_inputs,
+                                val_targets,
+                                *((eval_mix,) if annealed else ()),
+                            )
                         )
                         new_records = _evaluation_records(
                             step, names, seeds[:num_seeds], results, metrics, bad
                         )
+                        if annealed:
+                            new_records = _anneal_fields(
+                                new_records, step, seeds[:num_seeds], schedule, triggers, budget
+                            )
+                            for n in annealed:
+                                accuracy = np.where(
+                                    step <= budget[n], results[n]["accuracy"], np.nan
+                                )
+                                triggers[n] = schedule.triggered(triggers[n], step, accuracy)
                         for record in new_records:
                             records.append(record)
                             count_solved(record)
@@ -810,7 +902,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                         )
                         if summaries is not None:
                             summaries.train(step, metrics)
-                    checkpointer.save(step, tree, meta(), force=step == train.steps)
+                    checkpointer.save(step, tree, meta(), force=step >= total_steps())
                     # All processes stop at the same step, whichever one was signalled.
                     if multihost.any_process(stop.requested):
                         break
@@ -818,7 +910,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             stop.restore()
             if summaries is not None:
                 summaries.close()
-        if step < train.steps:  # Stopped by a signal, between two steps.
+        if step < total_steps():  # Stopped by a signal, between two steps.
             print(f"\ninterrupted at step {step}: writing a checkpoint...", flush=True)
             checkpointer.save(step, tree, meta(), force=True)
             checkpointer.close()
@@ -877,6 +969,25 @@ def _evaluation_records(step, names, seeds, results, metrics, bad) -> list[dict]
                 }
             )
     return records
+
+
+def _anneal_fields(records, step, seeds, schedule, triggers, budget) -> list[dict]:
+    """An annealed run's rows: those of seeds within their budget (a seed whose budget
+    ended is no longer trained or reported), with ``alpha`` on the annealed reads'."""
+    index = {int(seed): i for i, seed in enumerate(seeds)}
+    kept = []
+    for record in records:
+        i = index[record["seed"]]
+        if step > budget[record["read"]][i]:
+            continue
+        if record["read"] in triggers:
+            trigger = triggers[record["read"]][i]
+            record["alpha"] = float(schedule.alpha(step, trigger))
+            record["anneal_trigger_step"] = (
+                None if trigger == anneal.NOT_TRIGGERED else int(trigger)
+            )
+        kept.append(record)
+    return kept
 
 
 def _evaluation_line(step, names, records, solved, num_seeds) -> str:

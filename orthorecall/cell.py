@@ -358,6 +358,7 @@ def step(
     config: CellConfig,
     *,
     mask: jax.Array | None = None,
+    read_mix: jax.Array | float | None = None,
 ) -> tuple[jax.Array, CellState]:
     """One time step.
 
@@ -370,6 +371,7 @@ def step(
         config: the cell configuration.
         mask: (*batch) bool or None; false leaves that sequence's state untouched (and
             its output zero): a padded step.
+        read_mix: None, or the scaffold anneal's α (a scalar, ``orthorecall.anneal``).
 
     Returns:
         (y (*batch, D) float32, new ``CellState``).
@@ -382,17 +384,18 @@ def step(
     _check_state(state, batch, config)
     mlstm.check_reset(reset, batch, "(batch,)")
     _check_mask(mask, batch, "(batch,)")
+    mlstm.check_read_mix(config.read, read_mix)
     flat = lambda tree: None if tree is None else _flatten(tree, batch)
     old = _float32(flat(state))
     with precision.matmul_precision(config.matmul_precision):
-        y, new = _step(params, old, flat(x), flat(reset), config)
+        y, new = _step(params, old, flat(x), flat(reset), config, read_mix)
     if mask is not None:
         new = select_state(flat(mask), new, old)
         y = jnp.where(flat(mask)[:, None], y, 0.0)
     return _unflatten(y, batch), _like(_unflatten(new, batch), state)
 
 
-def _step(params, state, x, reset, config):
+def _step(params, state, x, reset, config, read_mix=None):
     dtype = jnp.dtype(config.compute_dtype)
     conv_window = state.conv
     if reset is not None:
@@ -403,7 +406,7 @@ def _step(params, state, x, reset, config):
     conv = jnp.einsum("bki,ki->bi", window, params["conv"]["kernel"].astype(dtype))
     x_c = jax.nn.silu(conv + params["conv"]["bias"].astype(dtype))
     q, k, v, i_pre, f_pre = _projections(params, x_m, x_c, config)
-    h, memory = mlstm.memory_step(state.memory, q, k, v, i_pre, f_pre, reset, config.read)
+    h, memory = mlstm.memory_step(state.memory, q, k, v, i_pre, f_pre, reset, config.read, read_mix)
     y = _output(params, h, x_c, z, config)
     return y, CellState(conv=window[:, 1:].astype(jnp.float32), memory=memory)
 
@@ -444,6 +447,7 @@ def scan(
     state: CellState | None = None,
     mask: jax.Array | None = None,
     return_states: bool = False,
+    read_mix: jax.Array | float | None = None,
 ):
     """The cell over a sequence.
 
@@ -458,6 +462,7 @@ def scan(
             output zeros (padding, e.g. after a sequence's end).
         return_states: also return the state after every step (leaves
             (*batch, T, ...)), e.g. for a replay buffer's burn-in starts.
+        read_mix: None, or the scaffold anneal's α (a scalar, ``orthorecall.anneal``).
 
     With a mask or ``return_states`` the sequence runs step by step (``step`` in a
     ``lax.scan``), whatever ``sequence_form`` says: the parallel forms keep no per-step
@@ -477,6 +482,7 @@ def scan(
     _check_state(state, batch, config)
     mlstm.check_reset(reset, (*batch, t), "(batch, time)")
     _check_mask(mask, (*batch, t), "(batch, time)")
+    mlstm.check_read_mix(config.read, read_mix)
     if t == 0:  # Nothing to read or write: the state as it came.
         y = jnp.zeros((*batch, 0, config.embedding_dim), jnp.float32)
         if return_states:
@@ -492,16 +498,18 @@ def scan(
         if mask is None and not return_states:
             if reset_flat is None:
                 reset_flat = jnp.zeros(x_flat.shape[:2], bool)
-            y, new = _scan(params, x_flat, config, reset_flat, old)
+            y, new = _scan(params, x_flat, config, reset_flat, old, read_mix)
             return _unflatten(y, batch), _like(_unflatten(new, batch), state)
-        y, new, states = _step_by_step(params, x_flat, config, reset_flat, flat(mask), old)
+        y, new, states = _step_by_step(
+            params, x_flat, config, reset_flat, flat(mask), old, read_mix
+        )
     y, new = _unflatten(y, batch), _like(_unflatten(new, batch), state)
     if not return_states:
         return y, new
     return y, new, _like(_unflatten(states, batch), state)
 
 
-def _step_by_step(params, x, config, reset, mask, state):
+def _step_by_step(params, x, config, reset, mask, state, read_mix=None):
     """``_step`` over time in a ``lax.scan``: x (B, T, D); returns (y (B, T, D), final
     state, per-step states with a time axis after B)."""
     b, t = x.shape[:2]
@@ -510,7 +518,7 @@ def _step_by_step(params, x, config, reset, mask, state):
 
     def one(carry, inputs):
         x_t, reset_t, mask_t = inputs
-        y, new = _step(params, carry, x_t, reset_t, config)
+        y, new = _step(params, carry, x_t, reset_t, config, read_mix)
         new = select_state(mask_t, new, carry)
         return new, (jnp.where(mask_t[:, None], y, 0.0), new)
 
@@ -521,7 +529,7 @@ def _step_by_step(params, x, config, reset, mask, state):
     return time_major(y), final, jax.tree_util.tree_map(time_major, states)
 
 
-def _scan(params, x, config, reset, state):
+def _scan(params, x, config, reset, state, read_mix=None):
     dtype = jnp.dtype(config.compute_dtype)
     u = x.astype(dtype) @ params["up_proj"].astype(dtype)
     x_m, z = jnp.split(u, 2, axis=-1)
@@ -530,7 +538,15 @@ def _scan(params, x, config, reset, state):
     q, k, v, i_pre, f_pre = _projections(params, x_m, x_c, config)
     if config.sequence_form == "recurrent":
         h, memory = mlstm.recurrent_sequence(
-            q, k, v, i_pre, f_pre, read=config.read, reset=reset, state=state.memory
+            q,
+            k,
+            v,
+            i_pre,
+            f_pre,
+            read=config.read,
+            reset=reset,
+            state=state.memory,
+            read_mix=read_mix,
         )
     else:
         form = mlstm.gram_sequence if config.sequence_form == "gram" else mlstm.chunkwise_sequence
@@ -544,6 +560,7 @@ def _scan(params, x, config, reset, state):
             reset=reset,
             state=state.memory,
             chunk_size=config.chunk_size,
+            read_mix=read_mix,
         )
     y = _output(params, h, x_c, z, config)
     return y, CellState(conv=conv_state, memory=memory)

@@ -62,13 +62,19 @@ def masked_metrics(logits: jax.Array, targets: jax.Array, ignore_index: int = IG
 
 
 def per_batch_metrics(
-    params, inputs, targets, config: model_lib.ModelConfig, ignore_index: int = IGNORE_INDEX
+    params,
+    inputs,
+    targets,
+    config: model_lib.ModelConfig,
+    ignore_index: int = IGNORE_INDEX,
+    read_mix=None,
 ):
     """Loss and accuracy of every batch of a validation set (traceable).
 
     Args:
         params: model parameters.
         inputs, targets: int arrays (num_batches, batch_size, T).
+        read_mix: None, or the scaffold anneal's α (``model.apply``).
 
     Returns:
         (losses, accuracies), float32 arrays (num_batches,). Nothing is checked
@@ -78,7 +84,7 @@ def per_batch_metrics(
 
     def one_batch(batch):
         batch_inputs, batch_targets = batch
-        logits = model_lib.apply(params, batch_inputs, config)
+        logits = model_lib.apply(params, batch_inputs, config, read_mix=read_mix)
         return masked_metrics(logits, batch_targets, ignore_index)[:2]
 
     return jax.lax.map(one_batch, (inputs, targets))

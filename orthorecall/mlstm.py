@@ -211,6 +211,29 @@ def _normalized_read(numerator, q_dot_n, m):
     return numerator / denominator[..., None]
 
 
+def check_read_mix(read: ReadConfig, read_mix) -> None:
+    """A ValueError when a scaffold-anneal mix is given for a read with nothing to mix:
+    one that is C itself (raw, delta) or the rls read (whose query is whitened, not C)."""
+    if read_mix is not None and (read.is_raw or read.kind == "rls"):
+        raise ValueError(
+            f"read_mix anneals a read R(C) into the raw read; read={read} has no R(C) to "
+            "anneal (use a Newton-Schulz or polar read)."
+        )
+    if read_mix is not None and jnp.ndim(read_mix) != 0:
+        raise ValueError(
+            f"read_mix must be a scalar α (vmap over seeds for one α each), got shape "
+            f"{jnp.shape(read_mix)}."
+        )
+
+
+def _mixed_with_raw(own: jax.Array, raw, read_mix) -> jax.Array:
+    """α·own + (1 − α)·raw() (``raw`` a thunk: computed only under a mix)."""
+    if read_mix is None:
+        return own
+    alpha = jnp.asarray(read_mix, jnp.float32)
+    return alpha * own + (1.0 - alpha) * raw()
+
+
 def memory_step(
     state: MemoryState,
     q: jax.Array,
@@ -220,6 +243,7 @@ def memory_step(
     forget_gate: jax.Array,
     reset: jax.Array | None,
     read: ReadConfig,
+    read_mix: jax.Array | float | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """One step of the recurrence.
 
@@ -229,12 +253,15 @@ def memory_step(
         input_gate, forget_gate: (B, H) gate pre-activations ĩ, f̃.
         reset: (B,) bool, or None; true clears the state before this step.
         read: the read applied to C_t.
+        read_mix: None, or the scaffold anneal's α (a scalar, ``orthorecall.anneal``):
+            the layer reads α·qᵀR(C_t) + (1 − α)·qᵀC_t.
 
     Returns:
         (h̃ of shape (B, H, d) float32, the new ``MemoryState``).
 
     Raises:
-        ValueError: inconsistent shapes, or a reset that is not (B,) bool.
+        ValueError: inconsistent shapes, a reset that is not (B,) bool, or a read_mix
+            for a read that is C itself.
     """
     if q.ndim != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
@@ -249,6 +276,7 @@ def memory_step(
         raise ValueError(f"state.c must have shape {(b, h, d, d)} to match q, got {state.c.shape}.")
     check_reset(reset, (b,), "(batch,)")
     _check_inverse_state(state, read, (b, h, d, d))
+    check_read_mix(read, read_mix)
     if reset is not None:
         state = _clear(state, reset)
     q, k, v, i_pre, f_pre = (x.astype(jnp.float32) for x in (q, k, v, input_gate, forget_gate))
@@ -266,7 +294,9 @@ def memory_step(
     if needs_inverse(read):
         p = _whitening_update(state.p, k, f_scale, i_scale, read.ridge)
         q = _whitened_query(p, q, m, read.ridge)
-    numerator = read.retrieve(c, q)
+    numerator = _mixed_with_raw(
+        read.retrieve(c, q), lambda: jnp.einsum("...i,...ij->...j", q, c), read_mix
+    )
     h = _normalized_read(numerator, jnp.sum(q * n, axis=-1), m)
     return h, MemoryState(c, n, m, p)
 
@@ -298,6 +328,7 @@ def recurrent_sequence(
     read: ReadConfig,
     reset: jax.Array | None = None,
     state: MemoryState | None = None,
+    read_mix: jax.Array | float | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """The recurrence over a sequence, one ``memory_step`` per position.
 
@@ -307,6 +338,7 @@ def recurrent_sequence(
         read: the read.
         reset: optional (B, T) bool; true at t clears the state before step t.
         state: optional initial ``MemoryState``; zeros when None.
+        read_mix: None, or the scaffold anneal's α (``memory_step``).
 
     Returns:
         (h̃ (B, T, H, d) float32, final ``MemoryState``).
@@ -315,6 +347,7 @@ def recurrent_sequence(
         ValueError: inconsistent shapes, or a reset that is not (B, T) bool.
     """
     _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state, read)
+    check_read_mix(read, read_mix)
     b, t, h, d = q.shape
     if state is None:
         state = initial_memory_state(b, h, d, read)
@@ -324,7 +357,7 @@ def recurrent_sequence(
 
     def body(carry, xs):
         q_t, k_t, v_t, i_t, f_t, r_t = xs
-        out, carry = memory_step(carry, q_t, k_t, v_t, i_t, f_t, r_t, read)
+        out, carry = memory_step(carry, q_t, k_t, v_t, i_t, f_t, r_t, read, read_mix)
         return carry, out
 
     final, outs = jax.lax.scan(body, state, time_major)
@@ -364,6 +397,7 @@ def gram_sequence(
     reset: jax.Array | None = None,
     state: MemoryState | None = None,
     chunk_size: int | None = None,
+    read_mix: jax.Array | float | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """The recurrence carrying G_t = C_tᵀC_t beside C_t, read through G (``gram_read``).
 
@@ -384,6 +418,11 @@ def gram_sequence(
     """
     _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state, read)
     steps = read.gram_steps()
+    if read_mix is not None:
+        raise ValueError(
+            "gram_sequence reads NS_k(C) alone; the scaffold anneal's read_mix needs the "
+            "chunkwise or recurrent form."
+        )
     if steps is None:
         raise ValueError(
             f"read {read} has no Gram form (cubic Newton-Schulz with 1 to "
@@ -433,7 +472,9 @@ def gram_sequence(
     return outs[:, :t], MemoryState(c, n, m)
 
 
-def _checkpointed_recurrence(q, k, v, input_gate, forget_gate, read, reset, state, chunk_size):
+def _checkpointed_recurrence(
+    q, k, v, input_gate, forget_gate, read, reset, state, chunk_size, read_mix
+):
     """``memory_step`` after ``memory_step``, every ``chunk_size`` steps one
     ``jax.checkpoint`` (backward keeps a state per chunk): the sequence form of the
     variants without a chunk-parallel one (``ReadConfig.has_chunkwise_form``)."""
@@ -459,7 +500,7 @@ def _checkpointed_recurrence(q, k, v, input_gate, forget_gate, read, reset, stat
     to_chunks = lambda x: jnp.moveaxis(x, 1, 0).reshape((num_chunks, size, b) + x.shape[2:])
 
     def step(carry, xs):
-        out, carry = memory_step(carry, *xs, read)
+        out, carry = memory_step(carry, *xs, read, read_mix)
         return carry, out
 
     chunk = lambda carry, xs: jax.lax.scan(step, carry, xs)
@@ -499,19 +540,21 @@ def chunkwise_sequence(
     reset: jax.Array | None = None,
     state: MemoryState | None = None,
     chunk_size: int | None = None,
+    read_mix: jax.Array | float | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """The same function as ``recurrent_sequence``, chunk by chunk.
 
     ``chunk_size`` need not divide T: the tail is padded with identity steps
     (forget 1, input 0) that leave the state unchanged and are dropped.
 
-    Args and returns: as ``recurrent_sequence``, plus ``chunk_size`` (>= 1,
-    or None for ``default_chunk_size(read)``).
+    Args and returns: as ``recurrent_sequence`` (``read_mix`` included), plus
+    ``chunk_size`` (>= 1, or None for ``default_chunk_size(read)``).
 
     Raises:
         ValueError: inconsistent shapes or a bad chunk size.
     """
     _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state, read)
+    check_read_mix(read, read_mix)
     if chunk_size is None:
         chunk_size = default_chunk_size(read)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
@@ -520,7 +563,7 @@ def chunkwise_sequence(
         state = initial_memory_state(b, h, d, read)
     if not read.has_chunkwise_form:
         return _checkpointed_recurrence(
-            q, k, v, input_gate, forget_gate, read, reset, state, chunk_size
+            q, k, v, input_gate, forget_gate, read, reset, state, chunk_size, read_mix
         )
     size = min(chunk_size, t)
     num_chunks = -(-t // size)
@@ -543,7 +586,7 @@ def chunkwise_sequence(
     )
 
     body = jax.checkpoint(
-        lambda carry, chunk: _chunk(carry, chunk, read),
+        lambda carry, chunk: _chunk(carry, chunk, read, read_mix),
         prevent_cse=False,
         policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME),
     )
@@ -568,7 +611,7 @@ def _finite_or_zero(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _chunk(state: MemoryState, chunk, read: ReadConfig):
+def _chunk(state: MemoryState, chunk, read: ReadConfig, read_mix=None):
     """All positions of one chunk from the chunk-start state.
 
     chunk: q, k̂, v (B, H, L, d); log_f, ĩ (B, H, L); reset (B, L).
@@ -679,6 +722,7 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig):
         )
         if read.straight_through != "none":
             numerator = read.combine_straight_through(numerator, raw_read())
+        numerator = _mixed_with_raw(numerator, raw_read, read_mix)
     h = _normalized_read(numerator, q_dot_n, m)
 
     last_weights = decay[..., -1, :]  # (B, H, L)

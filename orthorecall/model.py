@@ -203,6 +203,7 @@ def apply(
     reset: jax.Array | None = None,
     state: list[cell_lib.CellState] | None = None,
     return_state: bool = False,
+    read_mix: jax.Array | float | None = None,
 ):
     """Logits for every position of a batch of token sequences.
 
@@ -215,6 +216,8 @@ def apply(
         reset: optional (B, T) bool; true at t starts a new episode at t.
         state: optional per-block states to continue from.
         return_state: also return the final per-block states.
+        read_mix: None, or the scaffold anneal's α for every block (a scalar,
+            ``orthorecall.anneal``).
 
     Returns:
         logits (B, T, V) float32, or (logits, states) with ``return_state``.
@@ -238,6 +241,7 @@ def apply(
                 config.cell,
                 reset=reset,
                 state=block_state,
+                read_mix=read_mix,
             )
             h = h + y
             new_states.append(block_state)

@@ -188,6 +188,7 @@ def next_token_loss(
     config: model_lib.ModelConfig,
     ignore_index: int = evaluation.IGNORE_INDEX,
     segment_length: int | None = None,
+    read_mix=None,
 ):
     """Mean next-token cross-entropy over scored positions (all of them for
     training batches).
@@ -200,16 +201,17 @@ def next_token_loss(
             activations at a time, so the step's memory shrinks by about T / segment
             length for one more forward pass. The loss is the same function; the sums
             are ordered differently, so it agrees to float32 rounding.
+        read_mix: None, or the scaffold anneal's α (``model.apply``).
     """
     if segment_length is not None:
         segment_length = check_int("segment_length", segment_length, minimum=1)
     if segment_length is None or segment_length >= inputs.shape[-1]:
-        logits = model_lib.apply(params, inputs, config)
+        logits = model_lib.apply(params, inputs, config, read_mix=read_mix)
         return evaluation.masked_metrics(logits, targets, ignore_index)[0]
-    return _segmented_loss(params, inputs, targets, config, ignore_index, segment_length)
+    return _segmented_loss(params, inputs, targets, config, ignore_index, segment_length, read_mix)
 
 
-def _segmented_loss(params, inputs, targets, config, ignore_index, segment_length):
+def _segmented_loss(params, inputs, targets, config, ignore_index, segment_length, read_mix):
     batch, length = inputs.shape
     count = -(-length // segment_length)
     pad = count * segment_length - length
@@ -222,7 +224,7 @@ def _segmented_loss(params, inputs, targets, config, ignore_index, segment_lengt
         state, total, scored = carry
         segment_inputs, segment_targets = xs
         logits, state = model_lib.apply(
-            params, segment_inputs, config, state=state, return_state=True
+            params, segment_inputs, config, state=state, return_state=True, read_mix=read_mix
         )
         loss, _, num = evaluation.masked_metrics(logits, segment_targets, ignore_index)
         # A segment with nothing scored has a NaN mean: it adds nothing.
@@ -255,9 +257,18 @@ def init_seed_states(
 
 
 def _update_one_seed(
-    state_params, opt_state, nonfinite, inputs, targets, config, optimizer, segment_length=None
+    state_params,
+    opt_state,
+    nonfinite,
+    inputs,
+    targets,
+    read_mix,
+    active,
+    config,
+    optimizer,
+    segment_length=None,
 ):
-    loss_fn = functools.partial(next_token_loss, segment_length=segment_length)
+    loss_fn = functools.partial(next_token_loss, segment_length=segment_length, read_mix=read_mix)
     loss, grads = jax.value_and_grad(loss_fn)(state_params, inputs, targets, config)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, state_params)
@@ -265,8 +276,10 @@ def _update_one_seed(
         optax.apply_updates(state_params, updates), state_params, config
     )
     bad = nonfinite | ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm)
-    # A diverged seed keeps its last finite parameters; the others never notice.
-    keep = lambda new, old: jnp.where(bad, old, new)
+    # A diverged seed keeps its last finite parameters, and a seed past its own budget
+    # (``active`` false: the gated anneal's longer budgets) stays as it ended; the
+    # others never notice.
+    keep = lambda new, old: jnp.where(bad | ~active, old, new)
     new_params = jax.tree_util.tree_map(keep, new_params, state_params)
     new_opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
     return new_params, new_opt_state, bad, loss, grad_norm
@@ -321,18 +334,21 @@ def make_train_step(
             float32 rounding.
 
     Returns:
-        ``step(states, keys, batch) -> (states, keys, metrics)`` where states is
-        a dict read -> ``SeedState``, keys (S,) data keys (advanced by the step
-        when data are generated on device), batch None or (inputs, targets) of
-        shape (S, B, L), and metrics a dict read -> {"loss", "grad_norm"} of
-        (S,) arrays.
+        ``step(states, keys, batch, read_mix=None, active=None) -> (states, keys,
+        metrics)`` where states is a dict read -> ``SeedState``, keys (S,) data keys
+        (advanced by the step when data are generated on device), batch None or
+        (inputs, targets) of shape (S, B, L), read_mix None or a dict read -> (S,) α
+        of the reads under the scaffold anneal (``orthorecall.anneal``), active None
+        or a dict read -> (S,) bool (false: the seed is not updated), and metrics a
+        dict read -> {"loss", "grad_norm"} of (S,) arrays.
     """
     if segment_length is not None:
         segment_length = check_int("segment_length", segment_length, minimum=1)
     seed_groups = _check_seed_groups(seed_groups)
 
-    def step(states, keys, batch):
+    def step(states, keys, batch, read_mix=None, active=None):
         _check_divides(seed_groups, keys.shape[0])
+        num_seeds = keys.shape[0]
         if batch is None:
             split = jax.vmap(jax.random.split)(keys)
             keys, batch_keys = split[:, 0], split[:, 1]
@@ -347,14 +363,18 @@ def make_train_step(
                 optimizer=optimizer,
                 segment_length=segment_length,
             )
+            mix = None if read_mix is None else read_mix.get(read)
+            seed_active = jnp.ones(num_seeds, bool) if active is None else active[read]
             params, opt_state, bad, loss, grad_norm = in_seed_groups(
-                jax.vmap(update),
+                jax.vmap(update, in_axes=(0, 0, 0, 0, 0, None if mix is None else 0, 0)),
                 seed_groups,
                 state.params,
                 state.opt_state,
                 state.nonfinite,
                 inputs,
                 targets,
+                mix,
+                seed_active,
             )
             new_states[read] = SeedState(params, opt_state, bad)
             metrics[read] = {"loss": loss, "grad_norm": grad_norm}
@@ -378,27 +398,33 @@ def make_eval_step(configs: dict[str, model_lib.ModelConfig], seed_groups: int =
     ``make_train_step``'s.
 
     Returns:
-        ``evaluate(states, inputs, targets) -> {read: {"accuracy", "loss"}}``
-        with inputs/targets (S, num_batches, batch, L) (each seed's reference
-        validation set) and (S,) results: means over batches of per-batch
-        values, as the reference reports them.
+        ``evaluate(states, inputs, targets, read_mix=None) -> {read: {"accuracy",
+        "loss"}}`` with inputs/targets (S, num_batches, batch, L) (each seed's reference
+        validation set), read_mix as ``make_train_step``'s, and (S,) results: means over
+        batches of per-batch values, as the reference reports them.
     """
 
     seed_groups = _check_seed_groups(seed_groups)
 
-    def evaluate(states, inputs, targets):
+    def evaluate(states, inputs, targets, read_mix=None):
         _check_divides(seed_groups, inputs.shape[0])
         out = {}
         for read, config in configs.items():
+            mix = None if read_mix is None else read_mix.get(read)
 
-            def one_seed(params, seed_inputs, seed_targets, config=config):
+            def one_seed(params, seed_inputs, seed_targets, seed_mix, config=config):
                 losses, accuracies = evaluation.per_batch_metrics(
-                    params, seed_inputs, seed_targets, config
+                    params, seed_inputs, seed_targets, config, read_mix=seed_mix
                 )
                 return {"loss": jnp.mean(losses), "accuracy": jnp.mean(accuracies)}
 
             out[read] = in_seed_groups(
-                jax.vmap(one_seed), seed_groups, states[read].params, inputs, targets
+                jax.vmap(one_seed, in_axes=(0, 0, 0, None if mix is None else 0)),
+                seed_groups,
+                states[read].params,
+                inputs,
+                targets,
+                mix,
             )
         return out
 

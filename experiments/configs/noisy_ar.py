@@ -9,6 +9,11 @@ Select a preset with ``--config=configs/noisy_ar.py:PRESET``:
 * ``cpu`` (default): a reduced regime that runs the 24-seed, two-read
   comparison on a 2-core CPU in about 5 minutes (see ``_cpu``).
 * ``smoke``: a few seeds and steps to exercise the whole pipeline quickly.
+* ``cpu_straight_through``, ``cpu_delta``, ``cpu_rls``: the ``cpu`` regime with the
+  replication's mechanism variants beside raw and NS5 (``docs/specification.md``);
+  ``cpu_mechanism`` runs all of them at once (24 seeds, same seeds and data for every
+  read, so the reads' comparisons are paired).
+* ``cpu_anneal``: the escape-gated scaffold anneal (``ns5_anneal``) beside raw and ns5.
 
 Override any field, e.g. ``--config.train.steps=500``; unknown fields fail.
 """
@@ -149,7 +154,56 @@ def _smoke() -> ml_collections.ConfigDict:
     return config
 
 
-PRESETS = {"cpu": _cpu, "smoke": _smoke, **{name: (lambda n=name: _regime(n)) for name in REGIMES}}
+def _cpu_variants(name: str, reads: str):
+    def preset() -> ml_collections.ConfigDict:
+        config = _cpu()
+        config.name = name
+        config.reads = reads
+        return config
+
+    return preset
+
+
+def _cpu_anneal() -> ml_collections.ConfigDict:
+    """The escape-gated scaffold anneal in the ``cpu`` regime: ``ns5_anneal`` trains the
+    ns5 model and, one evaluation after a seed first reaches 0.8, anneals its read into
+    the raw one over 100 steps, then trains 50 more at α = 0 (the replication's 200 / 500
+    / 200 steps, scaled to this 400-step run's evaluations every 50). Seeds triggered
+    late run past 400 steps; the learning rate is a cosine stretched to 600 steps so
+    that those steps still learn (a cosine ending at step 400 would anneal them at a
+    learning rate of 0)."""
+    config = _cpu()
+    config.name = "cpu_anneal"
+    config.reads = "raw,ns5,ns5_anneal"
+    config.train.schedule = "stretched_cosine"
+    config.train.stretch_steps = 600
+    config.anneal = ml_collections.ConfigDict()
+    config.anneal.mode = "gated"  # gated | window
+    config.anneal.start = 0  # window: α = 1 until start, 0 from end
+    config.anneal.end = 1
+    config.anneal.threshold = 0.8  # gated: the trigger
+    config.anneal.dwell = 50
+    config.anneal.span = 100
+    config.anneal.settle = 50
+    return config
+
+
+MECHANISM_PRESETS = {
+    "cpu_anneal": _cpu_anneal,
+    "cpu_straight_through": _cpu_variants("cpu_straight_through", "raw,ns5,ns5_fwd,ns5_bwd"),
+    "cpu_delta": _cpu_variants("cpu_delta", "raw,ns5,delta,delta_ns5"),
+    "cpu_rls": _cpu_variants("cpu_rls", "raw,ns5,rls"),
+    "cpu_mechanism": _cpu_variants(
+        "cpu_mechanism", "raw,ns5,ns5_fwd,ns5_bwd,delta,delta_ns5,rls,randk"
+    ),
+}
+
+PRESETS = {
+    "cpu": _cpu,
+    "smoke": _smoke,
+    **MECHANISM_PRESETS,
+    **{name: (lambda n=name: _regime(n)) for name in REGIMES},
+}
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
