@@ -84,6 +84,12 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
 
+    def extend(self, total: int) -> None:
+        """The step budget grew to ``total`` (the gated anneal's longer seed budgets)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
     def note(self, message: str) -> None:
         """A line of text, printed above the bar on a terminal."""
         self.console.print(message, markup=False)

@@ -791,7 +791,7 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             summaries = RunSummaries(
                 workdir / TENSORBOARD_DIR, names, seeds[:num_seeds], purge_step=resumed_from
             )
-        progress = Progress(train.steps, step, train.log_every, stream=console)
+        progress = Progress(total_steps(), step, train.log_every, stream=console)
         if resumed_from is not None:
             damaged = "".join(
                 f"; checkpoint of step {r.step} failed verification, moved to {r.moved_to.name}"
@@ -852,6 +852,11 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                             n: {k: v[:num_seeds] for k, v in m.items()} for n, m in metrics.items()
                         }
                         bad = {n: b[:num_seeds] for n, b in bad.items()}
+                        for n in names if annealed else ():
+                            # Seeds past their budget were not trained: no loss to show.
+                            spent = step > budget[n][:num_seeds]
+                            for key in ("loss", "grad_norm"):
+                                metrics[n][key] = np.where(spent, np.nan, metrics[n][key])
                     if evaluate_now:
                         eval_mix = None
                         if annealed:
@@ -878,6 +883,13 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                                     step <= budget[n], results[n]["accuracy"], np.nan
                                 )
                                 triggers[n] = schedule.triggered(triggers[n], step, accuracy)
+                            if total_steps() > progress.total:
+                                progress.note(
+                                    f"a seed triggered its anneal at step {step}: the run "
+                                    f"goes on to step {total_steps()} so that its last "
+                                    "evaluation is at alpha = 0"
+                                )
+                                progress.extend(total_steps())
                         for record in new_records:
                             records.append(record)
                             count_solved(record)
