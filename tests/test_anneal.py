@@ -11,6 +11,7 @@ import pytest
 
 from experiments import train
 from experiments.configs.noisy_ar import get_config
+from experiments.report.anneal import format_anneal_markdown, summarize_anneal
 from orthorecall import cell as cell_lib
 from orthorecall import mlstm
 from orthorecall.anneal import NOT_TRIGGERED, AnnealSchedule
@@ -185,6 +186,10 @@ def test_gated_anneal_runs_per_seed_budgets_and_resumes_identically(tmp_path):
         else:
             assert last == steps
     assert max(step for _, step in plain) == steps  # ns5 is not extended.
+    # The report says what the anneal left: every triggered seed at α = 0.
+    report = json.loads((workdir / "results.json").read_text())["anneal"]["ns5_anneal"]
+    assert report["annealed_to_zero"] == len(triggers)
+    assert "accuracy at α = 0" in (workdir / "results.md").read_text()
 
     # Resume from a checkpoint before the end (after the first trigger): same rows.
     resumed = tmp_path / "resumed"
@@ -199,3 +204,34 @@ def test_gated_anneal_runs_per_seed_budgets_and_resumes_identically(tmp_path):
     (resumed / "results.json").unlink()
     train.train_and_evaluate(config, resumed)
     assert (resumed / "metrics.jsonl").read_text() == (workdir / "metrics.jsonl").read_text()
+
+
+def test_anneal_summary_by_hand():
+    row = lambda seed, step, acc, alpha, trigger: {
+        "read": "ns5_anneal",
+        "seed": seed,
+        "step": step,
+        "accuracy": acc,
+        "alpha": alpha,
+        "anneal_trigger_step": trigger,
+    }
+    rows = [
+        row(0, 10, 0.9, 1.0, None),
+        row(0, 20, 0.85, 0.5, 10),
+        row(0, 30, 0.95, 0.0, 10),
+        row(1, 10, 0.2, 1.0, None),
+        row(1, 20, 0.82, 1.0, None),  # triggered at its last evaluation: never annealed
+        row(2, 10, 0.81, 1.0, None),
+        row(2, 30, 0.7, 0.0, 10),
+        {"read": "raw", "seed": 0, "step": 10, "accuracy": 0.5},  # not annealed: ignored
+    ]
+    summary = summarize_anneal(rows, threshold=0.8)["ns5_anneal"]
+    assert (summary["num_seeds"], summary["triggered"], summary["annealed_to_zero"]) == (3, 2, 2)
+    assert summary["solved_at_alpha_0"] == 1
+    assert summary["mean_accuracy_at_trigger"] == pytest.approx((0.9 + 0.81) / 2)
+    assert summary["mean_accuracy_at_alpha_0"] == pytest.approx((0.95 + 0.7) / 2)
+    assert summary["lowest_accuracy_while_annealing"] == pytest.approx(0.7)
+    assert format_anneal_markdown({}, 0.8) == ""
+    assert "| 2 | 10 | 81.0% | 30 | 0.00 | 70.0% |" in format_anneal_markdown(
+        {"ns5_anneal": summary}, 0.8
+    )

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.report.anneal import anneal_summary, format_anneal_markdown
 from experiments.report.plots import (
     plot_accuracy_curves,
     plot_escape_curves,
@@ -75,8 +76,13 @@ def build_report(workdir: str | Path, threshold: float | None = None) -> dict:
     metrics = load_metrics(workdir)
     results = _jsonable(analyze(metrics, load_run_config(workdir), threshold))
     results["workdir"] = str(workdir)
+    annealed = anneal_summary(workdir, results["threshold"])
+    if annealed:  # Reads trained under the scaffold anneal (experiments.report.anneal).
+        results["anneal"] = _jsonable(annealed)
     (workdir / RESULTS_JSON).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    (workdir / RESULTS_MD).write_text(format_markdown(results))
+    (workdir / RESULTS_MD).write_text(
+        format_markdown(results) + format_anneal_markdown(annealed, results["threshold"])
+    )
     plot_accuracy_curves(metrics.curves, results, workdir / ACCURACY_PNG)
     plot_escape_curves(results, workdir / ESCAPE_PNG)
     plot_solved_counts(
