@@ -529,38 +529,76 @@ def _step_by_step(params, x, config, reset, mask, state, read_mix=None):
     return time_major(y), final, jax.tree_util.tree_map(time_major, states)
 
 
-def _scan(params, x, config, reset, state, read_mix=None):
+class SequenceProjections(NamedTuple):
+    """What the cell computes from a sequence before its memory: the convolved branch
+    x_c and the output gate's input z (B, T, I), q, k, v (B, T, H, d), the gate
+    pre-activations ĩ, f̃ (B, T, H)."""
+
+    x_c: jax.Array
+    z: jax.Array
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    input_gate: jax.Array
+    forget_gate: jax.Array
+
+
+def sequence_projections(params, x, config, reset, conv_history):
+    """The cell's projections of a sequence x (B, T, D), and the conv window to carry on.
+
+    The first half of ``scan``, on its own so that probes (``orthorecall.probes``) can
+    look at or change q, k, v before the memory without restating the layer's math.
+    ``reset`` (B, T) bool; ``conv_history`` (B, K-1, I) the conv inputs before x. One
+    batch axis, no checks, and the caller's matrix-product precision: ``scan`` is the
+    checked entry point (and sets ``config.matmul_precision``).
+    """
     dtype = jnp.dtype(config.compute_dtype)
     u = x.astype(dtype) @ params["up_proj"].astype(dtype)
     x_m, z = jnp.split(u, 2, axis=-1)
-    conv, conv_state = _causal_conv(x_m, params, state.conv, reset)
+    conv, conv_state = _causal_conv(x_m, params, conv_history, reset)
     x_c = jax.nn.silu(conv)
     q, k, v, i_pre, f_pre = _projections(params, x_m, x_c, config)
+    return SequenceProjections(x_c, z, q, k, v, i_pre, f_pre), conv_state
+
+
+def memory_sequence(projections, config, reset, state, read_mix=None):
+    """h̃ (B, T, H, d) and the final ``mlstm.MemoryState`` of the sequence form that
+    ``config.sequence_form`` names, from ``sequence_projections``' output."""
+    p = projections
     if config.sequence_form == "recurrent":
-        h, memory = mlstm.recurrent_sequence(
-            q,
-            k,
-            v,
-            i_pre,
-            f_pre,
+        return mlstm.recurrent_sequence(
+            p.q,
+            p.k,
+            p.v,
+            p.input_gate,
+            p.forget_gate,
             read=config.read,
             reset=reset,
-            state=state.memory,
+            state=state,
             read_mix=read_mix,
         )
-    else:
-        form = mlstm.gram_sequence if config.sequence_form == "gram" else mlstm.chunkwise_sequence
-        h, memory = form(
-            q,
-            k,
-            v,
-            i_pre,
-            f_pre,
-            read=config.read,
-            reset=reset,
-            state=state.memory,
-            chunk_size=config.chunk_size,
-            read_mix=read_mix,
-        )
-    y = _output(params, h, x_c, z, config)
+    form = mlstm.gram_sequence if config.sequence_form == "gram" else mlstm.chunkwise_sequence
+    return form(
+        p.q,
+        p.k,
+        p.v,
+        p.input_gate,
+        p.forget_gate,
+        read=config.read,
+        reset=reset,
+        state=state,
+        chunk_size=config.chunk_size,
+        read_mix=read_mix,
+    )
+
+
+def sequence_output(params, h, projections, config):
+    """The layer's output y (B, T, D) from the memory's h̃ (B, T, H, d)."""
+    return _output(params, h, projections.x_c, projections.z, config)
+
+
+def _scan(params, x, config, reset, state, read_mix=None):
+    projections, conv_state = sequence_projections(params, x, config, reset, state.conv)
+    h, memory = memory_sequence(projections, config, reset, state.memory, read_mix)
+    y = sequence_output(params, h, projections, config)
     return y, CellState(conv=conv_state, memory=memory)
