@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.report.hazard import kaplan_meier
 from experiments.report.records import SeedCurve
 from experiments.report.statistics import DEFAULT_THRESHOLD, escape_events
 from experiments.report.tables import format_p, run_title
@@ -96,21 +97,18 @@ def plot_accuracy_curves(
 
 
 def plot_escape_curves(results: Mapping, path: str | Path) -> None:
-    """Kaplan-Meier estimate of the fraction of seeds solved vs step, one line per read."""
-    from scipy import stats
-
+    """Kaplan-Meier estimate of the fraction of seeds solved vs step, one line per read,
+    with its pointwise 95% band (``hazard.kaplan_meier``)."""
     fig = _figure(6.8, 4.6)
     ax = fig.subplots()
     end, right = results["total_steps"], _right_edge(results)
     for i, (read, summary) in enumerate(results["reads"].items()):
-        escaped, censored = escape_events(summary)
-        steps, solved = [0.0], [0.0]
-        if escaped:
-            cdf = stats.ecdf(stats.CensoredData(uncensored=escaped, right=censored)).cdf
-            steps += list(cdf.quantiles)
-            solved += list(cdf.probabilities)
-        steps.append(max(right, steps[-1]))
-        solved.append(solved[-1])
+        censored = escape_events(summary)[1]
+        curve = kaplan_meier(summary, max(right, end))
+        steps, solved = curve["steps"], curve["solved"]
+        ax.fill_between(
+            steps, curve["low"], curve["high"], step="post", color=f"C{i}", alpha=0.15, linewidth=0
+        )
         ax.step(
             steps,
             solved,

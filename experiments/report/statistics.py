@@ -324,6 +324,15 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
     comparisons = {
         r: compare_reads(reads[0], summaries[reads[0]], r, summaries[r]) for r in reads[1:]
     }
+    interval = config.get("eval_every") or _gcd_step(curves)
+    from experiments.report import hazard  # hazard builds on this module's summaries
+
+    for r, comparison in comparisons.items():
+        base, treat = summaries[reads[0]], summaries[r]
+        comparison["hazard_ratio"] = (
+            hazard.hazard_ratio([(base, treat, int(interval))]) if interval else None
+        )
+        comparison["mcnemar"] = hazard.mcnemar_paired(base, treat)
     return {
         "name": config.get("name"),
         "regime": config.get("regime"),

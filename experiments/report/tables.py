@@ -77,6 +77,26 @@ def _seed_cell(summary: Mapping, i: int) -> str:
     return f"{acc} | {'-' if escape is None else escape}"
 
 
+def _hazard_and_mcnemar(comparison: Mapping) -> str:
+    """'; hazard ratio ... ; McNemar p ...' when the comparison has them."""
+    text = ""
+    hazard = comparison.get("hazard_ratio")
+    if hazard is not None:
+        if hazard["ratio"] is None:
+            text += f"; hazard ratio n/a ({hazard['reason']})"
+        else:
+            low, high = hazard["ci"]
+            text += (
+                f"; hazard ratio per evaluation interval {hazard['ratio']:.2g}x "
+                f"[{low:.2g}, {high:.2g}] (discrete-time logistic, Wald p = "
+                f"{format_p(hazard['p'])})"
+            )
+    mcnemar = comparison.get("mcnemar")
+    if mcnemar is not None and mcnemar["p"] is not None:
+        text += f"; McNemar p = {format_p(mcnemar['p'])} ({mcnemar['num_pairs']} paired seeds)"
+    return text
+
+
 def format_markdown(results: Mapping) -> str:
     """``results.md``: the study's table, the tests, and a per-seed table."""
     reads = results["reads"]
@@ -102,7 +122,8 @@ def format_markdown(results: Mapping) -> str:
             f"**{c['treatment']} vs {c['baseline']}:** Fisher exact p = {format_p(c['fisher_p'])}; "
             f"log-rank p = {format_p(c['logrank_p'])}; accuracy difference {_difference(c)} "
             f"(95% Welch CI); escape-rate ratio "
-            f"{'n/a' if ratio is None else f'{ratio:.2g}x'} (constant-hazard estimate)."
+            f"{'n/a' if ratio is None else f'{ratio:.2g}x'} (constant-hazard estimate)"
+            f"{_hazard_and_mcnemar(c)}."
         )
         lines.append("")
     if any(s["num_nonfinite"] for s in reads.values()):
