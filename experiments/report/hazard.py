@@ -111,8 +111,10 @@ def hazard_ratio(
         "reason": None,
     }
     if min(events) == 0:
-        which = "baseline" if events[0] == 0 else "treatment"
-        result["reason"] = f"no escape under the {which}: the ratio is unbounded"
+        if events[0] == 0:
+            result["reason"] = "no escape under the baseline: the ratio is unbounded"
+        else:
+            result["reason"] = "no escape under the treatment: the ratio's estimate is 0"
         return result
     data = np.asarray(rows, np.int64)
     strata = sorted(set(data[:, 0]))

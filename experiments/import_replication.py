@@ -1,0 +1,351 @@
+"""Import the replication's published per-seed records as our study's workdirs.
+
+    python -m experiments.import_replication [--source=data/replication_runs] --out=DIR
+
+The replication (Aquino-Michaels 2026, arXiv:2607.19390; records CC BY 4.0, see
+``data/replication_runs/NOTICE``) released one JSON line per trained model, with its
+evaluation trace every 200 steps. This writes one workdir per comparison group under
+DIR (``metrics.jsonl`` rows {read, seed, step, accuracy, loss[, alpha]} and
+``run_config.json``), so that ``python -m experiments.report --workdir=DIR`` and
+``python -m experiments.analyze --runs=DIR`` read their runs as they read ours.
+
+Comparison groups are defined here, by source file, not by the records' fields: the
+fields do not tell runs apart (``ns5constlr2k_s512`` and ``probe2k_s512``'s ns5 agree on
+every field and differ in the learning-rate schedule, known only from the file name;
+``qkboost2k_s512``'s "baseline" is a modified model; the same (variant, seed) recurs in
+many files). Within a group a read name is the replication's variant ("baseline" is our
+"raw"), renamed where a file changes the run (``raw_qkboost``, ``ns5_anneal_gated``);
+a (read, seed) twice in a group is refused. Every file is either in a group or listed in
+``EXCLUDED`` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from absl import app, flags
+
+from experiments.cli import library_logging_at_warning
+
+DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "data" / "replication_runs"
+ATTRIBUTION = (
+    "Per-seed records of K. Aquino-Michaels, 'The Orthogonalized Read Is a Removable "
+    "Training Scaffold for Recurrent Memory' (No Way Labs, 2026, arXiv:2607.19390), "
+    "CC BY 4.0; converted by orthorecall's experiments.import_replication."
+)
+EVAL_EVERY = 200
+THRESHOLD = 0.8
+_TRACE = re.compile(
+    r"step (?P<step>\d+) acc (?P<acc>[-+0-9.eE]+|nan) loss (?P<loss>[-+0-9.eE]+|nan)"
+    r" t [0-9.]+s(?: alpha (?P<alpha>[0-9.]+))?$"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Rows of one file in a group: ``rename`` maps the file's variant to the group's
+    read name (variants not in it keep their name, "baseline" becoming "raw");
+    ``regime`` keeps only that regime's rows; ``lr`` only that learning rate's."""
+
+    file: str
+    rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    regime: str | None = None
+    lr: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One comparison: runs that differ only in the read (and what ``note`` says).
+
+    ``schedule`` is the learning-rate schedule; ``tail_only``: the records hold the last
+    six evaluations (steps 1000-2000) only, so escapes before step 1000 are dated 1000.
+    """
+
+    name: str
+    sources: tuple[Source, ...]
+    schedule: str = "cosine"
+    note: str = ""
+    tail_only: bool = False
+
+
+def _grid_groups() -> list[Group]:
+    groups = []
+    for batch, steps in ((4, 6000), (8, 4000), (16, 3000), (32, 2000), (64, 2000)):
+        sources = [
+            Source(f"batch{batch}_grid.jsonl", {"baseline": f"raw_lr{tag}"}, lr=lr)
+            for tag, lr in (("003", 3e-3), ("001", 1e-3), ("010", 1e-2))
+        ]
+        if batch in (4, 8):
+            sources.append(Source(f"batch{batch}_ns5.jsonl", {"ns5": "ns5_lr003"}))
+        groups.append(
+            Group(
+                f"v80_s512_b{batch}_{steps // 1000}k_lr_grid",
+                tuple(sources),
+                note=f"learning-rate grid at batch {batch}, {steps} steps",
+            )
+        )
+    for regime in ("v80_s768", "v88_s768", "v96_s768"):
+        for tag in ("001", "003", "010"):
+            groups.append(
+                Group(
+                    f"{regime}_b16_3k_lr{tag}",
+                    (Source(f"grid_lr{tag}.jsonl", regime=regime),),
+                    note=f"lr {int(tag) / 1000:g}, 3000 steps",
+                )
+            )
+    return groups
+
+
+GROUPS: tuple[Group, ...] = (
+    Group(
+        "v80_s512_b16_2k",
+        (
+            Source("probe2k_s512.jsonl"),
+            Source("ns02k_s512.jsonl"),
+            Source("nsdose2k_s512.jsonl"),
+            Source("st2k_s512.jsonl"),
+            Source("delta2k_s512.jsonl"),
+            Source("rls2k_s512.jsonl"),
+            Source("randk2k_s512.jsonl"),
+            Source("qkboost2k_s512.jsonl", {"baseline": "raw_qkboost"}),
+            Source("anneal2k_s512.jsonl", {"ns5": "ns5_anneal_window"}),
+            Source("anneal_gated_s512.jsonl", {"ns5": "ns5_anneal_gated"}),
+        ),
+        note="the mechanism study: every variant at v80/s512, batch 16, lr 3e-3 cosine, "
+        "2,000 steps (gated anneals run past 2,000 when triggered late)",
+    ),
+    Group(
+        "v80_s512_b16_2k_headline",
+        (Source("planA_results.jsonl", regime="v80_s512"), Source("stack_s512_results.jsonl")),
+        note="the published headline runs (3/16 vs 9/16)",
+        tail_only=True,
+    ),
+    Group(
+        "v80_s1024_b16_2k_headline",
+        (Source("planA_results.jsonl", regime="v80_s1024"),),
+        note="the published headline runs (4/16 vs 10/16)",
+        tail_only=True,
+    ),
+    Group(
+        "v80_s512_b16_2k_constant_lr",
+        (Source("constlr2k_s512.jsonl"), Source("ns5constlr2k_s512.jsonl")),
+        schedule="constant",
+        note="constant learning rate 3e-3",
+    ),
+    Group(
+        "v80_s512_b16_4k",
+        (
+            Source("budget4k_baseline_s512.jsonl"),
+            Source("probe4k_baseline_s512.jsonl", {"baseline": "raw_probe_rerun"}),
+            Source("ns5_4k_s512.jsonl"),
+        ),
+        note="a cosine stretched to 4,000 steps",
+    ),
+    Group("v80_s1024_b16_4k", (Source("budget4k_baseline_s1024.jsonl"),), note="baseline only"),
+    Group(
+        "v80_s512_b16_12k_constant_lr",
+        (Source("constlr12k_s512.jsonl"),),
+        schedule="constant",
+        note="baseline only, 12,000 steps at a constant lr",
+    ),
+    Group(
+        "v96_s768_b64_2k",
+        (Source("batch64_v96_cosine.jsonl"), Source("batch64_v96_ns5.jsonl")),
+        note="the published v96/s768 batch-64 comparison (1/8 vs 5/8)",
+    ),
+    Group(
+        "v96_s768_b16_4k",
+        (
+            Source("frontier_v96s768.jsonl"),
+            Source("anneal_gated_v96.jsonl", {"ns5": "ns5_anneal_gated"}),
+        ),
+        note="4,000 steps at batch 16",
+    ),
+    Group(
+        "v80_s512_b16_2k_data_seeds",
+        tuple(
+            Source(f"factorial_ds{d}.jsonl", {"baseline": f"raw_data_seed{d}"})
+            for d in (11, 12, 13, 14)
+        ),
+        note="baseline with the data seed varied independently of the model seed",
+    ),
+    *_grid_groups(),
+)
+
+EXCLUDED = {
+    "c_decode_probe2k.jsonl": "probe of trained checkpoints (ridge decode), no training "
+    "trace; compare with `python -m experiments.probe --probe=decode`",
+    "oracle_probe2k.jsonl": "probe of trained checkpoints (oracle query), no training trace",
+    "swap_probe2k.jsonl": "probe of trained checkpoints (swap evaluation), no training trace",
+}
+
+
+def parse_trace(entries: Sequence[str], where: str) -> list[dict]:
+    """The evaluations of a ``trace`` list: {step, accuracy, loss[, alpha]}."""
+    out = []
+    for entry in entries:
+        match = _TRACE.fullmatch(entry.strip())
+        if match is None:
+            raise ValueError(f"{where}: trace entry {entry!r} is not 'step N acc A loss L t Ts'")
+        row = {
+            "step": int(match["step"]),
+            "accuracy": float(match["acc"]),
+            "loss": float(match["loss"]),
+        }
+        if match["alpha"] is not None:
+            row["alpha"] = float(match["alpha"])
+        out.append(row)
+    return out
+
+
+def _read_name(variant: str, rename: Mapping[str, str]) -> str:
+    if variant in rename:
+        return rename[variant]
+    return "raw" if variant == "baseline" else variant
+
+
+def group_rows(group: Group, source: Path) -> tuple[list[dict], dict]:
+    """The metrics rows of a group and what its run_config needs."""
+    rows, seen, meta = [], set(), {"regimes": set(), "batch": set(), "lr": set(), "steps": set()}
+    reads: list[str] = []
+    for src in group.sources:
+        path = source / src.file
+        with path.open() as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                where = f"{path}:{lineno}"
+                if src.regime is not None and record.get("regime") != src.regime:
+                    continue
+                if src.lr is not None and record.get("lr") != src.lr:
+                    continue
+                read = _read_name(record["variant"], src.rename)
+                key = (read, int(record["seed"]))
+                if key in seen:
+                    raise ValueError(
+                        f"{where}: {read} seed {key[1]} appears twice in group {group.name}; "
+                        "give one of the files a rename in experiments.import_replication."
+                    )
+                seen.add(key)
+                if read not in reads:
+                    reads.append(read)
+                trace = record.get("trace") if not group.tail_only else record["trace_tail"]
+                if trace is None:
+                    raise ValueError(f"{where}: no trace; list the file in EXCLUDED or tail_only")
+                for evaluation in parse_trace(trace, where):
+                    rows.append({"read": read, "seed": key[1], **evaluation, "nonfinite": False})
+                meta["regimes"].add(record["regime"])
+                meta["batch"].add(record["batch_size"])
+                meta["lr"].add(record["lr"])
+                meta["steps"].add(record["steps"])
+    if not rows:
+        raise ValueError(f"group {group.name}: its sources hold no row")
+    return rows, {**meta, "reads": reads}
+
+
+def _only(values: set, what: str, group: Group):
+    if len(values) != 1:
+        return sorted(values)
+    return next(iter(values))
+
+
+def run_config(group: Group, meta: Mapping, rows: Sequence[Mapping]) -> dict:
+    """The run_config.json of a group, in the fields our report reads."""
+    regime = _only(meta["regimes"], "regime", group)
+    vocab, length = (int(x) for x in re.fullmatch(r"v(\d+)_s(\d+)", regime).groups())
+    # The baseline first (the report compares every read with the first), then the
+    # order of the group's files.
+    reads = sorted(meta["reads"], key=lambda r: r != "raw")
+    seeds = sorted({r["seed"] for r in rows})
+    return {
+        "name": group.name,
+        "regime": regime,
+        "total_steps": max(meta["steps"]),
+        "eval_every": EVAL_EVERY,
+        "reads": reads,
+        "num_seeds": len(seeds),
+        "seeds": seeds,
+        "solved_threshold": THRESHOLD,
+        "batch_size": _only(meta["batch"], "batch", group),
+        "learning_rate": _only(meta["lr"], "lr", group),
+        "schedule": group.schedule,
+        "vocab_size": vocab,
+        "seq_len": length,
+        "noise_vocab_size": 16,
+        "frac_noise": 0.8,
+        "multi_query": True,
+        "source_files": [s.file for s in group.sources],
+        "note": group.note,
+        # Escapes before this step are dated to it (None: every evaluation is known);
+        # experiments.analyze leaves such runs out of time-to-escape statistics.
+        "escapes_dated_from_step": 1000 if group.tail_only else None,
+        "attribution": ATTRIBUTION,
+    }
+
+
+def import_records(source: str | Path, out: str | Path) -> dict[str, Path]:
+    """Writes one workdir per group under ``out``; returns group -> workdir.
+
+    Raises:
+        ValueError: a file of ``source`` in no group and not excluded, a group's file
+            missing, a malformed record, a duplicate (read, seed) in a group, or an
+            ``out`` that already holds an import (it is not overwritten).
+    """
+    source, out = Path(source), Path(out)
+    if not source.is_dir():
+        raise ValueError(f"--source {source}: not a directory of replication JSONL files")
+    grouped = {s.file for g in GROUPS for s in g.sources}
+    unknown = sorted(
+        p.name for p in source.glob("*.jsonl") if p.name not in grouped | set(EXCLUDED)
+    )
+    if unknown:
+        raise ValueError(f"{source}: files in no comparison group: {unknown}; add them to GROUPS")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; give a new directory (nothing is overwritten)")
+    workdirs = {}
+    for group in GROUPS:
+        rows, meta = group_rows(group, source)
+        workdir = out / group.name
+        workdir.mkdir(parents=True)
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = run_config(group, meta, rows)
+        (workdir / "run_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        workdirs[group.name] = workdir
+    return workdirs
+
+
+def _define_flags() -> dict:
+    """The command's flags, defined only when it runs as a program: the module is also
+    imported as a library (tests, experiments.analyze and import_replication together),
+    and absl refuses a flag defined twice."""
+    return {
+        "source": flags.DEFINE_string("source", str(DEFAULT_SOURCE), "Directory of the records."),
+        "out": flags.DEFINE_string("out", None, "New directory for one workdir per group."),
+    }
+
+
+def main(argv: Sequence[str]) -> None:
+    library_logging_at_warning()
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    if not _FLAGS["out"].value:
+        raise app.UsageError("--out=DIR is required.")
+    try:
+        workdirs = import_records(_FLAGS["source"].value, _FLAGS["out"].value)
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        print(f"import_replication: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for name, workdir in workdirs.items():
+        print(f"{name}: {workdir}")
+    print(f"excluded: {', '.join(sorted(EXCLUDED))} (probes without a training trace)")
+
+
+if __name__ == "__main__":
+    _FLAGS = _define_flags()
+    app.run(main)
