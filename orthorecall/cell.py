@@ -564,21 +564,15 @@ def sequence_projections(params, x, config, reset, conv_history):
 def memory_sequence(projections, config, reset, state, read_mix=None):
     """h̃ (B, T, H, d) and the final ``mlstm.MemoryState`` of the sequence form that
     ``config.sequence_form`` names, from ``sequence_projections``' output."""
+    forms = {
+        "recurrent": mlstm.recurrent_sequence,
+        "chunkwise": mlstm.chunkwise_sequence,
+        "gram": mlstm.gram_sequence,
+    }
+    # The recurrence has no chunks; the other two forms take their length.
+    chunks = {} if config.sequence_form == "recurrent" else {"chunk_size": config.chunk_size}
     p = projections
-    if config.sequence_form == "recurrent":
-        return mlstm.recurrent_sequence(
-            p.q,
-            p.k,
-            p.v,
-            p.input_gate,
-            p.forget_gate,
-            read=config.read,
-            reset=reset,
-            state=state,
-            read_mix=read_mix,
-        )
-    form = mlstm.gram_sequence if config.sequence_form == "gram" else mlstm.chunkwise_sequence
-    return form(
+    return forms[config.sequence_form](
         p.q,
         p.k,
         p.v,
@@ -587,8 +581,8 @@ def memory_sequence(projections, config, reset, state, read_mix=None):
         read=config.read,
         reset=reset,
         state=state,
-        chunk_size=config.chunk_size,
         read_mix=read_mix,
+        **chunks,
     )
 
 
