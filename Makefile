@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install test test-fast lint format bench bench-quick
+.PHONY: install test test-fast lint format bench bench-quick replication
 
 install:
 	$(PYTHON) -m pip install -e ".[test,lint,torch,agents]"
@@ -27,3 +27,24 @@ bench:
 
 bench-quick:
 	$(PYTHON) -m experiments.benchmark --quick --json results/benchmark_cpu_quick.json
+
+# The groups with a full report, and the replication's main regime at batch 16 (cosine,
+# constant rate, 4,000-step cosine) for a pooled analysis of its own.
+REPLICATION_REPORTS = v80_s512_b16_2k v80_s512_b16_2k_constant_lr v80_s512_b16_2k_headline \
+	v80_s1024_b16_2k_headline v96_s768_b64_2k v96_s768_b16_4k v80_s512_b64_2k_lr_grid
+REPLICATION_V80_S512_B16 = v80_s512_b16_2k v80_s512_b16_2k_constant_lr v80_s512_b16_4k
+comma := ,
+space := $(subst ,, )
+
+# The replication's published records through our analysis: results/replication/ (its
+# README says what is there), rebuilt from data/replication_runs alone.
+replication:
+	rm -rf results/replication/runs
+	$(PYTHON) -m experiments.import_replication --out=results/replication/runs
+	for g in $(REPLICATION_REPORTS); do \
+		$(PYTHON) -m experiments.report --workdir=results/replication/runs/$$g || exit 1; done
+	$(PYTHON) -m experiments.analyze --runs=results/replication/runs --baseline=raw \
+		--out=results/replication/analysis.json > results/replication/analysis.md
+	$(PYTHON) -m experiments.analyze --baseline=raw --reads=ns5 \
+		--runs=$(subst $(space),$(comma),$(addprefix results/replication/runs/,$(REPLICATION_V80_S512_B16))) \
+		> results/replication/analysis_v80_s512_b16.md

@@ -1,18 +1,22 @@
 """Compare reads over any set of runs: per run and pooled, with hazard ratios.
 
     python -m experiments.analyze --runs=DIR[,DIR...] [--baseline=raw] [--reads=ns5,rls]
-        [--threshold=0.8] [--out=FILE.json]
+        [--threshold=0.8] [--hazard_model=stratum_interval] [--out=FILE.json]
 
 Each DIR is a workdir (``metrics.jsonl``, ``run_config.json``: ours, or the
 replication's through ``experiments.import_replication``) or a directory of them. Every
 run is a stratum: per run and read, the solved count against the baseline's (Fisher's
 exact test), the log-rank test of escape times, the discrete-time hazard ratio and
 McNemar's test on paired seeds (``experiments.report.hazard``); then, per read, the
-hazard ratio pooled over the runs that hold it and the baseline, stratified by run. A
-run whose escapes before some step are only dated to it (``escapes_dated_from_step`` in
-its run_config: the replication's headline files) counts for solved counts and Fisher,
-not for time-to-escape statistics. Prints a markdown table; ``--out`` also writes JSON.
-Exit status 2 with a message on bad input.
+hazard ratio pooled over the runs that hold it and the baseline, stratified by run (under
+``--hazard_model``'s baseline hazard, and refitted under the others: the ratio's
+dependence on that model is part of the answer), and McNemar's test over their paired
+seeds. Runs without the baseline read are skipped, and said so. A run whose escapes
+before some step are only dated to it (``escapes_dated_from_step`` in its run_config:
+the replication's headline files) counts for solved counts, Fisher and McNemar, not for
+time-to-escape statistics (nor for the pooled fits). Prints markdown tables; ``--out``
+also writes JSON. Exit status 2 with a message on bad input (no metrics, a baseline or
+read no run holds).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from experiments.report import hazard
 from experiments.report.build import find_regime_workdirs
 from experiments.report.records import METRICS_FILE, load_metrics, load_run_config
 from experiments.report.statistics import analyze, compare_reads
-from experiments.report.tables import format_p
+from experiments.report.tables import format_hazard_ratio, format_p
 
 
 def run_dirs(paths: Sequence[str]) -> list[Path]:
@@ -47,41 +51,55 @@ def run_dirs(paths: Sequence[str]) -> list[Path]:
     return out
 
 
-def _ratio(result: Mapping | None) -> str:
-    if result is None:
-        return "-"
-    if result["ratio"] is None:
-        return f"n/a ({result['reason']})"
-    low, high = result["ci"]
-    return f"{result['ratio']:.2g}x [{low:.2g}, {high:.2g}]"
-
-
 def compare_runs(
     workdirs: Sequence[Path],
     baseline: str | None = None,
     reads: Sequence[str] | None = None,
     threshold: float | None = None,
+    hazard_model: str = hazard.DEFAULT_BASELINE,
 ) -> dict:
     """Per-run comparisons of every read (or ``reads``) with the baseline (default: each
     run's first read), and per read the hazard ratio pooled over runs.
 
+    Args:
+        workdirs: the runs; each is a stratum of the pooled fits.
+        baseline: the read every other is compared with; runs without it are skipped
+            (listed in the result's ``skipped``).
+        reads: compare only these reads (default: all).
+        threshold: solved threshold (default: each run's).
+        hazard_model: the baseline-hazard model of the hazard ratios
+            (``hazard.BASELINES``); the pooled fits are also given under every model.
+
     Returns:
         {"runs": [{"run", "baseline", "time_to_escape", "reads": {read: {"solved",
-        "num_seeds", "fisher_p", "logrank_p", "hazard_ratio", "mcnemar"}}}], "pooled":
-        {read: {"runs", "solved", "num_seeds", "baseline_solved", "baseline_num_seeds",
-        "hazard_ratio"}}}
+        "num_seeds", "baseline_solved", "baseline_num_seeds", "fisher_p", "logrank_p",
+        "hazard_ratio", "mcnemar"}}}], "pooled": {read: {"runs", "solved", "num_seeds",
+        "baseline_solved", "baseline_num_seeds", "hazard_ratio", "hazard_ratio_by_model",
+        "mcnemar"}},
+        "skipped": [{"run", "reason"}], "hazard_model"}
 
     Raises:
-        ValueError: no run holds the baseline.
+        ValueError: no workdir, an unknown ``hazard_model``, a read of ``reads`` that no
+            run holds, a run without evaluations, or no run holding the baseline.
     """
-    runs, strata = [], {}
+    if not workdirs:
+        raise ValueError("no run given; pass --runs=DIR[,DIR...]")
+    if hazard_model not in hazard.BASELINES:
+        raise ValueError(f"--hazard_model={hazard_model!r}; use one of {hazard.BASELINES}")
+    runs, strata, skipped, seen = [], {}, [], set()
     for workdir in workdirs:
         config = load_run_config(workdir)
         results = analyze(load_metrics(workdir), config, threshold)
         summaries = results["reads"]
+        seen.update(summaries)
         base_name = baseline or results["baseline"]
         if base_name not in summaries:
+            skipped.append(
+                {"run": str(workdir), "reason": f"no read {base_name!r} (it has {list(summaries)})"}
+            )
             continue
+        if not results["eval_every"]:
+            raise ValueError(f"{workdir}: no evaluation after step 0; nothing to time")
         timed = config.get("escapes_dated_from_step") is None
         interval = int(results["eval_every"])
         entry = {"run": str(workdir), "baseline": base_name, "time_to_escape": timed, "reads": {}}
@@ -90,6 +108,9 @@ def compare_runs(
             if name == base_name or (reads and name not in reads):
                 continue
             comparison = compare_reads(base_name, base, name, summary)
+            hazard_ratio = (
+                hazard.hazard_ratio([(base, summary, interval)], hazard_model) if timed else None
+            )
             entry["reads"][name] = {
                 "solved": summary["solved"],
                 "num_seeds": summary["num_seeds"],
@@ -97,29 +118,39 @@ def compare_runs(
                 "baseline_num_seeds": base["num_seeds"],
                 "fisher_p": comparison["fisher_p"],
                 "logrank_p": comparison["logrank_p"] if timed else None,
-                "hazard_ratio": hazard.hazard_ratio([(base, summary, interval)]) if timed else None,
+                "hazard_ratio": hazard_ratio,
                 "mcnemar": hazard.mcnemar_paired(base, summary),
             }
             if timed:
                 strata.setdefault(name, []).append((str(workdir), base, summary, interval))
         runs.append(entry)
+    unknown = sorted(set(reads or ()) - seen)
+    if unknown:
+        raise ValueError(f"no run holds the read(s) {unknown}; the runs hold {sorted(seen)}")
     if not runs:
-        raise ValueError(f"no run holds the baseline read {baseline!r}; check --baseline")
+        raise ValueError(
+            f"no run holds the baseline read {baseline!r} (the runs hold {sorted(seen)}); "
+            "check --baseline"
+        )
     pooled = {}
     for name, groups in strata.items():
+        by_model = {m: hazard.hazard_ratio([g[1:] for g in groups], m) for m in hazard.BASELINES}
         pooled[name] = {
             "runs": [g[0] for g in groups],
             "solved": sum(g[2]["solved"] for g in groups),
             "num_seeds": sum(g[2]["num_seeds"] for g in groups),
             "baseline_solved": sum(g[1]["solved"] for g in groups),
             "baseline_num_seeds": sum(g[1]["num_seeds"] for g in groups),
-            "hazard_ratio": hazard.hazard_ratio([g[1:] for g in groups]),
+            "hazard_ratio": by_model[hazard_model],
+            "hazard_ratio_by_model": by_model,
+            "mcnemar": hazard.mcnemar_pooled([g[1:3] for g in groups]),
         }
-    return {"runs": runs, "pooled": pooled}
+    return {"runs": runs, "pooled": pooled, "skipped": skipped, "hazard_model": hazard_model}
 
 
 def format_comparison(result: Mapping) -> str:
     """The markdown tables of ``compare_runs``' result."""
+    model = result.get("hazard_model", hazard.DEFAULT_BASELINE)
     lines = [
         "| run | read | solved | baseline solved | Fisher p | log-rank p | hazard ratio [95% CI] "
         "| McNemar p (pairs) |",
@@ -133,20 +164,33 @@ def format_comparison(result: Mapping) -> str:
                 f"{r['solved']}/{r['num_seeds']} | "
                 f"{r['baseline_solved']}/{r['baseline_num_seeds']} | {format_p(r['fisher_p'])} | "
                 f"{format_p(r['logrank_p']) if run['time_to_escape'] else 'not timed'} | "
-                f"{_ratio(r['hazard_ratio'])} | "
+                f"{format_hazard_ratio(r['hazard_ratio'])} | "
                 f"{format_p(mcnemar['p'])} ({mcnemar['num_pairs']}) |"
             )
+    others = [m for m in hazard.BASELINES if m != model]
     lines += [
         "",
-        "| read | runs pooled | solved | baseline solved | pooled hazard ratio [95% CI] | Wald p |",
-        "|---|---|---|---|---|---|",
+        f"Hazard ratios: discrete-time logistic, {hazard.BASELINE_DESCRIPTIONS[model]}, 95% Wald "
+        "interval; pooled over the runs as strata. The last columns refit the pooled ratio "
+        "with the other baseline-hazard models.",
+        "",
+        "| read | runs pooled | solved | baseline solved | pooled hazard ratio [95% CI] | Wald p | "
+        "McNemar p (pairs) | " + " | ".join(hazard.BASELINE_DESCRIPTIONS[m] for m in others) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(others),
     ]
     for name, p in result["pooled"].items():
+        mcnemar = p["mcnemar"]
         lines.append(
             f"| {name} | {len(p['runs'])} | {p['solved']}/{p['num_seeds']} | "
-            f"{p['baseline_solved']}/{p['baseline_num_seeds']} | {_ratio(p['hazard_ratio'])} | "
-            f"{format_p(p['hazard_ratio']['p'])} |"
+            f"{p['baseline_solved']}/{p['baseline_num_seeds']} | "
+            f"{format_hazard_ratio(p['hazard_ratio'])} | {format_p(p['hazard_ratio']['p'])} | "
+            f"{format_p(mcnemar['p'])} ({mcnemar['num_pairs']}) | "
+            + " | ".join(format_hazard_ratio(p["hazard_ratio_by_model"][m]) for m in others)
+            + " |"
         )
+    if result.get("skipped"):
+        lines.append("")
+        lines += [f"- Skipped {Path(k['run']).name}: {k['reason']}." for k in result["skipped"]]
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +208,13 @@ def _define_flags() -> dict:
             "threshold", None, "Solved threshold (default: each run's)."
         ),
         "out": flags.DEFINE_string("out", None, "Also write the result as JSON here."),
+        "hazard_model": flags.DEFINE_enum(
+            "hazard_model",
+            hazard.DEFAULT_BASELINE,
+            list(hazard.BASELINES),
+            "Baseline hazard of the hazard ratios: per interval and run (default), per "
+            "interval shared by the runs, or constant in time.",
+        ),
     }
 
 
@@ -179,6 +230,7 @@ def main(argv: Sequence[str]) -> None:
             _FLAGS["baseline"].value,
             _FLAGS["reads"].value,
             _FLAGS["threshold"].value,
+            _FLAGS["hazard_model"].value,
         )
     except (ValueError, OSError) as e:
         print(f"analyze: error: {e}", file=sys.stderr)

@@ -13,10 +13,18 @@ Comparison groups are defined here, by source file, not by the records' fields: 
 fields do not tell runs apart (``ns5constlr2k_s512`` and ``probe2k_s512``'s ns5 agree on
 every field and differ in the learning-rate schedule, known only from the file name;
 ``qkboost2k_s512``'s "baseline" is a modified model; the same (variant, seed) recurs in
-many files). Within a group a read name is the replication's variant ("baseline" is our
-"raw"), renamed where a file changes the run (``raw_qkboost``, ``ns5_anneal_gated``);
-a (read, seed) twice in a group is refused. Every file is either in a group or listed in
-``EXCLUDED`` with the reason.
+many files). The schedule is not in the records at all, and not always in the file
+names: the anneal runs at v80/s512 (``anneal2k_s512``, ``anneal_gated_s512``) share their
+first evaluations, digit for digit, with the constant-rate ns5 runs and not with the
+cosine ones, so they are grouped with the constant-rate runs (each group says how its
+schedule is known: ``Group.schedule_evidence``). Within a group a read name is the
+replication's variant ("baseline" is our "raw"), renamed where a file changes the run
+(``raw_qkboost``, ``ns5_anneal_gated``, ``raw_lr001``); a (read, seed) twice in a group
+is refused. Every file is either in a group or listed in ``EXCLUDED`` with the reason.
+The headline files (``planA_results``, ``stack_s512_results``) hold only the evaluations
+from step 1,000 on: they give solved counts and final accuracies exactly, and their
+run_config says that escapes before step 1,000 are dated 1,000
+(``escapes_dated_from_step``), so time-to-escape statistics leave them out.
 """
 
 from __future__ import annotations
@@ -62,30 +70,54 @@ class Source:
 class Group:
     """One comparison: runs that differ only in the read (and what ``note`` says).
 
-    ``schedule`` is the learning-rate schedule; ``tail_only``: the records hold the last
-    six evaluations (steps 1000-2000) only, so escapes before step 1000 are dated 1000.
+    ``schedule`` is the learning-rate schedule ("cosine", "constant" or "not recorded")
+    and ``schedule_evidence`` how we know it: the records never say, so it comes from a
+    file's name or from the evaluations themselves (the schedule fingerprint below).
+    ``tail_only``: the records hold the last six evaluations (steps 1000-2000) only, so
+    escapes before step 1000 are dated 1000.
     """
 
     name: str
     sources: tuple[Source, ...]
-    schedule: str = "cosine"
+    schedule: str
+    schedule_evidence: str
     note: str = ""
     tail_only: bool = False
+
+
+# How a schedule the records do not state is read off them (the schedule fingerprint):
+# runs of one read and seed that share a learning-rate schedule share their first
+# evaluations to the printed digit (the GPU runs drift apart only later), while a cosine
+# and a constant rate mostly differ at step 200 already; and a cosine that ends at the
+# budget leaves the last evaluations almost still (validation loss moving by about
+# 0.002-0.02 over the last 200 steps, in the middle of the seeds), where a constant rate
+# keeps them moving (0.05-0.3). tests/test_import_replication.py checks the first part.
+_CONSTANT_BY_NAME = "constant: the file names say so (constlr, ns5constlr)"
+_GRID_EVIDENCE = (
+    "constant, inferred: batch16_grid's lr 3e-3 runs repeat constlr2k/constlr12k's "
+    "first evaluation to the printed digit (6 of 8 seeds, none the cosine probe2k's "
+    "where the two differ), and the batch grids are one sweep (one record layout); "
+    "batch64_v96_cosine, a cosine rerun by its name, is kept apart from them"
+)
 
 
 def _grid_groups() -> list[Group]:
     groups = []
     for batch, steps in ((4, 6000), (8, 4000), (16, 3000), (32, 2000), (64, 2000)):
+        # raw is the baseline at the study's lr 3e-3 (the ns5 runs' rate); the other
+        # rates are reads of their own, compared with it.
         sources = [
-            Source(f"batch{batch}_grid.jsonl", {"baseline": f"raw_lr{tag}"}, lr=lr)
-            for tag, lr in (("003", 3e-3), ("001", 1e-3), ("010", 1e-2))
+            Source(f"batch{batch}_grid.jsonl", {"baseline": name}, lr=lr)
+            for name, lr in (("raw", 3e-3), ("raw_lr001", 1e-3), ("raw_lr010", 1e-2))
         ]
         if batch in (4, 8):
-            sources.append(Source(f"batch{batch}_ns5.jsonl", {"ns5": "ns5_lr003"}))
+            sources.append(Source(f"batch{batch}_ns5.jsonl"))
         groups.append(
             Group(
                 f"v80_s512_b{batch}_{steps // 1000}k_lr_grid",
                 tuple(sources),
+                schedule="constant",
+                schedule_evidence=_GRID_EVIDENCE,
                 note=f"learning-rate grid at batch {batch}, {steps} steps",
             )
         )
@@ -95,6 +127,9 @@ def _grid_groups() -> list[Group]:
                 Group(
                     f"{regime}_b16_3k_lr{tag}",
                     (Source(f"grid_lr{tag}.jsonl", regime=regime),),
+                    schedule="not recorded",
+                    schedule_evidence="no run of known schedule shares these regimes; "
+                    "the last evaluations do not tell cosine from constant clearly",
                     note=f"lr {int(tag) / 1000:g}, 3000 steps",
                 )
             )
@@ -113,29 +148,45 @@ GROUPS: tuple[Group, ...] = (
             Source("rls2k_s512.jsonl"),
             Source("randk2k_s512.jsonl"),
             Source("qkboost2k_s512.jsonl", {"baseline": "raw_qkboost"}),
-            Source("anneal2k_s512.jsonl", {"ns5": "ns5_anneal_window"}),
-            Source("anneal_gated_s512.jsonl", {"ns5": "ns5_anneal_gated"}),
         ),
+        schedule="cosine",
+        schedule_evidence="probe2k is the protocol's cosine (the reference checkpoints' "
+        "run); the variant files' last evaluations barely move, as probe2k's do and the "
+        "constant-rate files' do not (assumed cosine; not recorded)",
         note="the mechanism study: every variant at v80/s512, batch 16, lr 3e-3 cosine, "
-        "2,000 steps (gated anneals run past 2,000 when triggered late)",
+        "2,000 steps",
     ),
     Group(
         "v80_s512_b16_2k_headline",
         (Source("planA_results.jsonl", regime="v80_s512"), Source("stack_s512_results.jsonl")),
+        schedule="cosine",
+        schedule_evidence="the published protocol; planA's 32 raw and ns5 runs solve "
+        "exactly the seeds probe2k's cosine runs solve",
         note="the published headline runs (3/16 vs 9/16)",
         tail_only=True,
     ),
     Group(
         "v80_s1024_b16_2k_headline",
         (Source("planA_results.jsonl", regime="v80_s1024"),),
+        schedule="cosine",
+        schedule_evidence="the published protocol (as v80_s512_b16_2k_headline)",
         note="the published headline runs (4/16 vs 10/16)",
         tail_only=True,
     ),
     Group(
         "v80_s512_b16_2k_constant_lr",
-        (Source("constlr2k_s512.jsonl"), Source("ns5constlr2k_s512.jsonl")),
+        (
+            Source("constlr2k_s512.jsonl"),
+            Source("ns5constlr2k_s512.jsonl"),
+            Source("anneal2k_s512.jsonl", {"ns5": "ns5_anneal_window"}),
+            Source("anneal_gated_s512.jsonl", {"ns5": "ns5_anneal_gated"}),
+        ),
         schedule="constant",
-        note="constant learning rate 3e-3",
+        schedule_evidence=_CONSTANT_BY_NAME + "; the anneal files' first evaluations "
+        "repeat ns5constlr2k's to the printed digit for every seed (the first 1 to 6) "
+        "and never probe2k's cosine ones",
+        note="constant learning rate 3e-3, with the scaffold anneals (gated anneals run "
+        "past 2,000 steps when triggered late)",
     ),
     Group(
         "v80_s512_b16_4k",
@@ -144,18 +195,32 @@ GROUPS: tuple[Group, ...] = (
             Source("probe4k_baseline_s512.jsonl", {"baseline": "raw_probe_rerun"}),
             Source("ns5_4k_s512.jsonl"),
         ),
+        schedule="cosine",
+        schedule_evidence="a cosine over 4,000 steps (budget4k, ns5_4k; probe4k repeats "
+        "budget4k's first evaluations for 15 of 16 seeds); the last evaluations do not "
+        "move",
         note="a cosine stretched to 4,000 steps",
     ),
-    Group("v80_s1024_b16_4k", (Source("budget4k_baseline_s1024.jsonl"),), note="baseline only"),
+    Group(
+        "v80_s1024_b16_4k",
+        (Source("budget4k_baseline_s1024.jsonl"),),
+        schedule="cosine",
+        schedule_evidence="a cosine over 4,000 steps (budget4k); the last evaluations do not move",
+        note="baseline only",
+    ),
     Group(
         "v80_s512_b16_12k_constant_lr",
         (Source("constlr12k_s512.jsonl"),),
         schedule="constant",
+        schedule_evidence=_CONSTANT_BY_NAME,
         note="baseline only, 12,000 steps at a constant lr",
     ),
     Group(
         "v96_s768_b64_2k",
         (Source("batch64_v96_cosine.jsonl"), Source("batch64_v96_ns5.jsonl")),
+        schedule="cosine",
+        schedule_evidence="the baseline's file name; the ns5 file's schedule is not "
+        "recorded (taken as the same)",
         note="the published v96/s768 batch-64 comparison (1/8 vs 5/8)",
     ),
     Group(
@@ -164,6 +229,10 @@ GROUPS: tuple[Group, ...] = (
             Source("frontier_v96s768.jsonl"),
             Source("anneal_gated_v96.jsonl", {"ns5": "ns5_anneal_gated"}),
         ),
+        schedule="constant",
+        schedule_evidence="inferred: the last evaluations keep moving (a 4,000-step "
+        "cosine leaves them still); the anneal file's first evaluations repeat "
+        "frontier's ns5 ones to the printed digit, so both share it",
         note="4,000 steps at batch 16",
     ),
     Group(
@@ -172,6 +241,9 @@ GROUPS: tuple[Group, ...] = (
             Source(f"factorial_ds{d}.jsonl", {"baseline": f"raw_data_seed{d}"})
             for d in (11, 12, 13, 14)
         ),
+        schedule="constant",
+        schedule_evidence="inferred: the runs whose data seed is their model seed repeat "
+        "constlr2k's first evaluations to the printed digit (seeds 11, 12, 14)",
         note="baseline with the data seed varied independently of the model seed",
     ),
     *_grid_groups(),
@@ -211,7 +283,15 @@ def _read_name(variant: str, rename: Mapping[str, str]) -> str:
 
 def group_rows(group: Group, source: Path) -> tuple[list[dict], dict]:
     """The metrics rows of a group and what its run_config needs."""
-    rows, seen, meta = [], set(), {"regimes": set(), "batch": set(), "lr": set(), "steps": set()}
+    fields = {
+        "regimes": "regime",
+        "batch": "batch_size",
+        "lr": "lr",
+        "steps": "steps",
+        "noise_vocab_size": "noise_vocab_size",
+        "frac_noise": "frac_noise",
+    }
+    rows, seen, meta = [], set(), {name: set() for name in fields}
     reads: list[str] = []
     for src in group.sources:
         path = source / src.file
@@ -238,26 +318,40 @@ def group_rows(group: Group, source: Path) -> tuple[list[dict], dict]:
                 trace = record.get("trace") if not group.tail_only else record["trace_tail"]
                 if trace is None:
                     raise ValueError(f"{where}: no trace; list the file in EXCLUDED or tail_only")
+                trigger = record.get("anneal_trigger_step")
                 for evaluation in parse_trace(trace, where):
-                    rows.append({"read": read, "seed": key[1], **evaluation, "nonfinite": False})
-                meta["regimes"].add(record["regime"])
-                meta["batch"].add(record["batch_size"])
-                meta["lr"].add(record["lr"])
-                meta["steps"].add(record["steps"])
+                    row = {"read": read, "seed": key[1], **evaluation, "nonfinite": False}
+                    if "alpha" in evaluation:
+                        # As our trainer writes an annealed read's rows: the seed's
+                        # trigger step once it has triggered (experiments.report.anneal).
+                        reached = trigger is not None and evaluation["step"] >= trigger
+                        row["anneal_trigger_step"] = trigger if reached else None
+                    rows.append(row)
+                for name, field in fields.items():
+                    if record.get(field) is None:
+                        raise ValueError(
+                            f"{where}: no {field!r}; a training record names its regime, "
+                            "batch, lr, steps and task (list a probe file in EXCLUDED)"
+                        )
+                    meta[name].add(record[field])
     if not rows:
         raise ValueError(f"group {group.name}: its sources hold no row")
     return rows, {**meta, "reads": reads}
 
 
-def _only(values: set, what: str, group: Group):
-    if len(values) != 1:
-        return sorted(values)
-    return next(iter(values))
+def _only(values: set):
+    """The one value of a set, or its values sorted when the group mixes several."""
+    return next(iter(values)) if len(values) == 1 else sorted(values)
 
 
 def run_config(group: Group, meta: Mapping, rows: Sequence[Mapping]) -> dict:
     """The run_config.json of a group, in the fields our report reads."""
-    regime = _only(meta["regimes"], "regime", group)
+    if len(meta["regimes"]) != 1:
+        raise ValueError(
+            f"group {group.name} mixes regimes {sorted(meta['regimes'])}; give each regime "
+            "its own group (Source(regime=...))"
+        )
+    regime = _only(meta["regimes"])
     vocab, length = (int(x) for x in re.fullmatch(r"v(\d+)_s(\d+)", regime).groups())
     # The baseline first (the report compares every read with the first), then the
     # order of the group's files.
@@ -272,13 +366,14 @@ def run_config(group: Group, meta: Mapping, rows: Sequence[Mapping]) -> dict:
         "num_seeds": len(seeds),
         "seeds": seeds,
         "solved_threshold": THRESHOLD,
-        "batch_size": _only(meta["batch"], "batch", group),
-        "learning_rate": _only(meta["lr"], "lr", group),
+        "batch_size": _only(meta["batch"]),
+        "learning_rate": _only(meta["lr"]),
         "schedule": group.schedule,
+        "schedule_evidence": group.schedule_evidence,
         "vocab_size": vocab,
         "seq_len": length,
-        "noise_vocab_size": 16,
-        "frac_noise": 0.8,
+        "noise_vocab_size": _only(meta["noise_vocab_size"]),
+        "frac_noise": _only(meta["frac_noise"]),
         "multi_query": True,
         "source_files": [s.file for s in group.sources],
         "note": group.note,

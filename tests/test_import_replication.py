@@ -3,6 +3,7 @@ analysis over runs (experiments.analyze) on them."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -39,15 +40,26 @@ def test_a_record_round_trips_into_our_metrics(imported):
     assert list(curve.steps) == [row["step"] for row in want]
     assert list(curve.accuracy) == [row["accuracy"] for row in want]
     assert curve.accuracy[-1] == pytest.approx(record["final_val_acc"], abs=1e-5)
-    # The gated anneal's alpha comes along; baseline is our raw.
+    # Baseline is our raw; the gated anneal's alpha comes along.
     rows = [
         json.loads(line)
         for line in (workdirs["v80_s512_b16_2k"] / "metrics.jsonl").read_text().splitlines()
     ]
-    assert {r["read"] for r in rows} >= {"raw", "ns5", "ns5_anneal_gated", "raw_qkboost"}
-    assert all("alpha" in r for r in rows if r["read"] == "ns5_anneal_gated")
+    assert {r["read"] for r in rows} >= {"raw", "ns5", "rls", "raw_qkboost"}
+    assert {r["seed"] for r in rows if r["read"] == "rls"} == set(range(11, 19))
     config = json.loads((workdirs["v80_s512_b16_2k"] / "run_config.json").read_text())
     assert config["reads"][0] == "raw" and "CC BY 4.0" in config["attribution"]
+    assert config["schedule"] == "cosine" and config["batch_size"] == 16
+    assert (config["vocab_size"], config["seq_len"], config["noise_vocab_size"]) == (80, 512, 16)
+    gated = load_metrics(workdirs["v80_s512_b16_2k_constant_lr"])
+    record = json.loads((DEFAULT_SOURCE / "anneal_gated_s512.jsonl").read_text().splitlines()[0])
+    want = parse_trace(record["trace"], "anneal_gated")
+    curve = gated.curves["ns5_anneal_gated"][record["seed"]]
+    assert list(curve.steps) == [row["step"] for row in want]
+    assert list(curve.accuracy) == [row["accuracy"] for row in want]
+    rows = (workdirs["v80_s512_b16_2k_constant_lr"] / "metrics.jsonl").read_text().splitlines()
+    alphas = [json.loads(r)["alpha"] for r in rows if '"ns5_anneal_gated"' in r]
+    assert len(alphas) == sum(len(c.steps) for c in gated.curves["ns5_anneal_gated"].values())
 
 
 def test_the_published_headline_counts_come_out(imported):
@@ -112,7 +124,19 @@ def test_analysis_pools_strata_and_leaves_untimed_runs_out(imported):
     )
     width = lambda h: h["ci"][1] / h["ci"][0]
     assert width(pooled["hazard_ratio"]) < min(width(h) for h in ratios)
-    assert "| ns5 |" in analyze.format_comparison(result)
+    # The pooled fit under each baseline-hazard model; the chosen one is the default.
+    by_model = pooled["hazard_ratio_by_model"]
+    assert set(by_model) == {"stratum_interval", "shared_interval", "constant"}
+    assert pooled["hazard_ratio"] == by_model["stratum_interval"]
+    # A baseline constant in time pulls the ratio towards 1 (ns5 escapes earlier, while
+    # the baseline hazard is still low).
+    assert 1 < by_model["constant"]["ratio"] < by_model["stratum_interval"]["ratio"]
+    # Every group with raw and ns5 and a full trace is a stratum (the batch 4 and 8 grids
+    # included: their raw is the lr 3e-3 run); runs without raw are said.
+    assert len(pooled["runs"]) == 16
+    assert {Path(s["run"]).name for s in result["skipped"]} == {"v80_s512_b16_2k_data_seeds"}
+    text = analyze.format_comparison(result)
+    assert "| ns5 | 16 |" in text and "Skipped v80_s512_b16_2k_data_seeds" in text
 
 
 def test_analyze_command_end_to_end_and_its_refusals(imported, tmp_path):
@@ -121,14 +145,24 @@ def test_analyze_command_end_to_end_and_its_refusals(imported, tmp_path):
         "experiments.analyze",
         f"--runs={workdirs['v96_s768_b64_2k']}",
         f"--out={tmp_path / 'a.json'}",
+        "--hazard_model=constant",
     )
     assert done.returncode == 0, done.stderr
     assert "ns5 vs raw | 5/8 | 1/8" in done.stdout
-    assert json.loads((tmp_path / "a.json").read_text())["pooled"]["ns5"]["solved"] == 5
+    written = json.loads((tmp_path / "a.json").read_text())
+    assert written["pooled"]["ns5"]["solved"] == 5 and written["hazard_model"] == "constant"
+    assert written["pooled"]["ns5"]["hazard_ratio"]["baseline_model"] == "constant"
     refused = run_module("experiments.analyze", f"--runs={tmp_path / 'nothing'}")
     assert refused.returncode == 2 and "neither a workdir" in refused.stderr
     refused = run_module("experiments.analyze", f"--runs={out}", "--baseline=nonexistent")
     assert refused.returncode == 2 and "baseline" in refused.stderr
+    refused = run_module("experiments.analyze", f"--runs={out}", "--reads=ns7")
+    assert refused.returncode == 2 and "ns7" in refused.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    refused = run_module("experiments.analyze", f"--runs={empty}")
+    assert refused.returncode == 2 and "metrics.jsonl" in refused.stderr
 
 
 def test_import_command_end_to_end_and_refusals(tmp_path):
@@ -141,3 +175,37 @@ def test_import_command_end_to_end_and_refusals(tmp_path):
         "experiments.import_replication", f"--source={tmp_path / 'none'}", "--out=x"
     )
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+
+
+def _first_evaluations(file, variant, **fields):
+    """seed -> the accuracies after step 1, as printed in the record's trace."""
+    out = {}
+    for line in (DEFAULT_SOURCE / file).read_text().splitlines():
+        record = json.loads(line)
+        if record["variant"] == variant and all(record[k] == v for k, v in fields.items()):
+            out[record["seed"]] = [row["accuracy"] for row in parse_trace(record["trace"], file)][
+                1:
+            ]
+    return out
+
+
+def test_schedules_the_records_do_not_state_are_read_off_their_evaluations():
+    # Runs of one read and seed under one learning-rate schedule print the same first
+    # evaluations; a cosine and a constant rate differ from step 200 on (mostly).
+    cosine, constant = (
+        _first_evaluations(f, "ns5") for f in ("probe2k_s512.jsonl", "ns5constlr2k_s512.jsonl")
+    )
+    for file in ("anneal2k_s512.jsonl", "anneal_gated_s512.jsonl"):
+        for seed, evaluations in _first_evaluations(file, "ns5").items():
+            assert evaluations[0] == constant[seed][0] != cosine[seed][0], (file, seed)
+    raw_cosine = _first_evaluations("probe2k_s512.jsonl", "baseline")
+    raw_constant = _first_evaluations("constlr2k_s512.jsonl", "baseline")
+    grid = _first_evaluations("batch16_grid.jsonl", "baseline", lr=3e-3)
+    assert sum(e[0] == raw_constant[s][0] for s, e in grid.items()) == 6
+    assert not any(e[0] == raw_cosine[s][0] != raw_constant[s][0] for s, e in grid.items())
+    # The groups follow: the anneals with the constant-rate runs, not with probe2k's.
+    group_of = {src.file: g for g in GROUPS for src in g.sources}
+    assert group_of["anneal_gated_s512.jsonl"] is group_of["ns5constlr2k_s512.jsonl"]
+    assert group_of["anneal2k_s512.jsonl"].schedule == "constant"
+    assert group_of["probe2k_s512.jsonl"].schedule == "cosine"
+    assert group_of["batch16_grid.jsonl"].schedule == "constant"

@@ -177,6 +177,28 @@ def test_accuracy_difference_matches_scipy_welch(report_study):
     assert c["welch_df"] == pytest.approx(ttest.df, rel=1e-9)
 
 
+def test_hazard_ratio_mcnemar_and_kaplan_meier_in_the_results(report_study):
+    _, results = report_study
+    comparison = results["comparison"]
+    # Both reads ran the same 16 seeds: 16 pairs; the seeds each read solves are the
+    # discordant pairs of McNemar's test (no seed is solved under both here).
+    mcnemar = comparison["mcnemar"]
+    assert mcnemar["num_pairs"] == NUM_SEEDS
+    both = len(set(RAW_ESCAPES) & set(NS5_ESCAPES))
+    raw_only, ns5_only = len(RAW_ESCAPES) - both, len(NS5_ESCAPES) - both
+    assert mcnemar["table"][0] == [both, raw_only] and mcnemar["table"][1][0] == ns5_only
+    assert mcnemar["p"] == pytest.approx(stats.binomtest(raw_only, raw_only + ns5_only).pvalue)
+    hazard = comparison["hazard_ratio"]
+    assert hazard["baseline_model"] == "stratum_interval" and hazard["ratio"] > 1
+    assert hazard["events"] == [len(RAW_ESCAPES), len(NS5_ESCAPES)]
+    km = results["kaplan_meier"]
+    assert list(km) == ["raw", "ns5"]
+    assert km["ns5"]["steps"] == [0] + sorted(set(NS5_ESCAPES.values()))
+    assert km["ns5"]["solved"][-1] == pytest.approx(len(NS5_ESCAPES) / NUM_SEEDS)
+    assert km["ns5"]["at_risk"][:2] == [NUM_SEEDS, NUM_SEEDS]
+    assert sum(km["raw"]["escapes"]) == len(RAW_ESCAPES)
+
+
 def test_no_escapes_anywhere(tmp_path):
     rows = [r for s in range(3) for read in ("raw", "ns5") for r in seed_rows(read, s)]
     results = analyze_workdir(write_workdir(tmp_path, rows, make_config()))

@@ -6,7 +6,14 @@ from __future__ import annotations
 import re
 
 from experiments.report import records, statistics, tables
-from tests.report_fixtures import STEPS, analyze_workdir, make_config, seed_rows, write_workdir
+from tests.report_fixtures import (
+    STEPS,
+    analyze_workdir,
+    make_config,
+    seed_rows,
+    study_rows,
+    write_workdir,
+)
 
 
 def test_results_markdown(report_study):
@@ -24,6 +31,11 @@ def test_results_markdown(report_study):
     assert f"Fisher exact p = {results['comparison']['fisher_p']:.2g}" in md
     assert f"log-rank p = {results['comparison']['logrank_p']:.2g}" in md
     assert "| seed | raw final acc | raw escape step | ns5 final acc | ns5 escape step |" in md
+    # Kaplan–Meier: one row per step where a curve has a point, the value held until then.
+    assert "| step | raw | ns5 |" in md
+    assert "| 800 | 0.0% | 6.2% [" in md
+    assert re.search(r"\| 2000 \| 18\.8% \[[\d.]+, [\d.]+\] \| 56\.2% \[", md)
+    assert "baseline hazard per evaluation interval and group; Wald p = " in md
     assert "| 4 | 3.4% | - | 91.6% | 1200 |" in md
 
 
@@ -63,3 +75,17 @@ def test_markdown_notes_diverged_unfinished_and_missing_seeds(tmp_path):
     ) in md
     assert "Unfinished: ns5" not in md
     assert "| 1 | 3.1% | - | n/a | diverged at 1200 |" in md
+
+
+def test_records_dated_from_a_step_keep_counts_not_times(tmp_path):
+    # The replication's headline files hold evaluations from step 1000 on: escapes
+    # before it are dated 1000, so no log-rank test or hazard ratio, and a note says why.
+    rows = [r for r in study_rows() if r["step"] >= 1000]
+    config = make_config(escapes_dated_from_step=1000)
+    results = analyze_workdir(write_workdir(tmp_path, rows, config))
+    comparison = results["comparison"]
+    assert results["reads"]["ns5"]["solved"] == 9 and comparison["fisher_p"] is not None
+    assert comparison["logrank_p"] is None and comparison["hazard_ratio"] is None
+    assert comparison["mcnemar"]["num_pairs"] == 16
+    md = tables.format_markdown(results)
+    assert "Escapes before step 1000 are dated 1000" in md and "log-rank p = n/a" in md

@@ -10,8 +10,12 @@ into ``DIR``:
   nonfinite flags; per read: solved count, mean final accuracy with a 95% Student t
   interval, median escape step; per comparison of a read with the baseline (the first
   read): Fisher exact p on solved counts, log-rank p on escape times, the difference in
-  mean final accuracy with a 95% Welch interval and a crude escape-rate ratio;
-* ``results.md`` -- the study's table (rows = reads) plus a per-seed table;
+  mean final accuracy with a 95% Welch interval, a crude escape-rate ratio, the
+  discrete-time hazard ratio with its 95% Wald interval and McNemar's exact p on paired
+  seeds (``hazard``); per read, the Kaplan-Meier fraction solved vs step with its 95%
+  band;
+* ``results.md`` -- the study's table (rows = reads), the tests, the Kaplan-Meier table
+  and a per-seed table;
 * ``accuracy_curves.png``, ``escape_curves.png`` (Kaplan-Meier), ``solved_counts.png``.
 
 If ``DIR`` has no ``metrics.jsonl`` but sub-directories that do (one per regime), the CLI
@@ -23,8 +27,9 @@ they are censored at the end of the run, not at the divergence), and their final
 is left out of the mean final accuracy (after divergence it measures nothing) -- each
 read reports ``num_nonfinite`` so that the exclusion is visible.
 
-Modules: ``records`` (reading a workdir), ``statistics`` (pure), ``tables`` (the
-Markdown and the summary), ``plots``, ``build`` (reads, computes, writes) and
+Modules: ``records`` (reading a workdir), ``statistics`` (pure), ``hazard`` (hazard
+ratios, McNemar, Kaplan-Meier; pure), ``anneal`` (accuracy at α = 0 of annealed reads),
+``tables`` (the Markdown and the summary), ``plots``, ``build`` (reads, computes, writes) and
 ``__main__`` (the CLI, the only module that defines flags; this package never imports it).
 """
 

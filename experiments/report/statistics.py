@@ -2,9 +2,11 @@
 
 Per seed: escape step (first evaluation at or above the solved threshold), solved and
 nonfinite flags. Per read: solved count, mean final accuracy with a Student t interval,
-median escape step, a constant-hazard escape rate. Per comparison of a read with the
-baseline (the first read): Fisher exact test on solved counts, log-rank test on escape
-times, Welch interval on the difference in mean final accuracy.
+median escape step, a constant-hazard escape rate, the Kaplan–Meier curve. Per
+comparison of a read with the baseline (the first read): Fisher exact test on solved
+counts, log-rank test on escape times, Welch interval on the difference in mean final
+accuracy, the discrete-time hazard ratio and McNemar's test on paired seeds (the last
+three from ``experiments.report.hazard``).
 
 Diverged seeds follow :data:`NONFINITE_POLICY`.
 """
@@ -298,8 +300,13 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
     Returns:
         ``reads.R`` per read (see :func:`summarize_read`), ``comparison`` (first read vs
         second, or None), ``comparisons`` (read -> comparison with the first read, see
-        :func:`compare_reads`), ``threshold``, ``total_steps``, ``eval_every``,
-        ``baseline``, ``chance_accuracy``, ``input`` (line counts), ``config`` (echo).
+        :func:`compare_reads`, plus ``hazard_ratio`` and ``mcnemar`` from
+        :mod:`experiments.report.hazard`), ``kaplan_meier`` (read -> the fraction solved
+        vs step with its 95% band, ``hazard.kaplan_meier``), ``threshold``,
+        ``total_steps``, ``eval_every``, ``escapes_dated_from_step`` (the config's: when
+        set, escapes before it are dated to it, and the log-rank test and hazard ratio
+        are None), ``baseline``, ``chance_accuracy``, ``input`` (line counts), ``config``
+        (echo).
         Values may be NaN; :func:`~experiments.report.build.build_report` writes them
         to ``results.json`` as null.
 
@@ -327,18 +334,26 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
     interval = config.get("eval_every") or _gcd_step(curves)
     from experiments.report import hazard  # hazard builds on this module's summaries
 
+    # Records that begin late (the replication's headline files) date every earlier
+    # escape to their first step: counts stand, times do not.
+    dated_from = config.get("escapes_dated_from_step")
     for r, comparison in comparisons.items():
         base, treat = summaries[reads[0]], summaries[r]
+        timed = interval and dated_from is None
         comparison["hazard_ratio"] = (
-            hazard.hazard_ratio([(base, treat, int(interval))]) if interval else None
+            hazard.hazard_ratio([(base, treat, int(interval))]) if timed else None
         )
+        if dated_from is not None:
+            comparison["logrank_statistic"] = comparison["logrank_p"] = None
         comparison["mcnemar"] = hazard.mcnemar_paired(base, treat)
+    kaplan_meier = {read: hazard.kaplan_meier(s, final_step) for read, s in summaries.items()}
     return {
         "name": config.get("name"),
         "regime": config.get("regime"),
         "threshold": threshold,
         "total_steps": final_step,
         "eval_every": config.get("eval_every") or _gcd_step(curves),
+        "escapes_dated_from_step": dated_from,
         "num_seeds_configured": config.get("num_seeds"),
         "reads_configured": list(config.get("reads", [])),
         "chance_accuracy": chance_accuracy(config),
@@ -347,6 +362,7 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
         # `comparison` is the first (usually only) comparison with the baseline.
         "comparison": comparisons[reads[1]] if len(reads) > 1 else None,
         "comparisons": comparisons,
+        "kaplan_meier": kaplan_meier,
         "nonfinite_policy": NONFINITE_POLICY,
         "input": {
             "metrics_lines": metrics.num_lines,

@@ -4,10 +4,21 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping
 
-__all__ = ["format_markdown", "format_p", "format_summary", "run_title"]
+from experiments.report.hazard import BASELINE_DESCRIPTIONS
+
+__all__ = [
+    "format_hazard_ratio",
+    "format_kaplan_meier",
+    "format_markdown",
+    "format_p",
+    "format_ratio",
+    "format_summary",
+    "run_title",
+]
 
 
 def _pct(x: float | None) -> str:
@@ -17,6 +28,11 @@ def _pct(x: float | None) -> str:
 def format_p(x: float | None) -> str:
     """A p-value to two significant digits, ``"n/a"`` when undefined."""
     return "n/a" if x is None else f"{x:.2g}"
+
+
+def format_ratio(x: float) -> str:
+    """A ratio to two significant digits, without an exponent below 10,000."""
+    return f"{x:.2g}" if x < 100 else f"{x:.0f}"
 
 
 def _step(x: float | None) -> str:
@@ -77,19 +93,28 @@ def _seed_cell(summary: Mapping, i: int) -> str:
     return f"{acc} | {'-' if escape is None else escape}"
 
 
+def format_hazard_ratio(result: Mapping | None) -> str:
+    """``"4.8x [1.2, 19]"`` (95% interval), ``"n/a (reason)"``, or ``"-"`` for None."""
+    if result is None:
+        return "-"
+    if result["ratio"] is None:
+        return f"n/a ({result['reason']})"
+    low, high = result["ci"]
+    return f"{format_ratio(result['ratio'])}x [{format_ratio(low)}, {format_ratio(high)}]"
+
+
 def _hazard_and_mcnemar(comparison: Mapping) -> str:
     """'; hazard ratio ... ; McNemar p ...' when the comparison has them."""
     text = ""
     hazard = comparison.get("hazard_ratio")
     if hazard is not None:
         if hazard["ratio"] is None:
-            text += f"; hazard ratio n/a ({hazard['reason']})"
+            text += f"; hazard ratio {format_hazard_ratio(hazard)}"
         else:
-            low, high = hazard["ci"]
+            model = BASELINE_DESCRIPTIONS.get(hazard["baseline_model"], hazard["baseline_model"])
             text += (
-                f"; hazard ratio per evaluation interval {hazard['ratio']:.2g}x "
-                f"[{low:.2g}, {high:.2g}] (discrete-time logistic, Wald p = "
-                f"{format_p(hazard['p'])})"
+                f"; hazard ratio per evaluation interval {format_hazard_ratio(hazard)} "
+                f"(discrete-time logistic, {model}; Wald p = {format_p(hazard['p'])})"
             )
     mcnemar = comparison.get("mcnemar")
     if mcnemar is not None and mcnemar["p"] is not None:
@@ -97,8 +122,41 @@ def _hazard_and_mcnemar(comparison: Mapping) -> str:
     return text
 
 
+def _km_cell(curve: Mapping, step: int) -> str:
+    """The Kaplan–Meier value holding at ``step`` with its band (none where it is exact)."""
+    i = bisect.bisect_right(curve["steps"], step) - 1
+    value, low, high = curve["solved"][i], curve["low"][i], curve["high"][i]
+    if low == high == value:
+        return _pct(value)
+    return f"{_pct(value)} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def format_kaplan_meier(results: Mapping) -> str:
+    """The Kaplan–Meier table of ``results["kaplan_meier"]``: one row per step where a
+    read's curve has a point (an escape or a censoring), one column per read; empty
+    when the results have none."""
+    curves = results.get("kaplan_meier")
+    if not curves:
+        return ""
+    steps = sorted({s for curve in curves.values() for s in curve["steps"] if s > 0})
+    lines = [
+        "## Kaplan–Meier: fraction of seeds solved by step",
+        "",
+        "With its pointwise 95% log-log band (Greenwood); the fraction not yet escaped is "
+        "100% minus it. Each value holds from its step to the next row's.",
+        "",
+        "| step | " + " | ".join(curves) + " |",
+        "|---|" + "---|" * len(curves),
+    ]
+    for step in steps:
+        cells = [_km_cell(curve, step) for curve in curves.values()]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(results: Mapping) -> str:
-    """``results.md``: the study's table, the tests, and a per-seed table."""
+    """``results.md``: the study's table, the tests, the Kaplan–Meier table and a per-seed
+    table."""
     reads = results["reads"]
     lines = [
         f"# {run_title(results)}",
@@ -126,6 +184,15 @@ def format_markdown(results: Mapping) -> str:
             f"{_hazard_and_mcnemar(c)}."
         )
         lines.append("")
+    dated_from = results.get("escapes_dated_from_step")
+    if dated_from is not None:
+        lines += [
+            f"Escapes before step {dated_from} are dated {dated_from}: the records hold the "
+            f"evaluations from step {dated_from} on only. Solved counts, final accuracies, "
+            "Fisher and McNemar stand; escape times before it, and the log-rank test and "
+            "hazard ratio with them, are not known.",
+            "",
+        ]
     if any(s["num_nonfinite"] for s in reads.values()):
         lines += [f"Diverged seeds: {results['nonfinite_policy']}", ""]
     configured, end = results.get("num_seeds_configured"), results["total_steps"]
@@ -149,6 +216,9 @@ def format_markdown(results: Mapping) -> str:
                 "",
             ]
 
+    km = format_kaplan_meier(results)
+    if km:
+        lines += [km]
     # Per-seed table over the union of seeds; a read without that seed shows blanks.
     seeds = sorted({seed for s in reads.values() for seed in s["seeds"]})
     lines += [
