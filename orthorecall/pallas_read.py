@@ -23,7 +23,7 @@ normalization, only gains zeros. Sums over the padded index only add exact zeros
 the d x d corner is what an unpadded computation gives. Widths above ``MAX_WIDTH`` are
 refused (ValueError) so the caller can fall back to XLA; see there why.
 
-Huge memories. ``newton_schulz.rescaling`` (a per-matrix power of two, without
+Huge memories. ``scaling.rescaling`` (a per-matrix power of two, without
 gradient) is applied in the JAX wrapper, before the kernel, exactly as
 ``frobenius_normalize`` applies it: the kernel sees x = s C with s piecewise constant,
 so C̄ = s x̄.
@@ -67,7 +67,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from orthorecall import newton_schulz
+from orthorecall import scaling
 
 try:  # Missing from some JAX builds; ``available()`` says so instead of the import failing.
     from jax.experimental import pallas as pl
@@ -169,7 +169,7 @@ def ns_read_forward(
     batch_shape, d = memory.shape[:-2], memory.shape[-1]
     if call.count == 0:
         return jnp.zeros(query.shape, jnp.float32)
-    memory = memory * newton_schulz.rescaling(memory)
+    memory = memory * scaling.rescaling(memory)
     h = call.forward()(memory.reshape(call.count, d, d), query.reshape(call.count, d))
     return h.reshape(*batch_shape, d)
 
@@ -214,7 +214,7 @@ def ns_read_backward(
         return jnp.zeros(memory.shape, jnp.float32), jnp.zeros(query.shape, jnp.float32)
     # The rescaling is piecewise constant and treated as such by the XLA read
     # (stop_gradient), so the chain rule through x = scale * C is C̄ = scale * x̄.
-    scale = newton_schulz.rescaling(memory)
+    scale = scaling.rescaling(memory)
     x_bar, q_bar = call.backward()(
         (memory * scale).reshape(call.count, d, d),
         query.reshape(call.count, d),
@@ -407,7 +407,7 @@ class _Call:
     def forward(self):
         """(count, d, d) rescaled memories, (count, d) queries -> (count, d) reads."""
         d, steps, products = self.d, self.steps, self.products
-        floor = newton_schulz.FROBENIUS_FLOOR
+        floor = scaling.FROBENIUS_FLOOR
 
         def ns_read_forward_kernel(memory_ref, query_ref, h_ref):
             vector_mask, matrix_mask = _masks(d, self.width)
@@ -429,7 +429,7 @@ class _Call:
     def backward(self):
         """(count, d, d) rescaled memories, (count, d) queries and h̄ -> (x̄, q̄)."""
         d, steps, products = self.d, self.steps, self.products
-        floor = newton_schulz.FROBENIUS_FLOOR
+        floor = scaling.FROBENIUS_FLOOR
 
         def ns_read_backward_kernel(memory_ref, query_ref, h_bar_ref, memory_bar_ref, q_bar_ref):
             vector_mask, matrix_mask = _masks(d, self.width)
