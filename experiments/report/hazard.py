@@ -37,10 +37,9 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
-
-from experiments.report.statistics import escape_events, finite_or_none
 
 BASELINES = ("stratum_interval", "shared_interval", "constant")
 DEFAULT_BASELINE = "stratum_interval"
@@ -50,6 +49,19 @@ BASELINE_DESCRIPTIONS = {
     "constant": "baseline hazard constant in time",
 }
 _Z95 = 1.959964
+
+
+def finite_or_none(x: Any) -> float | None:
+    """``float(x)``, or None when ``x`` is None, NaN or infinite."""
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def escape_events(read_summary: Mapping) -> tuple[list[int], list[int]]:
+    """``(escape steps of solved seeds, censoring steps of unsolved seeds)`` of one read
+    (a summary of ``statistics.summarize_read``)."""
+    escaped = [s for s in read_summary["escape_step"] if s is not None]
+    censored = [c for c in read_summary["censor_step"] if c is not None]
+    return escaped, censored
 
 
 def person_periods(summary: Mapping, interval: int) -> tuple[np.ndarray, np.ndarray]:

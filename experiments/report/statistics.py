@@ -6,7 +6,8 @@ median escape step, a constant-hazard escape rate, the Kaplan–Meier curve. Per
 comparison of a read with the baseline (the first read): Fisher exact test on solved
 counts, log-rank test on escape times, Welch interval on the difference in mean final
 accuracy, the discrete-time hazard ratio and McNemar's test on paired seeds (the last
-three from ``experiments.report.hazard``).
+three from ``experiments.report.hazard``, which this module builds on and which does not
+import it; ``escape_events`` and ``finite_or_none`` live there and are re-exported here).
 
 Diverged seeds follow :data:`NONFINITE_POLICY`.
 """
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from experiments.report import hazard
+from experiments.report.hazard import escape_events, finite_or_none
 from experiments.report.records import Metrics, SeedCurve
 
 __all__ = [
@@ -44,11 +47,6 @@ NONFINITE_POLICY = (
     "end of the run) and its final accuracy is excluded from mean_final_accuracy; "
     "num_nonfinite counts such seeds."
 )
-
-
-def finite_or_none(x: Any) -> float | None:
-    """``float(x)``, or None when ``x`` is None, NaN or infinite."""
-    return float(x) if x is not None and math.isfinite(x) else None
 
 
 def mean_confidence_interval(
@@ -156,13 +154,6 @@ def _mean_sample(read_summary: Mapping) -> list[float]:
         for acc, bad in zip(read_summary["final_accuracy"], read_summary["nonfinite"], strict=True)
         if not bad and acc is not None and math.isfinite(acc)
     ]
-
-
-def escape_events(read_summary: Mapping) -> tuple[list[int], list[int]]:
-    """``(escape steps of solved seeds, censoring steps of unsolved seeds)`` of one read."""
-    escaped = [s for s in read_summary["escape_step"] if s is not None]
-    censored = [c for c in read_summary["censor_step"] if c is not None]
-    return escaped, censored
 
 
 def summarize_read(outcomes: Sequence[Mapping]) -> dict:
@@ -332,8 +323,6 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
         r: compare_reads(reads[0], summaries[reads[0]], r, summaries[r]) for r in reads[1:]
     }
     interval = config.get("eval_every") or _gcd_step(curves)
-    from experiments.report import hazard  # hazard builds on this module's summaries
-
     # Records that begin late (the replication's headline files) date every earlier
     # escape to their first step: counts stand, times do not.
     dated_from = config.get("escapes_dated_from_step")
