@@ -80,7 +80,7 @@ def resolve_config_path(argument: str) -> str:
     return f"{path}{sep}{preset}"
 
 
-def _config_argument(argv: Sequence[str]) -> tuple[int, str] | None:
+def config_argument(argv: Sequence[str]) -> tuple[int, str] | None:
     """(index, value) of the last ``--config=VALUE`` / ``--config VALUE`` in argv."""
     found = None
     for i, arg in enumerate(argv):
@@ -95,7 +95,7 @@ def with_resolved_config(argv: Sequence[str]) -> list[str]:
     """A copy of ``argv`` whose (last) ``--config`` value is resolved with
     :func:`resolve_config_path`; the other arguments are unchanged."""
     argv = list(argv)
-    found = _config_argument(argv)
+    found = config_argument(argv)
     if found is not None:
         index, value = found
         resolved = resolve_config_path(value)
@@ -170,7 +170,7 @@ def config_flag_parser(program: str):
 
 
 def _parse_flags(program: str, argv: Sequence[str]) -> list[str]:
-    found = _config_argument(argv)
+    found = config_argument(argv)
     argv = with_resolved_config(argv)
     try:
         if found is not None:

@@ -18,7 +18,12 @@ start the same command in each with ``--coordinator_address=HOST:PORT
 cluster's environment: Slurm, Open MPI, Cloud TPU). The seeds are sharded over every
 process's devices; process 0 writes the files (run_config.json, metrics, TensorBoard,
 the report), checkpoints are written by all (Orbax) into the shared workdir, and a
-stop signal to any process stops all of them at the same step.
+stop signal to any process stops all of them at the same step. Before anything is
+computed or written the processes compare their configurations (fingerprint and
+fields), process counts and presets: on any difference every process exits with code
+2, naming the differing fields and processes. A process whose peers have not all
+arrived within ``--peer_timeout`` seconds (default 120) exits with code 2, naming the
+coordinator and how many processes it waited for.
 
 Progress is a bar on a terminal and plain status lines otherwise; training curves also
 go to TensorBoard (``tensorboard --logdir DIR/tensorboard``). Library logging (Orbax,
@@ -27,6 +32,7 @@ JAX) is shown from WARNING up; ``--verbosity=0`` shows its INFO messages too.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -35,6 +41,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.cli import (
+    config_argument,
     config_flag_parser,
     exit_status_on_refusal,
     library_logging_at_warning,
@@ -71,6 +78,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Start jax.distributed with what it detects from the cluster's environment (Slurm, "
     "Open MPI, Cloud TPU); implied by any of the three flags above.",
 )
+_PEER_TIMEOUT = flags.DEFINE_integer(
+    "peer_timeout",
+    120,
+    "Several processes: seconds to wait for every process to join and agree on the "
+    "configuration before giving up with exit code 2.",
+    lower_bound=1,
+    upper_bound=86_400,
+)
 
 
 parse_flags = config_flag_parser("run")
@@ -88,8 +103,9 @@ def main(argv: Sequence[str]) -> None:
         from orthorecall import multihost
 
         try:
-            multihost.initialize(*distributed)
-        except ValueError as e:
+            multihost.initialize(*distributed, timeout_seconds=_PEER_TIMEOUT.value, program="run")
+            _agree_across_processes(config, _NUM_PROCESSES.value, _PEER_TIMEOUT.value)
+        except (ValueError, multihost.PeersMissing, multihost.Disagreement) as e:
             print(f"run: distributed setup error: {e}", file=sys.stderr)
             sys.exit(2)
     from experiments import train
@@ -97,6 +113,25 @@ def main(argv: Sequence[str]) -> None:
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
     with exit_status_on_refusal("run"):
         train.train_and_evaluate(config, workdir, tensorboard=_TENSORBOARD.value)
+
+
+def _agree_across_processes(config, num_processes, timeout_seconds) -> None:
+    """Every process's configuration (fingerprint and fields), its --num_processes and
+    its preset must be process 0's; otherwise every process refuses (multihost.agree)."""
+    from experiments.workdir import config_fingerprint
+    from orthorecall import multihost
+
+    config_dict = json.loads(config.to_json())
+    found = config_argument(sys.argv)
+    multihost.agree(
+        {
+            "fingerprint": config_fingerprint(config_dict),
+            "num_processes": num_processes,
+            "preset": found[1].partition(":")[2] if found else None,
+            "config": config_dict,
+        },
+        timeout_seconds=timeout_seconds,
+    )
 
 
 if __name__ == "__main__":
