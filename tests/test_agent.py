@@ -126,6 +126,77 @@ def test_configuration_errors_name_the_field():
         agent_train.agents_from_config(config)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("seeds.first_seed", 2**32, r"config\.seeds\.first_seed: seed.* go past 2\*\*32 - 1"),
+        ("seeds.first_seed", 2**32 - 1, r"config\.seeds\.first_seed: seeds 4294967295\.\.4"),
+        ("seeds.first_seed", -1, r"config\.seeds\.first_seed: must be >= 0"),
+        ("ppo.learning_rate", float("inf"), r"config\.ppo\.learning_rate: must be finite"),
+        ("ppo.learning_rate", float("nan"), r"config\.ppo\.learning_rate: must be finite"),
+        ("ppo.learning_rate", 0.0, r"config\.ppo\.learning_rate: must be > 0"),
+        ("ppo.gamma", 1.5, r"config\.ppo\.gamma: must lie in \[0, 1\]"),
+        ("model.width", 0, r"config\.model\.width: must be >= 1"),
+        ("model.width", -3, r"config\.model\.width: must be >= 1"),
+        ("model.num_heads", 0, r"config\.model\.num_heads: must be >= 1"),
+        ("ppo.num_envs", 2**64, r"config\.ppo\.num_envs: must be <= 2147483647"),
+        ("run.keep_checkpoints", 2**64, r"config\.run\.keep_checkpoints: must be <= "),
+        ("model.conv_kernel_size", 10**6, r"config\.model\.conv_kernel_size: must be <= 1024"),
+    ],
+)
+def test_fields_out_of_range_are_refused_before_the_workdir(tmp_path, field, value, message):
+    config = popgym_ppo.get_config("smoke")
+    section, name = field.split(".")
+    config[section][name] = value
+    if field == "seeds.first_seed" and value == 2**32 - 1:
+        config.seeds.num_seeds = 2  # 2**32 - 1 alone is a valid seed; two go past it
+    workdir = tmp_path / "agents"
+    with pytest.raises(agent_train.ConfigError, match=message):
+        agent_train.train_agents(config, workdir)
+    assert not workdir.exists()
+
+
+def test_the_largest_seed_is_accepted():
+    config = popgym_ppo.get_config("smoke")
+    config.seeds.first_seed = 2**32 - 2  # seeds 2**32 - 2 and 2**32 - 1
+    agent_train.agents_from_config(config)
+
+
+def test_a_gru_of_width_zero_is_refused_for_every_core():
+    config = popgym_ppo.get_config("smoke")
+    config.cores = "gru"
+    config.model.width = 0
+    with pytest.raises(agent_train.ConfigError, match=r"model\.width"):
+        agent_train.agents_from_config(config)
+
+
+def test_memory_estimate_refuses_what_cannot_fit_before_the_workdir(tmp_path):
+    config = popgym_ppo.get_config("smoke")
+    agents = agent_train.agents_from_config(config)
+    small = agent_train.memory_estimate_bytes(agents, 2)
+    # Counts what it should: the rollout grows with num_envs x num_steps.
+    config.ppo.num_envs = 16
+    assert agent_train.memory_estimate_bytes(agent_train.agents_from_config(config), 2) > small
+    config.ppo.num_envs = 2**30
+    workdir = tmp_path / "agents"
+    with pytest.raises(agent_train.ConfigError, match=r"config\.ppo\.num_envs: .* needs about"):
+        agent_train.train_agents(config, workdir)
+    assert not workdir.exists()
+    # A device of less memory than the smoke preset needs refuses it too.
+    config = popgym_ppo.get_config("smoke")
+    with pytest.raises(agent_train.ConfigError, match="more than the"):
+        agent_train.train_agents(config, workdir, available_memory=small // 2)
+    assert not workdir.exists()
+
+
+def test_an_unwritable_workdir_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(agent_train.ConfigError, match=r"--workdir: .* is a file"):
+        agent_train.train_agents(popgym_ppo.get_config("smoke"), tmp_path / "file")
+    with pytest.raises(agent_train.ConfigError, match="--workdir: cannot create"):
+        agent_train.train_agents(popgym_ppo.get_config("smoke"), tmp_path / "file" / "sub")
+
+
 def _agent_command(workdir, *overrides):
     # The later commands load the programs the first compiled from the cache; the run
     # checks plumbing, not speed: XLA's cheapest code generation compiles faster.

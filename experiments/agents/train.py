@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments import config_checks as checks
 from experiments.agents import envs as envs_lib
 from experiments.agents import ppo
 from experiments.agents.networks import CoreConfig, carry_size
@@ -41,8 +42,7 @@ from experiments.workdir import (
     config_fingerprint,
     restore_latest_or_refuse,
 )
-from orthorecall import checkpointing
-from orthorecall.validation import check_int
+from orthorecall import checkpointing, footprint
 
 RESULTS_MARKDOWN = "results.md"
 CURVES_FILE = "curves.png"
@@ -50,53 +50,98 @@ CURVES_FILE = "curves.png"
 FINAL_FRACTION = 0.1
 
 
-def _check_int(config, section: str, field: str, minimum: int) -> int:
-    try:
-        return check_int(f"{section}.{field}", config[section][field], minimum=minimum)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+# The mLSTM cell traces each conv tap as its own operations; far more taps than any
+# episode needs only make compiling slow.
+MAX_CONV_KERNEL_SIZE = 1024
+# Floats one environment step keeps for the update besides its carry: the transition
+# (observation, reset, action, log-probability, value, reward, done), GAE's advantage
+# and target, and the network's activations (encoder, gates, heads: about 16 x width).
+_TRANSITION_FLOATS = 9
+_ACTIVATION_FLOATS_PER_WIDTH = 16
 
 
 def core_names(config: ml_collections.ConfigDict) -> list[str]:
     """The names of ``config.cores``, in order (validated)."""
     if not isinstance(config.cores, str):
         raise ConfigError(
-            f"cores must be a comma-separated string such as 'gru,ns5', got {config.cores!r}."
+            f"config.cores: must be a comma-separated string such as 'gru,ns5', got "
+            f"{config.cores!r}."
         )
     names = [name.strip() for name in config.cores.split(",") if name.strip()]
     if not names:
-        raise ConfigError("cores names no core; use e.g. 'gru,raw,ns5'.")
+        raise ConfigError("config.cores: names no core; use e.g. 'gru,raw,ns5'.")
     if len(set(names)) != len(names):
-        raise ConfigError(f"cores lists a core twice: {config.cores!r}.")
+        raise ConfigError(f"config.cores: lists a core twice: {config.cores!r}.")
     return names
 
 
-def agents_from_config(config: ml_collections.ConfigDict) -> dict[str, ppo.Agent]:
-    """Core name -> ``ppo.Agent``, validating every field first.
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """Every field's type and range (``experiments.config_checks``, the rules of every
+    command): integers at least 1 and at most 2**31 - 1, seeds below 2**32, finite
+    reals in their ranges.
 
     Raises:
         ConfigError: naming the offending field.
     """
+    checks.check_name(checks.get(config, "name"))
+    checks.check_seeds(
+        "seeds.first_seed",
+        checks.get(config, "seeds.first_seed"),
+        checks.get(config, "seeds.num_seeds"),
+        count_field="seeds.num_seeds",
+    )
+    for field in ("width", "num_heads"):
+        checks.check_int(f"model.{field}", checks.get(config, f"model.{field}"), minimum=1)
+    checks.check_int(
+        "model.conv_kernel_size",
+        checks.get(config, "model.conv_kernel_size"),
+        minimum=1,
+        maximum=MAX_CONV_KERNEL_SIZE,
+        hint=" (each tap is traced as its own operations; reference 4)",
+    )
+    for field in ("num_envs", "num_steps", "num_updates", "update_epochs", "num_minibatches"):
+        checks.check_int(f"ppo.{field}", checks.get(config, f"ppo.{field}"), minimum=1)
+    for field in ("gamma", "gae_lambda"):
+        checks.check_real(f"ppo.{field}", checks.get(config, f"ppo.{field}"), minimum=0, maximum=1)
+    for field in ("clip_eps", "learning_rate", "max_grad_norm"):
+        checks.check_real(
+            f"ppo.{field}",
+            checks.get(config, f"ppo.{field}"),
+            minimum=0,
+            minimum_inclusive=False,
+        )
+    for field in ("ent_coef", "vf_coef"):
+        checks.check_real(f"ppo.{field}", checks.get(config, f"ppo.{field}"), minimum=0)
+    checks.CONFIG.boolean("ppo.anneal_lr", checks.get(config, "ppo.anneal_lr"))
+    for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        checks.check_int(f"run.{field}", checks.get(config, f"run.{field}"), minimum=1)
+    if not isinstance(checks.get(config, "env"), str):
+        checks.fail("env", f"must be an environment name, got {config.env!r}.")
+
+
+def agents_from_config(config: ml_collections.ConfigDict) -> dict[str, ppo.Agent]:
+    """Core name -> ``ppo.Agent``, validating every field first (``check_fields``).
+
+    Raises:
+        ConfigError: naming the offending field.
+    """
+    check_fields(config)
     try:
         env = envs_lib.make(config.env)
     except (ValueError, ImportError) as e:
-        raise ConfigError(f"env: {e}") from None
-    _check_int(config, "seeds", "num_seeds", minimum=1)
-    _check_int(config, "seeds", "first_seed", minimum=0)
-    for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        _check_int(config, "run", field, minimum=1)
+        raise ConfigError(f"config.env: {e}") from None
     try:
         hyper = ppo.PPOConfig(**config.ppo.to_dict())
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"ppo: {e}") from None
+        checks.section_error("ppo", e, config.ppo.keys())
     if hyper.num_updates % config.run.log_every:
         raise ConfigError(
-            f"ppo.num_updates={hyper.num_updates} must be a multiple of run.log_every="
-            f"{config.run.log_every} (updates per compiled call)."
+            f"config.ppo.num_updates={hyper.num_updates} must be a multiple of "
+            f"run.log_every={config.run.log_every} (updates per compiled call)."
         )
     if config.run.checkpoint_every % config.run.log_every:
         raise ConfigError(
-            f"run.checkpoint_every={config.run.checkpoint_every} must be a multiple of "
+            f"config.run.checkpoint_every={config.run.checkpoint_every} must be a multiple of "
             f"run.log_every={config.run.log_every}: checkpoints are written between calls."
         )
     agents = {}
@@ -108,10 +153,64 @@ def agents_from_config(config: ml_collections.ConfigDict) -> dict[str, ppo.Agent
                 num_heads=config.model.num_heads,
                 conv_kernel_size=config.model.conv_kernel_size,
             )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"cores: {e}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise ConfigError(f"config.cores: {name}: {e}") from None
         agents[name] = ppo.Agent(env=env, core=core, ppo=hyper)
     return agents
+
+
+def memory_estimate_bytes(agents: dict[str, ppo.Agent], num_seeds: int) -> int:
+    """An analytic estimate of the memory one compiled call of every core needs (all
+    cores run in that call, their seeds vmapped), in bytes.
+
+    Per core and seed: the runner state (``jax.eval_shape`` of ``ppo.init_runner``:
+    parameters, Adam's two moments, environment states, carries), twice (the call's
+    input and output); the rollout's ``num_steps x num_envs`` transitions, with the
+    carry of every step; and the update's backward pass over one minibatch, which keeps
+    per step and environment the carry and about 16 x width activations. Nothing is
+    compiled or allocated. It errs high: XLA reuses buffers this counts separately.
+    """
+    total = 0
+    for agent in agents.values():
+        state = jax.eval_shape(
+            lambda key, agent=agent: ppo.init_runner(agent, key), jax.random.PRNGKey(0)
+        )
+        state_bytes = sum(
+            int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+            for leaf in jax.tree_util.tree_leaves(state)
+        )
+        hyper, carry = agent.ppo, carry_size(agent.core)
+        steps = hyper.num_steps * hyper.num_envs
+        rollout = steps * (agent.env.observation_size + _TRANSITION_FLOATS + carry)
+        minibatch = hyper.num_steps * (hyper.num_envs // hyper.num_minibatches)
+        backward = minibatch * (carry + _ACTIVATION_FLOATS_PER_WIDTH * agent.core.width)
+        total += num_seeds * (2 * state_bytes + 4 * (rollout + 2 * backward))
+    return total
+
+
+def check_memory(
+    agents: dict[str, ppo.Agent], num_seeds: int, available_memory: int | None = None
+) -> int:
+    """Refuses a configuration whose ``memory_estimate_bytes`` exceeds the memory the
+    device can use (``available_memory``; default: asked from the first device, on CPU
+    the host's available memory). Returns the estimate.
+
+    Raises:
+        ConfigError: naming the fields that size it, with both figures.
+    """
+    need = memory_estimate_bytes(agents, num_seeds)
+    if available_memory is None:
+        available_memory = footprint.per_device_available_memory(jax.devices()[:1])
+    if available_memory is not None and need > available_memory:
+        raise ConfigError(
+            f"config.ppo.num_envs: one call of the {len(agents)} core(s) x {num_seeds} "
+            f"seed(s) needs about {footprint.format_bytes(need)} (an analytic estimate: "
+            "state, rollout and one minibatch's backward pass), more than the "
+            f"{footprint.format_bytes(available_memory)} the device can use; lower "
+            "ppo.num_envs, ppo.num_steps, model.width or seeds.num_seeds (or raise "
+            "ppo.num_minibatches)."
+        )
+    return need
 
 
 def _seeds(config) -> np.ndarray:
@@ -167,8 +266,13 @@ def train_agents(
     workdir: str | os.PathLike,
     *,
     console: IO[str] | None = None,
+    available_memory: int | None = None,
 ) -> dict:
     """Runs (or resumes) the agent study of ``config`` in ``workdir``.
+
+    Every field is checked (``agents_from_config``) and the memory one call needs is
+    compared with ``available_memory`` (default: the device's; ``check_memory``) before
+    the workdir is created or touched.
 
     Returns:
         The results dict written to ``workdir/results.json``.
@@ -180,7 +284,8 @@ def train_agents(
         KeyboardInterrupt: stopped by a signal, after writing a checkpoint.
     """
     agents = agents_from_config(config)
-    workdir = pathlib.Path(workdir).absolute()
+    check_memory(agents, config.seeds.num_seeds, available_memory)
+    workdir = checks.FLAGS.output_folder("workdir", workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(workdir):
         return _train_in_workdir(config, agents, workdir, console)
