@@ -31,14 +31,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from absl import app, flags
 
-from experiments.cli import library_logging_at_warning
+from experiments.cli import ConfigError, config_flag_parser, library_logging_at_warning
+from experiments.config_checks import FLAGS as FLAG_CHECKS
 
 DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "data" / "replication_runs"
 ATTRIBUTION = (
@@ -257,22 +262,159 @@ EXCLUDED = {
 }
 
 
-def parse_trace(entries: Sequence[str], where: str) -> list[dict]:
-    """The evaluations of a ``trace`` list: {step, accuracy, loss[, alpha]}."""
+class RecordError(ValueError):
+    """A record that cannot be imported; the message starts with its file and line."""
+
+
+def parse_trace(entries: Sequence[str], where: str, last_step: int | None = None) -> list[dict]:
+    """The evaluations of a ``trace`` list: {step, accuracy, loss[, alpha]}, checked:
+    steps strictly increasing (and at most ``last_step``, the run's length, when given),
+    accuracies in [0, 1], losses a number or an explicit ``nan`` (a diverged run),
+    alpha in [0, 1].
+
+    Raises:
+        RecordError: naming ``where`` and the entry.
+    """
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise RecordError(f"{where}: a trace must be a list of strings, got {entries!r:.80}")
     out = []
     for entry in entries:
         match = _TRACE.fullmatch(entry.strip())
         if match is None:
-            raise ValueError(f"{where}: trace entry {entry!r} is not 'step N acc A loss L t Ts'")
-        row = {
-            "step": int(match["step"]),
-            "accuracy": float(match["acc"]),
-            "loss": float(match["loss"]),
-        }
+            raise RecordError(f"{where}: trace entry {entry!r} is not 'step N acc A loss L t Ts'")
+        try:
+            row = {
+                "step": int(match["step"]),
+                "accuracy": float(match["acc"]),
+                "loss": float(match["loss"]),
+            }
+        except ValueError:
+            raise RecordError(f"{where}: trace entry {entry!r} holds a malformed number") from None
+        if not 0.0 <= row["accuracy"] <= 1.0:  # NaN fails too
+            raise RecordError(f"{where}: trace entry {entry!r}: accuracy outside [0, 1]")
+        if math.isinf(row["loss"]):
+            raise RecordError(
+                f"{where}: trace entry {entry!r}: an infinite loss (a diverged run's loss "
+                "is written nan)"
+            )
+        if out and row["step"] <= out[-1]["step"]:
+            raise RecordError(
+                f"{where}: trace entry {entry!r}: step {row['step']} does not follow step "
+                f"{out[-1]['step']} (evaluations must be in increasing step order, each once)"
+            )
+        if last_step is not None and row["step"] > last_step:
+            raise RecordError(
+                f"{where}: trace entry {entry!r}: step {row['step']} is past the run's "
+                f"{last_step} steps"
+            )
         if match["alpha"] is not None:
             row["alpha"] = float(match["alpha"])
+            if not 0.0 <= row["alpha"] <= 1.0:
+                raise RecordError(f"{where}: trace entry {entry!r}: alpha outside [0, 1]")
         out.append(row)
     return out
+
+
+# What every training record holds, and what it must be.
+_REQUIRED = {
+    "variant": "a read name (string)",
+    "seed": "an integer in [0, 2**32)",
+    "regime": "'v<vocab>_s<length>'",
+    "batch_size": "an integer >= 1",
+    "lr": "a finite number > 0",
+    "steps": "an integer >= 1",
+    "noise_vocab_size": "an integer >= 0",
+    "frac_noise": "a number in [0, 1]",
+}
+
+
+def _is_int(value, minimum: int, maximum: int | None = None) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= minimum
+        and (maximum is None or value <= maximum)
+    )
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_record(record, where: str, *, tail_only: bool) -> list[dict]:
+    """Checks one training record (its fields, types and trace); returns its trace's
+    evaluations (``trace_tail``'s when ``tail_only``).
+
+    Raises:
+        RecordError: naming ``where`` (file:line) and the field.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    valid = {
+        "variant": lambda v: isinstance(v, str) and bool(v.strip()),
+        "seed": lambda v: _is_int(v, 0, 2**32 - 1),
+        "regime": lambda v: isinstance(v, str) and re.fullmatch(r"v\d+_s\d+", v) is not None,
+        "batch_size": lambda v: _is_int(v, 1),
+        "lr": lambda v: _is_real(v) and v > 0,
+        "steps": lambda v: _is_int(v, 1),
+        "noise_vocab_size": lambda v: _is_int(v, 0),
+        "frac_noise": lambda v: _is_real(v) and 0 <= v <= 1,
+    }
+    for field, must in _REQUIRED.items():
+        if field not in record:
+            raise RecordError(
+                f"{where}: no {field!r}; a training record names its variant, seed, regime, "
+                "batch_size, lr, steps and task (list a probe file in EXCLUDED)"
+            )
+        if not valid[field](record[field]):
+            raise RecordError(f"{where}: {field} must be {must}, got {record[field]!r:.80}")
+    steps_run = record.get("steps_run")
+    if steps_run is not None and not _is_int(steps_run, 1):
+        raise RecordError(f"{where}: steps_run must be an integer >= 1, got {steps_run!r:.80}")
+    trigger = record.get("anneal_trigger_step")
+    if trigger is not None and not _is_int(trigger, 0):
+        raise RecordError(
+            f"{where}: anneal_trigger_step must be null or an integer >= 0, got {trigger!r:.80}"
+        )
+    key = "trace_tail" if tail_only else "trace"
+    if record.get(key) is None:
+        raise RecordError(f"{where}: no {key!r}; list the file in EXCLUDED or tail_only")
+    # Gated anneals run past the budget when they trigger late (steps_run).
+    last_step = max(record["steps"], steps_run or 0)
+    return parse_trace(record[key], where, last_step)
+
+
+def read_sources(source: Path) -> dict[str, list[tuple[str, dict]]]:
+    """Every record of every grouped file, parsed and checked before anything is
+    written: file name -> [(file:line, record)] (a record checked for every way a group
+    reads it: full trace, tail only).
+
+    Raises:
+        RecordError: the first bad record, with its file and line.
+    """
+    tail_only = {s.file: g.tail_only for g in GROUPS for s in g.sources}
+    records = {}
+    for name in sorted(tail_only):
+        path = source / name
+        if not path.is_file():
+            raise RecordError(f"{path}: missing (a file of the comparison groups)")
+        rows = []
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecordError(f"{path}: cannot be read ({e})") from None
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{where}: not a JSON line ({e.msg})") from None
+            check_record(record, where, tail_only=tail_only[name])
+            rows.append((where, record))
+        records[name] = rows
+    return records
 
 
 def _read_name(variant: str, rename: Mapping[str, str]) -> str:
@@ -281,8 +423,13 @@ def _read_name(variant: str, rename: Mapping[str, str]) -> str:
     return "raw" if variant == "baseline" else variant
 
 
-def group_rows(group: Group, source: Path) -> tuple[list[dict], dict]:
-    """The metrics rows of a group and what its run_config needs."""
+def group_rows(
+    group: Group, source: Path, records: Mapping[str, list[tuple[str, dict]]] | None = None
+) -> tuple[list[dict], dict]:
+    """The metrics rows of a group and what its run_config needs, from ``records``
+    (``read_sources``; read from ``source`` when not given)."""
+    if records is None:
+        records = read_sources(source)
     fields = {
         "regimes": "regime",
         "batch": "batch_size",
@@ -294,48 +441,35 @@ def group_rows(group: Group, source: Path) -> tuple[list[dict], dict]:
     rows, seen, meta = [], set(), {name: set() for name in fields}
     reads: list[str] = []
     for src in group.sources:
-        path = source / src.file
-        with path.open() as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                where = f"{path}:{lineno}"
-                if src.regime is not None and record.get("regime") != src.regime:
-                    continue
-                if src.lr is not None and record.get("lr") != src.lr:
-                    continue
-                read = _read_name(record["variant"], src.rename)
-                key = (read, int(record["seed"]))
-                if key in seen:
-                    raise ValueError(
-                        f"{where}: {read} seed {key[1]} appears twice in group {group.name}; "
-                        "give one of the files a rename in experiments.import_replication."
-                    )
-                seen.add(key)
-                if read not in reads:
-                    reads.append(read)
-                trace = record.get("trace") if not group.tail_only else record["trace_tail"]
-                if trace is None:
-                    raise ValueError(f"{where}: no trace; list the file in EXCLUDED or tail_only")
-                trigger = record.get("anneal_trigger_step")
-                for evaluation in parse_trace(trace, where):
-                    row = {"read": read, "seed": key[1], **evaluation, "nonfinite": False}
-                    if "alpha" in evaluation:
-                        # As our trainer writes an annealed read's rows: the seed's
-                        # trigger step once it has triggered (experiments.report.anneal).
-                        reached = trigger is not None and evaluation["step"] >= trigger
-                        row["anneal_trigger_step"] = trigger if reached else None
-                    rows.append(row)
-                for name, field in fields.items():
-                    if record.get(field) is None:
-                        raise ValueError(
-                            f"{where}: no {field!r}; a training record names its regime, "
-                            "batch, lr, steps and task (list a probe file in EXCLUDED)"
-                        )
-                    meta[name].add(record[field])
+        for where, record in records[src.file]:
+            if src.regime is not None and record["regime"] != src.regime:
+                continue
+            if src.lr is not None and record["lr"] != src.lr:
+                continue
+            read = _read_name(record["variant"], src.rename)
+            key = (read, record["seed"])
+            if key in seen:
+                raise RecordError(
+                    f"{where}: {read} seed {key[1]} appears twice in group {group.name}; "
+                    "give one of the files a rename in experiments.import_replication."
+                )
+            seen.add(key)
+            if read not in reads:
+                reads.append(read)
+            trace = record["trace_tail"] if group.tail_only else record["trace"]
+            trigger = record.get("anneal_trigger_step")
+            for evaluation in parse_trace(trace, where):
+                row = {"read": read, "seed": key[1], **evaluation, "nonfinite": False}
+                if "alpha" in evaluation:
+                    # As our trainer writes an annealed read's rows: the seed's
+                    # trigger step once it has triggered (experiments.report.anneal).
+                    reached = trigger is not None and evaluation["step"] >= trigger
+                    row["anneal_trigger_step"] = trigger if reached else None
+                rows.append(row)
+            for name, field in fields.items():
+                meta[name].add(record[field])
     if not rows:
-        raise ValueError(f"group {group.name}: its sources hold no row")
+        raise RecordError(f"group {group.name}: its sources hold no row")
     return rows, {**meta, "reads": reads}
 
 
@@ -387,12 +521,18 @@ def run_config(group: Group, meta: Mapping, rows: Sequence[Mapping]) -> dict:
 def import_records(source: str | Path, out: str | Path) -> dict[str, Path]:
     """Writes one workdir per group under ``out``; returns group -> workdir.
 
+    All or nothing: every record of every grouped file is parsed and checked, and every
+    group's rows and run_config computed, before anything is written; the workdirs are
+    then written into a temporary folder beside ``out`` and renamed into place, so
+    ``out`` either holds the whole import or is left as it was.
+
     Raises:
         ValueError: a file of ``source`` in no group and not excluded, a group's file
-            missing, a malformed record, a duplicate (read, seed) in a group, or an
-            ``out`` that already holds an import (it is not overwritten).
+            missing, a malformed record (``RecordError``, naming its file and line), a
+            duplicate (read, seed) in a group, or an ``out`` that already holds
+            something (it is not overwritten) or cannot be created.
     """
-    source, out = Path(source), Path(out)
+    source, out = Path(source), Path(out).absolute()
     if not source.is_dir():
         raise ValueError(f"--source {source}: not a directory of replication JSONL files")
     grouped = {s.file for g in GROUPS for s in g.sources}
@@ -401,18 +541,32 @@ def import_records(source: str | Path, out: str | Path) -> dict[str, Path]:
     )
     if unknown:
         raise ValueError(f"{source}: files in no comparison group: {unknown}; add them to GROUPS")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} is not empty; give a new directory (nothing is overwritten)")
-    workdirs = {}
+    try:
+        FLAG_CHECKS.output_folder("out", out)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    records = read_sources(source)
+    contents = {}
     for group in GROUPS:
-        rows, meta = group_rows(group, source)
-        workdir = out / group.name
-        workdir.mkdir(parents=True)
-        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        config = run_config(group, meta, rows)
-        (workdir / "run_config.json").write_text(json.dumps(config, indent=1) + "\n")
-        workdirs[group.name] = workdir
-    return workdirs
+        rows, meta = group_rows(group, source, records)
+        contents[group.name] = (rows, run_config(group, meta, rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for name, (rows, config) in contents.items():
+            workdir = staging / name
+            workdir.mkdir()
+            (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (workdir / "run_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {name: out / name for name in contents}
 
 
 def _define_flags() -> dict:
@@ -428,12 +582,12 @@ def _define_flags() -> dict:
 def main(argv: Sequence[str]) -> None:
     library_logging_at_warning()
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+        _usage(f"unexpected arguments: {list(argv[1:])}")
     if not _FLAGS["out"].value:
-        raise app.UsageError("--out=DIR is required.")
+        _usage("--out=DIR is required.")
     try:
         workdirs = import_records(_FLAGS["source"].value, _FLAGS["out"].value)
-    except (ValueError, OSError, json.JSONDecodeError) as e:
+    except (ValueError, OSError) as e:
         print(f"import_replication: error: {e}", file=sys.stderr)
         sys.exit(2)
     for name, workdir in workdirs.items():
@@ -441,6 +595,11 @@ def main(argv: Sequence[str]) -> None:
     print(f"excluded: {', '.join(sorted(EXCLUDED))} (probes without a training trace)")
 
 
+def _usage(message: str):
+    print(f"import_replication: usage error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
     _FLAGS = _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_flag_parser("import_replication"))
