@@ -25,6 +25,10 @@ PAGES = [
     "docs/results.md",
     "docs/running.md",
     "docs/speed.md",
+    # Pages of the study's detail: their links and commands are checked as well.
+    "docs/agents.md",
+    "docs/mechanism.md",
+    "docs/specification.md",
 ]
 # Commands of other programs the pages may give, checked no further.
 EXTERNAL_PROGRAMS = {"tensorboard"}
