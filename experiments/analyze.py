@@ -21,6 +21,7 @@ read no run holds).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.cli import library_logging_at_warning
+from experiments.cli import config_flag_parser, library_logging_at_warning
+from experiments.config_checks import FLAGS as FLAG_CHECKS
 from experiments.report import hazard
 from experiments.report.build import find_regime_workdirs
 from experiments.report.records import METRICS_FILE, load_metrics, load_run_config
@@ -36,19 +38,92 @@ from experiments.report.statistics import analyze, compare_reads
 from experiments.report.tables import format_hazard_ratio, format_p
 
 
-def run_dirs(paths: Sequence[str]) -> list[Path]:
-    """The workdirs named by ``paths`` (a workdir, or a directory of workdirs)."""
-    out = []
-    for path in map(Path, paths):
+def resolve_runs(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """The workdirs named by ``paths`` (a workdir, or a directory of workdirs), each once.
+
+    Every path is resolved (symbolic links, ``..``) and a directory of workdirs expanded
+    to its workdirs, so a run named twice, or named and also reached through its parent,
+    is counted once; the second element says which were (one line each, for the
+    output). Two different folders holding byte-identical ``metrics.jsonl`` files are
+    one run copied, and refused.
+
+    Raises:
+        ValueError: a path that is neither a workdir nor a directory of them, or a run
+            copied into two folders.
+    """
+    found: dict[Path, list[str]] = {}
+    for given in paths:
+        path = Path(given)
         if (path / METRICS_FILE).is_file():
-            out.append(path)
+            candidates = [path]
         elif path.is_dir() and find_regime_workdirs(path):
-            out += find_regime_workdirs(path)
+            candidates = find_regime_workdirs(path)
         else:
             raise ValueError(
-                f"{path}: neither a workdir with {METRICS_FILE} nor a directory of them"
+                f"{given}: neither a workdir with {METRICS_FILE} nor a directory of them"
             )
-    return out
+        for candidate in candidates:
+            named = given if candidate == path else f"{given} (inside it)"
+            found.setdefault(candidate.resolve(), []).append(named)
+    notes = [
+        f"{run} was named {len(names)} times ({'; '.join(names)}): counted once"
+        for run, names in found.items()
+        if len(names) > 1
+    ]
+    digests: dict[str, Path] = {}
+    for run in found:
+        digest = hashlib.sha256((run / METRICS_FILE).read_bytes()).hexdigest()
+        if digest in digests:
+            raise ValueError(
+                f"{digests[digest]} and {run} hold the same {METRICS_FILE}, byte for byte: "
+                "one run copied into two folders would be counted twice; name only one"
+            )
+        digests[digest] = run
+    return list(found), notes
+
+
+def run_dirs(paths: Sequence[str]) -> list[Path]:
+    """The workdirs named by ``paths``, each once (``resolve_runs``)."""
+    return resolve_runs(paths)[0]
+
+
+def check_evaluation_order(workdir: Path) -> None:
+    """Refuses a ``metrics.jsonl`` whose evaluations of a (read, seed) go back in step
+    (out of order) or repeat a step with a different accuracy or ``nonfinite`` flag: the
+    analysis would otherwise keep one of them silently. A repeat with the same values (a
+    resumed run writing an evaluation again) is harmless. Lines that are not JSON (a
+    crash mid-write) are left to ``load_metrics``, which skips them.
+
+    Raises:
+        ValueError: naming the file, line, read, seed and step.
+    """
+    path = workdir / METRICS_FILE
+    last: dict[tuple, int] = {}
+    values: dict[tuple, tuple] = {}
+    with path.open() as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict) or not {"read", "seed", "step"} <= row.keys():
+                continue  # load_metrics refuses it, naming the line
+            run = (str(row["read"]), row["seed"])
+            key = (*run, row["step"])
+            value = (row.get("accuracy"), bool(row.get("nonfinite", False)))
+            where = f"{path}:{lineno}: read {run[0]} seed {run[1]} step {row['step']}"
+            if key in values:
+                if values[key] != value:
+                    raise ValueError(
+                        f"{where} is evaluated twice with different values ({values[key][0]} "
+                        f"and {value[0]}); which one is the run's is unknown"
+                    )
+                continue
+            if not isinstance(row["step"], int) or row["step"] < last.get(run, -1):
+                raise ValueError(
+                    f"{where} comes after step {last.get(run)}: evaluations out of order"
+                )
+            last[run], values[key] = row["step"], value
 
 
 def compare_runs(
@@ -87,7 +162,12 @@ def compare_runs(
     if hazard_model not in hazard.BASELINES:
         raise ValueError(f"--hazard_model={hazard_model!r}; use one of {hazard.BASELINES}")
     runs, strata, skipped, seen = [], {}, [], set()
+    resolved = [Path(w).resolve() for w in workdirs]
+    repeated = sorted({str(w) for w in resolved if resolved.count(w) > 1})
+    if repeated:
+        raise ValueError(f"runs given twice: {repeated}; each run counts once (resolve_runs)")
     for workdir in workdirs:
+        check_evaluation_order(Path(workdir))
         config = load_run_config(workdir)
         results = analyze(load_metrics(workdir), config, threshold)
         summaries = results["reads"]
@@ -188,6 +268,9 @@ def format_comparison(result: Mapping) -> str:
             + " | ".join(format_hazard_ratio(p["hazard_ratio_by_model"][m]) for m in others)
             + " |"
         )
+    if result.get("counted_once"):
+        lines.append("")
+        lines += [f"- {note}." for note in result["counted_once"]]
     if result.get("skipped"):
         lines.append("")
         lines += [f"- Skipped {Path(k['run']).name}: {k['reason']}." for k in result["skipped"]]
@@ -221,25 +304,37 @@ def _define_flags() -> dict:
 def main(argv: Sequence[str]) -> None:
     library_logging_at_warning()
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+        _refuse(f"unexpected arguments: {list(argv[1:])}")
     if not _FLAGS["runs"].value:
-        raise app.UsageError("--runs=DIR[,DIR...] is required.")
+        _refuse("--runs=DIR[,DIR...] is required.")
+    threshold, out = _FLAGS["threshold"].value, _FLAGS["out"].value
     try:
+        if threshold is not None:
+            FLAG_CHECKS.real("threshold", threshold, minimum=0, maximum=1, minimum_inclusive=False)
+        if out:
+            FLAG_CHECKS.output_file("out", out)
+        workdirs, counted_once = resolve_runs(_FLAGS["runs"].value)
         result = compare_runs(
-            run_dirs(_FLAGS["runs"].value),
+            workdirs,
             _FLAGS["baseline"].value,
             _FLAGS["reads"].value,
-            _FLAGS["threshold"].value,
+            threshold,
             _FLAGS["hazard_model"].value,
         )
-    except (ValueError, OSError) as e:
-        print(f"analyze: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
+        _refuse(str(e))
+    if counted_once:
+        result["counted_once"] = counted_once
     print(format_comparison(result), end="")
-    if _FLAGS["out"].value:
-        Path(_FLAGS["out"].value).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+
+
+def _refuse(message: str):
+    print(f"analyze: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
     _FLAGS = _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_flag_parser("analyze"))
