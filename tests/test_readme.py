@@ -214,6 +214,22 @@ def test_inline_modules_exist(page):
     assert not missing, f"{page}: no such module(s) {missing}"
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_named_paths_exist(page):
+    """Every repository path a page names in backticks exists (``configs/...`` as the
+    commands resolve it; placeholders such as ``...``, ``<step>`` or ``*`` left out)."""
+    text = (REPO_ROOT / page).read_text()
+    pattern = r"`((?:orthorecall|experiments|tests|results|data|docs|configs|\.ci)/[^`\s:]*)"
+    missing = []
+    for path in sorted(set(re.findall(pattern, text))):
+        if re.search(r"\.\.\.|[<*]|\b(DIR|GROUP|PATH|PRESET|FILE|NAME)\b", path):
+            continue
+        places = [REPO_ROOT / path, REPO_ROOT / "experiments" / path]
+        if not any(place.exists() for place in places[: 2 if path.startswith("configs/") else 1]):
+            missing.append(path)
+    assert not missing, f"{page}: no such path(s) {missing}"
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor of a heading."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
