@@ -47,7 +47,13 @@ import time
 
 from absl import app, flags
 
-from experiments.cli import library_logging_at_warning
+from experiments.cli import (
+    ConfigError,
+    config_flag_parser,
+    exit_status_on_refusal,
+    library_logging_at_warning,
+)
+from experiments.config_checks import FLAGS as FLAG_CHECKS
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repeats (under 5 minutes on 2 cores).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
@@ -684,31 +690,55 @@ def run_benchmark(mode: str) -> dict:
     }
 
 
-def main(argv):
-    library_logging_at_warning()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _MEMORY_CHILD.value:
+def _memory_shape() -> tuple[int, int]:
+    """--memory_shape as (batch, length), each an integer in [1, 2**31 - 1]."""
+    if len(_MEMORY_SHAPE.value) != 2:
+        FLAG_CHECKS.fail("memory_shape", f"must be BATCH,LENGTH, got {_MEMORY_SHAPE.value}.")
+    try:
         batch, seq_len = (int(x) for x in _MEMORY_SHAPE.value)
-        _memory_child(batch, seq_len, _MODES["smoke"]["cell"] if _SMOKE.value else None)
-        return
+    except ValueError:
+        FLAG_CHECKS.fail("memory_shape", f"must be two integers, got {_MEMORY_SHAPE.value}.")
+    FLAG_CHECKS.int("memory_shape", batch, minimum=1)
+    FLAG_CHECKS.int("memory_shape", seq_len, minimum=1)
+    return batch, seq_len
+
+
+def _check_flags():
+    """The flags, before anything is measured; returns (mode, reference records)."""
     chosen = [name for name, flag in _MODE_FLAGS.items() if flag.value]
     if len(chosen) > 1:
-        raise app.UsageError(
+        raise ConfigError(
             f"--{' and --'.join(chosen)} are exclusive; pick one of --quick, --smoke, "
             "--accelerator (none: the full benchmark)."
         )
+    if _JSON.value:
+        FLAG_CHECKS.output_file("json", _JSON.value)
     reference = None
     if _REFERENCE_JSON.value:
         try:
             with open(_REFERENCE_JSON.value) as f:
                 reference = json.load(f)["records"]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise app.UsageError(
+            raise ConfigError(
                 f"--reference_json={_REFERENCE_JSON.value} is not the --json output of "
                 f"experiments/benchmark_reference.py: {error}"
-            ) from error
-    out = run_benchmark(chosen[0] if chosen else "full")
+            ) from None
+    return (chosen[0] if chosen else "full"), reference
+
+
+def main(argv):
+    library_logging_at_warning()
+    with exit_status_on_refusal("benchmark"):
+        if len(argv) > 1:
+            raise ConfigError(f"unexpected arguments: {argv[1:]}")
+        if _MEMORY_CHILD.value:
+            batch, seq_len = _memory_shape()
+        else:
+            mode, reference = _check_flags()
+    if _MEMORY_CHILD.value:
+        _memory_child(batch, seq_len, _MODES["smoke"]["cell"] if _SMOKE.value else None)
+        return
+    out = run_benchmark(mode)
     stats = out["device_memory_stats"]["end"] or {}
     memory = (
         f", device memory peak {stats['peak_bytes_in_use'] / 2**30:.1f} of "
@@ -732,4 +762,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_flag_parser("benchmark"))

@@ -29,7 +29,14 @@ import numpy as np
 from absl import app, flags
 
 from experiments.agents.networks import ActorCritic, CoreConfig, carry_size, initial_carry
-from experiments.cli import avoid_xla_cpu_scheduler_deadlock, library_logging_at_warning
+from experiments.cli import (
+    ConfigError,
+    avoid_xla_cpu_scheduler_deadlock,
+    config_flag_parser,
+    exit_status_on_refusal,
+    library_logging_at_warning,
+)
+from experiments.config_checks import FLAGS as FLAG_CHECKS
 
 _CORES = flags.DEFINE_string("cores", "gru,raw,ns5", "Comma-separated cores.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Environments stepped together.", lower_bound=1)
@@ -99,18 +106,55 @@ def format_table(figures: dict, batch: int, unroll: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
-    library_logging_at_warning()
-    avoid_xla_cpu_scheduler_deadlock()
+# Floats one environment step of the training unroll keeps for the backward pass
+# besides the carry (encoder, gates, heads: about 16 x width), as the agent's estimate.
+_ACTIVATION_FLOATS_PER_WIDTH = 16
+
+
+def check_flags() -> list[CoreConfig]:
+    """Every flag (``experiments.config_checks``' rules) and an analytic memory estimate
+    of the training unroll (per step and environment: the carry, the observation and
+    about 16 x width activations, float32), before anything is compiled; the cores."""
+    for flag in (_BATCH, _WIDTH, _UNROLL, _OBS, _ACTIONS):
+        FLAG_CHECKS.int(flag.name, flag.value, minimum=1)
+    FLAG_CHECKS.int(_REPEATS.name, _REPEATS.value, minimum=3)
+    if _JSON.value:
+        FLAG_CHECKS.output_file("json", _JSON.value)
     names = [n.strip() for n in _CORES.value.split(",") if n.strip()]
-    figures = {}
+    if not names:
+        FLAG_CHECKS.fail("cores", "names no core; use e.g. gru,raw,ns5.")
+    cores = []
     for name in names:
         try:
-            core = CoreConfig(name=name, width=_WIDTH.value)
-        except ValueError as e:
-            raise app.UsageError(str(e)) from None
+            cores.append(CoreConfig(name=name, width=_WIDTH.value))
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            FLAG_CHECKS.fail("cores", f"{name}: {e}")
+    from orthorecall import footprint
+
+    for core in cores:
+        per_step = carry_size(core) + _OBS.value + _ACTIVATION_FLOATS_PER_WIDTH * _WIDTH.value
+        need = 4 * _BATCH.value * _UNROLL.value * per_step
+        available = footprint.per_device_available_memory(jax.devices()[:1])
+        if available is not None and need > available:
+            FLAG_CHECKS.fail(
+                "batch",
+                f"the {core.name} unroll needs about {footprint.format_bytes(need)} (an "
+                f"analytic estimate), more than the {footprint.format_bytes(available)} the "
+                "device can use; lower --batch, --unroll or --width.",
+            )
+    return cores
+
+
+def main(argv: Sequence[str]) -> None:
+    library_logging_at_warning()
+    avoid_xla_cpu_scheduler_deadlock()
+    with exit_status_on_refusal("benchmark_agents"):
+        if len(argv) > 1:
+            raise ConfigError(f"unexpected arguments: {list(argv[1:])}")
+        cores = check_flags()
+    figures = {}
+    for core in cores:
+        name = core.name
         figures[name] = measure(
             core, _BATCH.value, _UNROLL.value, _OBS.value, _ACTIONS.value, _REPEATS.value
         )
@@ -134,4 +178,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_flag_parser("benchmark_agents"))

@@ -126,7 +126,12 @@ def benchmark_first_occurrence(batch_size: int, seq_len: int, repeats: int) -> N
         print(f"{name:>28s}: {seconds * 1e3:9.3f} ms/batch")
 
 
-def main() -> None:
+# A batch that would take longer than this for the numpy generator to draw once is
+# refused (the study's limit per numpy training step, experiments.train).
+MAX_BATCH_SECONDS = 60.0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -136,8 +141,48 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="also time first-occurrence variants"
     )
-    args = parser.parse_args()
-    task = data.NoisyRecallTask(vocab_size=VOCAB_SIZE, seq_len=args.seq_len)
+    return parser
+
+
+def check_arguments(args) -> data.NoisyRecallTask:
+    """The arguments (``experiments.config_checks``' rules), the task they make, and the
+    time one numpy batch takes at ``orthorecall.footprint``'s rate, before anything runs.
+
+    Raises:
+        ConfigError: naming the argument.
+    """
+    from experiments.config_checks import FLAGS as FLAG_CHECKS
+    from orthorecall import footprint
+
+    for name in ("batch_size", "seq_len", "repeats"):
+        FLAG_CHECKS.int(name.replace("_", "-"), getattr(args, name), minimum=1)
+    try:
+        task = data.NoisyRecallTask(vocab_size=VOCAB_SIZE, seq_len=args.seq_len)
+    except ValueError as e:
+        FLAG_CHECKS.fail("seq-len", str(e))
+    seconds = footprint.numpy_generation_seconds(
+        num_sequences=args.batch_size, seq_len=args.seq_len
+    )
+    if seconds > MAX_BATCH_SECONDS:
+        FLAG_CHECKS.fail(
+            "batch-size",
+            f"one batch of {args.batch_size} x {args.seq_len} would take about {seconds:,.0f} s "
+            f"to draw with numpy (at most {MAX_BATCH_SECONDS:.0f} s); ask for less.",
+        )
+    return task
+
+
+def main(argv=None) -> None:
+    import sys
+
+    from experiments.cli import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        task = check_arguments(args)
+    except ConfigError as e:
+        print(f"benchmark_data: configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"batch {args.batch_size}, {task}, {jax.devices()[0].platform}")
     benchmark_generators(args.batch_size, args.seq_len, args.repeats)
     if args.variants:

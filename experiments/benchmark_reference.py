@@ -131,14 +131,32 @@ def run(reference_dir: pathlib.Path, batches, seq_len: int, repeats: int) -> lis
     return records
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference_dir", required=True, type=pathlib.Path)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="batch 16 only, 2 repeats")
     mode.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
     parser.add_argument("--json", type=pathlib.Path, help="write the records here")
+    return parser
+
+
+def check_json_path(parser: argparse.ArgumentParser, path: pathlib.Path | None) -> None:
+    """Refuses (exit code 2, naming --json) a path that is a folder or whose folder does
+    not exist, before anything is timed. (This script runs in the reference's
+    environment, without the project's shared checks.)"""
+    if path is None:
+        return
+    if path.is_dir():
+        parser.error(f"--json: {path} is a folder; give the path of a file to write.")
+    if not path.absolute().parent.is_dir():
+        parser.error(f"--json: {path.absolute().parent} is not an existing folder.")
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    check_json_path(parser, args.json)
     if args.smoke:
         batches, seq_len, repeats = (2,), 24, 1
     elif args.quick:

@@ -22,7 +22,8 @@ import time
 
 from absl import app, flags
 
-from experiments.cli import library_logging_at_warning
+from experiments.cli import ConfigError, config_flag_parser, library_logging_at_warning
+from experiments.config_checks import FLAGS as FLAG_CHECKS
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Path of a reference .pt checkpoint.")
 _NUM_BATCHES = flags.DEFINE_integer(
@@ -93,6 +94,7 @@ def evaluate_checkpoint(
             )
         num_batches = num_batches or _cfg_count(cfg, "val_batches")
         batch_size = batch_size or _cfg_count(cfg, "val_batch_size")
+        _check_validation_size(num_batches, batch_size, task.seq_len)
         try:
             inputs, targets = data.reference_validation_set(
                 task, seed=seed, num_batches=num_batches, batch_size=batch_size
@@ -130,18 +132,44 @@ def evaluate_checkpoint(
     }
 
 
+# A validation set that would take longer than this to draw is refused (the study's
+# limit, experiments.train.MAX_VALIDATION_SECONDS).
+MAX_VALIDATION_SECONDS = 600.0
+
+
+def _check_validation_size(num_batches: int, batch_size: int, seq_len: int) -> None:
+    """Refuses a validation set that would take more than ``MAX_VALIDATION_SECONDS`` to
+    draw or more memory than the host has (``orthorecall.footprint``'s figures)."""
+    from orthorecall import footprint
+
+    sequences = num_batches * batch_size
+    seconds = footprint.numpy_generation_seconds(num_sequences=sequences, seq_len=seq_len)
+    need = footprint.validation_set_bytes(num_sequences=sequences, seq_len=seq_len)
+    available = footprint.host_available_memory_bytes()
+    if seconds > MAX_VALIDATION_SECONDS or (available is not None and need > available):
+        raise ValueError(
+            f"--num_batches={num_batches} x --batch_size={batch_size} sequences of length "
+            f"{seq_len} would take about {seconds:,.0f} s to draw and "
+            f"{footprint.format_bytes(need)} to hold (at most {MAX_VALIDATION_SECONDS:.0f} s"
+            " and the host's available memory); ask for fewer."
+        )
+
+
+def check_flags(num_batches, batch_size, chunk_size) -> None:
+    """The numeric flags (``experiments.config_checks``' rules), before the checkpoint
+    is read."""
+    for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
+        if value is not None:
+            FLAG_CHECKS.int(name, value, minimum=1)
+    FLAG_CHECKS.int("chunk_size", chunk_size, minimum=1)
+
+
 def _exit_with(message: str, code: int = 2):
     print(f"evaluate_reference: {message}", file=sys.stderr)
     sys.exit(code)
 
 
-def parse_flags(argv):
-    """absl's flag parsing, with a wrong flag reported in one line and exit code 2
-    (absl alone exits with 1)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _exit_with(f"usage error: {e}. Pass --helpshort to see the flags.")
+parse_flags = config_flag_parser("evaluate_reference")
 
 
 def main(argv):
@@ -150,6 +178,10 @@ def main(argv):
         _exit_with(f"usage error: unexpected arguments {argv[1:]}; pass --checkpoint=PATH.")
     if not _CHECKPOINT.value:
         _exit_with("usage error: --checkpoint=PATH is required.")
+    try:
+        check_flags(_NUM_BATCHES.value, _BATCH_SIZE.value, _CHUNK_SIZE.value)
+    except ConfigError as e:
+        _exit_with(f"configuration error: {e}")
     try:
         result = evaluate_checkpoint(
             _CHECKPOINT.value,

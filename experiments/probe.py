@@ -31,7 +31,13 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments.cli import ConfigError, exit_status_on_refusal, library_logging_at_warning
+from experiments.cli import (
+    ConfigError,
+    config_flag_parser,
+    exit_status_on_refusal,
+    library_logging_at_warning,
+)
+from experiments.config_checks import FLAGS as FLAG_CHECKS
 from experiments.probe_records import NORMALIZATIONS, PROBES, markdown_table, run, table_path
 
 DEFAULT_SWAP_READS = "raw,ns5"
@@ -83,6 +89,9 @@ def _check_command_line() -> tuple[str, list[str]]:
         )
     if not _OUT.value:
         raise ConfigError("--out=OUT.json is required.")
+    # Both files are written after all the compute: refuse what cannot be written now.
+    out = FLAG_CHECKS.output_file("out", _OUT.value)
+    FLAG_CHECKS.output_file("out", table_path(out))
     if _READS.value and _PROBE.value != "swap":
         raise ConfigError(
             f"--reads is for --probe=swap; --probe={_PROBE.value} uses each model's own read."
@@ -95,8 +104,8 @@ def _check_command_line() -> tuple[str, list[str]]:
             raise ConfigError(f"--reads: {e}") from None
     if len(set(reads)) != len(reads):
         raise ConfigError(f"--reads lists a read twice: {reads}.")
-    if _NUM_SEQUENCES.value is not None and _NUM_SEQUENCES.value < 1:
-        raise ConfigError(f"--num_sequences={_NUM_SEQUENCES.value}: must be at least 1.")
+    if _NUM_SEQUENCES.value is not None:
+        FLAG_CHECKS.int("num_sequences", _NUM_SEQUENCES.value, minimum=1)
     return _PROBE.value, reads
 
 
@@ -104,9 +113,12 @@ def _seeds() -> list[int] | None:
     if not _SEEDS.value:
         return None
     try:
-        return [int(seed) for seed in _SEEDS.value]
+        seeds = [int(seed) for seed in _SEEDS.value]
     except ValueError:
         raise ConfigError(f"--seeds={','.join(_SEEDS.value)}: seeds are integers.") from None
+    for seed in seeds:
+        FLAG_CHECKS.seeds("seeds", seed)
+    return seeds
 
 
 def main(argv: Sequence[str]) -> None:
@@ -115,10 +127,11 @@ def main(argv: Sequence[str]) -> None:
         if len(argv) > 1:
             raise ConfigError(f"unexpected arguments {argv[1:]}; pass flags only (--helpshort).")
         probe, reads = _check_command_line()
+        seeds = _seeds()
         from experiments import probe_sources
 
         if _WORKDIR.value is not None:
-            models = probe_sources.from_workdir(_WORKDIR.value, _MODELS.value, _seeds())
+            models = probe_sources.from_workdir(_WORKDIR.value, _MODELS.value, seeds)
         else:
             models = probe_sources.from_checkpoints(_CHECKPOINT.value)
         records = run(
@@ -138,13 +151,7 @@ def main(argv: Sequence[str]) -> None:
         print(f"wrote {out} and {table_path(out)}", file=sys.stderr)
 
 
-def parse_flags(argv):
-    """absl's flag parsing, a wrong flag reported in one line with exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"probe: usage error: {e}. Pass --helpshort to see the flags.", file=sys.stderr)
-        sys.exit(2)
+parse_flags = config_flag_parser("probe")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from experiments.cli import (
     exit_status_on_refusal,
     library_logging_at_warning,
 )
+from experiments.config_checks import FLAGS as FLAG_CHECKS
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -103,6 +104,9 @@ def main(argv: Sequence[str]) -> None:
         from orthorecall import multihost
 
         try:
+            for flag in (_NUM_PROCESSES, _PROCESS_ID):
+                if flag.value is not None:
+                    FLAG_CHECKS.int(flag.name, flag.value, minimum=0)
             multihost.initialize(*distributed, timeout_seconds=_PEER_TIMEOUT.value, program="run")
             _agree_across_processes(config, _NUM_PROCESSES.value, _PEER_TIMEOUT.value)
         except (ValueError, multihost.PeersMissing, multihost.Disagreement) as e:

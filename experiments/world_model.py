@@ -22,21 +22,26 @@ and the predict-the-mean reward baseline. It writes:
 from __future__ import annotations
 
 import json
-import math
 import pathlib
-import sys
 import time
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments.cli import avoid_xla_cpu_scheduler_deadlock, library_logging_at_warning
+from experiments.cli import (
+    ConfigError,
+    avoid_xla_cpu_scheduler_deadlock,
+    config_flag_parser,
+    exit_status_on_refusal,
+    library_logging_at_warning,
+)
+from experiments.config_checks import FLAGS as FLAG_CHECKS
 
 _ENV = flags.DEFINE_string("env", "RepeatPreviousEasy", "Environment name (envs.make).")
 _STEPS = flags.DEFINE_integer("steps", 2500, "Updates (each collects, trains the model and actor).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _READ = flags.DEFINE_string("read", "ns5", "The cell's memory read (ns5, raw, polar, ...).")
-_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder (required).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Updates between metrics lines.")
 _REWARD_SCALE = flags.DEFINE_float(
     "reward_scale",
@@ -75,6 +80,88 @@ SUMMARY_KEYS = (
 )
 
 
+# Floats one step of a replayed chunk, an imagined step or an evaluation step keeps
+# through the update, besides the cell's memory: the world model's hidden layers
+# (several x hidden), the latents' logits and samples (latents x classes, a few times),
+# and the reward and value heads' two-hot bins (twice). See world_model_memory_bytes.
+_PER_STEP_HIDDEN = 8
+_PER_STEP_LATENT = 4
+_PER_STEP_BINS = 2
+
+
+def world_model_memory_bytes(env, config, loop, horizon: int) -> int:
+    """A simple analytic estimate, in bytes, of what a run holds at its peak: the replay
+    buffer (``num_envs x capacity`` steps of observation, action, reward, done) and the
+    activations of one update's model step (``batch_size x seq_len`` steps), its
+    imagination (``num_envs x horizon``) and an evaluation (``eval_envs x`` the
+    episode length), each step keeping the cell's memory (num_heads x (2 E / num_heads)^2)
+    and the layers above. It errs high; it exists to refuse sizes that cannot run."""
+    head = 2 * config.embedding_dim // max(1, config.num_heads)
+    memory = config.num_heads * head * head
+    per_step = (
+        memory
+        + _PER_STEP_HIDDEN * config.hidden
+        + _PER_STEP_LATENT * config.latents * config.classes
+        + _PER_STEP_BINS * config.bins
+        + env.observation_size
+    )
+    replay = loop.num_envs * loop.capacity * (env.observation_size + 4)
+    steps = (
+        loop.batch_size * loop.seq_len
+        + loop.num_envs * (horizon + loop.collect_steps)
+        + loop.eval_envs * env.max_episode_length
+    )
+    return 4 * (replay + 2 * steps * per_step)
+
+
+def check_arguments(
+    *,
+    env_name,
+    steps,
+    seed,
+    read,
+    out,
+    log_every,
+    reward_scale,
+    num_envs,
+    collect_steps,
+    batch_size,
+    seq_len,
+    horizon,
+    eval_envs,
+) -> None:
+    """Every argument of ``run`` checked before anything is written or computed (the
+    rules of every command: ``experiments.config_checks``): integers in range, the seed
+    below 2**32, a finite reward scale > 0, a known read, and an --out folder that can
+    be created.
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    FLAG_CHECKS.int("steps", steps, minimum=0)
+    FLAG_CHECKS.seeds("seed", seed)
+    for name, value in (
+        ("log_every", log_every),
+        ("num_envs", num_envs),
+        ("collect_steps", collect_steps),
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("horizon", horizon),
+        ("eval_envs", eval_envs),
+    ):
+        FLAG_CHECKS.int(name, value, minimum=1)
+    FLAG_CHECKS.optional_real("reward_scale", reward_scale, minimum=0, minimum_inclusive=False)
+    if not isinstance(read, str):
+        FLAG_CHECKS.fail("read", f"must be a read name, got {read!r}.")
+    from orthorecall.reads import read_from_name
+
+    try:
+        read_from_name(read)
+    except ValueError as e:
+        FLAG_CHECKS.fail("read", str(e))
+    FLAG_CHECKS.output_folder("out", out)
+
+
 def run(
     *,
     env_name: str,
@@ -103,7 +190,23 @@ def run(
 
     from experiments.agents import envs as envs_lib
     from experiments.agents import world_model as wm
+    from orthorecall import footprint
 
+    check_arguments(
+        env_name=env_name,
+        steps=steps,
+        seed=seed,
+        read=read,
+        out=out,
+        log_every=log_every,
+        reward_scale=reward_scale,
+        num_envs=num_envs,
+        collect_steps=collect_steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        horizon=horizon,
+        eval_envs=eval_envs,
+    )
     out = pathlib.Path(out)
     earlier = [name for name in (METRICS_FILE, SUMMARY_FILE, CURVES_FILE) if (out / name).exists()]
     if earlier:
@@ -111,8 +214,10 @@ def run(
             f"{out} already holds a run ({', '.join(earlier)}); this command does not resume "
             "and will not overwrite it: choose another --out, or delete those files."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    env = envs_lib.make(env_name)
+    try:
+        env = envs_lib.make(env_name)
+    except (ValueError, ImportError) as e:
+        FLAG_CHECKS.fail("env", str(e))
     scale = float(env.max_episode_length) if reward_scale is None else float(reward_scale)
     config = wm.Config(
         num_actions=env.num_actions,
@@ -130,6 +235,17 @@ def run(
         capacity=max(4096, 2 * (seq_len + env.max_episode_length)),
         eval_envs=eval_envs,
     )
+    need = world_model_memory_bytes(env, config, loop, horizon)
+    available = footprint.per_device_available_memory(jax.devices()[:1])
+    if available is not None and need > available:
+        FLAG_CHECKS.fail(
+            "num_envs",
+            f"the run needs about {footprint.format_bytes(need)} (an analytic estimate: "
+            "replay buffer and one update's activations), more than the "
+            f"{footprint.format_bytes(available)} the device can use; lower --num_envs, "
+            "--seq_len, --batch_size, --horizon or --eval_envs.",
+        )
+    out.mkdir(parents=True, exist_ok=True)
     if seq_len <= env.max_episode_length:
         echo(
             f"warning: seq_len={seq_len} <= episode length {env.max_episode_length}: "
@@ -309,37 +425,33 @@ def plot_curves(records: Sequence[dict], path: pathlib.Path, title: str = "") ->
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     library_logging_at_warning()
     avoid_xla_cpu_scheduler_deadlock()
-    for flag in (_STEPS, _LOG_EVERY, _NUM_ENVS, _COLLECT_STEPS, _BATCH_SIZE, _SEQ_LEN):
-        minimum = 0 if flag is _STEPS else 1
-        if flag.value < minimum:
-            raise app.UsageError(f"--{flag.name} must be >= {minimum}, got {flag.value}.")
-    if _REWARD_SCALE.value is not None and not (
-        math.isfinite(_REWARD_SCALE.value) and _REWARD_SCALE.value > 0
-    ):
-        raise app.UsageError(f"--reward_scale must be > 0, got {_REWARD_SCALE.value}.")
-    try:
-        summary = run(
-            env_name=_ENV.value,
-            steps=_STEPS.value,
-            seed=_SEED.value,
-            read=_READ.value,
-            out=_OUT.value,
-            log_every=_LOG_EVERY.value,
-            reward_scale=_REWARD_SCALE.value,
-            num_envs=_NUM_ENVS.value,
-            collect_steps=_COLLECT_STEPS.value,
-            batch_size=_BATCH_SIZE.value,
-            seq_len=_SEQ_LEN.value,
-            horizon=_HORIZON.value,
-            eval_envs=_EVAL_ENVS.value,
-        )
-    except (ValueError, FileExistsError) as e:  # a bad name or size; an earlier run in --out
-        print(f"world_model: {e}", file=sys.stderr)
-        sys.exit(2)
+    with exit_status_on_refusal("world_model"):
+        if len(argv) > 1:
+            raise ConfigError(f"unexpected arguments {list(argv[1:])}; pass flags only.")
+        if not _OUT.value:
+            raise ConfigError("--out=DIR is required.")
+        try:
+            summary = run(
+                env_name=_ENV.value,
+                steps=_STEPS.value,
+                seed=_SEED.value,
+                read=_READ.value,
+                out=_OUT.value,
+                log_every=_LOG_EVERY.value,
+                reward_scale=_REWARD_SCALE.value,
+                num_envs=_NUM_ENVS.value,
+                collect_steps=_COLLECT_STEPS.value,
+                batch_size=_BATCH_SIZE.value,
+                seq_len=_SEQ_LEN.value,
+                horizon=_HORIZON.value,
+                eval_envs=_EVAL_ENVS.value,
+            )
+        except ConfigError:
+            raise
+        except (ValueError, FileExistsError) as e:  # a bad size for the model; an earlier run
+            raise ConfigError(str(e)) from None
     print(
         f"done: {summary['env_steps']} environment steps in {summary['wall_s']:.0f}s; "
         f"final return {summary['last']['eval_return']:+.3f} "
@@ -348,4 +460,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_flag_parser("world_model"))
