@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import string
 import time
 from collections.abc import Sequence
 from typing import IO
@@ -46,6 +47,7 @@ from orthorecall import (
     host_data,
     mlstm,
     multihost,
+    reference_checkpoint,
     training,
 )
 from orthorecall import cell as cell_lib
@@ -54,6 +56,10 @@ from orthorecall.reads import read_from_name
 from orthorecall.validation import check_int
 
 TENSORBOARD_DIR = "tensorboard"
+# Every train.log_every steps: one row per read and seed (loss, gradient norm, rate).
+TRAIN_LOG_FILE = "train_log.jsonl"
+# What config.init_from's path may name, replaced by each seed's number and read's name.
+INIT_FROM_PLACEHOLDERS = ("seed", "read")
 # A read name ending in this trains that read under the scaffold anneal (config.anneal).
 ANNEAL_SUFFIX = "_anneal"
 
@@ -246,6 +252,90 @@ def task_from_config(config: ml_collections.ConfigDict) -> data.NoisyRecallTask:
         _section_error("task", e, [f.name for f in dataclasses.fields(data.NoisyRecallTask)])
 
 
+def init_from_paths(
+    config: ml_collections.ConfigDict, names: Sequence[str], seeds: Sequence[int]
+) -> dict[str, list[pathlib.Path]] | None:
+    """Read name -> the file each seed of ``seeds`` starts from (``config.init_from``,
+    its ``{seed}`` and ``{read}`` replaced), or None when the run starts from our
+    initializer. Checks the template only, not the files.
+
+    Raises:
+        ConfigError: not a path, or a placeholder other than ``{seed}`` and ``{read}``.
+    """
+    template = config.get("init_from")
+    if template is None:
+        return None
+    hint = (
+        "give the path of a reference checkpoint (.pt), where {seed} and {read} stand for "
+        "each seed's number and each read's name, e.g. "
+        "data/reference_parity/init/v80_s512_seed{seed}_init.pt"
+    )
+    if not isinstance(template, str) or not template.strip():
+        _fail("init_from", f"must be None or a path, got {template!r}; {hint}.")
+    try:
+        fields = [
+            field for _, field, _, _ in string.Formatter().parse(template) if field is not None
+        ]
+    except ValueError as e:
+        _fail("init_from", f"{template!r} is not a path template ({e}); {hint}.")
+    unknown = [field for field in fields if field not in INIT_FROM_PLACEHOLDERS]
+    if unknown:
+        _fail(
+            "init_from",
+            f"{template!r} names {unknown}: the only placeholders are {{seed}} and "
+            "{read} (write {{ and }} for literal braces).",
+        )
+    try:
+        return {
+            name: [pathlib.Path(template.format(seed=int(s), read=name)) for s in seeds]
+            for name in names
+        }
+    except (ValueError, TypeError) as e:
+        _fail("init_from", f"{template!r} cannot be filled in ({e}); {hint}.")
+
+
+def load_initial_params(
+    config: ml_collections.ConfigDict,
+    configs: dict[str, model_lib.ModelConfig],
+    seeds: Sequence[int],
+) -> dict[str, list] | None:
+    """Read name -> each seed's initial parameters from ``config.init_from`` (None when
+    it is not set). Every file is checked (``reference_checkpoint.
+    check_initial_checkpoint``: no tensor data read) before any is loaded.
+
+    Raises:
+        ConfigError: a missing or unreadable file, or one whose widths differ from the
+            configuration's, naming the seed, the read, and the field or tensor.
+    """
+    paths = init_from_paths(config, list(configs), seeds)
+    if paths is None:
+        return None
+
+    def attempt(action, name, seed, path):
+        try:
+            return action(path, configs[name])
+        except FileNotFoundError:
+            _fail(
+                "init_from",
+                f"{path} does not exist (seed {seed}, read {name!r}); check the path and "
+                "its {seed} / {read} placeholders.",
+            )
+        except (ValueError, OSError) as e:
+            _fail("init_from", f"seed {seed}, read {name!r}: {e}")
+
+    for name, files in paths.items():
+        for seed, path in zip(seeds, files, strict=True):
+            attempt(reference_checkpoint.check_initial_checkpoint, name, seed, path)
+    loaded = {}  # One load per file, however many seeds and reads start from it.
+    params = {name: [] for name in paths}
+    for name, files in paths.items():
+        for seed, path in zip(seeds, files, strict=True):
+            if path not in loaded:
+                loaded[path] = attempt(reference_checkpoint.initial_params, name, seed, path)
+            params[name].append(loaded[path])
+    return params
+
+
 # Seeds become uint32 PRNG keys (PRNGKey(s) keeps s mod 2**32: first_seed=2**32 would
 # silently rerun seed 0).
 SEED_LIMIT = 2**32
@@ -394,6 +484,7 @@ def validate_config(
         minimum_inclusive=False,
     )
     configs = model_configs(config)
+    init_from_paths(config, list(configs), [first_seed])
     schedule = anneal_schedule(config)
     if schedule is not None and schedule.mode == "window" and schedule.end > config.train.steps:
         _fail(
@@ -673,8 +764,15 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
     try:
         # Before any compute: the newest checkpoint must be of this configuration.
         check_config = checkpoint_config_check(workdir, config_dict)
+        initial = None
         if checkpointer.newest_meta(check_config) is None:
             check_workdir_without_checkpoint(workdir, checkpointer, config_dict)
+            # A fresh start: its config.init_from files are checked before any compute
+            # (a resumed run never reads them again).
+            num_seeds = config.seeds.num_seeds
+            initial = load_initial_params(
+                config, configs, range(config.seeds.first_seed, config.seeds.first_seed + num_seeds)
+            )
 
         task = task_from_config(config)
         groups = seed_groups(config, configs)
@@ -693,8 +791,16 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
             clip_norm=train.clip_norm,
         )
 
+        # Padding seeds (several devices) start from the initializer: they are dropped.
+        padding = [None] * (len(seeds) - num_seeds)
         states = {
-            name: training.init_seed_states(seeds, configs[name], optimizer) for name in names
+            name: training.init_seed_states(
+                seeds,
+                configs[name],
+                optimizer,
+                None if initial is None else initial[name] + padding,
+            )
+            for name in names
         }
         # Data keys differ from initialization keys but are fixed by the seed.
         keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 1))(
@@ -779,6 +885,12 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
 
         def total_steps() -> int:
             return int(max(b.max() for b in budgets().values()))
+
+        learning_rate = training.learning_rate_schedule(
+            train.schedule, train.learning_rate, train.steps, train.stretch_steps
+        )
+        if primary:
+            _truncate_train_log(workdir / TRAIN_LOG_FILE, step)
 
         def write_metrics():
             if primary:
@@ -902,6 +1014,18 @@ def _train_in_workdir(config, configs, workdir, tensorboard, console) -> dict:
                             progress.note(
                                 _evaluation_line(step, names, new_records, solved, num_seeds)
                             )
+                    if log_now and primary:
+                        _append_train_log(
+                            workdir / TRAIN_LOG_FILE,
+                            _train_log_rows(
+                                step,
+                                names,
+                                seeds[:num_seeds],
+                                metrics,
+                                bad,
+                                learning_rate(step - 1),
+                            ),
+                        )
                     if log_now:
                         nonfinite = {n: int(np.sum(bad[n])) for n in names}
                         mean_loss = {n: finite_mean(metrics[n]["loss"]) for n in names}
@@ -960,6 +1084,52 @@ def _note_if_data_throttles(progress, streams, elapsed: float) -> None:
         f"host ({streams.workers} worker process(es)). train.data_source='jax' draws the "
         "same distribution on the devices; numpy is the reference's exact stream."
     )
+
+
+def _train_log_rows(step, names, seeds, metrics, bad, learning_rate) -> list[dict]:
+    """The train_log.jsonl rows of one step: that step's training loss, the gradient's
+    global norm before clipping and the learning rate the update used, per read and
+    seed. A seed that was not updated (diverged, or past its anneal budget) has no rate."""
+    rows = []
+    for name in names:
+        loss, grad_norm = metrics[name]["loss"], metrics[name]["grad_norm"]
+        for i, seed in enumerate(seeds):
+            updated = not bad[name][i] and np.isfinite(loss[i])
+            rows.append(
+                {
+                    "read": name,
+                    "seed": int(seed),
+                    "step": step,
+                    "loss": finite_or_none(loss[i]),
+                    "grad_norm": finite_or_none(grad_norm[i]),
+                    "learning_rate": float(learning_rate) if updated else None,
+                }
+            )
+    return rows
+
+
+def _append_train_log(path: pathlib.Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _truncate_train_log(path: pathlib.Path, step: int) -> None:
+    """Keeps the train log's rows up to ``step`` (the step the run resumes from; 0 for a
+    fresh start), as metrics.jsonl is rewritten from the checkpoint: the steps after it
+    are run again. A line cut short by a kill goes too."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    _atomic_write(path, "".join(kept))
 
 
 def _evaluation_records(step, names, seeds, results, metrics, bad) -> list[dict]:

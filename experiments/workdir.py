@@ -39,7 +39,11 @@ LOCK_FILE = ".lock"
 RESUMABLE_FIELDS = frozenset({"train.log_every"})
 # Fields added after runs were made without them, with the value that those runs had:
 # a stored configuration without the field counts as having that value.
-FIELDS_ADDED_LATER = {"train.segment_length": None, "model.matmul_precision": "highest"}
+FIELDS_ADDED_LATER = {
+    "train.segment_length": None,
+    "model.matmul_precision": "highest",
+    "init_from": None,
+}
 
 
 class WorkdirError(Exception):

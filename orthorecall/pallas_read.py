@@ -32,18 +32,21 @@ Backward recomputation. Each reverse step needs its forward step's input X_j (an
 G_j = X_jᵀX_j). The Triton backend of Pallas has no scratch memory (pallas_call
 refuses ``scratch_shapes`` there), and writing the iterates to a global buffer and
 reading them back in the same program would need a barrier whose effect could not be
-tested here. So the backward program recomputes the forward once and keeps the k
-inputs X_0..X_{k-1} as values of the unrolled program: registers, which the compiler
-spills to (cached) local memory when they do not fit. That costs one forward of
-products (not the k(k+1)/2 iterations of recomputing X_j from X0 for every j) and k
-live D x D tiles; G_j is recomputed in the reverse sweep rather than also kept, which
-would double the live tiles to save one product per iteration (of 6 for a cubic step,
-forward and backward). For large k (tens of iterations) the spills and the unrolled
-program's compile time grow; the XLA read has the same unrolling.
+tested here. Keeping the k inputs as values of an unrolled program does not fit either:
+a tile is 16 registers per thread at D = 64 over 8 warps, but each product also holds
+its operands in registers (mma.sync) or shared memory (wgmma), and the unrolled program
+spilled 50-85 KB per thread (ptxas gave up at 32 registers). So the iterations are
+loops (``lax.fori_loop``: one step's products live at a time, and a small program), and
+the reverse sweep recomputes X_j from X0 (j steps) in its own loop: k(k+1)/2 forward
+steps in all instead of k (15 instead of 5 for NS5; 50 products against 30), for a
+kernel that stays in registers. ``results/gpu_compile_report.json`` has the figures.
 
 Precision. Every product is requested explicitly (``jax_precision`` as recorded by
 ``orthorecall.precision.current()``), since Triton's float32 ``tt.dot`` defaults to
-TensorFloat-32: see ``SUPPORTED_PRECISIONS`` and ``_Products``.
+TensorFloat-32: see ``SUPPORTED_PRECISIONS`` and ``_Products``. Float32 ("highest", the
+model's default) runs on tensor cores as three TF32 products per product (3xTF32, split
+and rounded in the kernel, so that interpret mode computes what the GPU does): IEEE
+products would be FMAs, whose operands fill the registers.
 
 Lowering. ``interpret=False`` lowers for CUDA only (Pallas refuses the CPU backend
 unless interpreted); ``interpret=True`` runs the same kernel body as XLA operations on
@@ -79,14 +82,12 @@ Steps = tuple[tuple[float, float, float], ...]
 
 # The widest memory (d) the kernels take; wider ones raise ValueError (the caller falls
 # back to XLA). A program holds several D x D float32 tiles at once (the iterate, its
-# Gram matrix and products, and in the backward the k saved iterates): at D = 64 one
-# tile is 16 KiB (16 registers per thread over 8 warps) and the two operands of a
-# product, staged in shared memory, 32 KiB, which fits every CUDA GPU Triton supports.
-# At D = 128 a tile is 64 KiB: the operands alone take 128 KiB of shared memory (more
-# than the 99-101 KiB per block of consumer Ampere/Ada GPUs, where Triton's compilation
-# would fail when XLA compiles the program, too late for a fallback), and the backward's
-# saved iterates would mostly live in spilled local memory. 64 covers the model's
-# d = 48; raising it needs measurements on the GPUs concerned.
+# Gram matrix, the products' operands and accumulators): at D = 64 one tile is 16 KiB
+# (16 registers per thread over 8 warps), and the kernels take 16-96 KiB of shared
+# memory and up to 255 registers per thread (results/gpu_compile_report.json). At
+# D = 128 a tile is 64 KiB, four times the registers and shared memory: beyond the
+# register file and the 99-101 KiB per block of consumer Ampere/Ada GPUs. 64 covers the
+# model's d = 48; raising it needs measurements on the GPUs concerned.
 MAX_WIDTH = 64
 # Smallest block side: Triton's tt.dot needs every dimension >= 16.
 _MIN_BLOCK = 16
@@ -96,10 +97,13 @@ TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 
 # The precisions of ``jax.default_matmul_precision`` (as ``precision.current()``
 # returns them) the kernels implement, and how:
-#   "highest", "float32", "F32_F32_F32": IEEE float32 products. Passed to every product
-#       as lax.Precision.HIGHEST, which Pallas' Triton lowering
-#       (jax/_src/pallas/triton/lowering.py, _dot_general_lowering) turns into
-#       tt.dot {inputPrecision = ieee} for float32 operands.
+#   "highest", "float32", "F32_F32_F32": float32-faithful products on tensor cores: each
+#       is three TF32 products of operands split and rounded in the kernel (3xTF32,
+#       ``_Products._dots``), passed as lax.Precision.DEFAULT, which Pallas' Triton
+#       lowering (jax/_src/pallas/triton/lowering.py, _dot_general_lowering) turns into
+#       tt.dot {inputPrecision = tf32}. Against a float64 read their error is that of
+#       IEEE float32 products (tests/test_pallas_read.py); IEEE tt.dots (HIGHEST) would
+#       run as FMAs and spill.
 #   None, "default", "high", "tensorfloat32", "TF32_TF32_F32": TensorFloat-32 products,
 #       what XLA does on NVIDIA GPUs for these: lax.Precision.DEFAULT or HIGH, lowered to
 #       tt.dot {inputPrecision = tf32}.
@@ -276,6 +280,21 @@ def _check_steps(steps) -> Steps:
     return tuple(tuple(float(v) for v in step) for step in triples)
 
 
+def tf32_round(x):
+    """x rounded to TensorFloat-32 (10 explicit mantissa bits, to nearest, ties away from
+    zero), as float32: a bit operation, so the kernel's own rounding, identical in
+    interpret mode and on the GPU, whose tensor cores then take the value exactly."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    bits = jax.lax.bitwise_and(bits + _TF32_HALF, _TF32_MASK)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+# Adding half a unit of the 13 dropped bits to the magnitude bits, then clearing them,
+# rounds the magnitude to nearest (a carry into the exponent is the correct result).
+_TF32_HALF = 1 << 12
+_TF32_MASK = -(1 << 13)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Products:
     """The matrix products of a kernel body, at one precision (see
@@ -283,11 +302,13 @@ class _Products:
 
     precision: jax.lax.Precision
     bfloat16: bool
+    split: bool = False
 
     @classmethod
     def of(cls, jax_precision: str | None) -> _Products:
         if jax_precision in _IEEE:
-            return cls(jax.lax.Precision.HIGHEST, False)
+            # Three TensorFloat-32 products per float32 one (see _dot): tensor cores.
+            return cls(jax.lax.Precision.DEFAULT, False, True)
         if jax_precision in _TF32:
             precision = jax.lax.Precision.DEFAULT
             if jax_precision in ("high", "tensorfloat32"):
@@ -302,9 +323,7 @@ class _Products:
             f"of {SUPPORTED_PRECISIONS} (or the XLA read)."
         )
 
-    def _dot(self, a, b, contract_a: int):
-        if self.bfloat16:
-            a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    def _one(self, a, b, contract_a: int):
         return jax.lax.dot_general(
             a,
             b,
@@ -313,13 +332,38 @@ class _Products:
             preferred_element_type=jnp.float32,
         )
 
-    def mm(self, a, b):
-        """a b."""
-        return self._dot(a, b, 1)
+    def _dots(self, pairs, contract_a: int):
+        """Σ a b over the (a, b) of ``pairs``, into one float32 accumulator."""
+        if self.bfloat16:
+            pairs = [(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) for a, b in pairs]
+        if not self.split:
+            return sum(self._one(a, b, contract_a) for a, b in pairs)
+        # Float32 products on tensor cores (3xTF32): a = a_hi + a_lo with both parts
+        # rounded to TF32 here (a_lo = tf32(a - a_hi) keeps all but about 2^-22 of a),
+        # and a b = a_hi b_hi + a_hi b_lo + a_lo b_hi, dropping a_lo b_lo (2^-22
+        # relative). The partial products of TF32 values are exact, accumulated in
+        # float32; Triton folds each sum into the next product's accumulator. The error
+        # of the Newton–Schulz read is that of IEEE float32 products
+        # (tests/test_pallas_read.py measures both against float64). Interpret mode
+        # checks this arithmetic; how the tensor cores round their float32 accumulation
+        # is the GPU's (to be checked on a device: experiments/accelerator_check.py).
+        total = None
+        for a, b in pairs:
+            a_hi, b_hi = tf32_round(a), tf32_round(b)
+            # In this order a_hi is dead before a_lo is formed: fewer operand fragments
+            # live at once (small first, hi·lo, hi·hi, lo·hi, spilled more on sm_80).
+            for x, y in ((a_hi, tf32_round(b - b_hi)), (a_hi, b_hi), (tf32_round(a - a_hi), b_hi)):
+                term = self._one(x, y, contract_a)
+                total = term if total is None else total + term
+        return total
+
+    def mm(self, a, b, *more):
+        """a b (+ the products of further pairs ``more``: a2, b2, ...)."""
+        return self._dots([(a, b), *zip(more[::2], more[1::2], strict=True)], 1)
 
     def tmm(self, a, b):
         """aᵀ b (the lowering transposes the operand on chip)."""
-        return self._dot(a, b, 0)
+        return self._dots([(a, b)], 0)
 
 
 def _inverse_norm(c, floor: float):
@@ -330,21 +374,43 @@ def _inverse_norm(c, floor: float):
     return s, jax.lax.rsqrt(jnp.maximum(s, floor * floor))
 
 
-def _polynomial(products: _Products, gram, b: float, c: float):
+def _quintic(steps: Steps) -> bool:
+    """Whether any step has a G² term (the cubic steps skip its product)."""
+    return any(c != 0.0 for _, _, c in steps)
+
+
+def _coefficients(steps: Steps, i):
+    """(a, b, c) of step ``i`` (a traced loop index): constants when every step has the
+    same, else picked from the table by arithmetic (no select between constants, which
+    Pallas' Triton lowering of JAX 0.10.2 mistypes)."""
+    if all(step == steps[0] for step in steps):
+        return steps[0]
+    hits = [(i == n).astype(jnp.float32) for n in range(len(steps))]
+    return tuple(
+        sum(step[m] * hit for step, hit in zip(steps, hits, strict=True)) for m in range(3)
+    )
+
+
+def _polynomial(products: _Products, gram, b, c, quintic: bool):
     """P(G) = b G + c G²; the G² product only for quintic steps."""
-    if c == 0.0:
+    if not quintic:
         return b * gram
     return b * gram + c * products.mm(gram, gram)
 
 
-def _iterate(products: _Products, x, steps: Steps):
-    """The iterate after ``steps`` and the input X_j of each step."""
-    inputs = []
-    for a, b, c in steps:
-        inputs.append(x)
-        poly = _polynomial(products, products.tmm(x, x), b, c)
-        x = a * x + products.mm(x, poly)
-    return x, inputs
+def _iterate(products: _Products, x, steps: Steps, stop=None):
+    """The iterate after the first ``stop`` (default: all; may be traced) steps, as a
+    loop: one step's products are live at a time, and the program stays small."""
+    quintic = _quintic(steps)
+
+    def step(i, x):
+        a, b, c = _coefficients(steps, i)
+        poly = _polynomial(products, products.tmm(x, x), b, c, quintic)
+        # a X + X P(G) rather than X (a I + P(G)): with 3xTF32 products the latter's
+        # errors were up to 4 times the float32 read's (against float64), these 1x.
+        return a * x + products.mm(x, poly)
+
+    return jax.lax.fori_loop(0, len(steps) if stop is None else stop, step, x)
 
 
 def _masks(d: int, width: int):
@@ -390,10 +456,13 @@ class _Call:
             out_specs=out_specs,
             out_shape=out_shape,
             # Without Triton's parameters JAX 0.10 lowers pallas_call with Mosaic GPU.
-            # 8 warps at D = 64 halve each tile's registers per thread (16), which the
-            # backward's k saved iterates need; straight-line code has nothing to
-            # software-pipeline, so one stage.
-            compiler_params=plgpu.CompilerParams(num_warps=8 if width >= 64 else 4, num_stages=1),
+            # 8 warps at D = 64 (4 gave the same registers per thread, 16 capped them
+            # at 128 and spilled: results/gpu_compile_report.json); the loops have no
+            # loads to software-pipeline, so one stage.
+            compiler_params=plgpu.CompilerParams(
+                num_warps=8 if width >= 64 else 4,
+                num_stages=1,
+            ),
             interpret=self.interpret,
         )
 
@@ -414,7 +483,7 @@ class _Call:
             c = plgpu.load(memory_ref, mask=matrix_mask, other=0.0)
             q = plgpu.load(query_ref, mask=vector_mask, other=0.0)
             _, r = _inverse_norm(c, floor)
-            x, _ = _iterate(products, c * r, steps)
+            x = _iterate(products, c * r, steps)
             # qᵀX as a broadcast and a sum: a 1 x D product is below tt.dot's 16, and
             # this way the read is float32 whatever the precision of the iterations.
             plgpu.store(h_ref, jnp.sum(q[:, None] * x, axis=0), mask=vector_mask)
@@ -437,23 +506,33 @@ class _Call:
             q = plgpu.load(query_ref, mask=vector_mask, other=0.0)
             h_bar = plgpu.load(h_bar_ref, mask=vector_mask, other=0.0)
             s, r = _inverse_norm(c, floor)
-            x, inputs = _iterate(products, c * r, steps)
+            x0 = c * r
             # h = qᵀ X_k: q̄ = X_k h̄ and X̄_k = q h̄ᵀ.
+            x = _iterate(products, x0, steps)
             plgpu.store(q_bar_ref, jnp.sum(x * h_bar[None, :], axis=1), mask=vector_mask)
-            y_bar = q[:, None] * h_bar[None, :]
+            quintic = _quintic(steps)
+
             # newton_schulz._iterations_backward: Y = a X + X P(G), G = XᵀX:
             #   X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
-            for x_j, (a, b, cc) in zip(reversed(inputs), reversed(steps), strict=True):
+            # The input X_j of step j is recomputed from X0 (j steps) rather than kept
+            # from the forward (see the module docstring).
+            def reverse_step(t, y_bar):
+                j = len(steps) - 1 - t
+                x_j = _iterate(products, x0, steps, j)
+                a, b, cc = _coefficients(steps, j)
                 gram = products.tmm(x_j, x_j)
                 xt_y_bar = products.tmm(x_j, y_bar)
                 gram_bar = b * xt_y_bar
-                if cc != 0.0:
+                if quintic:
                     gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
-                y_bar = (
-                    a * y_bar
-                    + products.mm(y_bar, _polynomial(products, gram, b, cc))
-                    + products.mm(x_j, gram_bar + gram_bar.T)
+                poly = _polynomial(products, gram, b, cc, quintic)
+                return (
+                    a * y_bar + products.mm(y_bar, poly) + products.mm(x_j, gram_bar + gram_bar.T)
                 )
+
+            y_bar = jax.lax.fori_loop(0, len(steps), reverse_step, q[:, None] * h_bar[None, :])
+            # The memory again (from global memory, cached) rather than kept live.
+            c = plgpu.load(memory_ref, mask=matrix_mask, other=0.0)
             # X0 = C r, r = rsqrt(max(s, floor²)), s = ΣC²: where s > floor²,
             # dr/ds = -r³/2, so C̄ = r X̄0 - r³ <X̄0, C> C; below the floor r is constant.
             # At s == floor² jnp.maximum's derivative is split evenly between its

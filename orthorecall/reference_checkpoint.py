@@ -459,3 +459,83 @@ def save_reference_checkpoint(
             cfg[key] = value
     check_state_dict(state_dict, reference_dims(cfg, state_dict))  # as a load would
     torch_format.save_torch_checkpoint(path, {"state_dict": state_dict, "cfg": cfg})
+
+
+# The model settings a reference checkpoint fixes, and the configuration fields they are.
+_SETTING_FIELDS = {
+    "vocab_size": "task.vocab_size",
+    "embedding_dim": "model.embedding_dim",
+    "num_heads": "model.num_heads",
+    "inner_dim": "model.proj_factor (the inner width)",
+    "conv_kernel_size": "model.conv_kernel_size",
+    "qkv_block_size": "model.qkv_block_size",
+}
+
+
+def _config_dims(config: ModelConfig) -> dict[str, int]:
+    cell = config.cell
+    return {
+        "vocab_size": config.vocab_size,
+        "embedding_dim": cell.embedding_dim,
+        "num_heads": cell.num_heads,
+        "inner_dim": cell.inner_dim,
+        "conv_kernel_size": cell.conv_kernel_size,
+        "qkv_block_size": cell.qkv_block_size,
+    }
+
+
+def check_initial_checkpoint(path: str | os.PathLike, config: ModelConfig) -> None:
+    """Checks, without reading any tensor's data, that a reference checkpoint can start
+    a model of ``config``: one block, and every width its cfg and tensors describe equal
+    to the configuration's. The read is the configuration's, whatever the checkpoint's
+    ``cfg["variant"]``: the reference starts its reads from the same weights.
+
+    Raises:
+        FileNotFoundError, OSError: the file cannot be opened.
+        torch_format.TorchCheckpointError: not a readable torch checkpoint.
+        ValueError: starting with the path, naming the configuration field or the
+            tensor that differs.
+    """
+    where = os.fspath(path)
+    if config.num_blocks != 1:
+        raise ValueError(
+            f"{where}: model.num_blocks: a reference checkpoint holds one block, the "
+            f"configuration has {config.num_blocks}."
+        )
+    specs = torch_format.load_torch_checkpoint(path, metadata_only=True)
+    try:
+        state_dict, cfg = _contents(specs)
+        dims = reference_dims(cfg, state_dict)
+        check_state_dict(state_dict, dims)
+    except torch_format.TorchCheckpointError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    wanted = _config_dims(config)
+    differing = [
+        f"{_SETTING_FIELDS[key]}: the checkpoint has {key}={dims[key]}, the configuration "
+        f"{wanted[key]}"
+        for key in _SETTING_FIELDS
+        if dims[key] != wanted[key]
+    ]
+    if differing:
+        raise ValueError(f"{where}: " + "; ".join(differing) + ".")
+
+
+def initial_params(path: str | os.PathLike, config: ModelConfig) -> Params:
+    """A reference checkpoint's weights as the parameters a model of ``config`` starts
+    from (float32 numpy arrays in ``model.init_params``' layout).
+
+    Raises:
+        as :func:`check_initial_checkpoint`, and ValueError for non-finite weights.
+    """
+    check_initial_checkpoint(path, config)
+    obj = torch_format.load_torch_checkpoint(path)
+    try:
+        state_dict, cfg = _contents(obj)
+        params, dims = params_from_state_dict(state_dict, cfg)
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}: {e}") from None
+    if dims != _config_dims(config):  # The file changed since it was checked.
+        raise ValueError(f"{os.fspath(path)}: its widths changed while it was being read.")
+    return params

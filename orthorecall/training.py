@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -244,16 +244,53 @@ def init_seed_states(
     seeds: np.ndarray,
     config: model_lib.ModelConfig,
     optimizer: optax.GradientTransformation,
+    initial_params: Sequence[Any | None] | None = None,
 ) -> SeedState:
     """Initial state for an array of integer seeds: seed s initializes from
-    ``PRNGKey(s)`` whatever the read, so reads are compared on equal starts."""
+    ``PRNGKey(s)`` whatever the read, so reads are compared on equal starts.
+
+    Args:
+        seeds, config, optimizer: as named.
+        initial_params: None, or one entry per seed: parameters (``model.init_params``'
+            layout and shapes) that seed starts from instead, or None for the
+            initializer. The optimizer state starts fresh either way.
+
+    Raises:
+        ValueError: ``initial_params`` of another length, layout or shape.
+    """
 
     def one(seed):
         params = model_lib.init_params(jax.random.PRNGKey(seed), config)
         return params, optimizer.init(params)
 
     params, opt_state = jax.vmap(one)(jnp.asarray(seeds, jnp.uint32))
+    if initial_params is not None:
+        params = _with_initial_params(params, initial_params)
+        opt_state = jax.vmap(optimizer.init)(params)
     return SeedState(params, opt_state, jnp.zeros(len(seeds), bool))
+
+
+def _with_initial_params(params, initial_params: Sequence[Any | None]):
+    """``params`` (leading seed axis) with seed i's replaced by ``initial_params[i]``."""
+    num_seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
+    if len(initial_params) != num_seeds:
+        raise ValueError(f"initial_params has {len(initial_params)} entries for {num_seeds} seeds.")
+    like = jax.tree_util.tree_map(lambda x: x[0], params)
+    shapes = jax.tree_util.tree_structure(like), [x.shape for x in jax.tree.leaves(like)]
+    for i, given in enumerate(initial_params):
+        if given is None:
+            continue
+        if (
+            jax.tree_util.tree_structure(given),
+            [np.shape(x) for x in jax.tree.leaves(given)],
+        ) != shapes:
+            raise ValueError(
+                f"initial_params[{i}] is not in the model's parameter layout and shapes."
+            )
+        params = jax.tree_util.tree_map(
+            lambda x, g, i=i: x.at[i].set(jnp.asarray(g, x.dtype)), params, given
+        )
+    return params
 
 
 def _update_one_seed(

@@ -14,15 +14,29 @@ Select a preset with ``--config=configs/noisy_ar.py:PRESET``:
   ``cpu_mechanism`` runs all of them at once (24 seeds, same seeds and data for every
   read, so the reads' comparisons are paired).
 * ``cpu_anneal``: the escape-gated scaffold anneal (``ns5_anneal``) beside raw and ns5.
+* ``parity``: the reference's main protocol (v80/s512, batch 16, seeds 11-26) started
+  from the reference trainer's own initial weights (``config.init_from``,
+  ``data/reference_parity/``) on its numpy data stream, so that every seed's run can be
+  compared with the reference's record of the same seed.
 
 Override any field, e.g. ``--config.train.steps=500``; unknown fields fail.
 """
+
+import pathlib
 
 import ml_collections
 
 from orthorecall.data import NoisyRecallTask
 
 REGIMES = {f"v{v}_s{s}": (v, s) for v in (80, 96) for s in (512, 768, 1024)}
+# The reference trainer's initial weights of seeds 11-26 (data/reference_parity/NOTICE).
+REFERENCE_INIT = (
+    pathlib.Path(__file__).resolve().parents[2]
+    / "data"
+    / "reference_parity"
+    / "init"
+    / "v80_s512_seed{seed}_init.pt"
+)
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -89,6 +103,10 @@ def _base() -> ml_collections.ConfigDict:
     config.seeds.first_seed = 0
 
     config.solved_threshold = 0.8
+    # None: every seed starts from our initializer (PRNGKey(seed)). A path: from a
+    # reference checkpoint (.pt), where {seed} and {read} stand for each seed's number
+    # and each read's name; the optimizer starts fresh. Used at step 0 only.
+    config.init_from = ml_collections.config_dict.placeholder(str)
     return config
 
 
@@ -188,6 +206,24 @@ def _cpu_anneal() -> ml_collections.ConfigDict:
     return config
 
 
+def _parity() -> ml_collections.ConfigDict:
+    """The reference's main protocol (REFERENCE §4; the replication's batch-16 runs) from
+    the reference trainer's own initial weights, on its exact numpy data stream: seed s
+    starts where the reference's seed s started and sees the batches it saw. The loss
+    runs unsegmented, as the reference's does (a segmented loss sums in another order).
+    Baseline and ns5 start from the same weights in the reference, so one file a seed
+    serves both reads."""
+    config = _regime("v80_s512")
+    config.name = "parity"
+    config.train.batch_size = 16
+    config.train.segment_length = None
+    config.train.data_source = "numpy"
+    config.seeds.first_seed = 11
+    config.seeds.num_seeds = 16
+    config.init_from = str(REFERENCE_INIT)
+    return config
+
+
 MECHANISM_PRESETS = {
     "cpu_anneal": _cpu_anneal,
     "cpu_straight_through": _cpu_variants("cpu_straight_through", "raw,ns5,ns5_fwd,ns5_bwd"),
@@ -201,6 +237,7 @@ MECHANISM_PRESETS = {
 PRESETS = {
     "cpu": _cpu,
     "smoke": _smoke,
+    "parity": _parity,
     **MECHANISM_PRESETS,
     **{name: (lambda n=name: _regime(n)) for name in REGIMES},
 }
