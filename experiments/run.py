@@ -116,6 +116,7 @@ def main(argv: Sequence[str]) -> None:
 
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
     with exit_status_on_refusal("run"):
+        FLAG_CHECKS.output_folder("workdir", workdir)
         train.train_and_evaluate(config, workdir, tensorboard=_TENSORBOARD.value)
 
 
