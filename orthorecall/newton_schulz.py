@@ -269,7 +269,7 @@ def newton_schulz_read(
     steps = iteration_coefficients(coefficients, num_iterations)
     kernel = "xla"
     if implementation == "auto":
-        kernel = _implementation(steps, jax.default_backend(), memory.shape[-1])
+        kernel = _implementation(steps, _process_backend(), memory.shape[-1])
     return _ns_read(
         memory.astype(jnp.float32),
         query.astype(jnp.float32),
@@ -295,7 +295,7 @@ def read_implementation(
         ValueError: unknown coefficients or k outside [0, ``MAX_ITERATIONS``].
     """
     steps = iteration_coefficients(coefficients, num_iterations)
-    return _implementation(steps, backend or jax.default_backend(), width)
+    return _implementation(steps, backend or _process_backend(), width)
 
 
 def _implementation(steps, backend: str, width: int | None) -> str:
@@ -313,8 +313,21 @@ def _implementation(steps, backend: str, width: int | None) -> str:
         and (width is None or width <= pallas_read.MAX_WIDTH)
         and precision.current() in pallas_read.SUPPORTED_PRECISIONS
     ):
-        return "pallas_gpu"
+        # In a GPU process the kernels are compiled once per configuration first: if
+        # Triton fails, a warning says why and the XLA read runs (never a crash later,
+        # when XLA compiles the whole program).
+        if _process_backend() != "gpu":  # asked about GPUs elsewhere: nothing to compile
+            return "pallas_gpu"
+        failure = pallas_read.compile_failure(
+            steps, width or pallas_read.MAX_WIDTH, precision.current()
+        )
+        return "pallas_gpu" if failure is None else "xla"
     return "xla"
+
+
+def _process_backend() -> str:
+    """The backend this process's programs run on (a seam for tests)."""
+    return jax.default_backend()
 
 
 def _jax_read(memory, query, steps):

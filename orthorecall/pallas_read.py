@@ -66,6 +66,7 @@ import functools
 import importlib
 import math
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,42 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def compile_failure(steps: Steps, width: int, jax_precision: str | None) -> str | None:
+    """None if the forward and backward kernels build for memories of ``width`` (lowered
+    to Triton for CUDA, and compiled where this process has a GPU); else why not, after
+    warning once (RuntimeWarning). ``newton_schulz`` then runs the XLA read: a Triton
+    failure is caught here, once per configuration, instead of failing the whole
+    program when XLA compiles it."""
+
+    def read_and_vjp(c, q, h_bar):
+        kwargs = {"steps": steps, "jax_precision": jax_precision}
+        return (
+            ns_read_forward(c, q, **kwargs),
+            ns_read_backward(c, q, h_bar, **kwargs),
+        )
+
+    matrix = jax.ShapeDtypeStruct((1, width, width), jnp.float32)
+    vector = jax.ShapeDtypeStruct((1, width), jnp.float32)
+    try:
+        lowered = jax.jit(read_and_vjp).trace(matrix, vector, vector)
+        lowered = lowered.lower(lowering_platforms=("cuda",))
+        if jax.default_backend() == "gpu":
+            lowered.compile()
+    except Exception as error:  # any failure of Pallas, Triton or XLA: use the XLA read
+        reason = f"{type(error).__name__}: {error}".strip()
+        if len(reason) > 2000:
+            reason = reason[:2000] + " ..."
+        warnings.warn(
+            f"The Pallas Newton–Schulz read does not build for d = {width} under matmul "
+            f"precision {jax_precision!r} ({reason}); using the XLA read instead.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return reason
+    return None
 
 
 def block_width(d: int) -> int:
