@@ -240,6 +240,21 @@ def numeric_leaves(config, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield field, value
 
 
+def bound_integers(config, exempt=(), prefix: Fields = CONFIG) -> None:
+    """Refuses any integer leaf of ``config`` outside [-INT_LIMIT, INT_LIMIT], naming it:
+    one pass that keeps a field added later (and checked nowhere else for size) from
+    taking 2**64. ``exempt``: dotted fields with their own bound (seeds: below 2**32).
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    for field, value in numeric_leaves(config):
+        if field in exempt or not isinstance(value, numbers.Integral):
+            continue
+        if not -INT_LIMIT <= int(value) <= INT_LIMIT:
+            prefix.fail(field, f"must lie in [-{INT_LIMIT}, {INT_LIMIT}], got {value}.")
+
+
 def is_finite_number(value) -> bool:
     """A real (not a bool) with a finite value."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):

@@ -75,3 +75,11 @@ def test_numeric_leaves_walk_every_section():
         {"a": 1, "b": {"c": 2.5, "d": True, "e": "s", "f": {"g": np.int32(3)}}, "h": None}
     )
     assert dict(checks.numeric_leaves(config)) == {"a": 1, "b.c": 2.5, "b.f.g": 3}
+
+
+def test_bound_integers_names_any_field_beyond_int32():
+    config = ml_collections.ConfigDict({"a": {"b": 2**64, "seed": 2**33}, "c": 2.0**70})
+    with pytest.raises(ConfigError, match=r"config\.a\.b: must lie in \[-2147483647, 2147483647\]"):
+        checks.bound_integers(config)
+    config.a.b = 5
+    checks.bound_integers(config, exempt=("a.seed",))  # floats are check_real's

@@ -117,6 +117,8 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
         checks.check_int(f"run.{field}", checks.get(config, f"run.{field}"), minimum=1)
     if not isinstance(checks.get(config, "env"), str):
         checks.fail("env", f"must be an environment name, got {config.env!r}.")
+    # Any integer field the checks above do not name (one added later) stays in int32.
+    checks.bound_integers(config, exempt=("seeds.first_seed",))
 
 
 def agents_from_config(config: ml_collections.ConfigDict) -> dict[str, ppo.Agent]:
