@@ -189,6 +189,24 @@ def test_memory_estimate_refuses_what_cannot_fit_before_the_workdir(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
+def test_memory_estimate_stays_above_what_xla_compiles():
+    from orthorecall import footprint
+
+    config = popgym_ppo.get_config("smoke")
+    config.cores = "gru,ns5"
+    agents = agent_train.agents_from_config(config)
+    seeds = np.arange(config.seeds.num_seeds)
+    runners = {
+        name: jax.eval_shape(lambda agent=agent: ppo.init_runners(agent, seeds))
+        for name, agent in agents.items()
+    }
+    compiled = ppo.make_train_chunk(agents, config.run.log_every).lower(runners).compile()
+    need = footprint.compiled_memory_bytes(compiled)
+    estimate = agent_train.memory_estimate_bytes(agents, config.seeds.num_seeds)
+    assert need <= estimate <= 5 * need, (estimate, need)
+
+
 def test_an_unwritable_workdir_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(agent_train.ConfigError, match=r"--workdir: .* is a file"):

@@ -170,7 +170,9 @@ def memory_estimate_bytes(agents: dict[str, ppo.Agent], num_seeds: int) -> int:
     input and output); the rollout's ``num_steps x num_envs`` transitions, with the
     carry of every step; and the update's backward pass over one minibatch, which keeps
     per step and environment the carry and about 16 x width activations. Nothing is
-    compiled or allocated. It errs high: XLA reuses buffers this counts separately.
+    compiled or allocated. It errs high: XLA reuses buffers this counts separately (2-3x
+    XLA's compiled figure for the smoke preset's GRU and ns5 cores; tests/test_agent.py
+    checks that it stays above it).
     """
     total = 0
     for agent in agents.values():
