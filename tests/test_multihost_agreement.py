@@ -66,6 +66,10 @@ def test_differences_name_the_fields_and_the_process():
     lines = multihost.differences([base, base, other])
     assert lines == ["process 2 differs from process 0: config.train.lr = 0.05 (process 0: 0.01)"]
     assert multihost.differences([base, dict(base)]) == []
+    # The process count each was given, and the preset, count as much as the fields.
+    counted = dict(base, num_processes=3, preset="cpu")
+    [line] = multihost.differences([dict(base, num_processes=2), counted])
+    assert "num_processes = 3 (process 0: 2)" in line and 'preset = "cpu"' in line
 
 
 def test_a_timeout_outside_its_range_is_refused():

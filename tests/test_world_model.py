@@ -3,6 +3,8 @@ imagination under jit(vmap), training steps, the replay, the command end to end.
 
 import functools
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 
 from experiments.agents import world_model as wm
 from orthorecall import cell as cell_lib
-from tests.conftest import run_module
+from tests.conftest import REPO_ROOT, run_module
 
 B, T = 3, 12
 # D=16, 4 heads: inner width 64, head width 16. Small heads and latents keep compiles short.
@@ -215,3 +217,43 @@ def test_the_command_writes_metrics_summary_and_curves(tmp_path):
     again = run_module("experiments.world_model", "--steps=1", f"--out={out}")
     assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr[-2000:]
     assert (out / "metrics.jsonl").read_text() == before
+
+
+# experiments.world_model defines its flags on import (--batch_size, --out, ...), which
+# other commands define too: its checks run in a process of their own.
+_REFUSALS_SCRIPT = """
+import sys, pathlib, re
+from experiments import world_model as command
+from experiments.cli import ConfigError
+tmp = pathlib.Path(sys.argv[1])
+arguments = dict(env_name="RepeatPreviousEasy", steps=1, seed=0, read="raw")
+out = tmp / "run"
+(tmp / "file").write_text("")
+cases = [
+    (dict(num_envs=2**30), r"--num_envs: the run needs about .* more than"),
+    (dict(seed=2**64), r"--seed: seed 18446744073709551616 goes past"),
+    (dict(reward_scale=float("inf")), r"--reward_scale: must be finite"),
+    (dict(read="ns0x"), r"--read: "),
+    (dict(out=tmp / "file" / "run"), r"--out: cannot create"),
+]
+for changes, pattern in cases:
+    try:
+        command.run(**{**arguments, "out": out, **changes})
+    except ConfigError as e:
+        assert re.search(pattern, str(e)), (pattern, str(e))
+    else:
+        raise AssertionError(f"not refused: {changes}")
+assert not out.exists()
+print("ok")
+"""
+
+
+def test_the_command_refuses_sizes_and_paths_before_writing(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _REFUSALS_SCRIPT, str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
