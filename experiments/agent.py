@@ -22,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.cli import (
+    UsageError,
     avoid_xla_cpu_scheduler_deadlock,
     config_flag_parser,
     exit_status_on_refusal,
@@ -41,11 +42,12 @@ parse_flags = config_flag_parser("agent")
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    with exit_status_on_refusal("agent"):
+        if len(argv) > 1:
+            raise UsageError(f"unexpected arguments: {list(argv[1:])}")
+        if _CONFIG.value is None:
+            raise UsageError("--config=configs/popgym_ppo.py[:PRESET] is required.")
     config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config=configs/popgym_ppo.py[:PRESET] is required.")
     library_logging_at_warning()
     avoid_xla_cpu_scheduler_deadlock()
     from experiments.agents import train

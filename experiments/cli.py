@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 @contextlib.contextmanager
 def exit_status_on_refusal(program: str):
     """Ends the command with status 2, the message on stderr, when the run inside refuses
-    its configuration (``ConfigError``) or its workdir (``WorkdirError``), and with 130
+    its configuration (``ConfigError``), its command line (``UsageError``) or its workdir
+    (``WorkdirError``), and with 130
     when a signal stopped it (after its checkpoint)."""
     from experiments.workdir import WorkdirError  # Orbax and JAX: only when a run starts.
 
@@ -34,6 +35,9 @@ def exit_status_on_refusal(program: str):
         sys.exit(2)
     except WorkdirError as e:
         print(f"{program}: workdir error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except UsageError as e:
+        print(f"{program}: usage error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

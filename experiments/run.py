@@ -41,6 +41,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.cli import (
+    UsageError,
     config_argument,
     config_flag_parser,
     exit_status_on_refusal,
@@ -93,11 +94,12 @@ parse_flags = config_flag_parser("run")
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    with exit_status_on_refusal("run"):
+        if len(argv) > 1:
+            raise UsageError(f"unexpected arguments: {list(argv[1:])}")
+        if _CONFIG.value is None:
+            raise UsageError("--config=configs/noisy_ar.py[:PRESET] is required.")
     config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config=configs/noisy_ar.py[:PRESET] is required.")
     library_logging_at_warning()
     distributed = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DISTRIBUTED.value or any(v is not None for v in distributed):

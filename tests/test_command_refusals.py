@@ -34,3 +34,23 @@ def test_the_study_refuses_a_workdir_that_is_a_file(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--workdir:" in done.stderr and "is a file, not a folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "module, arguments, fragment",
+    [
+        ("experiments.run", [], "usage error: --config=configs/noisy_ar.py[:PRESET] is required"),
+        (
+            "experiments.agent",
+            ["--config=configs/popgym_ppo.py:smoke", "extra"],
+            "usage error: unexpected arguments: ['extra']",
+        ),
+        ("experiments.world_model", [], "--out=DIR is required"),
+        ("experiments.analyze", [], "--runs=DIR[,DIR...] is required"),
+    ],
+)
+def test_usage_errors_exit_2(module, arguments, fragment):
+    done = run_module(module, *arguments, timeout=180)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert fragment in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
