@@ -450,6 +450,50 @@ def _iterate(products: _Products, x, steps: Steps, stop=None):
     return jax.lax.fori_loop(0, len(steps) if stop is None else stop, step, x)
 
 
+def _read_backward(
+    products: _Products, steps: Steps, floor: float, c, q, h_bar, store_q_bar, reload=None
+):
+    """C̄ of h = qᵀ NS(C) for h̄, in a kernel body: ``newton_schulz._jax_backward`` on one
+    (rescaled) block; q̄ goes to ``store_q_bar`` as soon as it is known (not kept live
+    through the reverse sweep). ``reload()`` gives C again for the normalization's VJP
+    (instead of keeping it live through the iterations)."""
+    s, r = _inverse_norm(c, floor)
+    x0 = c * r
+    # h = qᵀ X_k: q̄ = X_k h̄ and X̄_k = q h̄ᵀ.
+    store_q_bar(jnp.sum(_iterate(products, x0, steps) * h_bar[None, :], axis=1))
+    quintic = _quintic(steps)
+
+    # newton_schulz._iterations_backward: Y = a X + X P(G), G = XᵀX:
+    #   X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
+    # The input X_j of step j is recomputed from X0 (j steps) rather than kept from the
+    # forward (see the module docstring).
+    def reverse_step(t, y_bar):
+        j = len(steps) - 1 - t
+        x_j = _iterate(products, x0, steps, j)
+        a, b, cc = _coefficients(steps, j)
+        gram = products.tmm(x_j, x_j)
+        xt_y_bar = products.tmm(x_j, y_bar)
+        gram_bar = b * xt_y_bar
+        if quintic:
+            gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
+        poly = _polynomial(products, gram, b, cc, quintic)
+        return a * y_bar + products.mm(y_bar, poly) + products.mm(x_j, gram_bar + gram_bar.T)
+
+    y_bar = jax.lax.fori_loop(0, len(steps), reverse_step, q[:, None] * h_bar[None, :])
+    if reload is not None:
+        c = reload()
+    # X0 = C r, r = rsqrt(max(s, floor²)), s = ΣC²: where s > floor²,
+    # dr/ds = -r³/2, so C̄ = r X̄0 - r³ <X̄0, C> C; below the floor r is constant.
+    # At s == floor² jnp.maximum's derivative is split evenly between its
+    # arguments, so half the second term (as the XLA read).
+    floor_sq = floor * floor
+    # (Comparisons cast to float: Pallas' Triton lowering of JAX 0.10.2 types a
+    # jnp.where between two constants as its i1 predicate and fails.)
+    share = (s > floor_sq).astype(jnp.float32) + 0.5 * (s == floor_sq).astype(jnp.float32)
+    inner = jnp.sum(jnp.sum(y_bar * c, axis=1), axis=0)
+    return r * y_bar - (share * r * r * r * inner) * c
+
+
 def _masks(d: int, width: int):
     """Which entries of a D-vector and of a D x D block are inside the d x d memory."""
     index = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
@@ -542,44 +586,17 @@ class _Call:
             c = plgpu.load(memory_ref, mask=matrix_mask, other=0.0)
             q = plgpu.load(query_ref, mask=vector_mask, other=0.0)
             h_bar = plgpu.load(h_bar_ref, mask=vector_mask, other=0.0)
-            s, r = _inverse_norm(c, floor)
-            x0 = c * r
-            # h = qᵀ X_k: q̄ = X_k h̄ and X̄_k = q h̄ᵀ.
-            x = _iterate(products, x0, steps)
-            plgpu.store(q_bar_ref, jnp.sum(x * h_bar[None, :], axis=1), mask=vector_mask)
-            quintic = _quintic(steps)
-
-            # newton_schulz._iterations_backward: Y = a X + X P(G), G = XᵀX:
-            #   X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
-            # The input X_j of step j is recomputed from X0 (j steps) rather than kept
-            # from the forward (see the module docstring).
-            def reverse_step(t, y_bar):
-                j = len(steps) - 1 - t
-                x_j = _iterate(products, x0, steps, j)
-                a, b, cc = _coefficients(steps, j)
-                gram = products.tmm(x_j, x_j)
-                xt_y_bar = products.tmm(x_j, y_bar)
-                gram_bar = b * xt_y_bar
-                if quintic:
-                    gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
-                poly = _polynomial(products, gram, b, cc, quintic)
-                return (
-                    a * y_bar + products.mm(y_bar, poly) + products.mm(x_j, gram_bar + gram_bar.T)
-                )
-
-            y_bar = jax.lax.fori_loop(0, len(steps), reverse_step, q[:, None] * h_bar[None, :])
-            # The memory again (from global memory, cached) rather than kept live.
-            c = plgpu.load(memory_ref, mask=matrix_mask, other=0.0)
-            # X0 = C r, r = rsqrt(max(s, floor²)), s = ΣC²: where s > floor²,
-            # dr/ds = -r³/2, so C̄ = r X̄0 - r³ <X̄0, C> C; below the floor r is constant.
-            # At s == floor² jnp.maximum's derivative is split evenly between its
-            # arguments, so half the second term (as the XLA read).
-            floor_sq = floor * floor
-            # (Comparisons cast to float: Pallas' Triton lowering of JAX 0.10.2 types a
-            # jnp.where between two constants as its i1 predicate and fails.)
-            share = (s > floor_sq).astype(jnp.float32) + 0.5 * (s == floor_sq).astype(jnp.float32)
-            inner = jnp.sum(jnp.sum(y_bar * c, axis=1), axis=0)
-            memory_bar = r * y_bar - (share * r * r * r * inner) * c
+            memory_bar = _read_backward(
+                products,
+                steps,
+                floor,
+                c,
+                q,
+                h_bar,
+                lambda q_bar: plgpu.store(q_bar_ref, q_bar, mask=vector_mask),
+                # The memory again (from global memory, cached) rather than kept live.
+                reload=lambda: plgpu.load(memory_ref, mask=matrix_mask, other=0.0),
+            )
             plgpu.store(memory_bar_ref, memory_bar, mask=matrix_mask)
 
         return self._pallas_call(

@@ -1,0 +1,116 @@
+"""The Pallas chunk read (each C_t formed on chip), in interpret mode on CPU, against
+chunk_read's XLA form (formed memories, then the XLA read): values and every cotangent."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orthorecall import chunk_read, pallas_chunk_read, pallas_read
+from orthorecall import newton_schulz as ns
+
+pytestmark = pytest.mark.skipif(
+    not pallas_read.available(), reason="this JAX has no Pallas Triton backend"
+)
+
+CUBIC5 = ns.iteration_coefficients("cubic", 5)
+
+
+def _chunk(seed, batch, length, d):
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: jnp.asarray(rng.standard_normal((*batch, *shape)), jnp.float32)
+    log_f = -np.abs(rng.standard_normal((*batch, length))) * 0.3
+    cum = np.cumsum(log_f, axis=-1)
+    decay = np.exp(cum[..., :, None] - cum[..., None, :]) * np.tri(length)
+    scale = jnp.asarray(np.exp(cum), jnp.float32)
+    return (
+        f(d, d),
+        scale,
+        jnp.asarray(decay, jnp.float32),
+        f(length, d),
+        f(length, d),
+        f(length, d),
+    )
+
+
+def _formed(steps):
+    def read(memory, scale, decay, keys, values, queries):
+        memories = chunk_read.chunk_memories(memory, scale, decay, keys, values)
+        return ns._jax_read(memories, queries, steps)
+
+    return read
+
+
+def _check(operands, steps, rtol=2e-5, **kwargs):
+    h_bar = jnp.asarray(np.random.default_rng(1).standard_normal(operands[-1].shape), jnp.float32)
+    kwargs = {"steps": steps, "interpret": True, **kwargs}
+    with jax.default_matmul_precision("highest"):
+        h = pallas_chunk_read.chunk_read_forward(*operands, **kwargs)
+        bars = pallas_chunk_read.chunk_read_backward(*operands, h_bar, **kwargs)
+        want_h, vjp = jax.vjp(_formed(steps), *operands)
+        want_bars = vjp(h_bar)
+    names = ("h", "memory", "scale", "decay", "keys", "values", "queries")
+    for name, got, want in zip(names, (h, *bars), (want_h, *want_bars), strict=True):
+        assert got.shape == want.shape and got.dtype == jnp.float32, name
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        scale = np.max(np.abs(want))
+        assert np.max(np.abs(got - want)) <= rtol * scale + 1e-30, (
+            name,
+            np.max(np.abs(got - want)),
+            scale,
+        )
+
+
+@pytest.mark.parametrize(("length", "d"), [(16, 16), (5, 13), (8, 48)])
+def test_matches_the_formed_xla_read_values_and_cotangents(length, d):
+    _check(_chunk(length + d, (2,), length, d), CUBIC5)
+
+
+def test_quintic_steps_and_two_leading_axes():
+    steps = ns.iteration_coefficients("polar_express", 3)
+    _check(_chunk(3, (2, 2), 6, 12), steps)
+
+
+def test_huge_and_zero_chunk_start_memories():
+    memory, scale, decay, keys, values, queries = _chunk(4, (3,), 4, 8)
+    # A chunk whose memories are all huge (rescaled in the kernel), and one whose C0 and
+    # keys are zero (every C_t zero: h = 0 with finite gradients).
+    memory = memory * jnp.asarray([1.0, 1e20, 0.0])[:, None, None]
+    keys = keys * jnp.asarray([1.0, 1e20, 0.0])[:, None, None]
+    _check((memory, scale, decay, keys, values, queries), CUBIC5)
+
+
+def test_tensorfloat32_products_stay_close():
+    operands = _chunk(5, (2,), 8, 16)
+    _check(operands, CUBIC5, rtol=2e-2, jax_precision="tensorfloat32")
+
+
+def test_lowers_for_cuda_with_triton_kernels():
+    from tests.test_pallas_read import _skip_unless_lowering_emits_triton_ir, _triton_kernels
+
+    _skip_unless_lowering_emits_triton_ir()
+    steps = CUBIC5
+    shapes = [(2, 48, 48), (2, 64), (2, 64, 64)] + [(2, 64, 48)] * 4
+    shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+
+    def both(*args):
+        kwargs = {"steps": steps, "jax_precision": "highest"}
+        return (
+            pallas_chunk_read.chunk_read_forward(*args[:6], **kwargs),
+            pallas_chunk_read.chunk_read_backward(*args, **kwargs),
+        )
+
+    text = jax.jit(both).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    names = [name for name, _ in _triton_kernels(text)]
+    assert names == ["chunk_read_forward_kernel", "chunk_read_backward_kernel"]
+
+
+def test_rejects_bad_shapes():
+    operands = list(_chunk(6, (2,), 4, 8))
+    with pytest.raises(ValueError, match="decay"):
+        pallas_chunk_read.chunk_read_forward(
+            operands[0], operands[1], operands[2][:, :3], *operands[3:], steps=CUBIC5
+        )
+    wide = _chunk(6, (1,), 2, 65)
+    with pytest.raises(ValueError, match="MAX_WIDTH"):
+        pallas_chunk_read.chunk_read_forward(*wide, steps=CUBIC5)
