@@ -11,11 +11,11 @@ reads, a fused kernel (``cpu_kernel.chunk_read_forward``) forms each C_t in cach
 reads it and drops it, forward and backward: formed by XLA, the L memories of every
 batch element and head go to memory and back, and that traffic cost as much as the
 reads (0.77 s of a 1.78 s NS5 training step at v80/s512, batch 16, on 2 cores).
-Elsewhere (GPU/TPU, other reads, ``implementation="xla"``) it forms all L memories
-with one batched product and reads them with ``ReadConfig.retrieve`` (on NVIDIA GPUs,
-``"auto"``, Newton–Schulz reads through the Pallas kernel of
-``orthorecall.pallas_read``); all compute the same function to float32 rounding, with
-the same gradients.
+On NVIDIA GPUs (``"auto"``, Newton–Schulz reads the Pallas kernels take) the Pallas
+chunk read (``orthorecall.pallas_chunk_read``) forms each C_t on chip, forward and
+backward. Elsewhere (TPU, other reads, ``implementation="xla"``) it forms all L memories
+with one batched product and reads them with ``ReadConfig.retrieve``; all compute the
+same function to float32 rounding, with the same gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from orthorecall import cpu_kernel, newton_schulz, precision
+from orthorecall import cpu_kernel, newton_schulz, pallas_chunk_read, precision
 from orthorecall.reads import RAW, ReadConfig
 
 IMPLEMENTATIONS = ("auto", "xla")
@@ -102,8 +102,28 @@ def chunk_read(
     operands = tuple(x.astype(jnp.float32) for x in (memory, scale, decay, keys, values, queries))
     if implementation == "auto" and read.implementation() == "cpu_kernel":
         return _fused(*operands, read, precision.current())
-    # On GPUs ("auto") the formed memories are read by newton_schulz_read's Pallas kernel.
+    if implementation == "auto" and _pallas_applies(read, length, d):
+        return _pallas(*operands, read, precision.current())
+    # Elsewhere on GPUs ("auto") the formed memories are read by newton_schulz_read's
+    # Pallas kernel.
     return _formed_read(*operands, read=read, ns_implementation=implementation)
+
+
+def _pallas_applies(read: ReadConfig, length: int, d: int) -> bool:
+    """Whether the Pallas chunk read (``pallas_chunk_read``) runs: where the Pallas NS
+    read would (NVIDIA GPUs, d and precision it takes), for chunks up to its
+    ``MAX_CHUNK``, and, in a GPU process, once its kernels are known to build (if not,
+    a warning, and the formed memories)."""
+    if read.kind != "newton_schulz" or length > pallas_chunk_read.MAX_CHUNK:
+        return False
+    if newton_schulz.read_implementation(read.num_iterations, read.coefficients, width=d) != (
+        "pallas_gpu"
+    ):
+        return False
+    if newton_schulz._process_backend() != "gpu":
+        return True
+    failure = pallas_chunk_read.compile_failure(_steps(read), d, length, precision.current())
+    return failure is None
 
 
 def _formed_read(memory, scale, decay, keys, values, queries, *, read, ns_implementation="xla"):
@@ -160,3 +180,38 @@ def _fused_bwd(read, jax_precision, operands, h_bar):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _pallas(memory, scale, decay, keys, values, queries, read, jax_precision):
+    return _pallas_fwd(memory, scale, decay, keys, values, queries, read, jax_precision)[0]
+
+
+def _pallas_kernel(kernel, read, jax_precision):
+    return functools.partial(kernel, steps=_steps(read), jax_precision=jax_precision)
+
+
+def _pallas_fwd(memory, scale, decay, keys, values, queries, read, jax_precision):
+    operands = (memory, scale, decay, keys, values, queries)
+    # The CUDA program runs the kernels; a program for another platform forms the memories.
+    h = jax.lax.platform_dependent(
+        *operands,
+        cuda=_pallas_kernel(pallas_chunk_read.chunk_read_forward, read, jax_precision),
+        default=functools.partial(_formed_read, read=read),
+    )
+    return h, operands
+
+
+def _pallas_bwd(read, jax_precision, operands, h_bar):
+    with precision.scope(jax_precision):
+        return tuple(
+            jax.lax.platform_dependent(
+                *operands,
+                h_bar,
+                cuda=_pallas_kernel(pallas_chunk_read.chunk_read_backward, read, jax_precision),
+                default=functools.partial(_formed_backward, read=read),
+            )
+        )
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from orthorecall import chunk_read, pallas_chunk_read, pallas_read
+from orthorecall import chunk_read, pallas_chunk_read, pallas_read, reads
 from orthorecall import newton_schulz as ns
 
 pytestmark = pytest.mark.skipif(
@@ -114,3 +114,54 @@ def test_rejects_bad_shapes():
     wide = _chunk(6, (1,), 2, 65)
     with pytest.raises(ValueError, match="MAX_WIDTH"):
         pallas_chunk_read.chunk_read_forward(*wide, steps=CUBIC5)
+
+
+# --- Selected for GPUs by chunk_read ------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_process(monkeypatch):
+    monkeypatch.setattr(ns, "_process_backend", lambda: "gpu")
+    for module in (pallas_read, pallas_chunk_read):
+        module.compile_failure.cache_clear()
+    yield
+    for module in (pallas_read, pallas_chunk_read):
+        module.compile_failure.cache_clear()
+
+
+def _vjp_of_chunk_read(operands, **kwargs):
+    h_bar = jnp.asarray(np.random.default_rng(2).standard_normal(operands[-1].shape), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        h, vjp = jax.vjp(lambda *a: chunk_read.chunk_read(*a, reads.NS5, **kwargs), *operands)
+        return (h, *vjp(h_bar))
+
+
+def test_chunk_read_runs_the_pallas_chunk_read_on_gpus(gpu_process, monkeypatch):
+    """A GPU process's chunk_read takes the Pallas chunk read through its custom VJP (run
+    here in interpret mode in the CUDA branch): values and cotangents as the XLA form's."""
+    branches = []
+
+    def cuda_branch(*operands, cuda, default):
+        branches.append(cuda.func.__name__)
+        return cuda(*operands, interpret=True)
+
+    operands = _chunk(9, (2,), 6, 12)
+    want = _vjp_of_chunk_read(operands, implementation="xla")
+    monkeypatch.setattr(jax.lax, "platform_dependent", cuda_branch)
+    got = _vjp_of_chunk_read(operands)
+    assert branches == ["chunk_read_forward", "chunk_read_backward"]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_a_chunk_kernel_that_does_not_build_falls_back_to_formed_memories(gpu_process, monkeypatch):
+    def unlowerable(c):  # a sort: not in Pallas' Triton lowering
+        return jnp.sum(jnp.sort(jnp.sum(c, axis=0))) * 0.0 + 1.0
+
+    monkeypatch.setattr(pallas_chunk_read, "_rescaling", unlowerable)
+    operands = _chunk(10, (2,), 4, 8)
+    with pytest.warns(RuntimeWarning, match="forming the memories with XLA"):
+        got = _vjp_of_chunk_read(operands)
+    want = _vjp_of_chunk_read(operands, implementation="xla")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)

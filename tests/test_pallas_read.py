@@ -444,8 +444,8 @@ def test_newton_schulz_read_runs_the_kernel_through_its_custom_vjp(monkeypatch):
 
 
 def test_the_models_training_step_lowers_with_the_kernel_for_cuda(monkeypatch):
-    """The trainer's step with NS5 (chunkwise form, formed memories) exported for CUDA as
-    a GPU process would build it: the read's forward and backward are Triton kernels,
+    """The trainer's step with NS5 (chunkwise form) exported for CUDA as a GPU process
+    would build it: the chunk read's forward and backward are Triton kernels,
     with float32 products on tensor cores (3xTF32) under the default precision policy."""
     _skip_unless_lowering_emits_triton_ir()
 
@@ -477,6 +477,7 @@ def test_the_models_training_step_lowers_with_the_kernel_for_cuda(monkeypatch):
     )(states, keys, batch).mlir_module()
     kernels = _triton_kernels(text)
     names = {name for name, _ in kernels}
-    assert names == {"ns_read_forward_kernel", "ns_read_backward_kernel"}
+    # The chunkwise form's reads: the chunk kernels (each C_t formed on chip).
+    assert names == {"chunk_read_forward_kernel", "chunk_read_backward_kernel"}
     for _, asm in kernels:
         _tf32_products(asm)
