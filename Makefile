@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install test test-fast lint format bench bench-quick replication
+.PHONY: install test test-fast lint format bench bench-quick replication gpu-compile-report accelerator-check
 
 install:
 	$(PYTHON) -m pip install -e ".[test,lint,torch,agents]"
@@ -48,3 +48,12 @@ replication:
 	$(PYTHON) -m experiments.analyze --baseline=raw --reads=ns5 \
 		--runs=$(subst $(space),$(comma),$(addprefix results/replication/runs/,$(REPLICATION_V80_S512_B16))) \
 		> results/replication/analysis_v80_s512_b16.md
+
+# The Pallas kernels compiled offline for sm_80 and sm_90 (needs the gpu-report extra).
+gpu-compile-report:
+	$(PYTHON) -m experiments.gpu_compile_report --json results/gpu_compile_report.json
+
+# On a machine with one NVIDIA GPU: kernels, benchmark and a training slice, under
+# results/accelerator/ (docs/accelerators.md has the time budget).
+accelerator-check:
+	$(PYTHON) -m experiments.accelerator_check --out results/accelerator
