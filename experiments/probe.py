@@ -109,6 +109,37 @@ def _check_command_line() -> tuple[str, list[str]]:
     return _PROBE.value, reads
 
 
+# A model's validation set that would take longer than this to draw is refused (the
+# study's limit, experiments.train.MAX_VALIDATION_SECONDS).
+MAX_VALIDATION_SECONDS = 600.0
+
+
+def _check_sizes(models, num_sequences: int | None) -> None:
+    """Every model's validation set, before the first probe runs: a whole number of its
+    batches, drawn within ``MAX_VALIDATION_SECONDS`` at ``orthorecall.footprint``'s rate."""
+    from orthorecall import footprint
+
+    for model in models:
+        count = model.num_sequences if num_sequences is None else num_sequences
+        if count % model.batch_size:
+            FLAG_CHECKS.fail(
+                "num_sequences",
+                f"{count} is not a multiple of the validation batch size {model.batch_size} "
+                f"of {model.label} (accuracy is the mean over batches, as the reference "
+                "computes it).",
+            )
+        seconds = footprint.numpy_generation_seconds(
+            num_sequences=count, seq_len=model.task.full_len
+        )
+        if seconds > MAX_VALIDATION_SECONDS:
+            FLAG_CHECKS.fail(
+                "num_sequences",
+                f"{count} sequences of {model.task.full_len} tokens would take about "
+                f"{seconds:,.0f} s to draw (at most {MAX_VALIDATION_SECONDS:.0f} s); ask for "
+                "fewer.",
+            )
+
+
 def _seeds() -> list[int] | None:
     if not _SEEDS.value:
         return None
@@ -134,6 +165,7 @@ def main(argv: Sequence[str]) -> None:
             models = probe_sources.from_workdir(_WORKDIR.value, _MODELS.value, seeds)
         else:
             models = probe_sources.from_checkpoints(_CHECKPOINT.value)
+        _check_sizes(models, _NUM_SEQUENCES.value)
         records = run(
             probe,
             models,

@@ -54,3 +54,27 @@ def test_usage_errors_exit_2(module, arguments, fragment):
     done = run_module(module, *arguments, timeout=180)
     assert done.returncode == 2, done.stderr[-2000:]
     assert fragment in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "count, fragment",
+    [
+        ("100000000", "--num_sequences: 100000000 sequences of"),
+        ("17", "--num_sequences: 17 is not a multiple of the validation batch size 16"),
+    ],
+)
+def test_probe_refuses_validation_sets_it_cannot_draw_before_any_probe(tmp_path, count, fragment):
+    out = tmp_path / "probe.json"
+    done = run_module(
+        "experiments.probe",
+        "--probe=oracle",
+        f"--checkpoint={CHECKPOINT}",
+        f"--num_sequences={count}",
+        f"--out={out}",
+        timeout=180,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert fragment in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not done.stdout.strip()  # no probe ran (each prints its record)
+    assert not out.exists()
