@@ -165,3 +165,40 @@ def test_a_chunk_kernel_that_does_not_build_falls_back_to_formed_memories(gpu_pr
     want = _vjp_of_chunk_read(operands, implementation="xla")
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.slow
+def test_the_ns5_reference_checkpoint_evaluates_the_same_through_the_kernels(monkeypatch):
+    """The ns5 reference checkpoint evaluated with its reads through the Pallas chunk read
+    at the default precision (3xTF32 products; interpret mode in the CUDA branch) gives
+    the evaluation of the default path: the same accuracy, the loss within 1e-4. (The
+    default path reproduces the reference's recorded figures within 1e-3:
+    tests/test_reference_checkpoint.py.)"""
+    import json
+
+    from experiments.evaluate_reference import evaluate_checkpoint
+    from tests.conftest import REFERENCE_CHECKPOINTS
+
+    records = json.loads((REFERENCE_CHECKPOINTS / "records.json").read_text())
+    path = REFERENCE_CHECKPOINTS / next(r for r in records if r["variant"] == "ns5")["ckpt"]
+    kwargs = {"num_batches": 2, "batch_size": 8}
+    want = evaluate_checkpoint(path, **kwargs)
+
+    branches = []
+
+    def cuda_branch(*operands, cuda=None, default=None, **platforms):
+        if cuda is None:
+            return default(*operands)
+        branches.append(cuda.func.__name__)
+        return cuda(*operands, interpret=True)
+
+    monkeypatch.setattr(
+        ns, "_implementation", lambda steps, backend, width: "pallas_gpu" if steps else "xla"
+    )
+    monkeypatch.setattr(jax.lax, "platform_dependent", cuda_branch)
+    jax.clear_caches()  # retrace the evaluation
+    got = evaluate_checkpoint(path, **kwargs)
+    jax.clear_caches()
+    assert "chunk_read_forward" in branches
+    assert got["accuracy"] == want["accuracy"]
+    assert abs(got["loss"] - want["loss"]) < 1e-4, (got["loss"], want["loss"])
