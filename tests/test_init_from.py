@@ -25,6 +25,7 @@ from orthorecall import model as model_lib
 from tests.conftest import TINY, TINY_TASK, run_module, with_overrides
 
 SEEDS = (0, 1, 2)
+TIMEOUT = 900  # Seconds, per command: generous, the machine may be loaded.
 
 
 def tiny_config(**overrides):
@@ -204,7 +205,9 @@ def test_each_seed_and_read_starts_from_its_own_file(tmp_path):
             files[read, seed] = write_checkpoint(path, 100 + 10 * i + seed, configs[read])
     workdir = tmp_path / "run"
     result = run_module(
-        "experiments.run", *cli(workdir, str(tmp_path / "init" / "{read}_seed{seed}.pt"))
+        "experiments.run",
+        *cli(workdir, str(tmp_path / "init" / "{read}_seed{seed}.pt")),
+        timeout=TIMEOUT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = train_log(workdir)
@@ -228,7 +231,9 @@ def test_one_file_starts_every_seed_and_read_and_a_resume_ignores_it(tmp_path):
     configs = train.model_configs(tiny_config())
     params = write_checkpoint(tmp_path / "one.pt", 42, configs["raw"])
     workdir = tmp_path / "run"
-    result = run_module("experiments.run", *cli(workdir, str(tmp_path / "one.pt"), steps=2))
+    result = run_module(
+        "experiments.run", *cli(workdir, str(tmp_path / "one.pt"), steps=2), timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = train_log(workdir)
     for row in (r for r in rows if r["step"] == 1):
@@ -236,7 +241,9 @@ def test_one_file_starts_every_seed_and_read_and_a_resume_ignores_it(tmp_path):
         np.testing.assert_allclose(row["loss"], expected, rtol=2e-6)
     # Finished: a rerun resumes the last checkpoint and never opens the file again.
     (tmp_path / "one.pt").unlink()
-    again = run_module("experiments.run", *cli(workdir, str(tmp_path / "one.pt"), steps=2))
+    again = run_module(
+        "experiments.run", *cli(workdir, str(tmp_path / "one.pt"), steps=2), timeout=TIMEOUT
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert train_log(workdir) == rows
 
@@ -244,7 +251,9 @@ def test_one_file_starts_every_seed_and_read_and_a_resume_ignores_it(tmp_path):
 @pytest.mark.slow
 def test_the_command_refuses_a_missing_file_with_code_2(tmp_path):
     workdir = tmp_path / "run"
-    result = run_module("experiments.run", *cli(workdir, str(tmp_path / "nowhere_{seed}.pt")))
+    result = run_module(
+        "experiments.run", *cli(workdir, str(tmp_path / "nowhere_{seed}.pt")), timeout=TIMEOUT
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     out = result.stdout + result.stderr
     assert "config.init_from" in out and "nowhere_0.pt does not exist" in out
