@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install test test-fast lint format bench bench-quick replication gpu-compile-report accelerator-check
+.PHONY: install test test-fast lint format bench bench-quick replication gpu-compile-report accelerator-check parity parity-report
 
 install:
 	$(PYTHON) -m pip install -e ".[test,lint,torch,agents]"
@@ -57,3 +57,19 @@ gpu-compile-report:
 # results/accelerator/ (docs/accelerators.md has the time budget).
 accelerator-check:
 	$(PYTHON) -m experiments.accelerator_check --out results/accelerator
+
+# The parity preset on this machine, one seed at a time, each in its own workdir and
+# resumed where it stopped (Ctrl-C, a kill or a lost session); then results/parity is
+# rebuilt from every workdir there is. On an accelerator, one command runs all 16 seeds:
+# python -m experiments.run --config=configs/noisy_ar.py:parity --workdir=PATH
+PARITY_RUNS ?= workdirs/parity
+PARITY_SEEDS ?= 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26
+parity:
+	for s in $(PARITY_SEEDS); do \
+		$(PYTHON) -m experiments.run --config=configs/noisy_ar.py:parity \
+			--config.seeds.first_seed=$$s --config.seeds.num_seeds=1 \
+			--workdir=$(PARITY_RUNS)/seed$$s || exit 1; done
+	$(MAKE) parity-report
+
+parity-report:
+	$(PYTHON) -m experiments.parity_report --runs=$(PARITY_RUNS) --out=results/parity
