@@ -26,6 +26,7 @@ PAGES = [
     "docs/running.md",
     "docs/speed.md",
     # Pages of the study's detail: their links and commands are checked as well.
+    "docs/accelerators.md",
     "docs/agents.md",
     "docs/mechanism.md",
     "docs/specification.md",
