@@ -113,6 +113,11 @@ def main(argv: Sequence[str]) -> None:
             _agree_across_processes(config, _NUM_PROCESSES.value, _PEER_TIMEOUT.value)
         except (ValueError, multihost.PeersMissing, multihost.Disagreement) as e:
             print(f"run: distributed setup error: {e}", file=sys.stderr)
+            if isinstance(e, multihost.PeersMissing):
+                # JAX's shutdown at exit would wait minutes more for the missing peers.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             sys.exit(2)
     from experiments import train
 

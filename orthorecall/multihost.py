@@ -214,19 +214,24 @@ def agree(description: Mapping[str, Any], *, timeout_seconds: int = DEFAULT_TIME
     fingerprint, the configuration, the process count it was given and the preset) in
     JAX's distributed key-value store, reads every other's, and waits until all have read
     (process 0 holds the store). The same comparison runs everywhere, so either every
-    process returns or every process raises. A no-op in a single process.
+    process returns or every process raises. Call it right after ``initialize``, before
+    anything starts JAX's backend (which waits for every process, without a timeout). A
+    no-op in a single process.
 
     Raises:
         Disagreement: naming, for each process that differs from process 0, the fields
             and both values.
         PeersMissing: a process did not publish (or read) within ``timeout_seconds``.
     """
-    if jax.process_count() == 1:
-        return
+    # The runtime's own figures, not jax.process_count(): that starts the backend, whose
+    # start waits for every process's backend, without a timeout.
     from jax._src import distributed  # the runtime's client: the only key-value store
 
-    client = distributed.global_state.client
-    count, me = jax.process_count(), jax.process_index()
+    state = distributed.global_state
+    if state.client is None or not state.num_processes or state.num_processes == 1:
+        return
+    client = state.client
+    count, me = state.num_processes, state.process_id
     timeout_ms = check_timeout(timeout_seconds) * 1000
     client.key_value_set(f"{_AGREE_KEY}/{me}", json.dumps(description, sort_keys=True))
     try:

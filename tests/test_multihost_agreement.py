@@ -107,3 +107,42 @@ def test_a_process_whose_peer_never_comes_gives_up_in_time(tmp_path):
     assert "--peer_timeout" in err
     assert elapsed < 60  # 5 s of waiting, plus JAX's start
     assert not workdir.exists()
+
+
+_VANISHING_PEER_SCRIPT = """
+import os, sys, time
+from orthorecall import multihost
+multihost.initialize(sys.argv[1], 2, int(sys.argv[2]), timeout_seconds=20)
+if sys.argv[2] == "1":
+    os._exit(0)  # gone before the exchange
+started = time.monotonic()
+try:
+    multihost.agree({"fingerprint": "x"}, timeout_seconds=3)
+except multihost.PeersMissing as e:
+    print("missing", round(time.monotonic() - started), str(e).splitlines()[0][:200], flush=True)
+    os._exit(0)
+print("agreed", flush=True)
+os._exit(1)
+"""
+
+
+@pytest.mark.slow
+def test_agreement_gives_up_when_a_peer_vanishes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+    address = _free_address()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _VANISHING_PEER_SCRIPT, address, str(i)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    (code, out, err), _ = _finish(processes, timeout=120)
+    assert code == 0 and out.startswith("missing"), (out, err[-3000:])
+    assert int(out.split()[1]) < 30
+    assert "waiting for the 2 processes to exchange their configurations" in out
