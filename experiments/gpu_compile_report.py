@@ -237,14 +237,14 @@ def compile_ir(path: str, cap: int, num_warps: int, num_stages: int, keep: str |
             if ext == "cubin":
                 break
             module = fn(module, metadata)
+            if keep:
+                pathlib.Path(f"{keep}.{ext}").write_text(str(module))
             if ext == "ptx":
                 ptx = module
         result["triton_seconds"] = round(time.perf_counter() - start, 2)
         result["shared_memory"] = int(metadata.get("shared") or 0)
         result["num_warps"] = int(metadata.get("num_warps"))
         result["products"] = products(ptx)
-        if keep:
-            pathlib.Path(keep + ".ptx").write_text(ptx)
         stage = "ptxas"
         start = time.perf_counter()
         log = io.StringIO()
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default=",".join(DEFAULT_KERNELS))
     parser.add_argument("--targets", default="80,90")
     parser.add_argument("--read", default="cubic:5", help="coefficients:iterations")
-    parser.add_argument("--keep", default=None, help="folder for each kernel's PTX")
+    parser.add_argument("--keep", default=None, help="folder for each kernel's IR at every stage")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per compile")
     args = parser.parse_args(argv)
 

@@ -234,9 +234,7 @@ class _Call:
             in_specs=in_specs,
             out_specs=out_specs,
             out_shape=out_shape,
-            compiler_params=plgpu.CompilerParams(
-                num_warps=8 if self.width >= 64 else 4, num_stages=1
-            ),
+            compiler_params=plgpu.CompilerParams(num_warps=pallas_read.NUM_WARPS, num_stages=1),
             interpret=self.interpret,
         )
 

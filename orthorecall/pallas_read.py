@@ -33,9 +33,10 @@ G_j = X_jᵀX_j). The Triton backend of Pallas has no scratch memory (pallas_cal
 refuses ``scratch_shapes`` there), and writing the iterates to a global buffer and
 reading them back in the same program would need a barrier whose effect could not be
 tested here. Keeping the k inputs as values of an unrolled program does not fit either:
-a tile is 16 registers per thread at D = 64 over 8 warps, but each product also holds
-its operands in registers (mma.sync) or shared memory (wgmma), and the unrolled program
-spilled 50-85 KB per thread (ptxas gave up at 32 registers). So the iterations are
+a tile is 32 registers per thread at D = 64 over 4 warps, each product also holds its
+operands in registers (mma.sync: a warp holds a whole 64 x 64 operand, see
+``NUM_WARPS``) or shared memory (wgmma), and the unrolled program spilled 50-85 KB per
+thread (ptxas gave up at 32 registers). So the iterations are
 loops (``lax.fori_loop``: one step's products live at a time, and a small program), and
 the reverse sweep recomputes X_j from X0 (j steps) in its own loop: k(k+1)/2 forward
 steps in all instead of k (15 instead of 5 for NS5; 50 products against 30), for a
@@ -84,12 +85,20 @@ Steps = tuple[tuple[float, float, float], ...]
 # The widest memory (d) the kernels take; wider ones raise ValueError (the caller falls
 # back to XLA). A program holds several D x D float32 tiles at once (the iterate, its
 # Gram matrix, the products' operands and accumulators): at D = 64 one tile is 16 KiB
-# (16 registers per thread over 8 warps), and the kernels take 16-96 KiB of shared
+# (32 registers per thread over 4 warps), and the kernels take up to 64 KiB of shared
 # memory and up to 255 registers per thread (results/gpu_compile_report.json). At
 # D = 128 a tile is 64 KiB, four times the registers and shared memory: beyond the
 # register file and the 99-101 KiB per block of consumer Ampere/Ada GPUs. 64 covers the
 # model's d = 48; raising it needs measurements on the GPUs concerned.
 MAX_WIDTH = 64
+# Warps per program. Triton lays the products of a chain of dependent products (these
+# kernels) out with all warps along the rows (warpsPerCTA [num_warps, 1]) and 16 rows
+# per warp: with 8 warps a 64-row block is held twice over, each warp holding a whole
+# operand (the registers per thread were those of 4 warps). 4 warps do the same work
+# with half the threads: two programs per SM instead of one, no more spills, half the
+# shared memory on sm_90 (results/gpu_compile_report.json; 16 warps capped the
+# registers at 128 and spilled).
+NUM_WARPS = 4
 # Smallest block side: Triton's tt.dot needs every dimension >= 16.
 _MIN_BLOCK = 16
 # The custom call pallas_call's Triton lowering emits with jaxlib <= 0.10.2 (later
@@ -529,7 +538,6 @@ class _Call:
         return block_width(self.d)
 
     def _pallas_call(self, kernel, in_specs, out_specs, out_shape):
-        width = self.width
         return pl.pallas_call(
             kernel,
             grid=(self.count,),
@@ -537,13 +545,9 @@ class _Call:
             out_specs=out_specs,
             out_shape=out_shape,
             # Without Triton's parameters JAX 0.10 lowers pallas_call with Mosaic GPU.
-            # 8 warps at D = 64 (4 gave the same registers per thread, 16 capped them
-            # at 128 and spilled: results/gpu_compile_report.json); the loops have no
+            # 4 warps, one warp group, at every width: ``NUM_WARPS``. The loops have no
             # loads to software-pipeline, so one stage.
-            compiler_params=plgpu.CompilerParams(
-                num_warps=8 if width >= 64 else 4,
-                num_stages=1,
-            ),
+            compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
             interpret=self.interpret,
         )
 
