@@ -173,7 +173,7 @@ def from_workdir(
         ConfigError: a name or seed the run does not have, or a stored configuration
             that no longer validates.
     """
-    from experiments import train  # the study's configuration rules
+    from experiments import study_config  # the study's configuration rules
 
     root = pathlib.Path(workdir)
     if not root.is_dir():
@@ -190,8 +190,8 @@ def from_workdir(
             f"the checkpoint of step {step} in {directory} does not record its configuration."
         )
     config = ml_collections.ConfigDict(meta["config"])
-    configs = train.model_configs(config)
-    task = train.task_from_config(config)
+    configs = study_config.model_configs(config)
+    task = study_config.task_from_config(config)
     run_seeds = [config.seeds.first_seed + i for i in range(config.seeds.num_seeds)]
     names = list(configs) if names is None else list(names)
     unknown = [name for name in names if name not in configs]

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import study_config, train
+from experiments.cli import ConfigError
 from experiments.configs.noisy_ar import get_config
 from experiments.report.anneal import format_anneal_markdown, summarize_anneal
 from orthorecall import cell as cell_lib
@@ -135,19 +136,19 @@ def _gated_config(**anneal_fields):
 
 
 def test_anneal_configs_are_checked():
-    with pytest.raises(train.ConfigError, match="anneal"):
-        train.validate_config(tiny_config(reads="ns5,ns5_anneal"))
+    with pytest.raises(ConfigError, match="anneal"):
+        study_config.validate_config(tiny_config(reads="ns5,ns5_anneal"))
     bad = _gated_config()
     bad.reads = "raw,raw_anneal"
-    with pytest.raises(train.ConfigError, match="no R"):
-        train.validate_config(bad)
+    with pytest.raises(ConfigError, match="no R"):
+        study_config.validate_config(bad)
     late_window = _gated_config(mode="window", start=10, end=1000)
-    with pytest.raises(train.ConfigError, match=r"anneal\.end"):
-        train.validate_config(late_window)
-    with pytest.raises(train.ConfigError, match="span"):
-        train.validate_config(_gated_config(span=0))
+    with pytest.raises(ConfigError, match=r"anneal\.end"):
+        study_config.validate_config(late_window)
+    with pytest.raises(ConfigError, match="span"):
+        study_config.validate_config(_gated_config(span=0))
     # ns5 and ns5_anneal are the same model trained differently: not an alias.
-    assert list(train.validate_config(_gated_config())) == ["raw", "ns5", "ns5_anneal"]
+    assert list(study_config.validate_config(_gated_config())) == ["raw", "ns5", "ns5_anneal"]
 
 
 def _rows(workdir):

@@ -38,25 +38,6 @@ WITHOUT_NUMERIC_FIELDS = {
     "experiments.benchmark",
     "experiments.benchmark_reference",
 }
-# The study's integer fields that experiments/train.py's validate_config does not yet
-# bound above (its own _check_int is unbounded; task and model fields are left to the
-# library): 2**64 passes the first five, and the last two are refused only by the memory
-# estimate, whose message names the fields to reduce rather than the one given. They are
-# refused, naming the field, once train.py checks them with
-# experiments.config_checks.check_int (at most INT_LIMIT); this test then fails until
-# they are removed from here.
-KNOWN_GAPS_IN_THE_STUDY = {
-    ("experiments.run", f"--config.{field}", str(2**64))
-    for field in (
-        "model.chunk_size",
-        "train.checkpoint_every",
-        "train.eval_every",
-        "train.keep_checkpoints",
-        "train.log_every",
-        "model.inner_multiple",
-        "task.seq_len",
-    )
-}
 
 
 def _driver(module: str, scratch) -> dict:
@@ -97,19 +78,8 @@ def test_nan_infinity_and_out_of_range_integers_are_refused(module, tmp_path):
         assert result["fields"] == []
     else:
         assert result["fields"], "no numeric field found: the driver no longer sees them"
-    wrong = [
-        c
-        for c in result["cases"]
-        if not _refused_properly(c)
-        and (module, c["field"], c["value"]) not in KNOWN_GAPS_IN_THE_STUDY
-    ]
+    wrong = [c for c in result["cases"] if not _refused_properly(c)]
     assert not wrong, json.dumps(wrong, indent=1)[:6000]
-    closed = [
-        (c["field"], c["value"])
-        for c in result["cases"]
-        if (module, c["field"], c["value"]) in KNOWN_GAPS_IN_THE_STUDY and _refused_properly(c)
-    ]
-    assert not closed, f"now refused: remove {closed} from KNOWN_GAPS_IN_THE_STUDY"
 
 
 def _assert_refused(done, *fragments):

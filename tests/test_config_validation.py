@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import study_config
+from experiments.cli import ConfigError
 from experiments.configs.noisy_ar import PRESETS, get_config
 from orthorecall import footprint, training
 from tests.conftest import with_overrides
@@ -40,16 +41,16 @@ def config_with(**overrides):
 
 
 def refusal(**overrides) -> str:
-    with pytest.raises(train.ConfigError) as error:
-        train.validate_config(config_with(**overrides), available_memory=PLENTY)
+    with pytest.raises(ConfigError) as error:
+        study_config.validate_config(config_with(**overrides), available_memory=PLENTY)
     return str(error.value)
 
 
 def test_the_tiny_configuration_and_every_preset_field_set_pass():
-    configs = train.validate_config(config_with(), available_memory=PLENTY)
+    configs = study_config.validate_config(config_with(), available_memory=PLENTY)
     assert list(configs) == ["raw", "ns5"]
     for preset in PRESETS:
-        train.validate_config(get_config(preset), available_memory=PLENTY)
+        study_config.validate_config(get_config(preset), available_memory=PLENTY)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,7 @@ def test_a_bad_value_is_refused_naming_its_field(field, value):
 
 
 def test_a_clip_norm_of_none_disables_the_clip():
-    train.validate_config(config_with(train__clip_norm=None), available_memory=PLENTY)
+    study_config.validate_config(config_with(train__clip_norm=None), available_memory=PLENTY)
 
 
 def test_messages_say_what_to_do():
@@ -133,8 +134,8 @@ def test_a_missing_field_is_named():
     config = config_with()
     with config.unlocked():
         del config.train["eps"]
-    with pytest.raises(train.ConfigError, match=r"^config\.train\.eps: is missing"):
-        train.validate_config(config, available_memory=PLENTY)
+    with pytest.raises(ConfigError, match=r"^config\.train\.eps: is missing"):
+        study_config.validate_config(config, available_memory=PLENTY)
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_a_bad_task_or_model_value_is_refused_naming_its_field(field, value):
 
 def test_a_conv_kernel_longer_than_the_sequence_is_refused():
     # TINY: sequences of 16 tokens, 15 positions.
-    train.validate_config(config_with(model__conv_kernel_size=15), available_memory=PLENTY)
+    study_config.validate_config(config_with(model__conv_kernel_size=15), available_memory=PLENTY)
     started = time.perf_counter()
     message = refusal(model__conv_kernel_size=10**5)
     assert time.perf_counter() - started < 1.0
@@ -193,10 +194,10 @@ def test_an_ignore_index_the_trainer_does_not_score_with_is_refused():
     config = config_with()
     with config.unlocked():
         config.task.ignore_index = -1
-    with pytest.raises(train.ConfigError, match=r"^config\.task\.ignore_index: the trainer"):
-        train.validate_config(config, available_memory=PLENTY)
+    with pytest.raises(ConfigError, match=r"^config\.task\.ignore_index: the trainer"):
+        study_config.validate_config(config, available_memory=PLENTY)
     config.task.ignore_index = -100
-    train.validate_config(config, available_memory=PLENTY)
+    study_config.validate_config(config, available_memory=PLENTY)
 
 
 def test_a_width_the_heads_do_not_divide_names_the_heads():
@@ -208,8 +209,8 @@ def test_unknown_task_and_model_fields_are_refused():
     config = config_with()
     with config.unlocked():
         config.model.width = 3
-    with pytest.raises(train.ConfigError, match=r"^config\.model: unknown field\(s\) \['width'\]"):
-        train.validate_config(config, available_memory=PLENTY)
+    with pytest.raises(ConfigError, match=r"^config\.model: unknown field\(s\) \['width'\]"):
+        study_config.validate_config(config, available_memory=PLENTY)
 
 
 @pytest.mark.parametrize(
@@ -223,8 +224,8 @@ def test_unknown_task_and_model_fields_are_refused():
     ],
 )
 def test_huge_sizes_are_refused_by_the_memory_estimate(field, value):
-    with pytest.raises(train.ConfigError) as error:
-        train.validate_config(
+    with pytest.raises(ConfigError) as error:
+        study_config.validate_config(
             config_with(**{field.replace(".", "__"): value}), available_memory=16 * 2**30
         )
     assert "16.0 GiB available" in str(error.value)
@@ -287,7 +288,7 @@ def test_reads_that_alias_each_other_are_refused(reads, message):
 
 
 def test_distinct_reads_pass():
-    configs = train.validate_config(
+    configs = study_config.validate_config(
         config_with(reads="raw,ns5,ns3,ns5_muon,polar"), available_memory=PLENTY
     )
     assert list(configs) == ["raw", "ns5", "ns3", "ns5_muon", "polar"]
@@ -304,8 +305,8 @@ def test_seeds_past_uint32_are_refused_since_they_would_repeat_seed_0():
     np.testing.assert_array_equal(
         jax.numpy.asarray(seeds, jax.numpy.uint32), jax.numpy.asarray([0, 1], jax.numpy.uint32)
     )
-    last_ok = train.SEED_LIMIT - 3
-    train.validate_config(config_with(seeds__first_seed=last_ok), available_memory=PLENTY)
+    last_ok = study_config.SEED_LIMIT - 3
+    study_config.validate_config(config_with(seeds__first_seed=last_ok), available_memory=PLENTY)
     message = refusal(seeds__first_seed=last_ok + 1)
     assert message.startswith("config.seeds.first_seed: ") and "2**32" in message
     assert refusal(seeds__first_seed=2**32).startswith("config.seeds.first_seed: ")
@@ -319,8 +320,8 @@ def test_seeds_past_uint32_are_refused_since_they_would_repeat_seed_0():
 def _train_need(config, seeds_per_device):
     """What a CPU device needs to train: the step and the validation set, which stays on
     the device, and the trainer's two host copies of it, in the same memory on CPU."""
-    configs = train.model_configs(config)
-    task = train.task_from_config(config)
+    configs = study_config.model_configs(config)
+    task = study_config.task_from_config(config)
     return footprint.train_step_memory_estimate(
         list(configs.values()),
         batch_size=config.train.batch_size,
@@ -334,8 +335,10 @@ def _train_need(config, seeds_per_device):
 
 def test_a_batch_that_cannot_fit_is_refused_with_the_figures():
     started = time.perf_counter()
-    with pytest.raises(train.ConfigError) as error:
-        train.validate_config(config_with(train__batch_size=10_000_000), available_memory=2**34)
+    with pytest.raises(ConfigError) as error:
+        study_config.validate_config(
+            config_with(train__batch_size=10_000_000), available_memory=2**34
+        )
     message = str(error.value)
     assert message.startswith("config.train.batch_size: one training step needs about ")
     assert re.search(r"needs about [0-9.]+ [GT]iB per device", message)
@@ -346,9 +349,9 @@ def test_a_batch_that_cannot_fit_is_refused_with_the_figures():
 
 def test_the_memory_of_this_machine_is_asked_by_default():
     # 10**7 sequences: hundreds of GiB, more than any host running the tests.
-    with pytest.raises(train.ConfigError, match=r"^config\.train\.batch_size: one training"):
-        train.validate_config(config_with(train__batch_size=10_000_000))
-    train.validate_config(config_with())
+    with pytest.raises(ConfigError, match=r"^config\.train\.batch_size: one training"):
+        study_config.validate_config(config_with(train__batch_size=10_000_000))
+    study_config.validate_config(config_with())
 
 
 def test_padded_seeds_count_per_device():
@@ -359,31 +362,41 @@ def test_padded_seeds_count_per_device():
     one, two = _train_need(config, 1), _train_need(config, 2)
     between = (one + two) // 2
     device = jax.devices()[0]
-    configs = train.validate_config(config, available_memory=between, devices=[device] * 3)
-    assert train.seed_groups(config, configs, available_memory=between, devices=[device] * 3) == 1
-    configs = train.validate_config(config, available_memory=between, devices=[device] * 2)
-    assert train.seed_groups(config, configs, available_memory=between, devices=[device] * 2) == 2
-    assert train.seed_groups(config, configs, available_memory=2**34, devices=[device] * 2) == 1
-    with pytest.raises(train.ConfigError, match=r"2 seed\(s\) x 2 read\(s\) on each of 2"):
-        train.validate_config(config, available_memory=one // 2, devices=[device] * 2)
+    configs = study_config.validate_config(config, available_memory=between, devices=[device] * 3)
+    assert (
+        study_config.seed_groups(config, configs, available_memory=between, devices=[device] * 3)
+        == 1
+    )
+    configs = study_config.validate_config(config, available_memory=between, devices=[device] * 2)
+    assert (
+        study_config.seed_groups(config, configs, available_memory=between, devices=[device] * 2)
+        == 2
+    )
+    assert (
+        study_config.seed_groups(config, configs, available_memory=2**34, devices=[device] * 2) == 1
+    )
+    with pytest.raises(ConfigError, match=r"2 seed\(s\) x 2 read\(s\) on each of 2"):
+        study_config.validate_config(config, available_memory=one // 2, devices=[device] * 2)
 
 
 def test_an_evaluation_that_cannot_fit_names_the_validation_batch():
     config = config_with(train__val_batch_size=200_000, train__val_batches=1, task__seq_len=16)
     need = _train_need(config, 3)
-    with pytest.raises(train.ConfigError, match=r"^config\.train\.val_batch_size: one evaluation"):
-        train.validate_config(config, available_memory=need * 2)
+    with pytest.raises(ConfigError, match=r"^config\.train\.val_batch_size: one evaluation"):
+        study_config.validate_config(config, available_memory=need * 2)
 
 
 def test_a_validation_set_that_cannot_fit_names_the_validation_batch():
     config = config_with(train__val_batch_size=10**6)  # 3 x 10**6 x 15 x 2 int32: 360 MB
-    with pytest.raises(train.ConfigError, match=r"^config\.train\.val_batch_size: the valid"):
-        train.validate_config(config, available_memory=2**28)
+    with pytest.raises(ConfigError, match=r"^config\.train\.val_batch_size: the valid"):
+        study_config.validate_config(config, available_memory=2**28)
 
 
 def test_parameters_that_cannot_fit_name_the_model():
-    with pytest.raises(train.ConfigError, match=r"^config\.model: the parameters"):
-        train.validate_config(config_with(model__embedding_dim=10**9), available_memory=2**34)
+    with pytest.raises(ConfigError, match=r"^config\.model: the parameters"):
+        study_config.validate_config(
+            config_with(model__embedding_dim=10**9), available_memory=2**34
+        )
 
 
 def test_a_validation_set_that_takes_hours_to_draw_is_refused():
@@ -393,7 +406,7 @@ def test_a_validation_set_that_takes_hours_to_draw_is_refused():
     assert message.startswith("config.train.val_batch_size: the validation sets ")
     assert "to draw" in message and "reduce train.val_batches or train.val_batch_size" in message
     # The reference's 16 x 16 sequences per seed of the longest regime draw well in time.
-    train.validate_config(get_config("v96_s1024"), available_memory=PLENTY)
+    study_config.validate_config(get_config("v96_s1024"), available_memory=PLENTY)
 
 
 def test_numpy_training_batches_that_take_minutes_per_step_are_refused():
@@ -402,11 +415,11 @@ def test_numpy_training_batches_that_take_minutes_per_step_are_refused():
     assert message.startswith("config.train.batch_size: with train.data_source='numpy'")
     assert "data_source='jax'" in message
     on_device = config_with(train__data_source="jax", train__batch_size=200_000)
-    train.validate_config(on_device, available_memory=PLENTY)
+    study_config.validate_config(on_device, available_memory=PLENTY)
 
 
 def test_validation_is_fast_on_the_largest_preset():
     config = get_config("v96_s1024")
     started = time.perf_counter()
-    train.validate_config(config, available_memory=PLENTY)
+    study_config.validate_config(config, available_memory=PLENTY)
     assert time.perf_counter() - started < 1.0

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import study_config, train
 from experiments.cli import ConfigError
 from experiments.configs import noisy_ar
 from orthorecall import data, reference_checkpoint, training
@@ -55,7 +55,7 @@ def write_checkpoint(path: Path, key: int, config: model_lib.ModelConfig, **cfg)
 
 
 def model_config(read="raw") -> model_lib.ModelConfig:
-    return train.model_configs(tiny_config(reads=read))[read]
+    return study_config.model_configs(tiny_config(reads=read))[read]
 
 
 def first_step_loss(params, seed: int, config: model_lib.ModelConfig) -> float:
@@ -74,14 +74,14 @@ def first_step_loss(params, seed: int, config: model_lib.ModelConfig) -> float:
 
 def test_placeholders_name_each_seed_and_read():
     config = tiny_config(init_from="/ckpt/{read}/seed{seed:03d}.pt")
-    paths = train.init_from_paths(config, ["raw", "ns5"], [7, 12])
+    paths = study_config.init_from_paths(config, ["raw", "ns5"], [7, 12])
     assert paths == {
         "raw": [Path("/ckpt/raw/seed007.pt"), Path("/ckpt/raw/seed012.pt")],
         "ns5": [Path("/ckpt/ns5/seed007.pt"), Path("/ckpt/ns5/seed012.pt")],
     }
-    single = train.init_from_paths(tiny_config(init_from="/one.pt"), ["raw", "ns5"], [7, 12])
+    single = study_config.init_from_paths(tiny_config(init_from="/one.pt"), ["raw", "ns5"], [7, 12])
     assert single == {"raw": [Path("/one.pt")] * 2, "ns5": [Path("/one.pt")] * 2}
-    assert train.init_from_paths(tiny_config(), ["raw"], [0]) is None
+    assert study_config.init_from_paths(tiny_config(), ["raw"], [0]) is None
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_placeholders_name_each_seed_and_read():
 def test_bad_templates_are_refused_naming_the_field(template, words):
     config = tiny_config(init_from=template)
     with pytest.raises(ConfigError) as error:
-        train.validate_config(config)
+        study_config.validate_config(config)
     message = str(error.value)
     assert message.startswith("config.init_from:"), message
     for word in words:
@@ -155,14 +155,14 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
 
 def test_refusals_name_seed_read_and_file(tmp_path):
     config = tiny_config(init_from=str(tmp_path / "{read}_{seed}.pt"))
-    configs = train.validate_config(config)
+    configs = study_config.validate_config(config)
     write_checkpoint(tmp_path / "raw_0.pt", 0, configs["raw"])
     with pytest.raises(ConfigError, match=r"ns5_0\.pt does not exist \(seed 0, read 'ns5'\)"):
-        train.load_initial_params(config, configs, [0])
+        study_config.load_initial_params(config, configs, [0])
     wide = configs["raw"].cell.replace(embedding_dim=24)
     write_checkpoint(tmp_path / "ns5_0.pt", 0, model_lib.ModelConfig(24, wide))
     with pytest.raises(ConfigError, match=r"seed 0, read 'ns5'.*model\.embedding_dim"):
-        train.load_initial_params(config, configs, [0])
+        study_config.load_initial_params(config, configs, [0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def train_log(workdir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_each_seed_and_read_starts_from_its_own_file(tmp_path):
-    configs = train.model_configs(tiny_config())
+    configs = study_config.model_configs(tiny_config())
     files = {}
     for i, read in enumerate(configs):
         for seed in SEEDS:
@@ -228,7 +228,7 @@ def test_each_seed_and_read_starts_from_its_own_file(tmp_path):
 
 @pytest.mark.slow
 def test_one_file_starts_every_seed_and_read_and_a_resume_ignores_it(tmp_path):
-    configs = train.model_configs(tiny_config())
+    configs = study_config.model_configs(tiny_config())
     params = write_checkpoint(tmp_path / "one.pt", 42, configs["raw"])
     workdir = tmp_path / "run"
     result = run_module(

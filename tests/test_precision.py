@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax import export
 
-from experiments import train
+from experiments import study_config
+from experiments.cli import ConfigError
 from experiments.workdir import differing_fields
 from orthorecall import cell, model, precision, training
 from orthorecall.reads import read_from_name
@@ -91,16 +92,16 @@ def test_every_product_of_the_training_step_has_the_requested_precision(platform
 def test_the_default_is_float32_everywhere_a_config_is_made():
     assert cell.CellConfig().matmul_precision == "highest"
     assert model.ModelConfig().cell.matmul_precision == "highest"
-    config = train.model_configs(train_config := tiny_config())
+    config = study_config.model_configs(train_config := tiny_config())
     assert {c.cell.matmul_precision for c in config.values()} == {"highest"}
     assert train_config.model.matmul_precision == "highest"
 
 
 def test_the_cli_field_reaches_the_cell_and_bad_values_name_the_field():
-    configs = train.model_configs(tiny_config(model__matmul_precision="tensorfloat32"))
+    configs = study_config.model_configs(tiny_config(model__matmul_precision="tensorfloat32"))
     assert {c.cell.matmul_precision for c in configs.values()} == {"tensorfloat32"}
-    with pytest.raises(train.ConfigError, match=r"^config\.model.*matmul_precision.*'highest'"):
-        train.model_configs(tiny_config(model__matmul_precision="fp32"))
+    with pytest.raises(ConfigError, match=r"^config\.model.*matmul_precision.*'highest'"):
+        study_config.model_configs(tiny_config(model__matmul_precision="fp32"))
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
         cell.CellConfig(matmul_precision="HIGHEST")
 

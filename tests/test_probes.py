@@ -305,12 +305,12 @@ def _hand_made_workdir(root):
     """A workdir whose one checkpoint holds freshly initialized raw and ns5 models of the
     TINY study, seeds 0 and 1 (seed 1 of ns5 marked diverged): the probe's loader needs
     no training to be tested. Returns the models' configurations."""
-    from experiments import train
+    from experiments import study_config
     from orthorecall import checkpointing, training
     from tests.test_training import tiny_config
 
     config = tiny_config(seeds__num_seeds=2, train__val_batches=2)
-    configs = train.validate_config(config)
+    configs = study_config.validate_config(config)
     states = {}
     for name, model_config in configs.items():
         per_seed = [model_lib.init_params(jax.random.PRNGKey(s), model_config) for s in (0, 1)]

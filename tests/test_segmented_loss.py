@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import train
+from experiments import study_config
+from experiments.cli import ConfigError
 from orthorecall import cell, data, evaluation, reads, training
 from orthorecall import model as model_lib
 from tests.test_training import tiny_config
@@ -82,13 +83,13 @@ def test_bad_segment_lengths_are_refused():
         with pytest.raises(ValueError, match="segment_length"):
             training.make_train_step({"raw": config}, optax.sgd(0.1), None, segment_length=bad)
     for bad in (0, -2):  # ConfigDict itself refuses other types for an int placeholder.
-        with pytest.raises(train.ConfigError, match=r"train\.segment_length"):
-            train.validate_config(tiny_config(train__segment_length=bad))
-    train.validate_config(tiny_config(train__segment_length=4))
+        with pytest.raises(ConfigError, match=r"train\.segment_length"):
+            study_config.validate_config(tiny_config(train__segment_length=bad))
+    study_config.validate_config(tiny_config(train__segment_length=4))
     legacy = tiny_config()
     with legacy.unlocked():  # A configuration written before the field existed.
         del legacy.train["segment_length"]
-    train.validate_config(legacy)
+    study_config.validate_config(legacy)
 
 
 @pytest.mark.slow

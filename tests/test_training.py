@@ -26,7 +26,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import train
+from experiments import study_config, train
+from experiments.cli import ConfigError
 from experiments.configs.noisy_ar import get_config
 from experiments.workdir import WorkdirError, WorkdirLock
 from orthorecall import checkpointing, data, training
@@ -120,7 +121,7 @@ def ns5_steps():
     difference of 1e-8 between the batched and the unbatched program becomes 1e-3 in a
     parameter. clip 0.1 (below every seed's gradient norm): the clip is active, so a
     norm taken across seeds instead of per seed would show."""
-    configs = train.validate_config(tiny_config(reads="ns5"))
+    configs = study_config.validate_config(tiny_config(reads="ns5"))
     optimizer = training.make_optimizer(total_steps=NUM_STEPS + 1, eps=1e-3, clip_norm=0.1)
     streams = [data.ReferenceTrainingStream(TASK, seed=int(s), batch_size=4) for s in SEEDS]
     batches = []
@@ -235,7 +236,7 @@ import jax, numpy as np
 from experiments import train
 from orthorecall import training
 from tests.test_training import tiny_config
-configs = train.validate_config(tiny_config(reads="raw"))
+configs = study_config.validate_config(tiny_config(reads="raw"))
 # eps 1e-3: see ns5_steps (Adam turns gradient components that are float noise into
 # updates of about the learning rate).
 optimizer = training.make_optimizer(total_steps=4, eps=1e-3)
@@ -504,13 +505,13 @@ def test_identical_runs_are_identical(two_runs):
 
 def _memory_that_needs_groups(config) -> int:
     """A per-device memory in which all three seeds at once do not fit, one at a time do."""
-    configs = train.validate_config(config, available_memory=2**40)
+    configs = study_config.validate_config(config, available_memory=2**40)
     for exponent in np.arange(20, 40, 0.25):
         available = int(2**exponent)
         try:
-            if train.seed_groups(config, configs, available_memory=available) > 1:
+            if study_config.seed_groups(config, configs, available_memory=available) > 1:
                 return available
-        except train.ConfigError:
+        except ConfigError:
             continue
     raise AssertionError("no memory size makes the trainer group the seeds")
 
@@ -521,11 +522,13 @@ def test_seeds_are_grouped_when_the_device_memory_is_short(two_runs, tmp_path, m
     own, with the same results as the ungrouped run."""
     config = tiny_config()
     available = _memory_that_needs_groups(config)
-    configs = train.validate_config(config, available_memory=available)
-    assert train.seed_groups(config, configs, available_memory=available) == 3
-    with pytest.raises(train.ConfigError, match="even with one seed at a time"):
-        train.seed_groups(config, configs, available_memory=available // 4)
-    monkeypatch.setattr(train.footprint, "per_device_available_memory", lambda devices: available)
+    configs = study_config.validate_config(config, available_memory=available)
+    assert study_config.seed_groups(config, configs, available_memory=available) == 3
+    with pytest.raises(ConfigError, match="even with one seed at a time"):
+        study_config.seed_groups(config, configs, available_memory=available // 4)
+    monkeypatch.setattr(
+        study_config.footprint, "per_device_available_memory", lambda devices: available
+    )
     train.train_and_evaluate(config, tmp_path, tensorboard=False)
     assert json.loads((tmp_path / "run_config.json").read_text())["seed_groups"] == 3
     grouped = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -754,7 +757,7 @@ def test_a_locked_workdir_is_refused_before_any_compute(tmp_path, monkeypatch):
 def test_invalid_configs_fail_before_any_compute(overrides, expected, tmp_path, monkeypatch):
     _no_compute(monkeypatch)
     workdir = tmp_path / "never_created"
-    with pytest.raises(train.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         train.train_and_evaluate(tiny_config(**overrides), workdir)
     for text in expected:
         assert text in str(error.value)
@@ -900,7 +903,7 @@ def test_a_run_says_when_the_numpy_source_holds_the_devices_up():
 def test_frozen_projections_stay_at_their_initialization():
     """randk / randqk: the optimizer's update (weight decay included) never reaches the
     frozen projections, while every other parameter, and raw's k_proj, moves."""
-    configs = train.validate_config(tiny_config(reads="raw,randk,randqk"))
+    configs = study_config.validate_config(tiny_config(reads="raw,randk,randqk"))
     optimizer = training.make_optimizer(total_steps=4)
     stream = data.ReferenceTrainingStream(TASK, seed=3, batch_size=4)
     step = training.make_train_step(configs, optimizer, None)
