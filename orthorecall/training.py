@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -33,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from orthorecall import evaluation
 from orthorecall import model as model_lib
-from orthorecall.validation import check_int
+from orthorecall.validation import check_int, check_real
 
 SCHEDULES = ("cosine", "constant", "stretched_cosine")
 
@@ -74,51 +73,6 @@ def learning_rate_schedule(
 
 # optax counts steps in an int32 that saturates here: a longer schedule would never end.
 MAX_STEPS = 2**31 - 1
-
-
-def check_real(
-    name: str,
-    value: Any,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    minimum_inclusive: bool = True,
-    maximum_inclusive: bool = True,
-) -> float:
-    """``value`` as a finite Python float within the bounds, or a ValueError naming ``name``.
-
-    Python and numpy reals are accepted (an int learning rate is fine); bools, strings,
-    None, NaN and infinities are refused: ``inf`` passes a ``> 0`` test, and as a learning
-    rate or a clip norm it trains NaNs or no clip at all.
-
-    Raises:
-        ValueError: "NAME must ..., got VALUE".
-    """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond float range
-        number = math.inf
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    low_ok = minimum is None or (number >= minimum if minimum_inclusive else number > minimum)
-    high_ok = maximum is None or (number <= maximum if maximum_inclusive else number < maximum)
-    if not (low_ok and high_ok):
-        if minimum is not None and maximum is not None:
-            interval = (
-                f"{'[' if minimum_inclusive else '('}{minimum:g}, "
-                f"{maximum:g}{']' if maximum_inclusive else ')'}"
-            )
-            raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-        if minimum is not None:
-            raise ValueError(
-                f"{name} must be {'>=' if minimum_inclusive else '>'} {minimum:g}, got {value!r}"
-            )
-        raise ValueError(
-            f"{name} must be {'<=' if maximum_inclusive else '<'} {maximum:g}, got {value!r}"
-        )
-    return number
 
 
 def make_optimizer(

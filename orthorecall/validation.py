@@ -42,8 +42,7 @@ def check_real(
 
     Python and numpy reals are accepted (an int learning rate is fine); bools, strings,
     None, NaN and infinities are refused: ``inf`` passes a ``> 0`` test, and as a learning
-    rate or a clip norm it trains NaNs or no clip at all. (``orthorecall.training``'s
-    ``check_real`` is the same rule; this one needs no JAX.)
+    rate or a clip norm it trains NaNs or no clip at all.
 
     Raises:
         ValueError: "NAME must ..., got VALUE".
