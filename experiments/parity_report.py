@@ -207,10 +207,10 @@ def format_markdown(summary: dict) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not _RUNS.value or not _OUT.value:
-        print("parity_report: give --runs and --out.", file=sys.stderr)
+    if len(argv) > 1 or not _RUNS.value or not _OUT.value:
+        print(
+            f"parity_report: usage error: give --runs and --out only, got {argv}.", file=sys.stderr
+        )
         sys.exit(2)
     try:
         summary = build(pathlib.Path(_RUNS.value), pathlib.Path(_OUT.value))

@@ -61,11 +61,11 @@ def test_cli_reports_each_regime_and_groups_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_usage_errors_exit_1(tmp_path):
+def test_cli_usage_errors_exit_2(tmp_path):
     proc = _cli()
-    assert proc.returncode == 1 and "--workdir=DIR is required." in proc.stderr
+    assert proc.returncode == 2 and "--workdir=DIR is required." in proc.stderr
     proc = _cli(f"--workdir={tmp_path}", "extra")
-    assert proc.returncode == 1 and "unexpected arguments: ['extra']" in proc.stderr
+    assert proc.returncode == 2 and "unexpected arguments: ['extra']" in proc.stderr
 
 
 @pytest.mark.slow

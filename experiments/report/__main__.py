@@ -11,7 +11,8 @@ If ``DIR`` has no ``metrics.jsonl`` but sub-directories that do (one per regime)
 each of them and draws one ``DIR/solved_counts.png`` grouped by regime.
 
 Exit status 2, with the error on stderr, when there is nothing valid to report (no or
-empty ``metrics.jsonl``, a malformed line or config, a threshold outside (0, 1]).
+empty ``metrics.jsonl``, a malformed line or config, a threshold outside (0, 1]) or the
+command line is wrong.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from absl import app, flags
 
@@ -40,14 +42,20 @@ _THRESHOLD = flags.DEFINE_float(
 )
 
 
+def _usage_error(message: str) -> NoReturn:
+    # Exit 2, as every other refusal of the project's commands.
+    print(f"report: usage error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: Sequence[str]) -> None:
     """CLI: builds the report(s) and prints the summary; errors go to stderr, exit 2."""
     library_logging_at_warning()
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+        _usage_error(f"unexpected arguments: {list(argv[1:])}")
     workdir, threshold = _WORKDIR.value, _THRESHOLD.value
     if not workdir:
-        raise app.UsageError("--workdir=DIR is required.")
+        _usage_error("--workdir=DIR is required.")
     workdir = Path(workdir)
     try:
         if (
