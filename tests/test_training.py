@@ -233,7 +233,7 @@ def test_seed_groups_compute_the_same_steps_and_evaluations(ns5_steps):
 
 _GROUPED_ON_EIGHT_DEVICES = """
 import jax, numpy as np
-from experiments import train
+from experiments import study_config
 from orthorecall import training
 from tests.test_training import tiny_config
 configs = study_config.validate_config(tiny_config(reads="raw"))
