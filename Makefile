@@ -23,10 +23,10 @@ format:
 	$(PYTHON) -m ruff format .
 
 bench:
-	$(PYTHON) -m experiments.benchmark --json results/benchmark_cpu.json
+	$(PYTHON) -m experiments.benchmarks.model --json results/benchmark_cpu.json
 
 bench-quick:
-	$(PYTHON) -m experiments.benchmark --quick --json results/benchmark_cpu_quick.json
+	$(PYTHON) -m experiments.benchmarks.model --quick --json results/benchmark_cpu_quick.json
 
 # The groups with a full report, and the replication's main regime at batch 16 (cosine,
 # constant rate, 4,000-step cosine) for a pooled analysis of its own.

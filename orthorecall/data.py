@@ -593,7 +593,7 @@ def sample_noisy_recall(
 
     Vectorized over slots: each key's first slot is a scatter-min over the slots, which
     on CPU beat a ``(batch, P-1, num_keys)`` one-hot min, an O(P^2) pairwise comparison
-    and a ``lax.scan`` over slots (``python -m experiments.benchmark_data``).
+    and a ``lax.scan`` over slots (``python -m experiments.benchmarks.data``).
 
     The sampling is jitted and cached per (task, batch size), so only ``key`` is traced;
     calling this under ``jax.jit`` / ``jax.vmap`` works the same.

@@ -80,22 +80,22 @@ def _commands(scratch: Path) -> dict:
             "compute": [("experiments.analyze", "compare_runs")],
             "define": True,
         },
-        "experiments.benchmark": {
+        "experiments.benchmarks.model": {
             "args": [],
-            "compute": [("experiments.benchmark", "run_benchmark")],
+            "compute": [("experiments.benchmarks.model", "run_benchmark")],
         },
-        "experiments.benchmark_agents": {
+        "experiments.benchmarks.agents": {
             "args": ["--cores=gru"],
-            "compute": [("experiments.benchmark_agents", "measure")],
+            "compute": [("experiments.benchmarks.agents", "measure")],
         },
-        "experiments.benchmark_data": {
+        "experiments.benchmarks.data": {
             "args": [],
-            "compute": [("experiments.benchmark_data", "benchmark_generators")],
+            "compute": [("experiments.benchmarks.data", "benchmark_generators")],
             "argparse": True,
         },
-        "experiments.benchmark_reference": {
+        "experiments.benchmarks.reference": {
             "args": [f"--reference_dir={scratch}"],
-            "compute": [("experiments.benchmark_reference", "run")],
+            "compute": [("experiments.benchmarks.reference", "run")],
             "argparse": True,
         },
     }

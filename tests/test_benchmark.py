@@ -41,7 +41,7 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
         )
     )
     done = run_module(
-        "experiments.benchmark",
+        "experiments.benchmarks.model",
         "--smoke",
         f"--json={path}",
         f"--reference_json={reference}",
@@ -128,18 +128,18 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
 def test_a_reference_file_that_is_not_the_reference_benchmark_is_refused(tmp_path):
     bad = tmp_path / "reference.json"
     bad.write_text('{"figures": []}')
-    done = run_module("experiments.benchmark", "--smoke", f"--reference_json={bad}")
+    done = run_module("experiments.benchmarks.model", "--smoke", f"--reference_json={bad}")
     assert done.returncode != 0
-    assert "is not the --json output of experiments/benchmark_reference.py" in done.stderr
+    assert "is not the --json output of experiments/benchmarks/reference.py" in done.stderr
 
 
 def test_quick_and_smoke_are_exclusive():
-    done = run_module("experiments.benchmark", "--smoke", "--quick")
+    done = run_module("experiments.benchmarks.model", "--smoke", "--quick")
     assert done.returncode != 0 and "exclusive" in done.stderr
 
 
 def test_reference_benchmark_refuses_a_directory_that_is_not_the_reference(tmp_path):
-    script = REPO_ROOT / "experiments" / "benchmark_reference.py"
+    script = REPO_ROOT / "experiments" / "benchmarks" / "reference.py"
     done = subprocess.run(
         [sys.executable, str(script), f"--reference_dir={tmp_path}", "--smoke"],
         capture_output=True,
@@ -152,7 +152,7 @@ def test_reference_benchmark_refuses_a_directory_that_is_not_the_reference(tmp_p
 
 
 def test_read_flops_count_the_algorithm_that_runs():
-    from experiments.benchmark import read_flops
+    from experiments.benchmarks.model import read_flops
 
     d = 48
     # Forward of NS5 through the Gram matrix: G, one lift (a product with a vector and two
@@ -167,9 +167,9 @@ def test_read_flops_count_the_algorithm_that_runs():
 
 
 def test_accelerator_preset_is_exclusive_and_float32_peaks_are_known():
-    from experiments.benchmark import _MODES, float32_peak_tflops
+    from experiments.benchmarks.model import _MODES, float32_peak_tflops
 
-    done = run_module("experiments.benchmark", "--accelerator", "--quick")
+    done = run_module("experiments.benchmarks.model", "--accelerator", "--quick")
     assert done.returncode != 0 and "exclusive" in done.stderr
     assert float32_peak_tflops("NVIDIA H200") == 66.9
     assert float32_peak_tflops("NVIDIA H100 PCIe") == 51.2

@@ -26,17 +26,17 @@ COMMANDS = (
     "experiments.evaluate_reference",
     "experiments.import_replication",
     "experiments.analyze",
-    "experiments.benchmark",
-    "experiments.benchmark_agents",
-    "experiments.benchmark_data",
-    "experiments.benchmark_reference",
+    "experiments.benchmarks.model",
+    "experiments.benchmarks.agents",
+    "experiments.benchmarks.data",
+    "experiments.benchmarks.reference",
 )
 # Commands with no numeric flag today (their other inputs are tested elsewhere): the
 # generated cases cover any they gain.
 WITHOUT_NUMERIC_FIELDS = {
     "experiments.import_replication",
-    "experiments.benchmark",
-    "experiments.benchmark_reference",
+    "experiments.benchmarks.model",
+    "experiments.benchmarks.reference",
 }
 
 
@@ -111,11 +111,11 @@ def _assert_refused(done, *fragments):
         ),
         ("experiments.analyze", ["--threshold=nan"], "--threshold: must be finite"),
         (
-            "experiments.benchmark_agents",
+            "experiments.benchmarks.agents",
             ["--width=18446744073709551616"],
             "--width: must be <= 2147483647",
         ),
-        ("experiments.benchmark_data", ["--seq-len=inf"], "--seq-len"),
+        ("experiments.benchmarks.data", ["--seq-len=inf"], "--seq-len"),
     ],
 )
 def test_a_real_process_exits_2_naming_the_field(module, arguments, fragment, tmp_path):
@@ -155,12 +155,12 @@ def test_output_paths_that_cannot_be_written_are_refused_before_compute(tmp_path
         f"--out: {folder} is a folder",
     )
     _assert_refused(
-        run_module("experiments.benchmark", f"--json={folder}", timeout=180),
+        run_module("experiments.benchmarks.model", f"--json={folder}", timeout=180),
         f"--json: {folder} is a folder",
     )
     _assert_refused(
         run_module(
-            "experiments.benchmark_reference",
+            "experiments.benchmarks.reference",
             f"--reference_dir={tmp_path}",
             f"--json={folder}",
             timeout=180,

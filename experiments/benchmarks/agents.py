@@ -1,7 +1,7 @@
 """What a recurrent core costs an agent: time per acting step, per training unroll, and
 the state each actor carries, for the GRU and the mLSTM cell's reads.
 
-    python -m experiments.benchmark_agents [--cores=gru,raw,ns5] [--batch=256]
+    python -m experiments.benchmarks.agents [--cores=gru,raw,ns5] [--batch=256]
         [--width=64] [--unroll=128] [--json=results/agents/step_cost.json]
 
 * ``step``: one jitted ``ActorCritic.step`` (encoder, core, heads) for ``batch``

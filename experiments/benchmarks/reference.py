@@ -1,7 +1,7 @@
-"""Times the reference PyTorch implementation the way ``experiments.benchmark`` times ours.
+"""Times the reference PyTorch implementation the way ``experiments.benchmarks.model`` times ours.
 
 Run it with the reference's own environment, not the project's (it imports neither JAX
-nor orthorecall), on the machine and in the session where ``experiments.benchmark`` runs,
+nor orthorecall), on the machine and in the session where ``experiments.benchmarks.model`` runs,
 so that the two sets of figures compare. One-time setup, outside the project:
 
     # the reference code (no-way-labs/recurrent-memory-scaffold, MIT), anywhere:
@@ -11,17 +11,17 @@ so that the two sets of figures compare. One-time setup, outside the project:
 
 then
 
-    /tmp/refvenv/bin/python experiments/benchmark_reference.py \\
+    /tmp/refvenv/bin/python experiments/benchmarks/reference.py \\
         --reference_dir=/tmp/refscratch [--quick | --smoke] --json=PATH
 
-and ``python -m experiments.benchmark --quick --reference_json=PATH`` right after, which
+and ``python -m experiments.benchmarks.model --quick --reference_json=PATH`` right after, which
 prints and records both side by side.
 
 Measured exactly as ours: a training step (forward, cross-entropy, backward, gradient
 clipping at 1.0, AdamW, the cosine schedule's step: the reference's ``train_one`` loop
 body) and an evaluation forward under ``torch.no_grad``, on batches drawn beforehand by
 the reference's own MAD generator, after one warm-up call, the median of repeats;
-tokens/s = batch x the example length (511 at s512), as ``experiments.benchmark`` counts.
+tokens/s = batch x the example length (511 at s512), as ``experiments.benchmarks.model`` counts.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _import_reference(reference_dir: pathlib.Path):
     return data, models
 
 
-# As experiments/benchmark.py: repeats continue until 3 s are timed (at most 50).
+# As experiments/benchmarks/model.py: repeats continue until 3 s are timed (at most 50).
 MIN_TIMED_SECONDS = 3.0
 _MAX_REPEATS = 50
 

@@ -1,6 +1,6 @@
 """Time the numpy reference generator against the jitted JAX sampler.
 
-    python -m experiments.benchmark_data [--batch-size 64] [--seq-len 1024] [--variants]
+    python -m experiments.benchmarks.data [--batch-size 64] [--seq-len 1024] [--variants]
 
 Both produce training batches (``is_training=True``) of the MAD noisy-recall task at
 v80 / noise vocab 16 / frac_noise 0.8. The JAX figure is after warm-up (compilation
