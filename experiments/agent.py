@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.cli import (
+from experiments.study.cli import (
     UsageError,
     avoid_xla_cpu_scheduler_deadlock,
     config_flag_parser,

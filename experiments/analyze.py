@@ -29,13 +29,13 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.cli import config_flag_parser, library_logging_at_warning
-from experiments.config_checks import FLAGS as FLAG_CHECKS
 from experiments.report import hazard
 from experiments.report.build import find_regime_workdirs
 from experiments.report.records import METRICS_FILE, load_metrics, load_run_config
 from experiments.report.statistics import analyze, compare_reads
 from experiments.report.tables import format_hazard_ratio, format_p
+from experiments.study.cli import config_flag_parser, library_logging_at_warning
+from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
 
 def resolve_runs(paths: Sequence[str]) -> tuple[list[Path], list[str]]:

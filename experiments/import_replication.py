@@ -42,8 +42,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.cli import ConfigError, config_flag_parser, library_logging_at_warning
-from experiments.config_checks import FLAGS as FLAG_CHECKS
+from experiments.study.cli import ConfigError, config_flag_parser, library_logging_at_warning
+from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
 DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "data" / "replication_runs"
 ATTRIBUTION = (

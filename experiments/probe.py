@@ -31,14 +31,14 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments.cli import (
+from experiments.probe_records import NORMALIZATIONS, PROBES, markdown_table, run, table_path
+from experiments.study.cli import (
     ConfigError,
     config_flag_parser,
     exit_status_on_refusal,
     library_logging_at_warning,
 )
-from experiments.config_checks import FLAGS as FLAG_CHECKS
-from experiments.probe_records import NORMALIZATIONS, PROBES, markdown_table, run, table_path
+from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
 DEFAULT_SWAP_READS = "raw,ns5"
 
@@ -110,7 +110,7 @@ def _check_command_line() -> tuple[str, list[str]]:
 
 
 # A model's validation set that would take longer than this to draw is refused (the
-# study's limit, experiments.train.MAX_VALIDATION_SECONDS).
+# study's limit, experiments.study.train.MAX_VALIDATION_SECONDS).
 MAX_VALIDATION_SECONDS = 600.0
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experiments.cli import ConfigError
+from experiments.study.cli import ConfigError
 
 PROBES = ("swap", "decode", "oracle")
 NORMALIZATIONS = ("frobenius", "stabilized")

@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments.cli import ConfigError
-from experiments.workdir import WorkdirError
+from experiments.study.cli import ConfigError
+from experiments.study.workdir import WorkdirError
 from orthorecall import data
 from orthorecall import model as model_lib
 
@@ -166,14 +166,14 @@ def from_workdir(
     every seed (or ``seeds``), in the run's order.
 
     A read trained under the scaffold anneal (``ns5_anneal``) is the model of its read
-    (``ns5``), as ``experiments.train.model_configs`` builds it.
+    (``ns5``), as ``experiments.study.train.model_configs`` builds it.
 
     Raises:
         WorkdirError: no such workdir, no checkpoint, none that verifies.
         ConfigError: a name or seed the run does not have, or a stored configuration
             that no longer validates.
     """
-    from experiments import study_config  # the study's configuration rules
+    from experiments.study import study_config  # the study's configuration rules
 
     root = pathlib.Path(workdir)
     if not root.is_dir():

@@ -40,14 +40,14 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.cli import (
+from experiments.study.cli import (
     UsageError,
     config_argument,
     config_flag_parser,
     exit_status_on_refusal,
     library_logging_at_warning,
 )
-from experiments.config_checks import FLAGS as FLAG_CHECKS
+from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -119,7 +119,7 @@ def main(argv: Sequence[str]) -> None:
                 sys.stderr.flush()
                 os._exit(2)
             sys.exit(2)
-    from experiments import train
+    from experiments.study import train
 
     workdir = _WORKDIR.value or os.path.join("workdirs", config.name)
     with exit_status_on_refusal("run"):
@@ -130,7 +130,7 @@ def main(argv: Sequence[str]) -> None:
 def _agree_across_processes(config, num_processes, timeout_seconds) -> None:
     """Every process's configuration (fingerprint and fields), its --num_processes and
     its preset must be process 0's; otherwise every process refuses (multihost.agree)."""
-    from experiments.workdir import config_fingerprint
+    from experiments.study.workdir import config_fingerprint
     from orthorecall import multihost
 
     config_dict = json.loads(config.to_json())

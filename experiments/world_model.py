@@ -28,14 +28,14 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments.cli import (
+from experiments.study.cli import (
     ConfigError,
     avoid_xla_cpu_scheduler_deadlock,
     config_flag_parser,
     exit_status_on_refusal,
     library_logging_at_warning,
 )
-from experiments.config_checks import FLAGS as FLAG_CHECKS
+from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
 _ENV = flags.DEFINE_string("env", "RepeatPreviousEasy", "Environment name (envs.make).")
 _STEPS = flags.DEFINE_integer("steps", 2500, "Updates (each collects, trains the model and actor).")
@@ -131,7 +131,7 @@ def check_arguments(
     eval_envs,
 ) -> None:
     """Every argument of ``run`` checked before anything is written or computed (the
-    rules of every command: ``experiments.config_checks``): integers in range, the seed
+    rules of every command: ``experiments.study.config_checks``): integers in range, the seed
     below 2**32, a finite reward scale > 0, a known read, and an --out folder that can
     be created.
 

@@ -1,6 +1,6 @@
 """How much memory and time a training configuration needs, estimated before any compile.
 
-The trainer (``experiments.train``) refuses a configuration that cannot fit from these
+The trainer (``experiments.study.train``) refuses a configuration that cannot fit from these
 figures, in well under a second, instead of compiling for seconds and then failing with
 RESOURCE_EXHAUSTED (or swapping), and refuses a validation set whose generation would take
 hours. Every figure is analytic: a sum over the arrays the program keeps, from the shapes.

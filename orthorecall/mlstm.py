@@ -65,15 +65,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from orthorecall import chunk_read, gram_read
+from orthorecall import chunk_read, chunkwise, gram_read
 from orthorecall.reads import ReadConfig
 from orthorecall.validation import check_int
 
 # Added to the normalizer, as in the reference.
 DENOMINATOR_EPS = 1e-6
-# Stands in for log(0) in masked decay entries: finite, so gradients through
-# the masks stay finite, and exp(_LOG_ZERO - m) underflows to exactly 0.
-_LOG_ZERO = -1e30
+_LOG_ZERO = chunkwise.LOG_ZERO
 # The one intermediate a chunk keeps for backward besides its boundary state:
 # the read qᵀ R(C_t) (B, H, L, d), the expensive part of the forward.
 READ_CHECKPOINT_NAME = "mlstm_read"
@@ -585,130 +583,45 @@ def chunkwise_sequence(
         jnp.moveaxis(reset.reshape(b, num_chunks, size), 1, 0),
     )
 
-    body = jax.checkpoint(
-        lambda carry, chunk: _chunk(carry, chunk, read, read_mix),
-        prevent_cse=False,
-        policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME),
-    )
-    final, outs = jax.lax.scan(body, state, xs)
+    if read.is_raw:
+        final, outs = _raw_chunks(state, xs)
+    else:
+        body = jax.checkpoint(
+            lambda carry, chunk: _chunk(carry, chunk, read, read_mix),
+            prevent_cse=False,
+            policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME),
+        )
+        final, outs = jax.lax.scan(body, state, xs)
     # (num_chunks, B, H, L, d) -> (B, T, H, d)
     outs = jnp.moveaxis(outs, 0, 1)
     outs = jnp.moveaxis(outs, 2, 3).reshape(b, num_chunks * size, h, d)
     return outs[:, :t], final
 
 
-def _since_segment_start(flag: jax.Array, segment_start: jax.Array) -> jax.Array:
-    """Whether ``flag`` (B, H, L, ...) held at some position of t's segment up to t."""
-    trailing = (1,) * (flag.ndim - 3)
-    positions = jnp.arange(flag.shape[2]).reshape((1, 1, -1) + trailing)
-    # The last flagged position so far, compared with the segment's first: a running max
-    # (2-3% faster in the raw training step than counts and a gather of them).
-    last = jax.lax.cummax(jnp.where(flag, positions, -1), axis=2)
-    return last >= segment_start.reshape(segment_start.shape[:1] + (1, -1) + trailing)
-
-
-def _finite_or_zero(x: jax.Array) -> jax.Array:
-    return jnp.where(jnp.isfinite(x), x, 0.0)
-
-
 def _chunk(state: MemoryState, chunk, read: ReadConfig, read_mix=None):
-    """All positions of one chunk from the chunk-start state.
+    """All positions of one chunk from the chunk-start state, and the state at its end
+    (the scan body of a non-raw read).
 
-    chunk: q, k̂, v (B, H, L, d); log_f, ĩ (B, H, L); reset (B, L).
-
-    Non-finite values. The L x L products below mix every position of the chunk with
-    every other, and a masked entry is an exact 0, but 0 x NaN = NaN: a NaN or inf
-    anywhere in the chunk would reach earlier positions and later episodes. So the
-    arithmetic runs on sanitized values (bad ones replaced by 0, the result for
-    finite inputs bit for bit unchanged), and NaN is put back with ``jnp.where``
-    where the recurrence would have it (were every bad value a NaN): a bad q at its
-    own position; a bad k, v, gate or carried-in state from its position (or the
-    chunk start) up to the next reset. Selecting rather than multiplying also keeps
-    backward clean: the poisoned positions pass a zero cotangent to finite
-    arithmetic, so gradients of other episodes stay finite. A forget gate of exactly
-    -inf (f = 0) forgets as in the recurrence: its prefix sum would be -inf - (-inf),
-    so it is treated as a boundary of the decay matrix instead.
+    chunk: q, k̂, v (B, H, L, d); log_f, ĩ (B, H, L); reset (B, L). Non-finite values
+    are contained as ``chunkwise`` describes.
     """
     q, k, v, log_f, i_pre, reset = chunk
-    size = q.shape[2]
-    positions = jnp.arange(size)
-    # Within-chunk segments: a reset at s starts segment s' = #resets <= s.
-    segment = jnp.cumsum(reset.astype(jnp.int32), axis=-1)  # (B, L)
-    carries_in = (segment == 0)[:, None, :]  # (B, 1, L)
-    # First position of the segment of t (0 when no reset so far).
-    segment_start = jax.lax.cummax(jnp.where(reset, positions, 0), axis=1)  # (B, L)
-    since_start = lambda flag: _since_segment_start(flag, segment_start)
-
-    # Where the recurrence's values would be NaN (or inf). Its stabilizer m turns NaN
-    # from a NaN gate (log f NaN, ĩ NaN or +inf) or a bad m_0, and then so does
-    # everything; feature i of n from feature i of a key or of n_0; entry (i, j) of C
-    # from feature i of a key, feature j of a value or entry (i, j) of C_0. The raw
-    # read keeps that column structure (qᵀC_{:, j} is NaN iff column j is), every
-    # other read mixes all entries, and a NaN in q·n (the normalizer) reaches all of h̃.
-    not_finite = lambda x: ~jnp.isfinite(x)
-    # (B, H, d) flags of the carried-in state -> (B, H, L, d) at the positions it reaches.
-    from_state = lambda flags: carries_in[..., None] & flags[:, :, None]
-    # -inf is a legitimate log-scale (ĩ = -inf writes nothing, m_0 = -inf holds nothing).
-    nan_or_inf = lambda x: ~(x < jnp.inf)
-    bad_m = since_start(jnp.isnan(log_f) | nan_or_inf(i_pre)) | (
-        carries_in & nan_or_inf(state.m)[..., None]
-    )  # (B, H, L)
-    bad_k = since_start(not_finite(k))  # (B, H, L, d): rows of C, entries of n
-    bad_v = since_start(not_finite(v))  # (B, H, L, d): columns of C
-    bad_n = bad_m[..., None] | bad_k | from_state(not_finite(state.n))
-    bad_columns = (  # (B, H, L, d): columns of C_t holding a bad entry
-        bad_m[..., None]
-        | jnp.any(bad_k, axis=-1, keepdims=True)
-        | bad_v
-        | from_state(jnp.any(not_finite(state.c), axis=-2))
+    geo = chunkwise.geometry(log_f, i_pre, reset)
+    faults = chunkwise.output_faults(
+        q, k, v, log_f, i_pre, geo.segment_start, per_column=read.is_raw
     )
-    bad_h = jnp.any(not_finite(q) | bad_n, axis=-1, keepdims=True) | (
-        bad_columns if read.is_raw else jnp.any(bad_columns, axis=-1, keepdims=True)
-    )
-    # f = 0 (log f = -inf) at u cuts the decay from every source before u.
-    closed = log_f == -jnp.inf
-    closed_count = jnp.cumsum(closed.astype(jnp.int32), axis=-1)
-    q, k, v = (_finite_or_zero(x) for x in (q, k, v))
-    log_f = _finite_or_zero(log_f)
-    i_pre = jnp.where(nan_or_inf(i_pre), 0.0, i_pre)
-    state_c_in = state.c
-    state = MemoryState(
-        c=_finite_or_zero(state.c),
-        n=_finite_or_zero(state.n),
-        m=jnp.where(nan_or_inf(state.m), 0.0, state.m),
-    )
+    end_faults = chunkwise.end_faults(k, v, log_f, i_pre, geo.segment_start, geo.carries_in)
+    q, k, v = (chunkwise.finite_or_zero(x) for x in (q, k, v))
+    c0, n0, m0 = chunkwise.sanitized_state(state.c, state.n, state.m)
 
-    cum_log_f = jnp.cumsum(log_f, axis=-1)  # F_t, (B, H, L)
-    before = jnp.pad(cum_log_f, [(0, 0), (0, 0), (1, 0)])[..., :-1]  # F_{t-1}
-    f_before_start = jnp.take_along_axis(
-        before, jnp.broadcast_to(segment_start[:, None, :], before.shape), axis=-1
-    )
-
-    # log of the decay from source s to target t, causal and within a segment.
-    log_decay = cum_log_f[..., :, None] - cum_log_f[..., None, :] + i_pre[..., None, :]
-    same_segment = segment[:, :, None] == segment[:, None, :]
-    causal = positions[:, None] >= positions[None, :]
-    not_closed = closed_count[..., :, None] == closed_count[..., None, :]  # (B, H, L, L)
-    valid = (causal & same_segment)[:, None] & not_closed  # (B, H, L, L)
-    log_decay = jnp.where(valid, log_decay, _LOG_ZERO)
-
-    # The stabilizer exactly as the recurrence computes it: the running max of
-    # the carried-in log-scale and every source's log-weight.
-    carried = cum_log_f - f_before_start + jnp.where(carries_in, state.m[..., None], 0.0)
-    forgotten = since_start(closed)  # the carried-in state was multiplied by f = 0
-    carried = jnp.where(forgotten, -jnp.inf, carried)
-    m = jnp.maximum(carried, jnp.max(log_decay, axis=-1))  # (B, H, L)
-    decay = jnp.exp(log_decay - m[..., None])  # (B, H, L, L)
-    state_scale = jnp.where(
-        carries_in & ~forgotten, jnp.exp(cum_log_f + state.m[..., None] - m), 0.0
-    )
-
-    n = state_scale[..., None] * state.n[:, :, None, :] + jnp.matmul(decay, k)  # (B, H, L, d)
-    q_dot_n = jnp.sum(q * n, axis=-1)
+    m = chunkwise.stabilizer(geo, m0)  # (B, H, L)
+    decay = jnp.exp(geo.log_decay - m[..., None])  # (B, H, L, L)
+    state_scale = chunkwise.state_scale(geo, m0, m)
+    n = state_scale[..., None] * n0[:, :, None, :] + jnp.matmul(decay, k)  # (B, H, L, d)
     # qᵀC_t at every position, C_t never formed: (B, H, L, d).
     raw_read = lambda: (
         jnp.matmul(jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay, v)
-        + state_scale[..., None] * jnp.matmul(q, state.c)
+        + state_scale[..., None] * jnp.matmul(q, c0)
     )
     if read.is_raw:
         numerator = raw_read()
@@ -717,28 +630,74 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig, read_mix=None):
         # CPU kernel, as one batched product elsewhere). Saved through the chunk's
         # checkpoint: backward then needs only the read's VJP, not a second forward read.
         numerator = checkpoint_name(
-            chunk_read.chunk_read(state.c, state_scale, decay, k, v, q, read.own_read),
+            chunk_read.chunk_read(c0, state_scale, decay, k, v, q, read.own_read),
             READ_CHECKPOINT_NAME,
         )
         if read.straight_through != "none":
             numerator = read.combine_straight_through(numerator, raw_read())
         numerator = _mixed_with_raw(numerator, raw_read, read_mix)
-    h = _normalized_read(numerator, q_dot_n, m)
+    h = _normalized_read(numerator, jnp.sum(q * n, axis=-1), m)
+    bad_h = chunkwise.bad_outputs(faults, geo.carries_in, state.c, state.n, state.m, read.is_raw)
 
     last_weights = decay[..., -1, :]  # (B, H, L)
-    last_c = state_scale[..., -1, None, None] * state.c + jnp.matmul(
+    last_c = state_scale[..., -1, None, None] * c0 + jnp.matmul(
         jnp.swapaxes(k * last_weights[..., None], -1, -2), v
     )
-    h = jnp.where(bad_h, jnp.nan, h)
-    bad_last_c = (
-        bad_m[..., -1, None, None]
-        | bad_k[..., -1, :, None]
-        | bad_v[..., -1, None, :]
-        | (carries_in[..., -1, None, None] & not_finite(state_c_in))
+    end = chunkwise.end_state(
+        end_faults, state.c, state.n, state.m, last_c, n[:, :, -1], m[..., -1]
     )
-    new_state = MemoryState(
-        c=jnp.where(bad_last_c, jnp.nan, last_c),
-        n=jnp.where(bad_n[..., -1, :], jnp.nan, n[:, :, -1]),
-        m=jnp.where(bad_m[..., -1], jnp.nan, m[..., -1]),
+    return MemoryState(*end), jnp.where(bad_h, jnp.nan, h)
+
+
+def _raw_chunks(state: MemoryState, chunks) -> tuple[MemoryState, jax.Array]:
+    """The raw read over every chunk (chunk-major: (N, B, H, L, ...)) in two passes.
+
+    The state's advance from chunk to chunk needs only each chunk's last row of the
+    decay matrix, so a scan carries (C, n, m) from chunk start to chunk start at
+    O(L d²) per chunk; then every chunk's outputs, which need only their own start
+    state, are computed at once (batched over chunks: large products, no loop). Same
+    arithmetic as ``_chunk`` except q·n_t, summed as Σ_s (q_tᵀk̂_s) decay[t, s] from
+    the read's own L x L matrix instead of forming n_t (one L x L x d product less).
+    """
+    q, k, v, log_f, i_pre, reset = chunks
+    geo = jax.vmap(chunkwise.geometry)(log_f, i_pre, reset)
+    faults = jax.vmap(chunkwise.output_faults, in_axes=(0,) * 6 + (None,))(
+        q, k, v, log_f, i_pre, geo.segment_start, True
     )
-    return new_state, h
+    end_faults = jax.vmap(chunkwise.end_faults)(
+        k, v, log_f, i_pre, geo.segment_start, geo.carries_in
+    )
+    q, k, v = (chunkwise.finite_or_zero(x) for x in (q, k, v))
+
+    def advance(state, chunk):
+        end_geo, end_faults, k, v = chunk
+        c0, n0, m0 = chunkwise.sanitized_state(state.c, state.n, state.m)
+        m_end = chunkwise.end_stabilizer(end_geo, m0)
+        weights = jnp.exp(end_geo.log_decay - m_end[..., None])  # (B, H, L)
+        scale = chunkwise.end_state_scale(end_geo, m0, m_end)
+        c_end = scale[..., None, None] * c0 + jnp.matmul(
+            jnp.swapaxes(k * weights[..., None], -1, -2), v
+        )
+        n_end = scale[..., None] * n0 + jnp.einsum("...l,...ld->...d", weights, k)
+        end = chunkwise.end_state(end_faults, state.c, state.n, state.m, c_end, n_end, m_end)
+        return MemoryState(*end), state
+
+    end_geo = jax.vmap(chunkwise.end_geometry)(geo)
+    final, starts = jax.lax.scan(advance, state, (end_geo, end_faults, k, v))
+    h = jax.vmap(_raw_outputs)(starts, q, k, v, geo, faults)
+    return final, h
+
+
+def _raw_outputs(start: MemoryState, q, k, v, geo: chunkwise.Geometry, faults) -> jax.Array:
+    """h̃ (B, H, L, d) of one chunk under the raw read, from its start state (unsanitized)
+    and sanitized q, k̂, v."""
+    c0, n0, m0 = chunkwise.sanitized_state(start.c, start.n, start.m)
+    m = chunkwise.stabilizer(geo, m0)
+    decay = jnp.exp(geo.log_decay - m[..., None])
+    state_scale = chunkwise.state_scale(geo, m0, m)
+    weighted = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay  # (B, H, L, L)
+    numerator = jnp.matmul(weighted, v) + state_scale[..., None] * jnp.matmul(q, c0)
+    q_dot_n = jnp.sum(weighted, axis=-1) + state_scale * jnp.einsum("...ld,...d->...l", q, n0)
+    h = _normalized_read(numerator, q_dot_n, m)
+    bad_h = chunkwise.bad_outputs(faults, geo.carries_in, start.c, start.n, start.m, raw=True)
+    return jnp.where(bad_h, jnp.nan, h)

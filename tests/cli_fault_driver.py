@@ -5,7 +5,7 @@ command, in one process (a JAX import costs seconds: one per command, not per ca
 
 The fields are found, not listed: every integer or float flag the module defines (absl
 or argparse), and every int or float leaf of its configuration file's preset (walked by
-``experiments.config_checks.numeric_leaves``), so a field added later is covered too.
+``experiments.study.config_checks.numeric_leaves``), so a field added later is covered too.
 Each case parses the command line as the command does and calls its ``main``, with the
 command's compute replaced by a function that records that it was reached. Prints one
 JSON object: {"fields": [...], "cases": [{"field", "value", "code", "computed",
@@ -47,7 +47,7 @@ def _commands(scratch: Path) -> dict:
     return {
         "experiments.run": {
             "args": ["--config=configs/noisy_ar.py:smoke", f"--workdir={workdir}"],
-            "compute": [("experiments.train", "_train_in_workdir")],
+            "compute": [("experiments.study.train", "_train_in_workdir")],
             "config": ("experiments.configs.noisy_ar", "smoke"),
         },
         "experiments.agent": {
@@ -66,9 +66,9 @@ def _commands(scratch: Path) -> dict:
                 ("experiments.probe", "run"),
             ],
         },
-        "experiments.evaluate_reference": {
+        "experiments.study.evaluate_reference": {
             "args": ["--checkpoint=missing.pt"],
-            "compute": [("experiments.evaluate_reference", "evaluate_checkpoint")],
+            "compute": [("experiments.study.evaluate_reference", "evaluate_checkpoint")],
         },
         "experiments.import_replication": {
             "args": [f"--out={workdir}"],
@@ -117,7 +117,7 @@ def _absl_fields(module, before: set, spec) -> list[tuple[str, str]]:
         elif kind == "FloatParser":
             fields.append((f"--{name}", "float"))
     if "config" in spec:
-        from experiments.config_checks import numeric_leaves
+        from experiments.study.config_checks import numeric_leaves
 
         config_module, preset = spec["config"]
         config = importlib.import_module(config_module).get_config(preset)
@@ -153,7 +153,7 @@ def main() -> None:
         fields = _absl_fields(module, before, spec)
         parse = getattr(module, "parse_flags", None)
         if parse is None:
-            from experiments.cli import config_flag_parser
+            from experiments.study.cli import config_flag_parser
 
             parse = config_flag_parser(module_name.rsplit(".", 1)[1])
     program = module_name.rsplit(".", 1)[1]

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import study_config, train
-from experiments.cli import ConfigError
 from experiments.configs.noisy_ar import get_config
 from experiments.report.anneal import format_anneal_markdown, summarize_anneal
+from experiments.study import study_config, train
+from experiments.study.cli import ConfigError
 from orthorecall import cell as cell_lib
 from orthorecall import mlstm
 from orthorecall.anneal import NOT_TRIGGERED, AnnealSchedule

@@ -23,7 +23,7 @@ COMMANDS = (
     "experiments.agent",
     "experiments.world_model",
     "experiments.probe",
-    "experiments.evaluate_reference",
+    "experiments.study.evaluate_reference",
     "experiments.import_replication",
     "experiments.analyze",
     "experiments.benchmarks.model",
@@ -105,7 +105,7 @@ def _assert_refused(done, *fragments):
         ),
         ("experiments.world_model", ["--seed=18446744073709551616"], "--seed: seed "),
         (
-            "experiments.evaluate_reference",
+            "experiments.study.evaluate_reference",
             ["--checkpoint=missing.pt", "--num_batches=18446744073709551616"],
             "--num_batches: must be <= 2147483647",
         ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments import evaluate_reference
+from experiments.study import evaluate_reference
 from tests.conftest import REFERENCE_CHECKPOINTS, run_module
 
 CHECKPOINT = REFERENCE_CHECKPOINTS / "v80_s512_baseline_seed11_steps2000.pt"

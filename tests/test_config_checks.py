@@ -1,4 +1,4 @@
-"""experiments.config_checks: the one validation path every command uses."""
+"""experiments.study.config_checks: the one validation path every command uses."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import config_checks as checks
-from experiments.cli import ConfigError
+from experiments.study import config_checks as checks
+from experiments.study.cli import ConfigError
 
 
 def test_integers_are_bounded_on_both_sides_and_typed():

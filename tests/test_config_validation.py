@@ -1,4 +1,4 @@
-"""experiments.train.validate_config: every field is checked before any compute, and the
+"""experiments.study.train.validate_config: every field is checked before any compute, and the
 error names the field ("config.FIELD: what is wrong; what to do"); reads that alias each
 other, seeds past the uint32 range, and configurations that cannot fit in memory or whose
 validation set would take hours to draw are refused. No test here compiles or draws data.
@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import study_config
-from experiments.cli import ConfigError
 from experiments.configs.noisy_ar import PRESETS, get_config
+from experiments.study import study_config
+from experiments.study.cli import ConfigError
 from orthorecall import footprint, training
 from tests.conftest import with_overrides
 

@@ -1,4 +1,4 @@
-"""experiments.evaluate_reference on hostile checkpoints: every failure the file or the
+"""experiments.study.evaluate_reference on hostile checkpoints: every failure the file or the
 command line can cause is one message on stderr and a non-zero exit, never a traceback
 and never invalid JSON (NaN) on stdout.
 
@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments.evaluate_reference import evaluate_checkpoint
+from experiments.study.evaluate_reference import evaluate_checkpoint
 from orthorecall import reference_checkpoint as rc
 from orthorecall import torch_format
 from tests.conftest import run_module
@@ -105,7 +105,7 @@ def test_a_validation_set_that_cannot_be_drawn_is_an_error(tmp_path):
 
 
 def _cli(*args):
-    return run_module("experiments.evaluate_reference", *args)
+    return run_module("experiments.study.evaluate_reference", *args)
 
 
 def _assert_clean_error(done, *fragments, code=2):

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import study_config, train
-from experiments.cli import ConfigError
 from experiments.configs import noisy_ar
+from experiments.study import study_config, train
+from experiments.study.cli import ConfigError
 from orthorecall import data, reference_checkpoint, training
 from orthorecall import model as model_lib
 from tests.conftest import TINY, TINY_TASK, run_module, with_overrides
@@ -106,7 +106,7 @@ def test_bad_templates_are_refused_naming_the_field(template, words):
 
 
 def test_a_fingerprint_field_that_older_runs_lack():
-    from experiments import workdir
+    from experiments.study import workdir
 
     # A stored configuration without init_from is one that started from our initializer.
     with_field = {"init_from": None, "name": "x"}

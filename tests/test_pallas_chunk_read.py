@@ -176,7 +176,7 @@ def test_the_ns5_reference_checkpoint_evaluates_the_same_through_the_kernels(mon
     tests/test_reference_checkpoint.py.)"""
     import json
 
-    from experiments.evaluate_reference import evaluate_checkpoint
+    from experiments.study.evaluate_reference import evaluate_checkpoint
     from tests.conftest import REFERENCE_CHECKPOINTS
 
     records = json.loads((REFERENCE_CHECKPOINTS / "records.json").read_text())

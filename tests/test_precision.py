@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax import export
 
-from experiments import study_config
-from experiments.cli import ConfigError
-from experiments.workdir import differing_fields
+from experiments.study import study_config
+from experiments.study.cli import ConfigError
+from experiments.study.workdir import differing_fields
 from orthorecall import cell, model, precision, training
 from orthorecall.reads import read_from_name
 from tests.test_training import tiny_config

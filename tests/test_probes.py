@@ -305,7 +305,7 @@ def _hand_made_workdir(root):
     """A workdir whose one checkpoint holds freshly initialized raw and ns5 models of the
     TINY study, seeds 0 and 1 (seed 1 of ns5 marked diverged): the probe's loader needs
     no training to be tested. Returns the models' configurations."""
-    from experiments import study_config
+    from experiments.study import study_config
     from orthorecall import checkpointing, training
     from tests.test_training import tiny_config
 
@@ -328,7 +328,7 @@ def _hand_made_workdir(root):
 
 def test_workdir_models_are_the_checkpoints_and_swap_reproduces_them(tmp_path):
     from experiments import probe_records, probe_sources
-    from experiments.cli import ConfigError
+    from experiments.study.cli import ConfigError
 
     configs = _hand_made_workdir(tmp_path)
     models = probe_sources.from_workdir(str(tmp_path))
@@ -356,7 +356,7 @@ def test_workdir_models_are_the_checkpoints_and_swap_reproduces_them(tmp_path):
 
 @pytest.mark.slow  # trains the TINY study (about 25 s), then three probe processes
 def test_cli_on_a_trained_workdir(tmp_path):
-    from experiments import train
+    from experiments.study import train
     from tests.test_training import tiny_config
 
     workdir = tmp_path / "run"

@@ -2,7 +2,7 @@
 
 import io
 
-from experiments.progress import Progress
+from experiments.study.progress import Progress
 
 LOSSES = {"raw": 3.25, "ns5": None}
 SOLVED = {"raw": 1, "ns5": 0}

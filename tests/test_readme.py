@@ -112,7 +112,7 @@ def _check_static(argv: list[str]) -> list[str]:
 
 def _check_config(args: list[str]) -> list[str]:
     """``--config=PATH[:PRESET]`` loads, and every ``--config.FIELD`` names a field."""
-    from experiments import cli
+    from experiments.study import cli
 
     values = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
     if not values:

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from experiments.evaluate_reference import evaluate_checkpoint
+from experiments.study.evaluate_reference import evaluate_checkpoint
 from orthorecall import model as model_lib
 from orthorecall import reads, torch_format
 from orthorecall import reference_checkpoint as rc
@@ -103,7 +103,7 @@ def test_foreign_and_inconsistent_files_are_refused(tmp_path):
 
 
 def _cli(*args):
-    return run_module("experiments.evaluate_reference", *args)
+    return run_module("experiments.study.evaluate_reference", *args)
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_cli_help_lists_its_flags():
 
 @pytest.mark.slow
 def test_importing_the_package_defines_no_flags():
-    # experiments.train imports the package inside `python -m experiments.run`, which
+    # experiments.study.train imports the package inside `python -m experiments.run`, which
     # defines its own --workdir: the package must leave the flags to __main__. A fresh
     # interpreter, since this process may have imported anything already.
     code = """if True:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import cli
+from experiments.study import cli
 from tests.conftest import REPO_ROOT
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import study_config
-from experiments.cli import ConfigError
+from experiments.study import study_config
+from experiments.study.cli import ConfigError
 from orthorecall import cell, data, evaluation, reads, training
 from orthorecall import model as model_lib
 from tests.test_training import tiny_config

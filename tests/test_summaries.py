@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from experiments.summaries import ALL_SEEDS, RunSummaries
+from experiments.study.summaries import ALL_SEEDS, RunSummaries
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -1,4 +1,4 @@
-"""Tests for orthorecall.training, orthorecall.checkpointing and experiments.train.
+"""Tests for orthorecall.training, orthorecall.checkpointing and experiments.study.train.
 
 Every model here is tiny (D=16, 2 heads, V=24, sequence length 16) so that each compile
 takes seconds. The module turns on JAX's persistent compilation cache in the pytest
@@ -26,10 +26,10 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import study_config, train
-from experiments.cli import ConfigError
 from experiments.configs.noisy_ar import get_config
-from experiments.workdir import WorkdirError, WorkdirLock
+from experiments.study import study_config, train
+from experiments.study.cli import ConfigError
+from experiments.study.workdir import WorkdirError, WorkdirLock
 from orthorecall import checkpointing, data, training
 from orthorecall import model as model_lib
 from tests.conftest import (
@@ -233,7 +233,7 @@ def test_seed_groups_compute_the_same_steps_and_evaluations(ns5_steps):
 
 _GROUPED_ON_EIGHT_DEVICES = """
 import jax, numpy as np
-from experiments import study_config
+from experiments.study import study_config
 from orthorecall import training
 from tests.test_training import tiny_config
 configs = study_config.validate_config(tiny_config(reads="raw"))
@@ -662,7 +662,7 @@ def test_a_failed_start_does_not_poison_the_workdir(tmp_path, monkeypatch):
 
 _BLOCKED_FIRST_STEP = """
 import sys, time
-from experiments import train
+from experiments.study import train
 from orthorecall import training
 from tests.test_training import tiny_config
 

@@ -1,4 +1,4 @@
-"""experiments.workdir: the workdir lock (also across processes and after a holder is
+"""experiments.study.workdir: the workdir lock (also across processes and after a holder is
 killed), configuration fingerprints and run_config.json reading."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from experiments import workdir as workdir_lib
+from experiments.study import workdir as workdir_lib
 from tests.conftest import REPO_ROOT
 
 HOLD_LOCK = (
     "import sys, time\n"
-    "from experiments.workdir import WorkdirLock\n"
+    "from experiments.study.workdir import WorkdirLock\n"
     "with WorkdirLock(sys.argv[1]):\n"
     "    print('locked', flush=True)\n"
     "    time.sleep(600)\n"

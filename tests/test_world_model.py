@@ -224,7 +224,7 @@ def test_the_command_writes_metrics_summary_and_curves(tmp_path):
 _REFUSALS_SCRIPT = """
 import sys, pathlib, re
 from experiments import world_model as command
-from experiments.cli import ConfigError
+from experiments.study.cli import ConfigError
 tmp = pathlib.Path(sys.argv[1])
 arguments = dict(env_name="RepeatPreviousEasy", steps=1, seed=0, read="raw")
 out = tmp / "run"

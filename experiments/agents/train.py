@@ -1,7 +1,7 @@
 """The agent study's driver: PPO for several recurrent cores and seeds in one workdir.
 
 ``train_agents(config, workdir)`` runs (or resumes) ``experiments/configs/popgym_ppo.py``
-with the conventions of ``experiments.train``: a locked workdir, ``run_config.json``,
+with the conventions of ``experiments.study.train``: a locked workdir, ``run_config.json``,
 Orbax checkpoints that store the configuration (a workdir of another configuration is
 refused; damaged checkpoints are moved aside), resumption from the newest checkpoint,
 Ctrl-C / SIGTERM stopping with a checkpoint, a progress line, ``metrics.jsonl`` (one
@@ -25,14 +25,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import config_checks as checks
 from experiments.agents import envs as envs_lib
 from experiments.agents import ppo
 from experiments.agents.networks import CoreConfig, carry_size
-from experiments.cli import ConfigError
-from experiments.progress import Progress
-from experiments.stopping import StopOnSignal
-from experiments.workdir import (
+from experiments.study import config_checks as checks
+from experiments.study.cli import ConfigError
+from experiments.study.progress import Progress
+from experiments.study.stopping import StopOnSignal
+from experiments.study.workdir import (
     METRICS_FILE,
     RESULTS_JSON,
     RUN_CONFIG_FILE,
@@ -76,7 +76,7 @@ def core_names(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:
-    """Every field's type and range (``experiments.config_checks``, the rules of every
+    """Every field's type and range (``experiments.study.config_checks``, the rules of every
     command): integers at least 1 and at most 2**31 - 1, seeds below 2**32, finite
     reals in their ranges.
 

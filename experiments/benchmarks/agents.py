@@ -29,14 +29,14 @@ import numpy as np
 from absl import app, flags
 
 from experiments.agents.networks import ActorCritic, CoreConfig, carry_size, initial_carry
-from experiments.cli import (
+from experiments.study.cli import (
     ConfigError,
     avoid_xla_cpu_scheduler_deadlock,
     config_flag_parser,
     exit_status_on_refusal,
     library_logging_at_warning,
 )
-from experiments.config_checks import FLAGS as FLAG_CHECKS
+from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
 _CORES = flags.DEFINE_string("cores", "gru,raw,ns5", "Comma-separated cores.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Environments stepped together.", lower_bound=1)
@@ -112,7 +112,7 @@ _ACTIVATION_FLOATS_PER_WIDTH = 16
 
 
 def check_flags() -> list[CoreConfig]:
-    """Every flag (``experiments.config_checks``' rules) and an analytic memory estimate
+    """Every flag (``experiments.study.config_checks``' rules) and an analytic memory estimate
     of the training unroll (per step and environment: the carry, the observation and
     about 16 x width activations, float32), before anything is compiled; the cores."""
     for flag in (_BATCH, _WIDTH, _UNROLL, _OBS, _ACTIONS):

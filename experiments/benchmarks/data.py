@@ -127,7 +127,7 @@ def benchmark_first_occurrence(batch_size: int, seq_len: int, repeats: int) -> N
 
 
 # A batch that would take longer than this for the numpy generator to draw once is
-# refused (the study's limit per numpy training step, experiments.train).
+# refused (the study's limit per numpy training step, experiments.study.train).
 MAX_BATCH_SECONDS = 60.0
 
 
@@ -145,13 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(args) -> data.NoisyRecallTask:
-    """The arguments (``experiments.config_checks``' rules), the task they make, and the
+    """The arguments (``experiments.study.config_checks``' rules), the task they make, and the
     time one numpy batch takes at ``orthorecall.footprint``'s rate, before anything runs.
 
     Raises:
         ConfigError: naming the argument.
     """
-    from experiments.config_checks import FLAGS as FLAG_CHECKS
+    from experiments.study.config_checks import FLAGS as FLAG_CHECKS
     from orthorecall import footprint
 
     for name in ("batch_size", "seq_len", "repeats"):
@@ -175,7 +175,7 @@ def check_arguments(args) -> data.NoisyRecallTask:
 def main(argv=None) -> None:
     import sys
 
-    from experiments.cli import ConfigError
+    from experiments.study.cli import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -47,13 +47,13 @@ import time
 
 from absl import app, flags
 
-from experiments.cli import (
+from experiments.study.cli import (
     ConfigError,
     config_flag_parser,
     exit_status_on_refusal,
     library_logging_at_warning,
 )
-from experiments.config_checks import FLAGS as FLAG_CHECKS
+from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repeats (under 5 minutes on 2 cores).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")

@@ -24,13 +24,13 @@ from typing import NoReturn
 
 from absl import app, flags
 
-from experiments.cli import library_logging_at_warning
 from experiments.report.build import build_regime_reports, build_report, find_regime_workdirs
 from experiments.report.records import METRICS_FILE, SOLVED_PNG
 from experiments.report.tables import format_summary
+from experiments.study.cli import library_logging_at_warning
 
 # Defined in this module only: the package (``experiments/report/__init__.py``) never
-# imports it, so that ``experiments.train``, which imports the package inside
+# imports it, so that ``experiments.study.train``, which imports the package inside
 # ``python -m experiments.run`` (a process with its own --workdir flag), defines no flag.
 _WORKDIR = flags.DEFINE_string(
     "workdir",

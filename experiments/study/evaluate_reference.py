@@ -1,6 +1,6 @@
 """Evaluate a reference PyTorch checkpoint on its reference validation set.
 
-    python -m experiments.evaluate_reference --checkpoint=PATH
+    python -m experiments.study.evaluate_reference --checkpoint=PATH
 
 Loads the checkpoint without torch, rebuilds the validation set from the run
 configuration stored in the file (seed s -> numpy default_rng(10000 + s),
@@ -22,8 +22,8 @@ import time
 
 from absl import app, flags
 
-from experiments.cli import ConfigError, config_flag_parser, library_logging_at_warning
-from experiments.config_checks import FLAGS as FLAG_CHECKS
+from experiments.study.cli import ConfigError, config_flag_parser, library_logging_at_warning
+from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Path of a reference .pt checkpoint.")
 _NUM_BATCHES = flags.DEFINE_integer(
@@ -133,7 +133,7 @@ def evaluate_checkpoint(
 
 
 # A validation set that would take longer than this to draw is refused (the study's
-# limit, experiments.train.MAX_VALIDATION_SECONDS).
+# limit, experiments.study.train.MAX_VALIDATION_SECONDS).
 MAX_VALIDATION_SECONDS = 600.0
 
 
@@ -156,7 +156,7 @@ def _check_validation_size(num_batches: int, batch_size: int, seq_len: int) -> N
 
 
 def check_flags(num_batches, batch_size, chunk_size) -> None:
-    """The numeric flags (``experiments.config_checks``' rules), before the checkpoint
+    """The numeric flags (``experiments.study.config_checks``' rules), before the checkpoint
     is read."""
     for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
         if value is not None:

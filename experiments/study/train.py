@@ -1,7 +1,7 @@
 """The multi-seed, multi-read training loop with checkpoints and reports.
 
 ``train_and_evaluate(config, workdir)`` validates the configuration
-(``experiments.study_config``), locks
+(``experiments.study.study_config``), locks
 ``workdir``, checks that its checkpoints are of this configuration, builds
 every seed's state for every read, resumes from the newest checkpoint that
 verifies when there is one, trains with one jitted step for all seeds and reads,
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments.progress import Progress
 from experiments.report.statistics import finite_or_none
-from experiments.stopping import StopOnSignal
-from experiments.study_config import (
+from experiments.study.progress import Progress
+from experiments.study.stopping import StopOnSignal
+from experiments.study.study_config import (
     anneal_schedule,
     annealed_reads,
     load_initial_params,
@@ -33,8 +33,8 @@ from experiments.study_config import (
     task_from_config,
     validate_config,
 )
-from experiments.summaries import RunSummaries, finite_mean
-from experiments.workdir import (
+from experiments.study.summaries import RunSummaries, finite_mean
+from experiments.study.workdir import (
     METRICS_FILE,
     RUN_CONFIG_FILE,
     WorkdirLock,
@@ -101,9 +101,9 @@ def train_and_evaluate(
         config: the study's configuration (``experiments/configs/noisy_ar.py``).
         workdir: where checkpoints, metrics, TensorBoard events and the report go.
         tensorboard: also write TensorBoard event files under ``workdir/tensorboard``
-            (``experiments.summaries``).
+            (``experiments.study.summaries``).
         console: where progress goes (default stdout): a progress bar when it is a
-            terminal, plain status lines otherwise (``experiments.progress``).
+            terminal, plain status lines otherwise (``experiments.study.progress``).
 
     Returns:
         The results dict written to ``workdir/results.json``.
@@ -340,7 +340,7 @@ class _StudyRun:
             )
         self.progress = Progress(self.total_steps(), self.step, train.log_every, stream=console)
         self._note_start()
-        # Ctrl-C / SIGTERM stop between steps, with a checkpoint (experiments.stopping).
+        # Ctrl-C / SIGTERM stop between steps, with a checkpoint (experiments.study.stopping).
         self.stop = StopOnSignal()
         self.timer = self.first_step = None
         try:

@@ -13,7 +13,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 # Where ``configs/...`` resolves when it is not relative to the current directory.
-_CONFIGS_HOME = pathlib.Path(__file__).resolve().parent
+_CONFIGS_HOME = pathlib.Path(__file__).resolve().parents[1]
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,7 @@ def exit_status_on_refusal(program: str):
     its configuration (``ConfigError``), its command line (``UsageError``) or its workdir
     (``WorkdirError``), and with 130
     when a signal stopped it (after its checkpoint)."""
-    from experiments.workdir import WorkdirError  # Orbax and JAX: only when a run starts.
+    from experiments.study.workdir import WorkdirError  # Orbax and JAX: only when a run starts.
 
     try:
         yield

@@ -3,7 +3,7 @@ trainer derives from a configuration (the reads' model configurations, the task,
 seed groups that fit in memory, the initial parameters of ``config.init_from``).
 
 ``validate_config(config)`` checks every field's type and range (through
-``experiments.config_checks``, the rules every command shares), reads that alias each
+``experiments.study.config_checks``, the rules every command shares), reads that alias each
 other, the seed range, whether a training step and an evaluation fit in the devices'
 memory (``orthorecall.footprint``) and whether the validation set can be drawn in
 reasonable time; a refusal is a ``ConfigError`` naming the field.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 
-from experiments import config_checks as checks
+from experiments.study import config_checks as checks
 from orthorecall import (
     anneal,
     data,

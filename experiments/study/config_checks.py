@@ -3,7 +3,7 @@
 One validation path for all of them: a configuration field (``config.ppo.num_envs``) or
 a flag (``--seed``) is checked by the same functions, and a refusal is a
 ``ConfigError`` whose message names the field, what it must be and what it was; the
-commands turn it into exit code 2 (``experiments.cli.exit_status_on_refusal``).
+commands turn it into exit code 2 (``experiments.study.cli.exit_status_on_refusal``).
 
 The rules, the same everywhere:
 
@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from experiments.cli import ConfigError
+from experiments.study.cli import ConfigError
 from orthorecall.validation import check_int as _library_int
 from orthorecall.validation import check_real as _library_real
 

@@ -6,7 +6,7 @@
   names the holder for the message a second process gets.
 * ``config_fingerprint`` / ``differing_fields``: a run's identity is its
   configuration less the fields that may change on resumption; every checkpoint
-  stores it (``experiments.train``), and resuming compares it with the command's.
+  stores it (``experiments.study.train``), and resuming compares it with the command's.
 * ``read_run_description``: ``run_config.json``, or a clear error when it is
   unreadable.
 * ``checkpoint_config_check`` / ``check_workdir_without_checkpoint``: before any
