@@ -72,4 +72,4 @@ parity:
 	$(MAKE) parity-report
 
 parity-report:
-	$(PYTHON) -m experiments.parity_report --runs=$(PARITY_RUNS) --out=results/parity
+	$(PYTHON) -m experiments.parity.report --runs=$(PARITY_RUNS) --out=results/parity

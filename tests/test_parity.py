@@ -1,7 +1,7 @@
 """The study's command against the reference trainer's own record of its first steps.
 
 ``data/reference_parity/`` holds what the reference's PyTorch trainer did from its initial
-weights (``experiments/record_reference_parity.py``, run in the reference's environment):
+weights (``experiments/parity/record_reference.py``, run in the reference's environment):
 for seeds 11 and 12 and both reads, every step's training loss, gradient norm before
 clipping and learning rate over the first 20 steps of the 2,000-step protocol, the
 validation loss and accuracy after step 20, and the parameters then.

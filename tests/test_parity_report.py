@@ -1,4 +1,4 @@
-"""``experiments.parity_report``: our parity runs beside the reference's records, on
+"""``experiments.parity.report``: our parity runs beside the reference's records, on
 synthetic workdirs whose curves are set by hand against the real records."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import parity_report
+from experiments.parity import report as parity_report
 from tests.conftest import run_module
 
 REFERENCE = parity_report.reference_traces()
@@ -76,7 +76,7 @@ def test_a_run_of_another_preset_is_refused(tmp_path):
     with pytest.raises(parity_report.ParityError, match="parity preset"):
         parity_report.build(tmp_path / "cpu", tmp_path / "out")
     result = run_module(
-        "experiments.parity_report", f"--runs={tmp_path / 'cpu'}", f"--out={tmp_path / 'o'}"
+        "experiments.parity.report", f"--runs={tmp_path / 'cpu'}", f"--out={tmp_path / 'o'}"
     )
     assert result.returncode == 2 and "parity preset" in result.stderr
     assert "Traceback" not in result.stderr

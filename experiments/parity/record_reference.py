@@ -11,7 +11,7 @@ nor orthorecall). One-time setup, outside the project:
 
 then
 
-    /tmp/refvenv/bin/python experiments/record_reference_parity.py \\
+    /tmp/refvenv/bin/python experiments/parity/record_reference.py \\
         --reference_dir=/tmp/refscratch --out=data/reference_parity
 
 What it records, for the reference's main protocol (v80/s512, batch 16, lr 3e-3, cosine

@@ -1,6 +1,6 @@
 """Seed for seed with the reference: our ``parity`` runs beside the reference's records.
 
-    python -m experiments.parity_report --runs=workdirs/parity --out=results/parity
+    python -m experiments.parity.report --runs=workdirs/parity --out=results/parity
 
 ``--runs`` is a study workdir of the ``parity`` preset (``experiments/configs/
 noisy_ar.py``), or a folder of such workdirs (one per seed, say). For every read and
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE_RECORDS = REPO_ROOT / "data" / "replication_runs" / "probe2k_s512.jsonl"
 VARIANT_READS = {"baseline": "raw", "ns5": "ns5"}
 THRESHOLD = 0.8
@@ -164,7 +164,7 @@ def format_markdown(summary: dict) -> str:
         f"variant (`{summary['reference_records']}`). Solved: an evaluation at or above "
         f"{summary['threshold']:g}. The reference's seed 11 runs are those of its released "
         "checkpoints (final accuracy 0.0343 baseline, 0.9939 ns5). Rebuilt with "
-        "`python -m experiments.parity_report --runs=workdirs/parity --out=results/parity`; "
+        "`python -m experiments.parity.report --runs=workdirs/parity --out=results/parity`; "
         "each run's own logs are in the seed folders (`train_log.jsonl`: every "
         "`log_every` steps' loss, gradient norm and learning rate).",
         "",
