@@ -40,12 +40,12 @@ space := $(subst ,, )
 # README says what is there), rebuilt from data/replication_runs alone.
 replication:
 	rm -rf results/replication/runs
-	$(PYTHON) -m experiments.import_replication --out=results/replication/runs
+	$(PYTHON) -m experiments.replication.importer --out=results/replication/runs
 	for g in $(REPLICATION_REPORTS); do \
 		$(PYTHON) -m experiments.report --workdir=results/replication/runs/$$g || exit 1; done
-	$(PYTHON) -m experiments.analyze --runs=results/replication/runs --baseline=raw \
+	$(PYTHON) -m experiments.replication.analyze --runs=results/replication/runs --baseline=raw \
 		--out=results/replication/analysis.json > results/replication/analysis.md
-	$(PYTHON) -m experiments.analyze --baseline=raw --reads=ns5 \
+	$(PYTHON) -m experiments.replication.analyze --baseline=raw --reads=ns5 \
 		--runs=$(subst $(space),$(comma),$(addprefix results/replication/runs/,$(REPLICATION_V80_S512_B16))) \
 		> results/replication/analysis_v80_s512_b16.md
 

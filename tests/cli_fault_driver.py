@@ -70,14 +70,14 @@ def _commands(scratch: Path) -> dict:
             "args": ["--checkpoint=missing.pt"],
             "compute": [("experiments.study.evaluate_reference", "evaluate_checkpoint")],
         },
-        "experiments.import_replication": {
+        "experiments.replication.importer": {
             "args": [f"--out={workdir}"],
-            "compute": [("experiments.import_replication", "import_records")],
+            "compute": [("experiments.replication.importer", "import_records")],
             "define": True,
         },
-        "experiments.analyze": {
+        "experiments.replication.analyze": {
             "args": [f"--runs={scratch}"],
-            "compute": [("experiments.analyze", "compare_runs")],
+            "compute": [("experiments.replication.analyze", "compare_runs")],
             "define": True,
         },
         "experiments.benchmarks.model": {

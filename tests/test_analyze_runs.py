@@ -1,4 +1,4 @@
-"""experiments.analyze counts each run once: named twice, or as a parent and its child,
+"""experiments.replication.analyze counts each run once: named twice, or as a parent and its child,
 a run is counted once and the output says so; a run copied into two folders, and a
 metrics.jsonl whose evaluations are out of order or repeated with different values, are
 refused (exit code 2)."""
@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from experiments import analyze
+from experiments.replication import analyze
 from tests.conftest import run_module
 
 
@@ -80,12 +80,12 @@ def test_evaluations_out_of_order_or_repeated_differently_are_refused(tmp_path):
 
 def test_the_command_says_what_it_counted_once_and_refuses_with_code_2(runs, tmp_path):
     parent, a, _ = runs
-    done = run_module("experiments.analyze", f"--runs={parent},{a}", timeout=120)
+    done = run_module("experiments.replication.analyze", f"--runs={parent},{a}", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "counted once" in done.stdout
     (tmp_path / "bad").mkdir()
     refused = run_module(
-        "experiments.analyze", f"--runs={a}", f"--out={tmp_path / 'bad'}", timeout=120
+        "experiments.replication.analyze", f"--runs={a}", f"--out={tmp_path / 'bad'}", timeout=120
     )
     assert refused.returncode == 2 and "--out:" in refused.stderr, refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr

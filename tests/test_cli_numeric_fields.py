@@ -24,8 +24,8 @@ COMMANDS = (
     "experiments.world_model",
     "experiments.probe",
     "experiments.study.evaluate_reference",
-    "experiments.import_replication",
-    "experiments.analyze",
+    "experiments.replication.importer",
+    "experiments.replication.analyze",
     "experiments.benchmarks.model",
     "experiments.benchmarks.agents",
     "experiments.benchmarks.data",
@@ -34,7 +34,7 @@ COMMANDS = (
 # Commands with no numeric flag today (their other inputs are tested elsewhere): the
 # generated cases cover any they gain.
 WITHOUT_NUMERIC_FIELDS = {
-    "experiments.import_replication",
+    "experiments.replication.importer",
     "experiments.benchmarks.model",
     "experiments.benchmarks.reference",
 }
@@ -109,7 +109,7 @@ def _assert_refused(done, *fragments):
             ["--checkpoint=missing.pt", "--num_batches=18446744073709551616"],
             "--num_batches: must be <= 2147483647",
         ),
-        ("experiments.analyze", ["--threshold=nan"], "--threshold: must be finite"),
+        ("experiments.replication.analyze", ["--threshold=nan"], "--threshold: must be finite"),
         (
             "experiments.benchmarks.agents",
             ["--width=18446744073709551616"],
@@ -124,7 +124,7 @@ def test_a_real_process_exits_2_naming_the_field(module, arguments, fragment, tm
         "experiments.run": [f"--workdir={out}"],
         "experiments.agent": [f"--workdir={out}"],
         "experiments.world_model": [f"--out={out}"],
-        "experiments.analyze": [f"--runs={tmp_path}"],
+        "experiments.replication.analyze": [f"--runs={tmp_path}"],
     }.get(module, [])
     _assert_refused(run_module(module, *arguments, *extra, timeout=180), fragment)
     assert not out.exists()
@@ -168,7 +168,7 @@ def test_output_paths_that_cannot_be_written_are_refused_before_compute(tmp_path
         f"--json: {folder} is a folder",
     )
     _assert_refused(
-        run_module("experiments.import_replication", f"--out={file}/runs", timeout=180),
+        run_module("experiments.replication.importer", f"--out={file}/runs", timeout=180),
         "--out: cannot create",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]

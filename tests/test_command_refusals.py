@@ -47,7 +47,7 @@ def test_the_study_refuses_a_workdir_that_is_a_file(tmp_path):
             "usage error: unexpected arguments: ['extra']",
         ),
         ("experiments.world_model", [], "--out=DIR is required"),
-        ("experiments.analyze", [], "--runs=DIR[,DIR...] is required"),
+        ("experiments.replication.analyze", [], "--runs=DIR[,DIR...] is required"),
     ],
 )
 def test_usage_errors_exit_2(module, arguments, fragment):

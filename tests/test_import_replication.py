@@ -1,5 +1,5 @@
-"""The replication's records as our workdirs (experiments.import_replication), and the
-analysis over runs (experiments.analyze) on them."""
+"""The replication's records as our workdirs (experiments.replication.importer), and the
+analysis over runs (experiments.replication.analyze) on them."""
 
 import json
 import shutil
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments import analyze, import_replication
-from experiments.import_replication import DEFAULT_SOURCE, EXCLUDED, GROUPS, parse_trace
+from experiments.replication import analyze
+from experiments.replication import importer as import_replication
+from experiments.replication.importer import DEFAULT_SOURCE, EXCLUDED, GROUPS, parse_trace
 from experiments.report.records import load_metrics, load_run_config
 from experiments.report.statistics import analyze as analyze_run
 from tests.conftest import run_module
@@ -142,7 +143,7 @@ def test_analysis_pools_strata_and_leaves_untimed_runs_out(imported):
 def test_analyze_command_end_to_end_and_its_refusals(imported, tmp_path):
     out, workdirs = imported
     done = run_module(
-        "experiments.analyze",
+        "experiments.replication.analyze",
         f"--runs={workdirs['v96_s768_b64_2k']}",
         f"--out={tmp_path / 'a.json'}",
         "--hazard_model=constant",
@@ -152,27 +153,29 @@ def test_analyze_command_end_to_end_and_its_refusals(imported, tmp_path):
     written = json.loads((tmp_path / "a.json").read_text())
     assert written["pooled"]["ns5"]["solved"] == 5 and written["hazard_model"] == "constant"
     assert written["pooled"]["ns5"]["hazard_ratio"]["baseline_model"] == "constant"
-    refused = run_module("experiments.analyze", f"--runs={tmp_path / 'nothing'}")
+    refused = run_module("experiments.replication.analyze", f"--runs={tmp_path / 'nothing'}")
     assert refused.returncode == 2 and "neither a workdir" in refused.stderr
-    refused = run_module("experiments.analyze", f"--runs={out}", "--baseline=nonexistent")
+    refused = run_module(
+        "experiments.replication.analyze", f"--runs={out}", "--baseline=nonexistent"
+    )
     assert refused.returncode == 2 and "baseline" in refused.stderr
-    refused = run_module("experiments.analyze", f"--runs={out}", "--reads=ns7")
+    refused = run_module("experiments.replication.analyze", f"--runs={out}", "--reads=ns7")
     assert refused.returncode == 2 and "ns7" in refused.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
-    refused = run_module("experiments.analyze", f"--runs={empty}")
+    refused = run_module("experiments.replication.analyze", f"--runs={empty}")
     assert refused.returncode == 2 and "metrics.jsonl" in refused.stderr
 
 
 def test_import_command_end_to_end_and_refusals(tmp_path):
-    done = run_module("experiments.import_replication", f"--out={tmp_path / 'runs'}")
+    done = run_module("experiments.replication.importer", f"--out={tmp_path / 'runs'}")
     assert done.returncode == 0, done.stderr
     assert "v80_s512_b16_2k:" in done.stdout and "excluded:" in done.stdout
-    again = run_module("experiments.import_replication", f"--out={tmp_path / 'runs'}")
+    again = run_module("experiments.replication.importer", f"--out={tmp_path / 'runs'}")
     assert again.returncode == 2 and "not empty" in again.stderr
     missing = run_module(
-        "experiments.import_replication", f"--source={tmp_path / 'none'}", "--out=x"
+        "experiments.replication.importer", f"--source={tmp_path / 'none'}", "--out=x"
     )
     assert missing.returncode == 2 and "not a directory" in missing.stderr
 

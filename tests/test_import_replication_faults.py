@@ -1,4 +1,4 @@
-"""experiments.import_replication is all or nothing: every record of every file is
+"""experiments.replication.importer is all or nothing: every record of every file is
 checked before anything is written, a bad one is refused with its file and line (exit
 code 2), and --out is left as it was."""
 
@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from experiments import import_replication
-from experiments.import_replication import DEFAULT_SOURCE, RecordError, parse_trace
+from experiments.replication import importer as import_replication
+from experiments.replication.importer import DEFAULT_SOURCE, RecordError, parse_trace
 from tests.conftest import run_module
 
 # A late file (sorted order) and a regime-filtered one.
@@ -133,11 +133,11 @@ def test_the_command_exits_2_naming_the_file_and_line(source, tmp_path):
     _edit_first(source / RLS, lambda r: r.pop("variant"))
     out = tmp_path / "out"
     done = run_module(
-        "experiments.import_replication", f"--source={source}", f"--out={out}", timeout=120
+        "experiments.replication.importer", f"--source={source}", f"--out={out}", timeout=120
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"{RLS}:1: no 'variant'" in done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists()
-    usage = run_module("experiments.import_replication", timeout=120)
+    usage = run_module("experiments.replication.importer", timeout=120)
     assert usage.returncode == 2 and "--out=DIR is required" in usage.stderr

@@ -4,7 +4,7 @@
 
 The headline groups (``v80_s512_b16_2k_headline``, ``v80_s1024_b16_2k_headline``: the
 ``planA_results`` and ``stack_s512_results`` files, 16 paired seeds each) hold only the
-evaluations from step 1,000 on, so ``python -m experiments.analyze`` compares them per
+evaluations from step 1,000 on, so ``python -m experiments.replication.analyze`` compares them per
 group (counts, Fisher, McNemar) and leaves them out of its pooled (time-to-escape) fits.
 This script pools their counts with the same code: each seed's outcome
 (``statistics.seed_outcome``), the read summaries (``statistics.summarize_read``) and

@@ -1,13 +1,13 @@
 """Import the replication's published per-seed records as our study's workdirs.
 
-    python -m experiments.import_replication [--source=data/replication_runs] --out=DIR
+    python -m experiments.replication.importer [--source=data/replication_runs] --out=DIR
 
 The replication (Aquino-Michaels 2026, arXiv:2607.19390; records CC BY 4.0, see
 ``data/replication_runs/NOTICE``) released one JSON line per trained model, with its
 evaluation trace every 200 steps. This writes one workdir per comparison group under
 DIR (``metrics.jsonl`` rows {read, seed, step, accuracy, loss[, alpha]} and
 ``run_config.json``), so that ``python -m experiments.report --workdir=DIR`` and
-``python -m experiments.analyze --runs=DIR`` read their runs as they read ours.
+``python -m experiments.replication.analyze --runs=DIR`` read their runs as they read ours.
 
 Comparison groups are defined here, by source file, not by the records' fields: the
 fields do not tell runs apart (``ns5constlr2k_s512`` and ``probe2k_s512``'s ns5 agree on
@@ -45,7 +45,7 @@ from absl import app, flags
 from experiments.study.cli import ConfigError, config_flag_parser, library_logging_at_warning
 from experiments.study.config_checks import FLAGS as FLAG_CHECKS
 
-DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "data" / "replication_runs"
+DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "data" / "replication_runs"
 ATTRIBUTION = (
     "Per-seed records of K. Aquino-Michaels, 'The Orthogonalized Read Is a Removable "
     "Training Scaffold for Recurrent Memory' (No Way Labs, 2026, arXiv:2607.19390), "
@@ -451,7 +451,7 @@ def group_rows(
             if key in seen:
                 raise RecordError(
                     f"{where}: {read} seed {key[1]} appears twice in group {group.name}; "
-                    "give one of the files a rename in experiments.import_replication."
+                    "give one of the files a rename in experiments.replication.importer."
                 )
             seen.add(key)
             if read not in reads:
@@ -512,7 +512,7 @@ def run_config(group: Group, meta: Mapping, rows: Sequence[Mapping]) -> dict:
         "source_files": [s.file for s in group.sources],
         "note": group.note,
         # Escapes before this step are dated to it (None: every evaluation is known);
-        # experiments.analyze leaves such runs out of time-to-escape statistics.
+        # experiments.replication.analyze leaves such runs out of time-to-escape statistics.
         "escapes_dated_from_step": 1000 if group.tail_only else None,
         "attribution": ATTRIBUTION,
     }
@@ -571,7 +571,7 @@ def import_records(source: str | Path, out: str | Path) -> dict[str, Path]:
 
 def _define_flags() -> dict:
     """The command's flags, defined only when it runs as a program: the module is also
-    imported as a library (tests, experiments.analyze and import_replication together),
+    imported as a library (tests, experiments.replication.analyze and import_replication together),
     and absl refuses a flag defined twice."""
     return {
         "source": flags.DEFINE_string("source", str(DEFAULT_SOURCE), "Directory of the records."),

@@ -1,10 +1,10 @@
 """Compare reads over any set of runs: per run and pooled, with hazard ratios.
 
-    python -m experiments.analyze --runs=DIR[,DIR...] [--baseline=raw] [--reads=ns5,rls]
+    python -m experiments.replication.analyze --runs=DIR[,DIR...] [--baseline=raw] [--reads=ns5,rls]
         [--threshold=0.8] [--hazard_model=stratum_interval] [--out=FILE.json]
 
 Each DIR is a workdir (``metrics.jsonl``, ``run_config.json``: ours, or the
-replication's through ``experiments.import_replication``) or a directory of them. Every
+replication's through ``experiments.replication.importer``) or a directory of them. Every
 run is a stratum: per run and read, the solved count against the baseline's (Fisher's
 exact test), the log-rank test of escape times, the discrete-time hazard ratio and
 McNemar's test on paired seeds (``experiments.report.hazard``); then, per read, the
@@ -279,7 +279,7 @@ def format_comparison(result: Mapping) -> str:
 
 def _define_flags() -> dict:
     """The command's flags, defined only when it runs as a program: the module is also
-    imported as a library (tests, experiments.analyze and import_replication together),
+    imported as a library (tests, experiments.replication.analyze and import_replication together),
     and absl refuses a flag defined twice."""
     return {
         "runs": flags.DEFINE_list("runs", None, "Workdirs, or directories of workdirs."),
