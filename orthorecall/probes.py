@@ -2,7 +2,7 @@
 at chosen positions, and the model run with some of its queries replaced.
 
 The replication (arXiv:2607.19390) asks three things of trained models (defined in
-``docs/specification.md``, "Probes"; the command is ``experiments/probe.py``):
+``docs/specification.md``, "Probes"; the command is ``experiments/probes/probe.py``):
 
 * swap: the trained parameters read with another read (``swapped_read``);
 * decode: can the value be read linearly off the memory C_t with the model's own stored

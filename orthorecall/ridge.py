@@ -1,6 +1,6 @@
 """A ridge classifier in closed form (numpy, float64), for linear decoding probes.
 
-What the memory-decode probe (``experiments/probe.py``) needs and no more: one-vs-all
+What the memory-decode probe (``experiments/probes/probe.py``) needs and no more: one-vs-all
 least squares on standardized features with an unpenalized intercept, λ chosen on a
 validation split from a small grid, training and held-out sets split by sequence (the
 samples of one sequence share its memory, so splitting inside a sequence would let the

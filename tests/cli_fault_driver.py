@@ -59,11 +59,11 @@ def _commands(scratch: Path) -> dict:
             "args": [f"--out={workdir}", "--steps=1"],
             "compute": [("experiments.agents.world_model", "make_functions")],
         },
-        "experiments.probe": {
+        "experiments.probes.probe": {
             "args": ["--probe=decode", "--checkpoint=missing.pt", f"--out={workdir}/p.json"],
             "compute": [
-                ("experiments.probe_sources", "from_checkpoints"),
-                ("experiments.probe", "run"),
+                ("experiments.probes.sources", "from_checkpoints"),
+                ("experiments.probes.probe", "run"),
             ],
         },
         "experiments.study.evaluate_reference": {

@@ -22,7 +22,7 @@ COMMANDS = (
     "experiments.run",
     "experiments.agent",
     "experiments.world_model",
-    "experiments.probe",
+    "experiments.probes.probe",
     "experiments.study.evaluate_reference",
     "experiments.replication.importer",
     "experiments.replication.analyze",
@@ -146,7 +146,7 @@ def test_output_paths_that_cannot_be_written_are_refused_before_compute(tmp_path
     )
     _assert_refused(
         run_module(
-            "experiments.probe",
+            "experiments.probes.probe",
             "--probe=decode",
             f"--checkpoint={REPO_ROOT}/tests/fixtures/reference_checkpoints/none.pt",
             f"--out={folder}",

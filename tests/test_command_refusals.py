@@ -67,7 +67,7 @@ def test_usage_errors_exit_2(module, arguments, fragment):
 def test_probe_refuses_validation_sets_it_cannot_draw_before_any_probe(tmp_path, count, fragment):
     out = tmp_path / "probe.json"
     done = run_module(
-        "experiments.probe",
+        "experiments.probes.probe",
         "--probe=oracle",
         f"--checkpoint={CHECKPOINT}",
         f"--num_sequences={count}",

@@ -1,4 +1,4 @@
-"""Probes of trained models (orthorecall.probes, orthorecall.ridge, experiments.probe).
+"""Probes of trained models (orthorecall.probes, orthorecall.ridge, experiments.probes.probe).
 
 Tiny models (V = 24, D = 16, 2 heads, length 16) keep the library tests fast; the
 reference checkpoints and a trained workdir run in the tests marked slow.
@@ -269,7 +269,7 @@ def test_cli_refusals_exit_2_with_a_message(args, fragments, tmp_path):
     args = [arg.replace("EMPTY", str(tmp_path / "empty")) for arg in args]
     if not any(arg.startswith("--probe") for arg in args):
         args.append("--probe=swap")
-    done = run_module("experiments.probe", *args, f"--out={tmp_path / 'out.json'}")
+    done = run_module("experiments.probes.probe", *args, f"--out={tmp_path / 'out.json'}")
     _assert_refused(done, *fragments)
     assert not (tmp_path / "out.json").exists()
 
@@ -281,7 +281,10 @@ def test_cli_probes_reference_checkpoints(tmp_path):
     ]
     out = tmp_path / "swap.json"
     done = run_module(
-        "experiments.probe", "--probe=swap", f"--checkpoint={paths[0]},{paths[1]}", f"--out={out}"
+        "experiments.probes.probe",
+        "--probe=swap",
+        f"--checkpoint={paths[0]},{paths[1]}",
+        f"--out={out}",
     )
     assert done.returncode == 0, done.stderr
     records = json.loads(out.read_text())
@@ -327,7 +330,8 @@ def _hand_made_workdir(root):
 
 
 def test_workdir_models_are_the_checkpoints_and_swap_reproduces_them(tmp_path):
-    from experiments import probe_records, probe_sources
+    from experiments.probes import records as probe_records
+    from experiments.probes import sources as probe_sources
     from experiments.study.cli import ConfigError
 
     configs = _hand_made_workdir(tmp_path)
@@ -367,7 +371,9 @@ def test_cli_on_a_trained_workdir(tmp_path):
         if row.get("accuracy") is not None:
             final[(row["read"], row["seed"])] = row  # the last evaluation wins
     out = tmp_path / "swap.json"
-    done = run_module("experiments.probe", "--probe=swap", f"--workdir={workdir}", f"--out={out}")
+    done = run_module(
+        "experiments.probes.probe", "--probe=swap", f"--workdir={workdir}", f"--out={out}"
+    )
     assert done.returncode == 0, done.stderr
     records = json.loads(out.read_text())
     assert [(r["variant"], r["seed"]) for r in records] == sorted(
@@ -380,7 +386,7 @@ def test_cli_on_a_trained_workdir(tmp_path):
     for probe, fields in (("oracle", "oracle+1"), ("decode", "wrongkey_o1")):
         out = tmp_path / f"{probe}.json"
         done = run_module(
-            "experiments.probe", f"--probe={probe}", f"--workdir={workdir}", "--models=ns5",
+            "experiments.probes.probe", f"--probe={probe}", f"--workdir={workdir}", "--models=ns5",
             "--seeds=1", "--num_sequences=64", f"--out={out}",
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
@@ -400,7 +406,7 @@ REFERENCE_FILES = {
 
 @pytest.fixture(scope="module")
 def reference_models():
-    from experiments import probe_sources
+    from experiments.probes import sources as probe_sources
 
     paths = [str(REFERENCE_CHECKPOINTS / name) for name in REFERENCE_FILES.values()]
     return dict(zip(REFERENCE_FILES, probe_sources.from_checkpoints(paths), strict=True))
@@ -408,7 +414,7 @@ def reference_models():
 
 @pytest.mark.slow  # the v80/s512 reference model on 64 sequences, three times each
 def test_oracle_of_the_reference_checkpoints_is_the_replications(reference_models):
-    from experiments import probe_records
+    from experiments.probes import records as probe_records
 
     replication = {"baseline": (0.0349, 0.0361, 0.0300), "ns5": (0.9947, 0.1981, 0.8099)}
     for name, model in reference_models.items():
@@ -419,7 +425,7 @@ def test_oracle_of_the_reference_checkpoints_is_the_replications(reference_model
 
 @pytest.mark.slow  # the v80/s512 reference model on 256 sequences, twice
 def test_swap_of_the_ns5_reference_checkpoint_is_the_replications(reference_models):
-    from experiments import probe_records
+    from experiments.probes import records as probe_records
 
     (record,) = probe_records.run("swap", [reference_models["ns5"]])
     got = (record["acc_raw"], record["loss_raw"], record["acc_ns5"], record["loss_ns5"])
@@ -428,7 +434,7 @@ def test_swap_of_the_ns5_reference_checkpoint_is_the_replications(reference_mode
 
 @pytest.mark.slow  # the v80/s512 reference model on 96 sequences
 def test_decode_of_the_reference_checkpoints(reference_models):
-    from experiments import probe_records
+    from experiments.probes import records as probe_records
 
     records = {
         name: probe_records.run("decode", [model], num_sequences=96, normalization="stabilized")[0]

@@ -256,7 +256,7 @@ GROUPS: tuple[Group, ...] = (
 
 EXCLUDED = {
     "c_decode_probe2k.jsonl": "probe of trained checkpoints (ridge decode), no training "
-    "trace; compare with `python -m experiments.probe --probe=decode`",
+    "trace; compare with `python -m experiments.probes.probe --probe=decode`",
     "oracle_probe2k.jsonl": "probe of trained checkpoints (oracle query), no training trace",
     "swap_probe2k.jsonl": "probe of trained checkpoints (swap evaluation), no training trace",
 }

@@ -1,6 +1,6 @@
 """Probe trained models the three ways of the replication (arXiv:2607.19390).
 
-    python -m experiments.probe --probe=swap|decode|oracle
+    python -m experiments.probes.probe --probe=swap|decode|oracle
         (--workdir=DIR [--models=raw,ns5] [--seeds=0,1] | --checkpoint=A.pt[,B.pt])
         [--reads=raw,ns5] [--num_sequences=N] [--memory_normalization=frobenius]
         --out=OUT.json
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments.probe_records import NORMALIZATIONS, PROBES, markdown_table, run, table_path
+from experiments.probes.records import NORMALIZATIONS, PROBES, markdown_table, run, table_path
 from experiments.study.cli import (
     ConfigError,
     config_flag_parser,
@@ -159,7 +159,7 @@ def main(argv: Sequence[str]) -> None:
             raise ConfigError(f"unexpected arguments {argv[1:]}; pass flags only (--helpshort).")
         probe, reads = _check_command_line()
         seeds = _seeds()
-        from experiments import probe_sources
+        from experiments.probes import sources as probe_sources
 
         if _WORKDIR.value is not None:
             models = probe_sources.from_workdir(_WORKDIR.value, _MODELS.value, seeds)

@@ -1,7 +1,7 @@
-"""The probes of ``experiments/probe.py``, one record per trained model, and their table.
+"""The probes of ``experiments/probes/probe.py``, one record per trained model, and their table.
 
 Kept apart from the command (no flags here) so that tests and notebooks can call them on
-``experiments.probe_sources.TrainedModel``s directly. ``docs/specification.md`` ("Probes")
+``experiments.probes.sources.TrainedModel``s directly. ``docs/specification.md`` ("Probes")
 defines what each computes.
 """
 
@@ -201,7 +201,7 @@ def run(
         ConfigError: a probe the model or the data cannot take (a read without a
             definition for the model's write, too few sequences to decode), naming it.
     """
-    from experiments.probe_sources import validation_batches
+    from experiments.probes.sources import validation_batches
 
     records = []
     for model in models:

@@ -1,4 +1,4 @@
-"""The trained models a probe looks at (``experiments/probe.py``), and their validation data.
+"""The trained models a probe looks at (``experiments/probes/probe.py``), and their validation data.
 
 Two kinds of source:
 
