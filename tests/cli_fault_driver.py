@@ -50,12 +50,12 @@ def _commands(scratch: Path) -> dict:
             "compute": [("experiments.study.train", "_train_in_workdir")],
             "config": ("experiments.configs.noisy_ar", "smoke"),
         },
-        "experiments.agent": {
+        "experiments.agents.ppo_main": {
             "args": ["--config=configs/popgym_ppo.py:smoke", f"--workdir={workdir}"],
             "compute": [("experiments.agents.train", "_train_in_workdir")],
             "config": ("experiments.configs.popgym_ppo", "smoke"),
         },
-        "experiments.world_model": {
+        "experiments.agents.world_model_main": {
             "args": [f"--out={workdir}", "--steps=1"],
             "compute": [("experiments.agents.world_model", "make_functions")],
         },

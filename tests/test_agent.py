@@ -221,7 +221,7 @@ def _agent_command(workdir, *overrides):
     env = compilation_cache_env(workdir.parent / "jax-cache")
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     return run_module(
-        "experiments.agent",
+        "experiments.agents.ppo_main",
         "--config=configs/popgym_ppo.py:smoke",
         f"--workdir={workdir}",
         *overrides,

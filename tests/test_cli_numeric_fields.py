@@ -20,8 +20,8 @@ from tests.conftest import REPO_ROOT, run_module
 
 COMMANDS = (
     "experiments.run",
-    "experiments.agent",
-    "experiments.world_model",
+    "experiments.agents.ppo_main",
+    "experiments.agents.world_model_main",
     "experiments.probes.probe",
     "experiments.study.evaluate_reference",
     "experiments.replication.importer",
@@ -99,11 +99,11 @@ def _assert_refused(done, *fragments):
             "config.train.learning_rate: must be finite",
         ),
         (
-            "experiments.agent",
+            "experiments.agents.ppo_main",
             ["--config=configs/popgym_ppo.py:smoke", "--config.seeds.first_seed=4294967296"],
             "config.seeds.first_seed: seeds 4294967296..4294967297 go past 2**32 - 1",
         ),
-        ("experiments.world_model", ["--seed=18446744073709551616"], "--seed: seed "),
+        ("experiments.agents.world_model_main", ["--seed=18446744073709551616"], "--seed: seed "),
         (
             "experiments.study.evaluate_reference",
             ["--checkpoint=missing.pt", "--num_batches=18446744073709551616"],
@@ -122,8 +122,8 @@ def test_a_real_process_exits_2_naming_the_field(module, arguments, fragment, tm
     out = tmp_path / "out"
     extra = {
         "experiments.run": [f"--workdir={out}"],
-        "experiments.agent": [f"--workdir={out}"],
-        "experiments.world_model": [f"--out={out}"],
+        "experiments.agents.ppo_main": [f"--workdir={out}"],
+        "experiments.agents.world_model_main": [f"--out={out}"],
         "experiments.replication.analyze": [f"--runs={tmp_path}"],
     }.get(module, [])
     _assert_refused(run_module(module, *arguments, *extra, timeout=180), fragment)
@@ -137,11 +137,13 @@ def test_output_paths_that_cannot_be_written_are_refused_before_compute(tmp_path
     file = tmp_path / "file"
     file.write_text("")
     _assert_refused(
-        run_module("experiments.world_model", f"--out={file}/run", timeout=180),
+        run_module("experiments.agents.world_model_main", f"--out={file}/run", timeout=180),
         "--out: cannot create",
     )
     _assert_refused(
-        run_module("experiments.world_model", f"--out={tmp_path}", "extra", timeout=180),
+        run_module(
+            "experiments.agents.world_model_main", f"--out={tmp_path}", "extra", timeout=180
+        ),
         "unexpected arguments",
     )
     _assert_refused(

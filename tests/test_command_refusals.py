@@ -42,11 +42,11 @@ def test_the_study_refuses_a_workdir_that_is_a_file(tmp_path):
     [
         ("experiments.run", [], "usage error: --config=configs/noisy_ar.py[:PRESET] is required"),
         (
-            "experiments.agent",
+            "experiments.agents.ppo_main",
             ["--config=configs/popgym_ppo.py:smoke", "extra"],
             "usage error: unexpected arguments: ['extra']",
         ),
-        ("experiments.world_model", [], "--out=DIR is required"),
+        ("experiments.agents.world_model_main", [], "--out=DIR is required"),
         ("experiments.replication.analyze", [], "--runs=DIR[,DIR...] is required"),
     ],
 )

@@ -188,7 +188,7 @@ def test_training_steps_are_finite_and_overfit_a_fixed_batch(params):
 def test_the_command_writes_metrics_summary_and_curves(tmp_path):
     out = tmp_path / "run"
     done = run_module(
-        "experiments.world_model",
+        "experiments.agents.world_model_main",
         "--env=RepeatPreviousEasy",
         "--steps=3",
         "--log_every=2",
@@ -214,16 +214,16 @@ def test_the_command_writes_metrics_summary_and_curves(tmp_path):
 
     # A second run into the same folder is refused before any work, the first kept.
     before = (out / "metrics.jsonl").read_text()
-    again = run_module("experiments.world_model", "--steps=1", f"--out={out}")
+    again = run_module("experiments.agents.world_model_main", "--steps=1", f"--out={out}")
     assert again.returncode == 2 and "already holds a run" in again.stderr, again.stderr[-2000:]
     assert (out / "metrics.jsonl").read_text() == before
 
 
-# experiments.world_model defines its flags on import (--batch_size, --out, ...), which
+# experiments.agents.world_model_main defines its flags on import (--batch_size, --out, ...), which
 # other commands define too: its checks run in a process of their own.
 _REFUSALS_SCRIPT = """
 import sys, pathlib, re
-from experiments import world_model as command
+from experiments.agents import world_model_main as command
 from experiments.study.cli import ConfigError
 tmp = pathlib.Path(sys.argv[1])
 arguments = dict(env_name="RepeatPreviousEasy", steps=1, seed=0, read="raw")

@@ -10,7 +10,7 @@ first epoch's ratio is 1), which tests/test_agent.py checks across episode reset
 
 Everything an update touches is one pytree, ``RunnerState``; ``make_train_chunk``
 returns a jitted function that advances many seeds (vmapped) by several updates
-(``lax.scan``), so a driver (``experiments.agent``) can log and checkpoint between
+(``lax.scan``), so a driver (``experiments.agents.ppo_main``) can log and checkpoint between
 calls without leaving the compiled loop for long.
 """
 

@@ -34,7 +34,7 @@ DreamerV3-shaped (Hafner et al. 2023), shrunk to run on a CPU in minutes:
   ``0.5 max(1, KL[sg(q) || p]) + 0.1 max(1, KL[q || sg(p)])``. Environment rewards are
   multiplied by ``reward_scale`` before the model sees them: POPGym rewards are
   ±1/episode-length, below the two-hot bins' resolution near zero (about 0.16), so
-  ``experiments.world_model`` scales them by the episode length. Returns are always
+  ``experiments.agents.world_model_main`` scales them by the episode length. Returns are always
   reported in the environment's units.
 
 * **Imagination and actor-critic.** From every posterior state of a training batch

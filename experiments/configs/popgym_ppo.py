@@ -1,6 +1,6 @@
 """Recurrent PPO on memory tasks: the GRU against the mLSTM cell's reads.
 
-    python -m experiments.agent --config=configs/popgym_ppo.py[:PRESET] [--workdir=DIR]
+    python -m experiments.agents.ppo_main --config=configs/popgym_ppo.py[:PRESET] [--workdir=DIR]
 
 Presets:
 

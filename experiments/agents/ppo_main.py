@@ -1,6 +1,6 @@
 """Train recurrent PPO agents on memory tasks: the GRU against the mLSTM cell's reads.
 
-    python -m experiments.agent --config=configs/popgym_ppo.py[:PRESET] [--workdir=DIR]
+    python -m experiments.agents.ppo_main --config=configs/popgym_ppo.py[:PRESET] [--workdir=DIR]
         [--config.cores=gru,raw,ns5 ...] [--verbosity=0]
 
 ``configs/...`` resolves relative to the current directory first, then to this package

@@ -1,6 +1,6 @@
 """Train the mLSTM Dreamer-style world model and its actor on a memory environment.
 
-    python -m experiments.world_model --env=RepeatPreviousEasy --steps=2500 --seed=0 \\
+    python -m experiments.agents.world_model_main --env=RepeatPreviousEasy --steps=2500 --seed=0 \\
         --read=ns5 --out=DIR
 
 Each update collects ``num_envs x collect_steps`` real environment steps with the current
