@@ -583,15 +583,12 @@ def chunkwise_sequence(
         jnp.moveaxis(reset.reshape(b, num_chunks, size), 1, 0),
     )
 
-    if read.is_raw:
-        final, outs = _raw_chunks(state, xs)
-    else:
-        body = jax.checkpoint(
-            lambda carry, chunk: _chunk(carry, chunk, read, read_mix),
-            prevent_cse=False,
-            policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME),
-        )
-        final, outs = jax.lax.scan(body, state, xs)
+    body = jax.checkpoint(
+        lambda carry, chunk: _chunk(carry, chunk, read, read_mix),
+        prevent_cse=False,
+        policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME),
+    )
+    final, outs = jax.lax.scan(body, state, xs)
     # (num_chunks, B, H, L, d) -> (B, T, H, d)
     outs = jnp.moveaxis(outs, 0, 1)
     outs = jnp.moveaxis(outs, 2, 3).reshape(b, num_chunks * size, h, d)
@@ -647,57 +644,3 @@ def _chunk(state: MemoryState, chunk, read: ReadConfig, read_mix=None):
         end_faults, state.c, state.n, state.m, last_c, n[:, :, -1], m[..., -1]
     )
     return MemoryState(*end), jnp.where(bad_h, jnp.nan, h)
-
-
-def _raw_chunks(state: MemoryState, chunks) -> tuple[MemoryState, jax.Array]:
-    """The raw read over every chunk (chunk-major: (N, B, H, L, ...)) in two passes.
-
-    The state's advance from chunk to chunk needs only each chunk's last row of the
-    decay matrix, so a scan carries (C, n, m) from chunk start to chunk start at
-    O(L d²) per chunk; then every chunk's outputs, which need only their own start
-    state, are computed at once (batched over chunks: large products, no loop). Same
-    arithmetic as ``_chunk`` except q·n_t, summed as Σ_s (q_tᵀk̂_s) decay[t, s] from
-    the read's own L x L matrix instead of forming n_t (one L x L x d product less).
-    """
-    q, k, v, log_f, i_pre, reset = chunks
-    geo = jax.vmap(chunkwise.geometry)(log_f, i_pre, reset)
-    faults = jax.vmap(chunkwise.output_faults, in_axes=(0,) * 6 + (None,))(
-        q, k, v, log_f, i_pre, geo.segment_start, True
-    )
-    end_faults = jax.vmap(chunkwise.end_faults)(
-        k, v, log_f, i_pre, geo.segment_start, geo.carries_in
-    )
-    q, k, v = (chunkwise.finite_or_zero(x) for x in (q, k, v))
-
-    def advance(state, chunk):
-        end_geo, end_faults, k, v = chunk
-        c0, n0, m0 = chunkwise.sanitized_state(state.c, state.n, state.m)
-        m_end = chunkwise.end_stabilizer(end_geo, m0)
-        weights = jnp.exp(end_geo.log_decay - m_end[..., None])  # (B, H, L)
-        scale = chunkwise.end_state_scale(end_geo, m0, m_end)
-        c_end = scale[..., None, None] * c0 + jnp.matmul(
-            jnp.swapaxes(k * weights[..., None], -1, -2), v
-        )
-        n_end = scale[..., None] * n0 + jnp.einsum("...l,...ld->...d", weights, k)
-        end = chunkwise.end_state(end_faults, state.c, state.n, state.m, c_end, n_end, m_end)
-        return MemoryState(*end), state
-
-    end_geo = jax.vmap(chunkwise.end_geometry)(geo)
-    final, starts = jax.lax.scan(advance, state, (end_geo, end_faults, k, v))
-    h = jax.vmap(_raw_outputs)(starts, q, k, v, geo, faults)
-    return final, h
-
-
-def _raw_outputs(start: MemoryState, q, k, v, geo: chunkwise.Geometry, faults) -> jax.Array:
-    """h̃ (B, H, L, d) of one chunk under the raw read, from its start state (unsanitized)
-    and sanitized q, k̂, v."""
-    c0, n0, m0 = chunkwise.sanitized_state(start.c, start.n, start.m)
-    m = chunkwise.stabilizer(geo, m0)
-    decay = jnp.exp(geo.log_decay - m[..., None])
-    state_scale = chunkwise.state_scale(geo, m0, m)
-    weighted = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * decay  # (B, H, L, L)
-    numerator = jnp.matmul(weighted, v) + state_scale[..., None] * jnp.matmul(q, c0)
-    q_dot_n = jnp.sum(weighted, axis=-1) + state_scale * jnp.einsum("...ld,...d->...l", q, n0)
-    h = _normalized_read(numerator, q_dot_n, m)
-    bad_h = chunkwise.bad_outputs(faults, geo.carries_in, start.c, start.n, start.m, raw=True)
-    return jnp.where(bad_h, jnp.nan, h)
