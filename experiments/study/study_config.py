@@ -15,6 +15,7 @@ import dataclasses
 import pathlib
 import string
 from collections.abc import Sequence
+from typing import NoReturn
 
 import jax
 import ml_collections
@@ -281,6 +282,26 @@ def validate_config(
         ConfigError: naming the offending field and the constraint.
     """
     checks.check_name(_get(config, "name"))
+    task = _check_task(config)
+    _check_train_counts(config)
+    _check_schedule(config)
+    _check_optimizer(config)
+    checks.check_choice("train.data_source", _get(config, "train.data_source"), ("jax", "numpy"))
+    first_seed = _check_seeds_and_threshold(config)
+    # Any integer field without a bound of its own stays within int32 (checked above:
+    # the seeds, below 2**32).
+    checks.bound_integers(config, exempt=("seeds.first_seed",))
+    configs = model_configs(config)
+    init_from_paths(config, list(configs), [first_seed])
+    _check_anneal_window(config)
+    _check_conv_taps(configs, task)
+    _check_resources(config, task, configs, available_memory, devices)
+    return configs
+
+
+def _check_task(config: ml_collections.ConfigDict) -> data.NoisyRecallTask:
+    """The task, refused unless it is what the trainer scores: multi-query targets,
+    unscored positions marked with ``evaluation.IGNORE_INDEX``."""
     task = task_from_config(config)
     if not task.multi_query:
         checks.fail(
@@ -295,6 +316,11 @@ def validate_config(
             f"validation targets marked {task.ignore_index} would be scored; leave the field "
             "out.",
         )
+    return task
+
+
+def _check_train_counts(config: ml_collections.ConfigDict) -> None:
+    """The batch sizes, intervals and counts of ``config.train``: positive integers."""
     for field in (
         "batch_size",
         "eval_every",
@@ -309,6 +335,11 @@ def validate_config(
     segment_length = _get(config, "train").get("segment_length")
     if segment_length is not None:
         checks.check_int("train.segment_length", segment_length, minimum=1)
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+    """The step count, the peak learning rate and its schedule (a stretched cosine
+    stretches over at least the run's steps)."""
     steps = checks.check_int(
         "train.steps",
         _get(config, "train.steps"),
@@ -338,6 +369,10 @@ def validate_config(
             "train.stretch_steps",
             f"must be >= train.steps ({steps}) for stretched_cosine, got {stretch_steps}.",
         )
+
+
+def _check_optimizer(config: ml_collections.ConfigDict) -> None:
+    """AdamW's moments, denominator floor and weight decay, and the gradient clip."""
     for field, hint in (
         ("b1", "Adam's first-moment decay (reference 0.9)"),
         ("b2", "Adam's second-moment decay (reference 0.999)"),
@@ -372,7 +407,10 @@ def validate_config(
             minimum=0,
             minimum_inclusive=False,
         )
-    checks.check_choice("train.data_source", _get(config, "train.data_source"), ("jax", "numpy"))
+
+
+def _check_seeds_and_threshold(config: ml_collections.ConfigDict) -> int:
+    """The seed range and the solved threshold; returns the first seed."""
     first_seed, _ = checks.check_seeds(
         "seeds.first_seed",
         _get(config, "seeds.first_seed"),
@@ -387,11 +425,12 @@ def validate_config(
         maximum=1,
         minimum_inclusive=False,
     )
-    # Any integer field without a bound of its own stays within int32 (checked above:
-    # the seeds, below 2**32).
-    checks.bound_integers(config, exempt=("seeds.first_seed",))
-    configs = model_configs(config)
-    init_from_paths(config, list(configs), [first_seed])
+    return first_seed
+
+
+def _check_anneal_window(config: ml_collections.ConfigDict) -> None:
+    """Refuses an anneal window that ends after the run (its last evaluation would not
+    see α = 0)."""
     schedule = anneal_schedule(config)
     if schedule is not None and schedule.mode == "window" and schedule.end > config.train.steps:
         checks.fail(
@@ -399,6 +438,10 @@ def validate_config(
             f"the window ends at step {schedule.end}, after the run's {config.train.steps} "
             "steps: its last evaluation would not see α = 0; end it by train.steps.",
         )
+
+
+def _check_conv_taps(configs: dict[str, model_lib.ModelConfig], task: data.NoisyRecallTask) -> None:
+    """Refuses a convolution reaching further back than a sequence is long."""
     taps = next(iter(configs.values())).cell.conv_kernel_size
     if taps > task.example_len:
         # Each tap is traced as its own operations: 10**5 taps take minutes to trace.
@@ -407,8 +450,6 @@ def validate_config(
             f"must be <= the {task.example_len} positions of a sequence (task.seq_len - 1), "
             f"got {taps}: taps further back only ever see zeros (reference 4).",
         )
-    _check_resources(config, task, configs, available_memory, devices)
-    return configs
 
 
 def _check_resources(config, task, configs, available_memory, devices) -> None:
@@ -443,51 +484,7 @@ def seed_groups(
             seed at a time does not.
     """
     devices = list(jax.devices() if devices is None else devices)
-    seeds_per_device = -(-config.seeds.num_seeds // len(devices))
-    train, length = config.train, task_from_config(config).example_len
-    reads = list(configs.values())
-    backend = devices[0].platform
-    state = footprint.state_bytes(reads, seeds_per_device=seeds_per_device)
-    val_set = footprint.validation_set_bytes(
-        num_sequences=seeds_per_device * train.val_batches * train.val_batch_size,
-        seq_len=length,
-    )
-    # The trainer also keeps host copies of the validation set (every seed's, and their
-    # stack), which on CPU come out of the devices' memory.
-    host_copies = 2 * val_set if backend == "cpu" else 0
-
-    def train_need(groups):
-        # The validation set stays on the devices through training.
-        return (
-            host_copies
-            + val_set
-            + footprint.train_step_memory_estimate(
-                reads,
-                batch_size=train.batch_size,
-                seq_len=length,
-                seeds_per_device=seeds_per_device,
-                backend=backend,
-                segment_length=train.get("segment_length"),
-                seed_groups=groups,
-            )
-        )
-
-    def eval_need(groups):
-        # The optimizer state stays on the devices through evaluation.
-        return (
-            host_copies
-            + state
-            + footprint.eval_step_memory_estimate(
-                reads,
-                num_batches=train.val_batches,
-                batch_size=train.val_batch_size,
-                seq_len=length,
-                seeds_per_device=seeds_per_device,
-                backend=backend,
-                seed_groups=groups,
-            )
-        )
-
+    need = _DeviceMemoryNeed.of(config, configs, devices)
     if available_memory is None:
         available_memory = multihost.agreed_minimum(
             footprint.per_device_available_memory(_local(devices))
@@ -495,34 +492,120 @@ def seed_groups(
     if available_memory is None:  # The platform reports nothing: nothing to compare with.
         return 1
     where = (
-        f"per device ({seeds_per_device} seed(s) x {len(reads)} read(s) on each of "
+        f"per device ({need.seeds_per_device} seed(s) x {len(need.reads)} read(s) on each of "
         f"{len(devices)} device(s))"
     )
     available = footprint.format_bytes(available_memory)
-    if state > available_memory:
+    _check_resident_memory(need, available_memory, where, available)
+    divisors = [g for g in range(1, need.seeds_per_device + 1) if need.seeds_per_device % g == 0]
+    for groups in divisors:
+        if (
+            need.train_bytes(groups) <= available_memory
+            and need.eval_bytes(groups) <= available_memory
+        ):
+            return groups
+    _refuse_one_seed_at_a_time(need, available_memory, where, available)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DeviceMemoryNeed:
+    """What one device holds for its seeds, from ``orthorecall.footprint``'s estimates:
+    what stays resident (``state``, ``val_set``, ``host_copies``) and what a training
+    step or an evaluation needs in ``groups`` groups of seeds."""
+
+    reads: list[model_lib.ModelConfig]
+    train_config: ml_collections.ConfigDict
+    length: int
+    seeds_per_device: int
+    backend: str
+    state: int
+    val_set: int
+    host_copies: int
+
+    @classmethod
+    def of(cls, config, configs, devices) -> _DeviceMemoryNeed:
+        """The needs of ``config``'s seeds spread over ``devices``."""
+        seeds_per_device = -(-config.seeds.num_seeds // len(devices))
+        train, length = config.train, task_from_config(config).example_len
+        reads = list(configs.values())
+        backend = devices[0].platform
+        state = footprint.state_bytes(reads, seeds_per_device=seeds_per_device)
+        val_set = footprint.validation_set_bytes(
+            num_sequences=seeds_per_device * train.val_batches * train.val_batch_size,
+            seq_len=length,
+        )
+        # The trainer also keeps host copies of the validation set (every seed's, and
+        # their stack), which on CPU come out of the devices' memory.
+        host_copies = 2 * val_set if backend == "cpu" else 0
+        return cls(reads, train, length, seeds_per_device, backend, state, val_set, host_copies)
+
+    def train_bytes(self, groups: int) -> int:
+        """Bytes for a training step; the validation set stays on the devices through
+        training."""
+        return (
+            self.host_copies
+            + self.val_set
+            + footprint.train_step_memory_estimate(
+                self.reads,
+                batch_size=self.train_config.batch_size,
+                seq_len=self.length,
+                seeds_per_device=self.seeds_per_device,
+                backend=self.backend,
+                segment_length=self.train_config.get("segment_length"),
+                seed_groups=groups,
+            )
+        )
+
+    def eval_bytes(self, groups: int) -> int:
+        """Bytes for an evaluation; the optimizer state stays on the devices through
+        evaluation."""
+        return (
+            self.host_copies
+            + self.state
+            + footprint.eval_step_memory_estimate(
+                self.reads,
+                num_batches=self.train_config.val_batches,
+                batch_size=self.train_config.val_batch_size,
+                seq_len=self.length,
+                seeds_per_device=self.seeds_per_device,
+                backend=self.backend,
+                seed_groups=groups,
+            )
+        )
+
+
+def _check_resident_memory(
+    need: _DeviceMemoryNeed, available_memory: int, where: str, available: str
+) -> None:
+    """Refuses parameters and optimizer state, or validation sets, that alone do not fit."""
+    if need.state > available_memory:
         checks.fail(
             "model",
             f"the parameters and optimizer state alone need about "
-            f"{footprint.format_bytes(state)} {where}, the device has {available} available; "
-            "reduce model.embedding_dim, model.proj_factor, model.num_blocks or "
+            f"{footprint.format_bytes(need.state)} {where}, the device has {available} "
+            "available; reduce model.embedding_dim, model.proj_factor, model.num_blocks or "
             "task.vocab_size, or seeds.num_seeds.",
         )
-    if host_copies + val_set > available_memory:
+    if need.host_copies + need.val_set > available_memory:
         checks.fail(
             "train.val_batch_size",
             f"the validation sets alone need about "
-            f"{footprint.format_bytes(host_copies + val_set)} {where}, the device has "
-            f"{available} available; reduce train.val_batch_size or train.val_batches.",
+            f"{footprint.format_bytes(need.host_copies + need.val_set)} {where}, the device "
+            f"has {available} available; reduce train.val_batch_size or train.val_batches.",
         )
-    divisors = [g for g in range(1, seeds_per_device + 1) if seeds_per_device % g == 0]
-    for groups in divisors:
-        if train_need(groups) <= available_memory and eval_need(groups) <= available_memory:
-            return groups
-    if train_need(seeds_per_device) > available_memory:
+
+
+def _refuse_one_seed_at_a_time(
+    need: _DeviceMemoryNeed, available_memory: int, where: str, available: str
+) -> NoReturn:
+    """The refusal when even one seed at a time does not fit: the training step's
+    first, else the evaluation's."""
+    one_at_a_time = need.seeds_per_device  # As many groups as seeds.
+    if need.train_bytes(one_at_a_time) > available_memory:
         checks.fail(
             "train.batch_size",
             f"one training step needs about "
-            f"{footprint.format_bytes(train_need(seeds_per_device))} {where} even with one "
+            f"{footprint.format_bytes(need.train_bytes(one_at_a_time))} {where} even with one "
             f"seed at a time, the device has {available} available; reduce "
             "train.batch_size or task.seq_len, "
             "set or lower train.segment_length (or model.chunk_size for a Newton-Schulz "
@@ -530,7 +613,7 @@ def seed_groups(
         )
     checks.fail(
         "train.val_batch_size",
-        f"one evaluation needs about {footprint.format_bytes(eval_need(seeds_per_device))} "
+        f"one evaluation needs about {footprint.format_bytes(need.eval_bytes(one_at_a_time))} "
         f"{where} even with one seed at a time, the device has {available} available; reduce "
         "train.val_batch_size or train.val_batches.",
     )
