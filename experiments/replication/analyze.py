@@ -157,15 +157,8 @@ def compare_runs(
         ValueError: no workdir, an unknown ``hazard_model``, a read of ``reads`` that no
             run holds, a run without evaluations, or no run holding the baseline.
     """
-    if not workdirs:
-        raise ValueError("no run given; pass --runs=DIR[,DIR...]")
-    if hazard_model not in hazard.BASELINES:
-        raise ValueError(f"--hazard_model={hazard_model!r}; use one of {hazard.BASELINES}")
+    _check_run_arguments(workdirs, hazard_model)
     runs, strata, skipped, seen = [], {}, [], set()
-    resolved = [Path(w).resolve() for w in workdirs]
-    repeated = sorted({str(w) for w in resolved if resolved.count(w) > 1})
-    if repeated:
-        raise ValueError(f"runs given twice: {repeated}; each run counts once (resolve_runs)")
     for workdir in workdirs:
         check_evaluation_order(Path(workdir))
         config = load_run_config(workdir)
@@ -178,31 +171,9 @@ def compare_runs(
                 {"run": str(workdir), "reason": f"no read {base_name!r} (it has {list(summaries)})"}
             )
             continue
-        if not results["eval_every"]:
-            raise ValueError(f"{workdir}: no evaluation after step 0; nothing to time")
-        timed = config.get("escapes_dated_from_step") is None
-        interval = int(results["eval_every"])
-        entry = {"run": str(workdir), "baseline": base_name, "time_to_escape": timed, "reads": {}}
-        base = summaries[base_name]
-        for name, summary in summaries.items():
-            if name == base_name or (reads and name not in reads):
-                continue
-            comparison = compare_reads(base_name, base, name, summary)
-            hazard_ratio = (
-                hazard.hazard_ratio([(base, summary, interval)], hazard_model) if timed else None
-            )
-            entry["reads"][name] = {
-                "solved": summary["solved"],
-                "num_seeds": summary["num_seeds"],
-                "baseline_solved": base["solved"],
-                "baseline_num_seeds": base["num_seeds"],
-                "fisher_p": comparison["fisher_p"],
-                "logrank_p": comparison["logrank_p"] if timed else None,
-                "hazard_ratio": hazard_ratio,
-                "mcnemar": hazard.mcnemar_paired(base, summary),
-            }
-            if timed:
-                strata.setdefault(name, []).append((str(workdir), base, summary, interval))
+        entry, timed_strata = _compare_run(workdir, config, results, base_name, reads, hazard_model)
+        for name, stratum in timed_strata.items():
+            strata.setdefault(name, []).append(stratum)
         runs.append(entry)
     unknown = sorted(set(reads or ()) - seen)
     if unknown:
@@ -212,20 +183,77 @@ def compare_runs(
             f"no run holds the baseline read {baseline!r} (the runs hold {sorted(seen)}); "
             "check --baseline"
         )
-    pooled = {}
-    for name, groups in strata.items():
-        by_model = {m: hazard.hazard_ratio([g[1:] for g in groups], m) for m in hazard.BASELINES}
-        pooled[name] = {
-            "runs": [g[0] for g in groups],
-            "solved": sum(g[2]["solved"] for g in groups),
-            "num_seeds": sum(g[2]["num_seeds"] for g in groups),
-            "baseline_solved": sum(g[1]["solved"] for g in groups),
-            "baseline_num_seeds": sum(g[1]["num_seeds"] for g in groups),
-            "hazard_ratio": by_model[hazard_model],
-            "hazard_ratio_by_model": by_model,
-            "mcnemar": hazard.mcnemar_pooled([g[1:3] for g in groups]),
-        }
+    pooled = {name: _pool_read(groups, hazard_model) for name, groups in strata.items()}
     return {"runs": runs, "pooled": pooled, "skipped": skipped, "hazard_model": hazard_model}
+
+
+def _check_run_arguments(workdirs: Sequence[Path], hazard_model: str) -> None:
+    """Refuses no run, an unknown hazard model, or a run named twice."""
+    if not workdirs:
+        raise ValueError("no run given; pass --runs=DIR[,DIR...]")
+    if hazard_model not in hazard.BASELINES:
+        raise ValueError(f"--hazard_model={hazard_model!r}; use one of {hazard.BASELINES}")
+    resolved = [Path(w).resolve() for w in workdirs]
+    repeated = sorted({str(w) for w in resolved if resolved.count(w) > 1})
+    if repeated:
+        raise ValueError(f"runs given twice: {repeated}; each run counts once (resolve_runs)")
+
+
+def _compare_run(
+    workdir: Path,
+    config: Mapping,
+    results: Mapping,
+    base_name: str,
+    reads: Sequence[str] | None,
+    hazard_model: str,
+) -> tuple[dict, dict[str, tuple]]:
+    """One run's comparison of each read with ``base_name`` (its entry of ``runs``), and
+    per read the run's stratum of the pooled fits: ``(run, baseline summary, summary,
+    evaluation interval)``, only when the run's escapes are timed."""
+    if not results["eval_every"]:
+        raise ValueError(f"{workdir}: no evaluation after step 0; nothing to time")
+    summaries = results["reads"]
+    timed = config.get("escapes_dated_from_step") is None
+    interval = int(results["eval_every"])
+    entry = {"run": str(workdir), "baseline": base_name, "time_to_escape": timed, "reads": {}}
+    strata = {}
+    base = summaries[base_name]
+    for name, summary in summaries.items():
+        if name == base_name or (reads and name not in reads):
+            continue
+        comparison = compare_reads(base_name, base, name, summary)
+        hazard_ratio = (
+            hazard.hazard_ratio([(base, summary, interval)], hazard_model) if timed else None
+        )
+        entry["reads"][name] = {
+            "solved": summary["solved"],
+            "num_seeds": summary["num_seeds"],
+            "baseline_solved": base["solved"],
+            "baseline_num_seeds": base["num_seeds"],
+            "fisher_p": comparison["fisher_p"],
+            "logrank_p": comparison["logrank_p"] if timed else None,
+            "hazard_ratio": hazard_ratio,
+            "mcnemar": hazard.mcnemar_paired(base, summary),
+        }
+        if timed:
+            strata[name] = (str(workdir), base, summary, interval)
+    return entry, strata
+
+
+def _pool_read(groups: Sequence[tuple], hazard_model: str) -> dict:
+    """One read's counts, hazard ratio (under every baseline model, stratified by run)
+    and McNemar test pooled over its runs' ``groups`` (``_compare_run``'s strata)."""
+    by_model = {m: hazard.hazard_ratio([g[1:] for g in groups], m) for m in hazard.BASELINES}
+    return {
+        "runs": [g[0] for g in groups],
+        "solved": sum(g[2]["solved"] for g in groups),
+        "num_seeds": sum(g[2]["num_seeds"] for g in groups),
+        "baseline_solved": sum(g[1]["solved"] for g in groups),
+        "baseline_num_seeds": sum(g[1]["num_seeds"] for g in groups),
+        "hazard_ratio": by_model[hazard_model],
+        "hazard_ratio_by_model": by_model,
+        "mcnemar": hazard.mcnemar_pooled([g[1:3] for g in groups]),
+    }
 
 
 def format_comparison(result: Mapping) -> str:
