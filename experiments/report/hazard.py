@@ -150,17 +150,55 @@ def hazard_ratio(
         ``informative_person_periods`` (the rows the fit used), ``strata_used``,
         ``baseline_model``; ``ratio`` None with ``reason`` when the data cannot give one.
     """
-    # Not statsmodels.api, which imports every model; statsmodels 0.14 under pandas 3
-    # warns of pandas' deprecations at import, nothing the user can act on.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from statsmodels.genmod import families
-        from statsmodels.genmod.generalized_linear_model import GLM
-
+    glm, families = _import_glm()
     if baseline not in BASELINES:
         raise ValueError(f"baseline={baseline!r}; use one of {BASELINES}.")
     if not groups:
         raise ValueError("no comparison group given; pass (baseline, treatment, interval) tuples.")
+    data, events, periods = _stratified_person_periods(groups)
+    data = _rows_informing_the_ratio(data, baseline)
+    result = {
+        "ratio": None,
+        "ci": [None, None],
+        "p": None,
+        "log_ratio": None,
+        "se": None,
+        "events": events,
+        "person_periods": periods,
+        "informative_person_periods": [int((data[:, 2] == t).sum()) for t in (0, 1)],
+        "strata_used": len(np.unique(data[:, 0])),
+        "baseline_model": baseline,
+        "reason": None,
+    }
+    result["reason"] = _why_no_ratio(data, events)
+    if result["reason"] is not None:
+        return result
+    fit = _fit_log_ratio(data, baseline, glm, families)
+    if isinstance(fit, str):
+        result["reason"] = fit
+        return result
+    result.update(fit)
+    return result
+
+
+def _import_glm():
+    """statsmodels' GLM class and its families module.
+
+    Not statsmodels.api, which imports every model; statsmodels 0.14 under pandas 3
+    warns of pandas' deprecations at import, nothing the user can act on.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from statsmodels.genmod import families
+        from statsmodels.genmod.generalized_linear_model import GLM
+    return GLM, families
+
+
+def _stratified_person_periods(
+    groups: Sequence[tuple[Mapping, Mapping, int]],
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """Every group's person-period rows, (stratum, interval, treated, event) each, with
+    the escapes and the rows counted per read ([baseline, treatment])."""
     rows = []  # (stratum, interval, treated, event)
     events = [0, 0]
     periods = [0, 0]
@@ -176,57 +214,51 @@ def hazard_ratio(
             events[treated] += int(event.sum())
             periods[treated] += len(index)
             rows += [(stratum, j, treated, e) for j, e in zip(index, event, strict=True)]
-    data = np.asarray(rows, np.int64).reshape(-1, 4)
+    return np.asarray(rows, np.int64).reshape(-1, 4), events, periods
+
+
+def _rows_informing_the_ratio(data: np.ndarray, baseline: str) -> np.ndarray:
+    """The rows that say something about β under ``baseline`` (module docstring)."""
     if baseline == "stratum_interval":
-        data = data[_informative_cells(data)]
-    else:  # A stratum without any escape says nothing about the ratio.
-        escaping = {s for s in np.unique(data[:, 0]) if data[data[:, 0] == s, 3].any()}
-        data = data[np.isin(data[:, 0], sorted(escaping))]
-    result = {
-        "ratio": None,
-        "ci": [None, None],
-        "p": None,
-        "log_ratio": None,
-        "se": None,
-        "events": events,
-        "person_periods": periods,
-        "informative_person_periods": [int((data[:, 2] == t).sum()) for t in (0, 1)],
-        "strata_used": len(np.unique(data[:, 0])),
-        "baseline_model": baseline,
-        "reason": None,
-    }
+        return data[_informative_cells(data)]
+    # A stratum without any escape says nothing about the ratio.
+    escaping = {s for s in np.unique(data[:, 0]) if data[data[:, 0] == s, 3].any()}
+    return data[np.isin(data[:, 0], sorted(escaping))]
+
+
+def _why_no_ratio(data: np.ndarray, events: Sequence[int]) -> str | None:
+    """Why the informative rows ``data`` (of ``events`` escapes in all, per read) give no
+    ratio, or None when a fit can try."""
     if min(events) == 0:
-        result["reason"] = (
+        return (
             "no escape under the baseline: the ratio is unbounded"
             if events[0] == 0
             else "no escape under the treatment: the ratio is estimated as 0"
         )
-        return result
     if len(data) == 0:
-        result["reason"] = "no evaluation interval holds an escape with seeds of both reads at risk"
-        return result
-    result["reason"] = _unbounded_reason(data)
-    if result["reason"] is not None:
-        return result
+        return "no evaluation interval holds an escape with seeds of both reads at risk"
+    return _unbounded_reason(data)
+
+
+def _fit_log_ratio(data: np.ndarray, baseline: str, glm, families) -> dict | str:
+    """The binomial GLM's treatment term: ``ratio``, ``ci``, ``p``, ``log_ratio`` and
+    ``se``, or the reason it gives none."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # perfect-separation and convergence chatter
         try:
-            fit = GLM(data[:, 3], _design(data, baseline), family=families.Binomial()).fit()
+            fit = glm(data[:, 3], _design(data, baseline), family=families.Binomial()).fit()
         except (np.linalg.LinAlgError, ValueError) as e:
-            result["reason"] = f"the fit failed: {e}"
-            return result
+            return f"the fit failed: {e}"
     beta, se = float(fit.params[-1]), float(fit.bse[-1])
     if not (math.isfinite(beta) and math.isfinite(se)) or se > 50:
-        result["reason"] = "the fit did not converge (separation)"
-        return result
-    result.update(
-        ratio=math.exp(beta),
-        ci=[math.exp(beta - _Z95 * se), math.exp(beta + _Z95 * se)],
-        p=finite_or_none(float(fit.pvalues[-1])),
-        log_ratio=beta,
-        se=se,
-    )
-    return result
+        return "the fit did not converge (separation)"
+    return {
+        "ratio": math.exp(beta),
+        "ci": [math.exp(beta - _Z95 * se), math.exp(beta + _Z95 * se)],
+        "p": finite_or_none(float(fit.pvalues[-1])),
+        "log_ratio": beta,
+        "se": se,
+    }
 
 
 def _solved_by_seed(summary: Mapping, name: str) -> dict:
