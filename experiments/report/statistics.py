@@ -304,37 +304,21 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
     Raises:
         ValueError: if the threshold is not in (0, 1].
     """
-    if threshold is None:
-        threshold = float(config.get("solved_threshold", DEFAULT_THRESHOLD))
-    if not 0 < threshold <= 1:
-        raise ValueError(f"the solved threshold must be in (0, 1], got {threshold}")
+    threshold = _solved_threshold(config, threshold)
     curves = metrics.curves
     last_seen = max(int(c.steps[-1]) for by_seed in curves.values() for c in by_seed.values())
     final_step = int(config.get("total_steps") or last_seen)
-    # Baseline first: the configured order, then reads only the metrics mention.
-    configured = [r for r in config.get("reads", []) if r in curves]
-    reads = configured + [r for r in curves if r not in configured]
-
+    reads = _baseline_first(config, curves)
     summaries = {}
     for read in reads:
         outcomes = [seed_outcome(c, threshold, final_step) for c in curves[read].values()]
         summaries[read] = summarize_read(outcomes)
-    comparisons = {
-        r: compare_reads(reads[0], summaries[reads[0]], r, summaries[r]) for r in reads[1:]
-    }
-    interval = config.get("eval_every") or _gcd_step(curves)
     # Records that begin late (the replication's headline files) date every earlier
     # escape to their first step: counts stand, times do not.
     dated_from = config.get("escapes_dated_from_step")
-    for r, comparison in comparisons.items():
-        base, treat = summaries[reads[0]], summaries[r]
-        timed = interval and dated_from is None
-        comparison["hazard_ratio"] = (
-            hazard.hazard_ratio([(base, treat, int(interval))]) if timed else None
-        )
-        if dated_from is not None:
-            comparison["logrank_statistic"] = comparison["logrank_p"] = None
-        comparison["mcnemar"] = hazard.mcnemar_paired(base, treat)
+    comparisons = _compare_with_baseline(
+        reads, summaries, config.get("eval_every") or _gcd_step(curves), dated_from
+    )
     kaplan_meier = {read: hazard.kaplan_meier(s, final_step) for read, s in summaries.items()}
     return {
         "name": config.get("name"),
@@ -360,3 +344,40 @@ def analyze(metrics: Metrics, config: Mapping, threshold: float | None = None) -
         },
         "config": dict(config),
     }
+
+
+def _solved_threshold(config: Mapping, threshold: float | None) -> float:
+    """``threshold``, default the config's (else 0.8), refused outside (0, 1]."""
+    if threshold is None:
+        threshold = float(config.get("solved_threshold", DEFAULT_THRESHOLD))
+    if not 0 < threshold <= 1:
+        raise ValueError(f"the solved threshold must be in (0, 1], got {threshold}")
+    return threshold
+
+
+def _baseline_first(config: Mapping, curves: Mapping) -> list[str]:
+    """The reads of ``curves``, baseline first: the configured order, then reads only
+    the metrics mention."""
+    configured = [r for r in config.get("reads", []) if r in curves]
+    return configured + [r for r in curves if r not in configured]
+
+
+def _compare_with_baseline(
+    reads: Sequence[str], summaries: Mapping, interval: int | None, dated_from: int | None
+) -> dict:
+    """Every read after the first compared with it (:func:`compare_reads`), with the
+    hazard ratio (None without an evaluation interval or with escapes dated from a
+    step, which also drops the log-rank test) and McNemar's test on paired seeds."""
+    comparisons = {
+        r: compare_reads(reads[0], summaries[reads[0]], r, summaries[r]) for r in reads[1:]
+    }
+    for r, comparison in comparisons.items():
+        base, treat = summaries[reads[0]], summaries[r]
+        timed = interval and dated_from is None
+        comparison["hazard_ratio"] = (
+            hazard.hazard_ratio([(base, treat, int(interval))]) if timed else None
+        )
+        if dated_from is not None:
+            comparison["logrank_statistic"] = comparison["logrank_p"] = None
+        comparison["mcnemar"] = hazard.mcnemar_paired(base, treat)
+    return comparisons
