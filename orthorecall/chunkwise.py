@@ -174,40 +174,6 @@ def state_scale(geo: Geometry, m0: jax.Array, m: jax.Array) -> jax.Array:
     )
 
 
-class EndGeometry(NamedTuple):
-    """``Geometry`` at the chunk's last position: all the state's advance needs."""
-
-    carries_in: jax.Array  # (B, 1)
-    cum_log_f: jax.Array  # (B, H)
-    log_decay: jax.Array  # (B, H, L): the last row
-    carried_base: jax.Array  # (B, H)
-    forgotten: jax.Array  # (B, H)
-
-
-def end_geometry(geo: Geometry) -> EndGeometry:
-    last = lambda x: x[..., -1]
-    return EndGeometry(
-        last(geo.carries_in),
-        last(geo.cum_log_f),
-        geo.log_decay[..., -1, :],
-        last(geo.carried_base),
-        last(geo.forgotten),
-    )
-
-
-def end_stabilizer(geo: EndGeometry, m0: jax.Array) -> jax.Array:
-    """``stabilizer(geo, m0)[..., -1]`` from the last position's row alone."""
-    carried = jnp.where(
-        geo.forgotten, -jnp.inf, geo.carried_base + jnp.where(geo.carries_in, m0, 0.0)
-    )
-    return jnp.maximum(carried, jnp.max(geo.log_decay, axis=-1))
-
-
-def end_state_scale(geo: EndGeometry, m0: jax.Array, m_end: jax.Array) -> jax.Array:
-    """``state_scale(geo, m0, m)[..., -1]``."""
-    return jnp.where(geo.carries_in & ~geo.forgotten, jnp.exp(geo.cum_log_f + m0 - m_end), 0.0)
-
-
 class Faults(NamedTuple):
     """Where the recurrence's values would be NaN (or inf), from the chunk's own inputs
     (the start state's part is added by ``with_state``).
