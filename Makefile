@@ -3,7 +3,7 @@ PYTHON ?= python
 .PHONY: install test test-fast lint format bench bench-quick replication gpu-compile-report accelerator-check parity parity-report
 
 install:
-	$(PYTHON) -m pip install -e ".[test,lint,torch,agents]"
+	$(PYTHON) -m pip install -e ".[test,lint,torch,agents,compare]"
 
 # Two workers (or one per core): most tests wait on XLA compiling on one core.
 # loadscope keeps each module on one worker, so module fixtures (trained runs) run once.
