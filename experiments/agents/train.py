@@ -14,12 +14,13 @@ updates (``ppo.make_train_chunk``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import pathlib
 import time
-from typing import IO
+from typing import IO, Any
 
 import jax
 import ml_collections
@@ -296,6 +297,8 @@ def train_agents(
 
 
 def _train_in_workdir(config, agents, workdir, console) -> dict:
+    """:func:`train_agents` in its locked ``workdir``: starts or resumes the run, trains
+    it to the end (or to a stop, checkpointed) and writes its results."""
     config_dict = json.loads(config.to_json())
     fingerprint = config_fingerprint(config_dict)
     total = next(iter(agents.values())).ppo.num_updates
@@ -305,78 +308,119 @@ def _train_in_workdir(config, agents, workdir, console) -> dict:
         keep=config.run.keep_checkpoints,
     )
     try:
-        check_config = checkpoint_config_check(workdir, config_dict)
-        if checkpointer.newest_meta(check_config) is None:
-            check_workdir_without_checkpoint(workdir, checkpointer, config_dict)
-
-        seeds = _seeds(config)
-        runners = {name: ppo.init_runners(agent, seeds) for name, agent in agents.items()}
-        update, records, elapsed = 0, [], 0.0
-        restored = restore_latest_or_refuse(checkpointer, runners, check_config)
-        if restored is not None:
-            update, runners = restored.step, restored.state
-            records, elapsed = restored.meta["metrics"], restored.meta["train_seconds"]
-        description = {
-            "config": config_dict,
-            "config_fingerprint": fingerprint,
-            "cores": list(agents),
-            "seeds": [int(s) for s in seeds],
-            "environment": config.env,
-        }
-        _atomic_write(workdir / RUN_CONFIG_FILE, json.dumps(description, indent=1))
-
-        def meta():
-            return {
-                "metrics": list(records),
-                "train_seconds": elapsed,
-                "config": config_dict,
-                "config_fingerprint": fingerprint,
-            }
-
-        def write_metrics():
-            _atomic_write(workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
-
+        run, restored = _start_or_resume(
+            config, agents, workdir, checkpointer, config_dict, fingerprint
+        )
+        _atomic_write(
+            workdir / RUN_CONFIG_FILE, json.dumps(run.description(config, agents), indent=1)
+        )
         train_chunk = ppo.make_train_chunk(agents, config.run.log_every)
-        progress = Progress(total, update, config.run.log_every, stream=console)
+        progress = Progress(total, run.update, config.run.log_every, stream=console)
         if restored is not None:
             damaged = "".join(
                 f"; checkpoint of update {r.step} failed verification, moved to {r.moved_to.name}"
                 for r in checkpointer.rejected
             )
-            progress.note(f"resuming {workdir} from update {update}{damaged}")
-        stop = StopOnSignal()
-        with stop, progress:
-            while update < total:
-                started = time.perf_counter()
-                runners, metrics = train_chunk(runners)
-                metrics = jax.device_get(metrics)  # Waits for the call to finish.
-                elapsed += time.perf_counter() - started
-                stop.arm()
-                records.extend(_records(update, agents, seeds, metrics))
-                update += config.run.log_every
-                progress.advance(update)
-                progress.note(_status(update, total, agents, records))
-                write_metrics()
-                checkpointer.save(update, runners, meta(), force=update == total)
-                if stop.requested:
-                    break
-        if update < total:
-            print(f"\ninterrupted at update {update}: writing a checkpoint...", flush=True)
-            checkpointer.save(update, runners, meta(), force=True)
+            progress.note(f"resuming {workdir} from update {run.update}{damaged}")
+        _train_until_done_or_stopped(
+            run, train_chunk, agents, config.run.log_every, total, progress
+        )
+        if run.update < total:
+            print(f"\ninterrupted at update {run.update}: writing a checkpoint...", flush=True)
+            checkpointer.save(run.update, run.runners, run.meta(), force=True)
             checkpointer.close()
-            write_metrics()
-            print(f"checkpoint of update {update} saved; run the same command to resume.")
+            run.write_metrics()
+            print(f"checkpoint of update {run.update} saved; run the same command to resume.")
             raise KeyboardInterrupt
         checkpointer.close()
-        write_metrics()
-        results = summarize(agents, seeds, records, elapsed)
+        run.write_metrics()
+        results = summarize(agents, run.seeds, run.records, run.elapsed)
         _atomic_write(workdir / RESULTS_JSON, json.dumps(results, indent=1))
         _atomic_write(workdir / RESULTS_MARKDOWN, format_table(config.env, results))
-        plot_curves(config.env, agents, records, workdir / CURVES_FILE)
+        plot_curves(config.env, agents, run.records, workdir / CURVES_FILE)
         print(format_table(config.env, results), flush=True)
         return results
     finally:
         checkpointer.close()
+
+
+@dataclasses.dataclass
+class _Run:
+    """A run in its workdir: its seeds, where it stands (the runners after ``update``
+    updates, the metrics records and training seconds so far) and what its checkpoints
+    store besides the runners."""
+
+    workdir: pathlib.Path
+    checkpointer: checkpointing.RunCheckpointer
+    config_dict: dict
+    fingerprint: str
+    seeds: Any
+    runners: Any
+    update: int = 0
+    records: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
+
+    def description(self, config, agents) -> dict:
+        """The contents of ``run_config.json``."""
+        return {
+            "config": self.config_dict,
+            "config_fingerprint": self.fingerprint,
+            "cores": list(agents),
+            "seeds": [int(s) for s in self.seeds],
+            "environment": config.env,
+        }
+
+    def meta(self) -> dict:
+        """What a checkpoint stores besides the runners (``checkpoint_config_check``
+        compares the configuration; a resumed run reads the records and seconds)."""
+        return {
+            "metrics": list(self.records),
+            "train_seconds": self.elapsed,
+            "config": self.config_dict,
+            "config_fingerprint": self.fingerprint,
+        }
+
+    def write_metrics(self) -> None:
+        _atomic_write(
+            self.workdir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.records)
+        )
+
+
+def _start_or_resume(config, agents, workdir, checkpointer, config_dict, fingerprint):
+    """The run at its start, or at its newest checkpoint (``(run, the restored
+    checkpoint or None)``), after refusing a workdir of another configuration."""
+    check_config = checkpoint_config_check(workdir, config_dict)
+    if checkpointer.newest_meta(check_config) is None:
+        check_workdir_without_checkpoint(workdir, checkpointer, config_dict)
+    seeds = _seeds(config)
+    runners = {name: ppo.init_runners(agent, seeds) for name, agent in agents.items()}
+    run = _Run(workdir, checkpointer, config_dict, fingerprint, seeds, runners)
+    restored = restore_latest_or_refuse(checkpointer, runners, check_config)
+    if restored is not None:
+        run.update, run.runners = restored.step, restored.state
+        run.records, run.elapsed = restored.meta["metrics"], restored.meta["train_seconds"]
+    return run, restored
+
+
+def _train_until_done_or_stopped(run, train_chunk, agents, log_every, total, progress) -> None:
+    """Trains ``log_every`` updates at a time, logging and checkpointing after each call,
+    until ``total`` updates or a signal (Ctrl-C, SIGTERM) stops it."""
+    stop = StopOnSignal()
+    with stop, progress:
+        while run.update < total:
+            started = time.perf_counter()
+            run.runners, metrics = train_chunk(run.runners)
+            metrics = jax.device_get(metrics)  # Waits for the call to finish.
+            run.elapsed += time.perf_counter() - started
+            stop.arm()
+            run.records.extend(_records(run.update, agents, run.seeds, metrics))
+            run.update += log_every
+            progress.advance(run.update)
+            progress.note(_status(run.update, total, agents, run.records))
+            run.write_metrics()
+            run.checkpointer.save(run.update, run.runners, run.meta(), force=run.update == total)
+            if stop.requested:
+                break
 
 
 def summarize(agents, seeds, records, train_seconds: float) -> dict:
