@@ -185,13 +185,14 @@ def run(
     ``model_overrides`` replaces fields of ``world_model.Config`` (tests use it to
     shrink the model).
     """
-    import jax
-    import numpy as np
-
-    from experiments.agents import envs as envs_lib
-    from experiments.agents import world_model as wm
-    from orthorecall import footprint
-
+    sizes = {
+        "num_envs": num_envs,
+        "collect_steps": collect_steps,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "horizon": horizon,
+        "eval_envs": eval_envs,
+    }
     check_arguments(
         env_name=env_name,
         steps=steps,
@@ -200,20 +201,73 @@ def run(
         out=out,
         log_every=log_every,
         reward_scale=reward_scale,
-        num_envs=num_envs,
-        collect_steps=collect_steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        horizon=horizon,
-        eval_envs=eval_envs,
+        **sizes,
     )
     out = pathlib.Path(out)
+    _refuse_earlier_run(out)
+    env, config, loop = _model_and_loop(env_name, read, reward_scale, model_overrides, **sizes)
+    out.mkdir(parents=True, exist_ok=True)
+    if seq_len <= env.max_episode_length:
+        echo(
+            f"warning: seq_len={seq_len} <= episode length {env.max_episode_length}: "
+            "chunks start at episode starts, so the steps past seq_len are never trained on."
+        )
+    records, random_return = _train_and_log(
+        env,
+        config,
+        loop,
+        seed=seed,
+        steps=steps,
+        log_every=log_every,
+        metrics_path=out / METRICS_FILE,
+        echo=echo,
+    )
+    command = {
+        "env": env_name,
+        "steps": steps,
+        "seed": seed,
+        "read": read,
+        "log_every": log_every,
+        "reward_scale": config.reward_scale,
+        **sizes,
+    }
+    summary = _summary(command, env, config, records, random_return)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_curves(records, out / CURVES_FILE, title=f"{env_name}, read={read}, seed={seed}")
+    return summary
+
+
+def _refuse_earlier_run(out: pathlib.Path) -> None:
+    """Refuses an ``out`` that already holds a run's files: the command does not resume."""
     earlier = [name for name in (METRICS_FILE, SUMMARY_FILE, CURVES_FILE) if (out / name).exists()]
     if earlier:
         raise FileExistsError(
             f"{out} already holds a run ({', '.join(earlier)}); this command does not resume "
             "and will not overwrite it: choose another --out, or delete those files."
         )
+
+
+def _model_and_loop(
+    env_name,
+    read,
+    reward_scale,
+    model_overrides,
+    *,
+    num_envs,
+    collect_steps,
+    batch_size,
+    seq_len,
+    horizon,
+    eval_envs,
+):
+    """The environment, the world model's configuration and the loop's sizes; refuses an
+    unknown environment, or a run that would not fit in the device's memory."""
+    import jax
+
+    from experiments.agents import envs as envs_lib
+    from experiments.agents import world_model as wm
+    from orthorecall import footprint
+
     try:
         env = envs_lib.make(env_name)
     except (ValueError, ImportError) as e:
@@ -245,24 +299,31 @@ def run(
             f"{footprint.format_bytes(available)} the device can use; lower --num_envs, "
             "--seq_len, --batch_size, --horizon or --eval_envs.",
         )
-    out.mkdir(parents=True, exist_ok=True)
-    if seq_len <= env.max_episode_length:
-        echo(
-            f"warning: seq_len={seq_len} <= episode length {env.max_episode_length}: "
-            "chunks start at episode starts, so the steps past seq_len are never trained on."
-        )
+    return env, config, loop
+
+
+def _train_and_log(env, config, loop, *, seed, steps, log_every, metrics_path, echo):
+    """Prefills the replay with random actions, then runs ``steps`` updates, evaluating
+    every ``log_every`` (and after the last) into ``metrics_path``.
+
+    Returns:
+        (the logged records, the random policy's mean episode return).
+    """
+    import jax
+
+    from experiments.agents import world_model as wm
+
     fns = wm.make_functions(env, config, loop)
     key = jax.random.PRNGKey(seed)
     init_key, prefill_key, random_key, key = jax.random.split(key, 4)
     start = time.perf_counter()
     state, actor, replay = fns.init(init_key)
     # Every environment's first episode starts at step 0: seq_len steps make a valid chunk.
-    actor, replay = fns.prefill(state, actor, replay, prefill_key, seq_len)
+    actor, replay = fns.prefill(state, actor, replay, prefill_key, loop.seq_len)
     random_return, _ = fns.evaluate(state, random_key, "random")
     random_return = float(random_return)
     echo(f"random policy: mean episode return {random_return:+.3f}")
 
-    metrics_path = out / METRICS_FILE
     records = []
     window, window_count = None, 0
     with metrics_path.open("w") as metrics_file:
@@ -279,23 +340,16 @@ def run(
                 window_count += 1
             if step % log_every and step != steps:
                 continue
-            eval_key = jax.random.fold_in(random_key, step)
-            eval_return, heldout = fns.evaluate(state, eval_key, "sample")
-            greedy_return, _ = fns.evaluate(state, jax.random.fold_in(eval_key, 1), "greedy")
-            record = {
-                "step": step,
-                "wall_s": round(time.perf_counter() - start, 2),
-                "env_steps": int(replay.written) * num_envs,
-                "eval_return": float(eval_return),
-                "eval_return_greedy": float(greedy_return),
-                "random_return": random_return,
-                **{name: float(value) for name, value in heldout.items()},
-            }
-            finished = int(actor.finished_count)
-            if finished:
-                record["train_episode_return"] = float(actor.finished_return) / finished
-            actor = actor._replace(
-                finished_return=actor.finished_return * 0, finished_count=actor.finished_count * 0
+            record, actor = _evaluation_record(
+                fns,
+                state,
+                actor,
+                replay,
+                step,
+                jax.random.fold_in(random_key, step),
+                start,
+                loop.num_envs,
+                random_return,
             )
             if window is not None:
                 record.update({name: float(value) / window_count for name, value in window.items()})
@@ -304,22 +358,47 @@ def run(
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             echo(_progress_line(record))
+    return records, random_return
 
-    summary = {
-        "command": {
-            "env": env_name,
-            "steps": steps,
-            "seed": seed,
-            "read": read,
-            "log_every": log_every,
-            "reward_scale": scale,
-            "num_envs": num_envs,
-            "collect_steps": collect_steps,
-            "batch_size": batch_size,
-            "seq_len": seq_len,
-            "horizon": horizon,
-            "eval_envs": eval_envs,
-        },
+
+def _evaluation_record(fns, state, actor, replay, step, eval_key, start, num_envs, random_return):
+    """The log of ``step``: the actor's return on fresh environments (sampled and
+    greedy actions), the world model's held-out losses, and the mean return of the
+    training episodes finished since the previous log, whose tally it clears.
+
+    Returns:
+        (the record, the actor with its finished-episode tally cleared).
+    """
+    import jax
+
+    eval_return, heldout = fns.evaluate(state, eval_key, "sample")
+    greedy_return, _ = fns.evaluate(state, jax.random.fold_in(eval_key, 1), "greedy")
+    record = {
+        "step": step,
+        "wall_s": round(time.perf_counter() - start, 2),
+        "env_steps": int(replay.written) * num_envs,
+        "eval_return": float(eval_return),
+        "eval_return_greedy": float(greedy_return),
+        "random_return": random_return,
+        **{name: float(value) for name, value in heldout.items()},
+    }
+    finished = int(actor.finished_count)
+    if finished:
+        record["train_episode_return"] = float(actor.finished_return) / finished
+    actor = actor._replace(
+        finished_return=actor.finished_return * 0, finished_count=actor.finished_count * 0
+    )
+    return record, actor
+
+
+def _summary(command, env, config, records, random_return) -> dict:
+    """The contents of ``summary.json``: the settings, the first and last logged
+    figures, the random policy's return, the software."""
+    import jax
+    import numpy as np
+
+    return {
+        "command": command,
         "model": {name: getattr(config, name) for name in config.__dataclass_fields__},
         "environment": {
             "num_actions": env.num_actions,
@@ -330,15 +409,12 @@ def run(
         "env_steps": records[-1]["env_steps"],
         "random_return": random_return,
         "best_eval_return": max(r["eval_return"] for r in records),
-        "first": _pick(records[0] if steps == 0 else records[1]),
+        "first": _pick(records[0] if command["steps"] == 0 else records[1]),
         "last": _pick(records[-1]),
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "numpy": np.__version__,
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curves(records, out / CURVES_FILE, title=f"{env_name}, read={read}, seed={seed}")
-    return summary
 
 
 def _pick(record: dict) -> dict:
