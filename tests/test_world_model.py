@@ -11,13 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.agents import world_model as wm
+from experiments.agents import world_model_acting as acting
+from experiments.agents import world_model_rssm as rssm
+from experiments.agents import world_model_training as training
 from orthorecall import cell as cell_lib
 from tests.conftest import REPO_ROOT, run_module
 
 B, T = 3, 12
 # D=16, 4 heads: inner width 64, head width 16. Small heads and latents keep compiles short.
-CONFIG = wm.Config(
+CONFIG = rssm.Config(
     num_actions=4,
     obs_size=4,
     read="ns5",
@@ -43,21 +45,21 @@ def _sequences(key, reset_at=None):
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(functools.partial(wm.init_train_state, CONFIG))(jax.random.PRNGKey(0))
+    return jax.jit(functools.partial(training.init_train_state, CONFIG))(jax.random.PRNGKey(0))
 
 
 def test_one_step_observe_equals_the_scan_and_the_cells_parallel_form(params):
     obs, actions, is_first = _sequences(jax.random.PRNGKey(1))
     is_first = is_first.at[1, 7].set(True)  # one sequence starts a new episode mid-way
     keys = jax.random.split(jax.random.PRNGKey(2), T)
-    observe = jax.jit(functools.partial(wm.observe, CONFIG))
+    observe = jax.jit(functools.partial(rssm.observe, CONFIG))
     _, seen = observe(params.wm_params, obs, actions, is_first, keys)
 
     # As the acting policy runs it: one jitted cell step per environment step.
     step = jax.jit(
-        lambda p, *a: wm.WorldModel(CONFIG).apply(p, *a, method=wm.WorldModel.observe_step)
+        lambda p, *a: rssm.WorldModel(CONFIG).apply(p, *a, method=rssm.WorldModel.observe_step)
     )
-    state = wm.initial_state(CONFIG, (B,))
+    state = rssm.initial_state(CONFIG, (B,))
     prev_action = jnp.zeros((B,), jnp.int32)
     for t in range(T):
         state, posterior, prior, _ = step(
@@ -79,7 +81,7 @@ def test_a_reset_inside_a_sequence_equals_a_fresh_start(params):
     k = 5
     obs, actions, is_first = _sequences(jax.random.PRNGKey(3), reset_at=k)
     keys = jax.random.split(jax.random.PRNGKey(4), T)
-    observe = jax.jit(functools.partial(wm.observe, CONFIG))
+    observe = jax.jit(functools.partial(rssm.observe, CONFIG))
     final, whole = observe(params.wm_params, obs, actions, is_first, keys)
     final_later, later = observe(
         params.wm_params, obs[:, k:], actions[:, k:], is_first[:, k:], keys[k:]
@@ -93,11 +95,11 @@ def test_a_reset_inside_a_sequence_equals_a_fresh_start(params):
 def test_imagination_from_every_posterior_state_under_jit_vmap(params):
     obs, actions, is_first = _sequences(jax.random.PRNGKey(5), reset_at=6)
     keys = jax.random.split(jax.random.PRNGKey(6), T)
-    _, seen = jax.jit(functools.partial(wm.observe, CONFIG))(
+    _, seen = jax.jit(functools.partial(rssm.observe, CONFIG))(
         params.wm_params, obs, actions, is_first, keys
     )
     starts = jax.tree_util.tree_map(lambda a: a.reshape(B * T, *a.shape[2:]), seen.states)
-    run = jax.jit(jax.vmap(functools.partial(wm.imagine, CONFIG), in_axes=(None, None, 0, 0)))
+    run = jax.jit(jax.vmap(functools.partial(rssm.imagine, CONFIG), in_axes=(None, None, 0, 0)))
     traj = run(
         params.wm_params,
         params.actor_params,
@@ -112,7 +114,7 @@ def test_imagination_from_every_posterior_state_under_jit_vmap(params):
     assert ((traj.actions >= 0) & (traj.actions < CONFIG.num_actions)).all()
     assert ((traj.conts >= 0) & (traj.conts <= 1)).all()
     # Step 0 of every imagined trajectory is its start.
-    np.testing.assert_allclose(traj.feats[:, 0], wm.feature(starts), atol=1e-6)
+    np.testing.assert_allclose(traj.feats[:, 0], rssm.feature(starts), atol=1e-6)
     # The one-hot latents stay one-hot per latent variable.
     z = np.asarray(traj.feats[..., CONFIG.embedding_dim :]).reshape(n, h + 1, CONFIG.latents, -1)
     np.testing.assert_allclose(z.sum(-1), 1.0, atol=1e-5)
@@ -123,7 +125,7 @@ def test_lambda_returns_match_their_recursion():
     conts = jnp.array([1.0, 0.5, 1.0])
     values = jnp.array([0.0, 1.0, 2.0, 3.0])
     gamma, lam = 0.9, 0.8
-    got = wm.lambda_returns(rewards, conts, values, gamma, lam)
+    got = rssm.lambda_returns(rewards, conts, values, gamma, lam)
     want, following = [], values[-1]
     for k in reversed(range(3)):
         following = rewards[k] + gamma * conts[k] * ((1 - lam) * values[k + 1] + lam * following)
@@ -133,26 +135,26 @@ def test_lambda_returns_match_their_recursion():
 
 def test_two_hot_round_trips_through_the_bins():
     values = jnp.array([-30.0, -1.0, -1 / 48, 0.0, 1 / 48, 0.7, 5.0])
-    logits = jnp.log(wm.two_hot(values, 255) + 1e-12)
-    np.testing.assert_allclose(wm.two_hot_mean(logits), values, rtol=1e-3, atol=1e-5)
+    logits = jnp.log(rssm.two_hot(values, 255) + 1e-12)
+    np.testing.assert_allclose(rssm.two_hot_mean(logits), values, rtol=1e-3, atol=1e-5)
 
 
 def test_the_replay_samples_whole_episodes_after_wrapping_around():
     capacity, length = 16, 4
-    replay = wm.init_replay(2, capacity, 1)
+    replay = acting.init_replay(2, capacity, 1)
     step = 0
     for _ in range(5):  # 5 x 7 = 35 steps: the ring has wrapped twice
         index = jnp.arange(step, step + 7, dtype=jnp.float32)
-        rows = wm.Batch(
+        rows = training.Batch(
             obs=jnp.broadcast_to(index[None, :, None], (2, 7, 1)),
             action=jnp.zeros((2, 7), jnp.int32),
             reward=jnp.zeros((2, 7)),
             cont=jnp.ones((2, 7)),
             is_first=jnp.broadcast_to(index % 5 == 0, (2, 7)),  # episodes of 5 steps
         )
-        replay = wm.replay_add(replay, rows)
+        replay = acting.replay_add(replay, rows)
         step += 7
-    batch = wm.replay_sample(replay, jax.random.PRNGKey(0), 64, length)
+    batch = acting.replay_sample(replay, jax.random.PRNGKey(0), 64, length)
     starts = np.asarray(batch.obs[:, 0, 0])
     steps = np.asarray(batch.obs[..., 0])
     assert (starts % 5 == 0).all() and np.asarray(batch.is_first[:, 0]).all()
@@ -165,14 +167,14 @@ def test_the_replay_samples_whole_episodes_after_wrapping_around():
 def test_training_steps_are_finite_and_overfit_a_fixed_batch(params):
     obs, actions, is_first = _sequences(jax.random.PRNGKey(8), reset_at=7)
     reward_sign = jax.random.bernoulli(jax.random.PRNGKey(9), 0.5, (B, T))
-    batch = wm.Batch(
+    batch = training.Batch(
         obs=obs,
         action=actions,
         reward=jnp.where(reward_sign, 1.0, -1.0) / 48,
         cont=jnp.ones((B, T)).at[:, 6].set(0.0),  # the first episode ends before step 7
         is_first=is_first,
     )
-    step = jax.jit(functools.partial(wm.train_step, CONFIG))
+    step = jax.jit(functools.partial(training.train_step, CONFIG))
     state, losses = params, []
     for i in range(25):
         state, metrics = step(state, batch, jax.random.PRNGKey(10 + i))

@@ -182,7 +182,7 @@ def run(
 ) -> dict:
     """Trains, logs and writes the three output files into ``out``; returns the summary.
 
-    ``model_overrides`` replaces fields of ``world_model.Config`` (tests use it to
+    ``model_overrides`` replaces fields of ``world_model_rssm.Config`` (tests use it to
     shrink the model).
     """
     sizes = {
@@ -266,6 +266,7 @@ def _model_and_loop(
 
     from experiments.agents import envs as envs_lib
     from experiments.agents import world_model as wm
+    from experiments.agents.world_model_rssm import Config
     from orthorecall import footprint
 
     try:
@@ -273,7 +274,7 @@ def _model_and_loop(
     except (ValueError, ImportError) as e:
         FLAG_CHECKS.fail("env", str(e))
     scale = float(env.max_episode_length) if reward_scale is None else float(reward_scale)
-    config = wm.Config(
+    config = Config(
         num_actions=env.num_actions,
         obs_size=env.observation_size,
         read=read,
