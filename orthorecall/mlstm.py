@@ -57,6 +57,7 @@ Shapes: B batch, T time, H heads, d head width. All state is float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -384,6 +385,29 @@ def _padded_inputs(q, k, v, input_gate, forget_gate, reset, length: int):
     return q, k, v, log_f, i_pre, reset
 
 
+def _gram_step(carry, xs, steps):
+    """One step of ``gram_sequence``: C, n, m as the recurrence updates them, G = CᵀC by
+    its rank-two update, and h̃ read through G."""
+    c, g, n, m = carry
+    q_t, k_t, v_t, log_f_t, i_t, reset_t = xs
+    keep = jnp.logical_not(reset_t)
+    c = jnp.where(keep[:, None, None, None], c, 0.0)
+    g = jnp.where(keep[:, None, None, None], g, 0.0)
+    n = jnp.where(keep[:, None, None], n, 0.0)
+    m = jnp.where(keep[:, None], m, 0.0)
+    m_new = jnp.maximum(log_f_t + m, i_t)
+    f_scale = jnp.exp(log_f_t + m - m_new)
+    i_scale = jnp.exp(i_t - m_new)
+    g = gram_read.gram_update(g, c, k_t, v_t, f_scale, i_scale)
+    c = f_scale[..., None, None] * c + i_scale[..., None, None] * (
+        k_t[..., :, None] * v_t[..., None, :]
+    )
+    n = f_scale[..., None] * n + i_scale[..., None] * k_t
+    memory_t_query = jnp.einsum("...ki,...k->...i", c, q_t)
+    numerator = gram_read.gram_read(g, memory_t_query, steps)
+    return (c, g, n, m_new), _normalized_read(numerator, jnp.sum(q_t * n, axis=-1), m_new)
+
+
 def gram_sequence(
     q,
     k,
@@ -437,25 +461,7 @@ def gram_sequence(
         q, k, v, input_gate, forget_gate, reset, num_chunks * size
     )
 
-    def step(carry, xs):
-        c, g, n, m = carry
-        q_t, k_t, v_t, log_f_t, i_t, reset_t = xs
-        keep = jnp.logical_not(reset_t)
-        c = jnp.where(keep[:, None, None, None], c, 0.0)
-        g = jnp.where(keep[:, None, None, None], g, 0.0)
-        n = jnp.where(keep[:, None, None], n, 0.0)
-        m = jnp.where(keep[:, None], m, 0.0)
-        m_new = jnp.maximum(log_f_t + m, i_t)
-        f_scale = jnp.exp(log_f_t + m - m_new)
-        i_scale = jnp.exp(i_t - m_new)
-        g = gram_read.gram_update(g, c, k_t, v_t, f_scale, i_scale)
-        c = f_scale[..., None, None] * c + i_scale[..., None, None] * (
-            k_t[..., :, None] * v_t[..., None, :]
-        )
-        n = f_scale[..., None] * n + i_scale[..., None] * k_t
-        memory_t_query = jnp.einsum("...ki,...k->...i", c, q_t)
-        numerator = gram_read.gram_read(g, memory_t_query, steps)
-        return (c, g, n, m_new), _normalized_read(numerator, jnp.sum(q_t * n, axis=-1), m_new)
+    step = functools.partial(_gram_step, steps=steps)
 
     def chunk(carry, xs):
         return jax.lax.scan(step, carry, xs)
