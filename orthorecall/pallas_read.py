@@ -91,13 +91,17 @@ Steps = tuple[tuple[float, float, float], ...]
 # register file and the 99-101 KiB per block of consumer Ampere/Ada GPUs. 64 covers the
 # model's d = 48; raising it needs measurements on the GPUs concerned.
 MAX_WIDTH = 64
-# Warps per program. Triton lays the products of a chain of dependent products (these
-# kernels) out with all warps along the rows (warpsPerCTA [num_warps, 1]) and 16 rows
-# per warp: with 8 warps a 64-row block is held twice over, each warp holding a whole
-# operand (the registers per thread were those of 4 warps). 4 warps do the same work
-# with half the threads: two programs per SM instead of one, no more spills, half the
-# shared memory on sm_90 (results/gpu_compile_report.json; 16 warps capped the
-# registers at 128 and spilled).
+# Warps per program, at every width. Triton lays the products of a chain of dependent
+# products (these kernels) out with all warps along the rows (warpsPerCTA
+# [num_warps, 1]) and 16 rows per warp: with 8 warps a 64-row block is held twice over,
+# each warp holding a whole operand, so the registers per thread are those of 4 warps.
+# 4 warps do the same work with half the threads: two programs per SM instead of one
+# (results/gpu_compile_report.json). Measured again with the Gram products in blocks
+# (D = 64, "highest"): 8 warps left the sm_80 backward at 255 registers with about the
+# same spills (NS 296 B against 280, chunk 472 against 564), the sm_90 backward at
+# 68-120 B against 112-148 and its forward at 181-194 registers against 158-165 (one
+# program of 8 warps instead of three of 4); none reached zero. 16 warps capped the
+# registers at 128 and spilled 1-6 KB.
 NUM_WARPS = 4
 # Smallest block side: Triton's tt.dot needs every dimension >= 16.
 _MIN_BLOCK = 16
@@ -369,47 +373,94 @@ class _Products:
             f"of {SUPPORTED_PRECISIONS} (or the XLA read)."
         )
 
-    def _one(self, a, b, contract_a: int):
+    def _one(self, a, b, dims):
+        """The product contracting axis dims[0] of a with axis dims[1] of b."""
         return jax.lax.dot_general(
             a,
             b,
-            (((contract_a,), (0,)), ((), ())),
+            ((dims[:1], dims[1:]), ((), ())),
             precision=self.precision,
             preferred_element_type=jnp.float32,
         )
 
-    def _dots(self, pairs, contract_a: int):
-        """Σ a b over the (a, b) of ``pairs``, into one float32 accumulator."""
+    def _dots(self, pairs, init=None):
+        """init + Σ a b over the (a, b, dims) of ``pairs``, into one float32
+        accumulator (Triton folds each sum into the next product's accumulator)."""
         if self.bfloat16:
-            pairs = [(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) for a, b in pairs]
+            pairs = [(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), d) for a, b, d in pairs]
+        total = init
         if not self.split:
-            return sum(self._one(a, b, contract_a) for a, b in pairs)
+            for a, b, dims in pairs:
+                term = self._one(a, b, dims)
+                total = term if total is None else total + term
+            return total
         # Float32 products on tensor cores (3xTF32): a = a_hi + a_lo with both parts
         # rounded to TF32 here (a_lo = tf32(a - a_hi) keeps all but about 2^-22 of a),
-        # and a b = a_hi b_hi + a_hi b_lo + a_lo b_hi, dropping a_lo b_lo (2^-22
+        # and a b = a_hi b_hi + a_lo b_hi + a_hi b_lo, dropping a_lo b_lo (2^-22
         # relative). The partial products of TF32 values are exact, accumulated in
-        # float32; Triton folds each sum into the next product's accumulator. The error
-        # of the Newton–Schulz read is that of IEEE float32 products
+        # float32. The error of the Newton–Schulz read is that of IEEE float32 products
         # (tests/test_pallas_read.py measures both against float64). Interpret mode
         # checks this arithmetic; how the tensor cores round their float32 accumulation
         # is the GPU's (to be checked on a device: experiments/accelerator_check.py).
-        total = None
-        for a, b in pairs:
-            a_hi, b_hi = tf32_round(a), tf32_round(b)
-            # In this order a_hi is dead before a_lo is formed: fewer operand fragments
-            # live at once (small first, hi·lo, hi·hi, lo·hi, spilled more on sm_80).
-            for x, y in ((a_hi, tf32_round(b - b_hi)), (a_hi, b_hi), (tf32_round(a - a_hi), b_hi)):
-                term = self._one(x, y, contract_a)
-                total = term if total is None else total + term
+        #
+        # The Gram-type products (aᵀ b, ``tmm``) run over the contraction in blocks
+        # of _K_BLOCK, the hi/lo parts of one block live at a time. With mma.sync
+        # (sm_80) every warp holds the whole second operand in registers (Triton lays
+        # these chains of products out with all warps along the rows): 128 registers
+        # per thread for a 64 x 64 float32 operand, 256 for its hi and lo parts, of
+        # which a 16-row block holds a quarter. The other products are not split:
+        # in interpret mode splitting them too took the backward's error against
+        # float64 past twice the IEEE float32 read's (tests/test_pallas_read.py).
+        for a, b, dims in pairs:
+            blocks = _k_blocks(a, b, dims) if dims == (0, 0) else [(a, b)]
+            for a_k, b_k in blocks:
+                a_hi, b_hi = tf32_round(a_k), tf32_round(b_k)
+                # hi·hi, lo·hi, hi·lo: the order that spilled least on sm_80.
+                for x, y in (
+                    (a_hi, b_hi),
+                    (tf32_round(a_k - a_hi), b_hi),
+                    (a_hi, tf32_round(b_k - b_hi)),
+                ):
+                    term = self._one(x, y, dims)
+                    total = term if total is None else total + term
         return total
 
-    def mm(self, a, b, *more):
-        """a b (+ the products of further pairs ``more``: a2, b2, ...)."""
-        return self._dots([(a, b), *zip(more[::2], more[1::2], strict=True)], 1)
+    def mm(self, a, b, *more, init=None, symmetric=False):
+        """init + a b (+ the products of further pairs ``more``: a2, b2, ...).
+
+        ``symmetric``: every b is symmetric, so a b = a bᵀ is computed contracting b's
+        second axis (for the 3xTF32 products: fewer registers on sm_80, by the compile
+        report; the one-pass products contract the first, which spilled less there)."""
+        pairs = [(a, b), *zip(more[::2], more[1::2], strict=True)]
+        dims = (1, 1) if symmetric and self.split else (1, 0)
+        return self._dots([(x, y, dims) for x, y in pairs], init)
 
     def tmm(self, a, b):
         """aᵀ b (the lowering transposes the operand on chip)."""
-        return self._dots([(a, b)], 0)
+        return self._dots([(a, b, (0, 0))])
+
+
+# The contraction block of the split 3xTF32 products (tt.dot needs at least 16), and the
+# shortest contraction split: at D = 32 the split backward kept 4 B of spills on sm_80
+# (168 registers), the whole one none (254).
+_K_BLOCK = 16
+_K_SPLIT_FROM = 64
+
+
+def _k_blocks(a, b, dims):
+    """(a_k, b_k) over blocks of _K_BLOCK of the contracted axes (dims) of a and b
+    (one block below _K_SPLIT_FROM)."""
+    size = a.shape[dims[0]]
+    if size < _K_SPLIT_FROM:
+        return [(a, b)]
+    parts = size // _K_BLOCK
+    return list(
+        zip(
+            jnp.split(a, parts, axis=dims[0]),
+            jnp.split(b, parts, axis=dims[1]),
+            strict=True,
+        )
+    )
 
 
 def _inverse_norm(c, floor: float):
@@ -441,7 +492,7 @@ def _polynomial(products: _Products, gram, b, c, quintic: bool):
     """P(G) = b G + c G²; the G² product only for quintic steps."""
     if not quintic:
         return b * gram
-    return b * gram + c * products.mm(gram, gram)
+    return b * gram + c * products.mm(gram, gram, symmetric=True)
 
 
 def _iterate(products: _Products, x, steps: Steps, stop=None):
@@ -454,6 +505,10 @@ def _iterate(products: _Products, x, steps: Steps, stop=None):
         poly = _polynomial(products, products.tmm(x, x), b, c, quintic)
         # a X + X P(G) rather than X (a I + P(G)): with 3xTF32 products the latter's
         # errors were up to 4 times the float32 read's (against float64), these 1x.
+        if products.split:
+            # 3xTF32: a X as the accumulator's start, P(G) contracted along its second
+            # axis (it is symmetric): fewer registers on sm_80 by the compile report.
+            return products.mm(x, poly, init=a * x, symmetric=True)
         return a * x + products.mm(x, poly)
 
     return jax.lax.fori_loop(0, len(steps) if stop is None else stop, step, x)
@@ -481,11 +536,34 @@ def _read_backward(
         x_j = _iterate(products, x0, steps, j)
         a, b, cc = _coefficients(steps, j)
         gram = products.tmm(x_j, x_j)
+        if products.bfloat16:
+            # bfloat16: Ȳ P(G) added before XᵀȲ is formed, so that Ȳ is dead after it
+            # (cubic steps): at most four tiles live (X_j, Ȳ, G or XᵀȲ, the sum). By the
+            # compile report (D = 64, against the order below): no spills instead of
+            # 36 B (ns_read, sm_80), 136 B instead of 196-212 (chunk read, sm_80).
+            poly = _polynomial(products, gram, b, cc, quintic)
+            y_bar_next = a * y_bar + products.mm(y_bar, poly)
+            xt_y_bar = products.tmm(x_j, y_bar)
+            gram_bar = b * xt_y_bar
+            if quintic:
+                gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
+            return y_bar_next + products.mm(x_j, gram_bar + gram_bar.T)
         xt_y_bar = products.tmm(x_j, y_bar)
         gram_bar = b * xt_y_bar
         if quintic:
             gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
         poly = _polynomial(products, gram, b, cc, quintic)
+        if products.split:
+            # 3xTF32: both products into one accumulator started at a Ȳ, X (Ḡ + Ḡᵀ)
+            # first, the symmetric factors contracted along their second axis. By the
+            # compile report (D = 64, against the sum below): spills 280 instead of
+            # 468 B (ns_read) and 564 instead of 844 B (chunk read) on sm_80, 112 and
+            # 148 instead of 140 and 208 B on sm_90.
+            return products.mm(
+                x_j, gram_bar + gram_bar.T, y_bar, poly, init=a * y_bar, symmetric=True
+            )
+        # TensorFloat-32: separate sums spilled least (chunk backward: 44-68 B on sm_80
+        # and none on sm_90; in the bfloat16 order above 100-132 and 44-52 B).
         return a * y_bar + products.mm(y_bar, poly) + products.mm(x_j, gram_bar + gram_bar.T)
 
     y_bar = jax.lax.fori_loop(0, len(steps), reverse_step, q[:, None] * h_bar[None, :])

@@ -353,12 +353,14 @@ def test_lowers_for_cuda_to_triton_kernels_on_tensor_cores_for_highest():
     kernels = _triton_kernels(text)
     assert [name for name, _ in kernels] == ["ns_read_forward_kernel", "ns_read_backward_kernel"]
     (_, forward), (_, backward) = kernels
-    # Float32 products as three TF32 products each (3xTF32). Cubic steps, as loops: the
-    # forward's step has 2 products; the backward has the forward's loop, and a reverse
-    # step that recomputes its input (a loop of 2), then G, XᵀȲ and one accumulated
-    # Ȳ (aI + P(G)) + X (Ḡ + Ḡᵀ) (2).
-    assert _tf32_products(forward) == 3 * 2
-    assert _tf32_products(backward) == 3 * (2 + 2 + 4)
+    # Float32 products as three TF32 products each (3xTF32), the Gram-type ones (XᵀX,
+    # XᵀȲ) in 4 blocks of 16 along their contraction (D = 64). Cubic steps, as loops: the
+    # forward's step has G and X P(G); the backward has the forward's loop, and a reverse
+    # step that recomputes its input (a loop of the same), then G, Ȳ (aI + P(G)), XᵀȲ
+    # and X (Ḡ + Ḡᵀ) added to the same accumulator.
+    gram, product = 3 * 4, 3
+    assert _tf32_products(forward) == gram + product
+    assert _tf32_products(backward) == 2 * (gram + product) + 2 * gram + 2 * product
     assert len(re.findall(r'"scf\.(for|while)"', backward)) == 3
     # The operands are rounded to TF32 in the kernel (bit masks), so the tensor cores'
     # own conversion is exact.
