@@ -51,12 +51,12 @@ replication:
 
 # The Pallas kernels compiled offline for sm_80 and sm_90 (needs the gpu-report extra).
 gpu-compile-report:
-	$(PYTHON) -m experiments.gpu_compile_report --json results/gpu_compile_report.json
+	$(PYTHON) -m experiments.accelerators.compile_report --json results/gpu_compile_report.json
 
 # On a machine with one NVIDIA GPU: kernels, benchmark and a training slice, under
 # results/accelerator/ (docs/accelerators.md has the time budget).
 accelerator-check:
-	$(PYTHON) -m experiments.accelerator_check --out results/accelerator
+	$(PYTHON) -m experiments.accelerators.check --out results/accelerator
 
 # The parity preset on this machine, one seed at a time, each in its own workdir and
 # resumed where it stopped (Ctrl-C, a kill or a lost session); then results/parity is

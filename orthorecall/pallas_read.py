@@ -401,7 +401,7 @@ class _Products:
         # float32. The error of the Newton–Schulz read is that of IEEE float32 products
         # (tests/test_pallas_read.py measures both against float64). Interpret mode
         # checks this arithmetic; how the tensor cores round their float32 accumulation
-        # is the GPU's (to be checked on a device: experiments/accelerator_check.py).
+        # is the GPU's (to be checked on a device: experiments/accelerators/check.py).
         #
         # The Gram-type products (aᵀ b, ``tmm``) run over the contraction in blocks
         # of _K_BLOCK, the hi/lo parts of one block live at a time. With mma.sync

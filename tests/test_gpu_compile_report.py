@@ -1,5 +1,5 @@
 """The committed compile report (results/gpu_compile_report.json, written by
-``experiments.gpu_compile_report``): every kernel the model can select compiled, within its
+``experiments.accelerators.compile_report``): every kernel the model can select compiled, within its
 target's shared memory per block, with the warps it was given, and without spills
 beyond the ones still open (``OPEN_SPILLS``). Reads the JSON only: no triton, no GPU."""
 
@@ -87,7 +87,7 @@ def test_open_spills_name_reported_kernels(report):
 
 
 def test_occupancy_follows_from_the_recorded_figures(report):
-    from experiments.gpu_compile_report import occupancy
+    from experiments.accelerators.compile_report import occupancy
 
     for entry in report["kernels"]:
         cap = int(entry["target"].removeprefix("sm_"))

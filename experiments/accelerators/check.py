@@ -1,6 +1,6 @@
 """The day-one check on a lent NVIDIA GPU: kernels, a training slice and the benchmark.
 
-    python -m experiments.accelerator_check [--out results/accelerator] [--budget 480]
+    python -m experiments.accelerators.check [--out results/accelerator] [--budget 480]
         [--dry_run]
 
 (``make accelerator-check``.) Runs, each in its own process with its own time box, and
@@ -14,7 +14,7 @@ writes everything under ``--out``:
    NS5): ``python -m experiments.run --config=experiments/configs/noisy_ar.py:v80_s512
    --config.train.steps=200 --workdir=OUT/v80_s512_200`` -> that workdir (metrics,
    report) and train.log.
-3. ``benchmark``: ``python -m experiments.benchmark --accelerator --json
+3. ``benchmark``: ``python -m experiments.benchmarks.model --accelerator --json
    OUT/benchmark.json`` -> benchmark.log.
 
 The boxes add up to ``--budget`` seconds (default 480: 8 minutes, the time a lent
@@ -72,7 +72,7 @@ def commands(out: pathlib.Path) -> dict[str, list[str]]:
         "benchmark": [
             python,
             "-m",
-            "experiments.benchmark",
+            "experiments.benchmarks.model",
             "--accelerator",
             f"--json={out / 'benchmark.json'}",
         ],
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     environment = _environment()
     if environment["backend"] != "gpu":
         print(
-            f"accelerator_check needs an NVIDIA GPU; JAX's backend here is "
+            f"the accelerator check needs an NVIDIA GPU; JAX's backend here is "
             f"{environment['backend']!r}. Nothing run.",
             file=sys.stderr,
         )

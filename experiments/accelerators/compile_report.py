@@ -1,6 +1,6 @@
 """Static compile report of the Pallas (Triton) kernels for NVIDIA GPUs, without a GPU.
 
-    python -m experiments.gpu_compile_report --json results/gpu_compile_report.json
+    python -m experiments.accelerators.compile_report --json results/gpu_compile_report.json
 
 For every Pallas kernel the model can select (the Newton–Schulz read's forward and
 backward, ``orthorecall.pallas_read``, and the chunk read's, ``orthorecall.
@@ -282,7 +282,7 @@ def _compile_in_child(path, cap, params, keep, timeout) -> dict:
     command = [
         sys.executable,
         "-m",
-        "experiments.gpu_compile_report",
+        "experiments.accelerators.compile_report",
         "--worker",
         path,
         str(cap),
