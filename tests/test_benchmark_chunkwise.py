@@ -1,5 +1,5 @@
 """mlstm_kernels' JAX chunkwise mLSTM as an external oracle for our raw read, and the
-comparison benchmark that times the two (experiments/benchmarks/mlstm_kernels.py)."""
+comparison benchmark that times the two (experiments/benchmarks/chunkwise.py)."""
 
 import json
 
@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("mlstm_kernels")
 
-from experiments.benchmarks import mlstm_kernels as bench
+from experiments.benchmarks import chunkwise as bench
 from orthorecall import mlstm, reads
 
 

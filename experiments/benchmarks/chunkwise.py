@@ -1,6 +1,6 @@
 """Our raw chunkwise mLSTM against mlstm_kernels' JAX chunkwise form, in one process.
 
-    python -m experiments.benchmarks.mlstm_kernels [--rounds N] [--chunk_size L]
+    python -m experiments.benchmarks.chunkwise [--rounds N] [--chunk_size L]
         [--shape B,H,T,d ...] [--smoke] [--json PATH]
 
 Times ``orthorecall.mlstm.chunkwise_sequence`` with the raw read (the baseline's
