@@ -12,10 +12,13 @@ global memory: one program per (chunk, position) loads C0, the decay row, K and 
 C_t with one product on chip (contraction over the chunk), and runs the Newton–Schulz
 read of ``pallas_read`` on it (``chunk_read_forward``).
 
-The backward (``chunk_read_backward``), one program per (chunk, position) too, forms
-C_t again, runs the read's backward on chip to C̄_t and q̄_t, and reduces what it can
-there: the scale's cotangent <C̄_t, C0> and the decay row's, D̄[t, s] = k_sᵀ C̄_t v_s (one
-product K C̄_t). The sums over positions, C̄0 = Σ_t scale_t C̄_t, K̄ and V̄, need every
+The backward (``chunk_read_backward``) is two kernels of one program per (chunk,
+position), as ``pallas_read``'s: the first forms C_t again and writes the iterates X_j
+of its read (k D² floats per position, n L k D² in all: 5.2 MB per chunk at D = 64,
+L = 64, NS5) and q̄_t; the second runs the reverse sweep reading them, forms C_t once
+more for the normalization's VJP, and reduces what it can on chip: the scale's
+cotangent <C̄_t, C0> and the decay row's, D̄[t, s] = k_sᵀ C̄_t v_s (one product K C̄_t).
+The sums over positions, C̄0 = Σ_t scale_t C̄_t, K̄ and V̄, need every
 position's C̄_t, which the program writes out (d x d per position, once, in the
 backward only; a program per chunk looping over positions would keep them on chip but
 holds three more tiles through the read's backward) and XLA contracts.
@@ -282,31 +285,60 @@ class _Call:
         )
 
     def backward(self):
+        """The backward as two kernels per (chunk, position): the iterations of the read
+        of C_t, writing every step's input X_j (n, L, k, D, D) to global memory, then the
+        reverse sweep reading them and the cotangents (module docstring)."""
         n, length, d, w = self.count, self.length, self.d, self.width
         steps, products = self.steps, self.products
+        k = len(steps)
         floor = scaling.FROBENIUS_FLOOR
 
-        def chunk_read_backward_kernel(*refs):
-            *inputs, h_bar_ref, memory_bar_ref, q_bar_ref, scale_bar_ref, decay_bar_ref = refs
-            c, _, _, _, _, _, q, masks = self._form(inputs)
-            vector_mask, matrix_mask, chunk_mask = masks
+        def chunk_read_iterates_kernel(*refs):
+            *inputs, h_bar_ref, iterates_ref, q_bar_ref = refs
+            c, *_, (vector_mask, _, _) = self._form(inputs)
             h_bar = plgpu.load(h_bar_ref, mask=vector_mask, other=0.0)
-            rescale = _rescaling(c)
-            x_bar = pallas_read._read_backward(
+            # C_t itself after the iterates, for the reverse kernel's normalization VJP
+            # (the index as an array: interpret mode's store takes no Python int). By the
+            # compile report, against forming C_t again there (D = 64, "highest", sm_80):
+            # 40 B of spills instead of 124 in the reverse kernel, 4 instead of 40 here.
+            plgpu.store(iterates_ref.at[jnp.int32(k)], c)
+            pallas_read._read_iterates(
                 products,
                 steps,
                 floor,
-                c * rescale,
+                c * _rescaling(c),
+                h_bar,
+                lambda j, x: plgpu.store(iterates_ref.at[j], x),
+                lambda q_bar: plgpu.store(q_bar_ref, q_bar, mask=vector_mask),
+            )
+
+        def chunk_read_backward_kernel(*refs):
+            *inputs, h_bar_ref, iterates_ref = refs[:-3]
+            memory_bar_ref, scale_bar_ref, decay_bar_ref = refs[-3:]
+            _, _, _, _, _, _, q, masks = self._form(inputs, form=False)
+            vector_mask, matrix_mask, chunk_mask = masks
+            h_bar = plgpu.load(h_bar_ref, mask=vector_mask, other=0.0)
+            rescale = []
+
+            def load_c():
+                # C_t as the first kernel formed it, for the normalization's VJP.
+                c = plgpu.load(iterates_ref.at[jnp.int32(k)])
+                rescale.append(_rescaling(c))
+                return c * rescale[0]
+
+            x_bar = pallas_read._read_reverse(
+                products,
+                steps,
+                floor,
                 q,
                 h_bar,
-                lambda q_bar: plgpu.store(q_bar_ref, q_bar, mask=vector_mask),
-                # C_t formed again (one product) rather than kept live.
-                reload=lambda: self._form(inputs)[0] * rescale,
+                lambda j: pallas_read._Loaded(iterates_ref, j),
+                load_c,
             )
-            c_bar = rescale * x_bar
+            c_bar = rescale[0] * x_bar
             plgpu.store(memory_bar_ref, c_bar, mask=matrix_mask)
             # C0, K and V loaded again (cached) rather than kept live through the read.
-            _, c0, _, _, k, v, _, _ = self._form(inputs, form=False)
+            _, c0, _, _, k_, v, _, _ = self._form(inputs, form=False)
             # scale_t's cotangent <C̄_t, C0>; D[t, s]'s k_sᵀ C̄_t v_s.
             scale_bar = jnp.sum(jnp.sum(c_bar * c0, axis=1), axis=0)
             t = pl.program_id(1)
@@ -316,26 +348,42 @@ class _Call:
                 scale_bar * (positions == t).astype(jnp.float32),
                 mask=positions == t,
             )
-            decay_bar = jnp.sum(products.mm(k, c_bar) * v, axis=1)
+            decay_bar = jnp.sum(products.mm(k_, c_bar) * v, axis=1)
             plgpu.store(decay_bar_ref, decay_bar, mask=chunk_mask)
 
         ln = self.chunk
-        return self._pallas_call(
-            chunk_read_backward_kernel,
+        iterates_spec = pl.BlockSpec((None, None, k + 1, w, w), lambda i, t: (i, t, 0, 0, 0))
+        iterates_call = self._pallas_call(
+            chunk_read_iterates_kernel,
             in_specs=self._specs() + [self._row_spec()],
+            out_specs=[iterates_spec, self._row_spec()],
+            out_shape=[
+                # Padded to the block, no masks (the zeros are exact).
+                jax.ShapeDtypeStruct((n, length, k + 1, w, w), jnp.float32),
+                jax.ShapeDtypeStruct((n, length, d), jnp.float32),
+            ],
+        )
+        reverse_call = self._pallas_call(
+            chunk_read_backward_kernel,
+            in_specs=self._specs() + [self._row_spec(), iterates_spec],
             out_specs=[
                 pl.BlockSpec((None, None, w, w), lambda i, t: (i, t, 0, 0)),
-                self._row_spec(),
                 pl.BlockSpec((None, ln), lambda i, t: (i, 0)),
                 pl.BlockSpec((None, None, ln), lambda i, t: (i, t, 0)),
             ],
             out_shape=[
                 jax.ShapeDtypeStruct((n, length, d, d), jnp.float32),
-                jax.ShapeDtypeStruct((n, length, d), jnp.float32),
                 jax.ShapeDtypeStruct((n, length), jnp.float32),
                 jax.ShapeDtypeStruct((n, length, length), jnp.float32),
             ],
         )
+
+        def backward(*operands):
+            iterates, q_bar = iterates_call(*operands)
+            memory_bar_t, scale_bar, decay_bar = reverse_call(*operands, iterates)
+            return memory_bar_t, q_bar, scale_bar, decay_bar
+
+        return backward
 
 
 pl = pallas_read.pl

@@ -7,10 +7,11 @@ keeps all k iterates alive between its recompute and its reverse sweep. Here one
 program takes one memory C (and its query q) from global memory, and everything else
 happens on chip: the Frobenius normalization with its floor, the k iterations
 X <- a X + X (b G + c G²), and the read h = qᵀ NS_k(C). Only h (d floats) goes back
-(``ns_read_forward``). The backward (``ns_read_backward``) is one program per memory
-too: it recomputes the iterates from C, forms Ȳ = q h̄ᵀ, runs the reverse iterations of
-``newton_schulz._iterations_backward`` and the normalization's VJP, and writes only
-C̄ and q̄. It is the same function as ``_jax_read`` and ``_jax_backward`` (to float32
+(``ns_read_forward``). The backward (``ns_read_backward``) is two programs per memory:
+the first runs the iterations again and writes each step's input X_j to global memory
+(with q̄), the second forms Ȳ = q h̄ᵀ, runs the reverse iterations of
+``newton_schulz._iterations_backward`` reading X_j, and the normalization's VJP, and
+writes C̄. It is the same function as ``_jax_read`` and ``_jax_backward`` (to float32
 rounding): the tests compare the two in Pallas' interpret mode, on CPU.
 
 Widths. Triton's blocks must have power-of-two sides and its matrix product wants at
@@ -28,19 +29,21 @@ gradient) is applied in the JAX wrapper, before the kernel, exactly as
 ``frobenius_normalize`` applies it: the kernel sees x = s C with s piecewise constant,
 so C̄ = s x̄.
 
-Backward recomputation. Each reverse step needs its forward step's input X_j (and
-G_j = X_jᵀX_j). The Triton backend of Pallas has no scratch memory (pallas_call
-refuses ``scratch_shapes`` there), and writing the iterates to a global buffer and
-reading them back in the same program would need a barrier whose effect could not be
-tested here. Keeping the k inputs as values of an unrolled program does not fit either:
-a tile is 32 registers per thread at D = 64 over 4 warps, each product also holds its
-operands in registers (mma.sync: a warp holds a whole 64 x 64 operand, see
-``NUM_WARPS``) or shared memory (wgmma), and the unrolled program spilled 50-85 KB per
-thread (ptxas gave up at 32 registers). So the iterations are
-loops (``lax.fori_loop``: one step's products live at a time, and a small program), and
-the reverse sweep recomputes X_j from X0 (j steps) in its own loop: k(k+1)/2 forward
-steps in all instead of k (15 instead of 5 for NS5; 50 products against 30), for a
-kernel that stays in registers. ``results/gpu_compile_report.json`` has the figures.
+Backward: the iterates through global memory. Each reverse step needs its forward
+step's input X_j (and G_j = X_jᵀX_j). Keeping the k inputs as values of one unrolled
+program spilled 50-85 KB per thread (ptxas gave up at 32 registers); recomputing X_j
+from X0 in a loop inside the reverse loop (k(k+1)/2 forward steps instead of k) kept
+X0 and Ȳ live beside a forward step and still spilled 0.1-0.3 KB. The Triton backend
+of Pallas has no scratch memory, and a program that wrote the iterates to global memory
+and read them back would need a barrier between its threads that Pallas does not
+offer. So the backward is two kernels (``_Call.backward``): the first writes X_0 ..
+X_{k-1} (k D² floats per memory, padded to the block), the kernel boundary orders the
+writes before the reads, and the second's reverse step loads X_j where each product
+needs it (``_Loaded``): by blocks of 16 rows for the Gram-type products XᵀX and XᵀȲ,
+whole for X (Ḡ + Ḡᵀ), so that no copy of X_j stays live across the step. The cost is
+k D² floats written and about 3k D² read per memory (L2-resident at these sizes: 80 KB
+per memory at D = 64 for NS5) and one more launch; ``results/gpu_compile_report.json``
+has what it saves in spills.
 
 Precision. Every product is requested explicitly (``jax_precision`` as recorded by
 ``orthorecall.precision.current()``), since Triton's float32 ``tt.dot`` defaults to
@@ -346,6 +349,30 @@ _TF32_MASK = -(1 << 13)
 
 
 @dataclasses.dataclass(frozen=True)
+class _Loaded:
+    """A D x D operand in global memory (a kernel's ref, already indexed): loaded where
+    a product needs it, whole or by blocks of rows, rather than kept live in registers."""
+
+    ref: object  # (n, D, D)
+    index: object  # which of its n matrices (may be traced)
+
+    @property
+    def shape(self):
+        return tuple(self.ref.shape[1:])
+
+    def whole(self):
+        return plgpu.load(self.ref.at[self.index])
+
+    def rows(self, start: int, size: int):
+        # One indexer (Pallas' Triton lowering takes no chain of them).
+        return plgpu.load(self.ref.at[self.index, pl.ds(start, size), :])
+
+
+def _value(x):
+    return x.whole() if isinstance(x, _Loaded) else x
+
+
+@dataclasses.dataclass(frozen=True)
 class _Products:
     """The matrix products of a kernel body, at one precision (see
     ``SUPPORTED_PRECISIONS``)."""
@@ -386,6 +413,8 @@ class _Products:
     def _dots(self, pairs, init=None):
         """init + Σ a b over the (a, b, dims) of ``pairs``, into one float32
         accumulator (Triton folds each sum into the next product's accumulator)."""
+        if not self.split:
+            pairs = [(_value(a), _value(b), d) for a, b, d in pairs]
         if self.bfloat16:
             pairs = [(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), d) for a, b, d in pairs]
         total = init
@@ -412,7 +441,8 @@ class _Products:
         # in interpret mode splitting them too took the backward's error against
         # float64 past twice the IEEE float32 read's (tests/test_pallas_read.py).
         for a, b, dims in pairs:
-            blocks = _k_blocks(a, b, dims) if dims == (0, 0) else [(a, b)]
+            # (An operand in global memory, ``_Loaded``, is loaded by blocks here.)
+            blocks = _k_blocks(a, b, dims) if dims == (0, 0) else [(_value(a), _value(b))]
             for a_k, b_k in blocks:
                 a_hi, b_hi = tf32_round(a_k), tf32_round(b_k)
                 # hi·hi, lo·hi, hi·lo: the order that spilled least on sm_80.
@@ -452,15 +482,17 @@ def _k_blocks(a, b, dims):
     (one block below _K_SPLIT_FROM)."""
     size = a.shape[dims[0]]
     if size < _K_SPLIT_FROM:
-        return [(a, b)]
+        return [(_value(a), _value(b))]
     parts = size // _K_BLOCK
-    return list(
-        zip(
-            jnp.split(a, parts, axis=dims[0]),
-            jnp.split(b, parts, axis=dims[1]),
-            strict=True,
-        )
-    )
+
+    def blocks(x, axis):
+        # An operand in global memory is loaded block by block (each block in the
+        # product's layout, never the whole operand at once).
+        if isinstance(x, _Loaded):
+            return [x.rows(m * _K_BLOCK, _K_BLOCK) for m in range(parts)]
+        return jnp.split(x, parts, axis=axis)
+
+    return list(zip(blocks(a, dims[0]), blocks(b, dims[1]), strict=True))
 
 
 def _inverse_norm(c, floor: float):
@@ -495,80 +527,87 @@ def _polynomial(products: _Products, gram, b, c, quintic: bool):
     return b * gram + c * products.mm(gram, gram, symmetric=True)
 
 
-def _iterate(products: _Products, x, steps: Steps, stop=None):
-    """The iterate after the first ``stop`` (default: all; may be traced) steps, as a
-    loop: one step's products are live at a time, and the program stays small."""
-    quintic = _quintic(steps)
+def _step(products: _Products, steps: Steps, i, x):
+    """X_{i+1} = a X + X P(G) from X = X_i, G = XᵀX (step ``i``, may be traced)."""
+    a, b, c = _coefficients(steps, i)
+    poly = _polynomial(products, products.tmm(x, x), b, c, _quintic(steps))
+    # a X + X P(G) rather than X (a I + P(G)): with 3xTF32 products the latter's
+    # errors were up to 4 times the float32 read's (against float64), these 1x.
+    if products.split:
+        # 3xTF32: a X as the accumulator's start, P(G) contracted along its second
+        # axis (it is symmetric): fewer registers on sm_80 by the compile report.
+        return products.mm(x, poly, init=a * x, symmetric=True)
+    return a * x + products.mm(x, poly)
+
+
+def _iterate(products: _Products, x, steps: Steps):
+    """The iterate after all steps, as a loop: one step's products are live at a time,
+    and the program stays small."""
+    return jax.lax.fori_loop(0, len(steps), functools.partial(_step, products, steps), x)
+
+
+def _read_iterates(products: _Products, steps: Steps, floor: float, c, h_bar, store_x, store_q_bar):
+    """The first half of the backward, in a kernel body: the forward iterations from the
+    (rescaled) block C, each step's input X_j handed to ``store_x(j, X_j)`` (for the
+    reverse sweep, ``_read_reverse``), and q̄ = X_k h̄ to ``store_q_bar``."""
+    _, r = _inverse_norm(c, floor)
 
     def step(i, x):
-        a, b, c = _coefficients(steps, i)
-        poly = _polynomial(products, products.tmm(x, x), b, c, quintic)
-        # a X + X P(G) rather than X (a I + P(G)): with 3xTF32 products the latter's
-        # errors were up to 4 times the float32 read's (against float64), these 1x.
-        if products.split:
-            # 3xTF32: a X as the accumulator's start, P(G) contracted along its second
-            # axis (it is symmetric): fewer registers on sm_80 by the compile report.
-            return products.mm(x, poly, init=a * x, symmetric=True)
-        return a * x + products.mm(x, poly)
+        store_x(i, x)
+        return _step(products, steps, i, x)
 
-    return jax.lax.fori_loop(0, len(steps) if stop is None else stop, step, x)
+    x_k = jax.lax.fori_loop(0, len(steps), step, c * r)
+    # h = qᵀ X_k: q̄ = X_k h̄ (and X̄_k = q h̄ᵀ, the reverse sweep's start).
+    store_q_bar(jnp.sum(x_k * h_bar[None, :], axis=1))
 
 
-def _read_backward(
-    products: _Products, steps: Steps, floor: float, c, q, h_bar, store_q_bar, reload=None
-):
-    """C̄ of h = qᵀ NS(C) for h̄, in a kernel body: ``newton_schulz._jax_backward`` on one
-    (rescaled) block; q̄ goes to ``store_q_bar`` as soon as it is known (not kept live
-    through the reverse sweep). ``reload()`` gives C again for the normalization's VJP
-    (instead of keeping it live through the iterations)."""
-    s, r = _inverse_norm(c, floor)
-    x0 = c * r
-    # h = qᵀ X_k: q̄ = X_k h̄ and X̄_k = q h̄ᵀ.
-    store_q_bar(jnp.sum(_iterate(products, x0, steps) * h_bar[None, :], axis=1))
+def _reverse_step(products: _Products, steps: Steps, j, x_j, y_bar):
+    """X̄_j from X̄_{j+1} = Ȳ through step j, Y = a X + X P(G), G = XᵀX
+    (``newton_schulz._iterations_backward``):
+    X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
+    X_j is a ``_Loaded`` operand (global memory), loaded by each product."""
     quintic = _quintic(steps)
-
-    # newton_schulz._iterations_backward: Y = a X + X P(G), G = XᵀX:
-    #   X̄ = a Ȳ + Ȳ P(G) + X (Ḡ + Ḡᵀ),  Ḡ = b XᵀȲ + c (G XᵀȲ + XᵀȲ G).
-    # The input X_j of step j is recomputed from X0 (j steps) rather than kept from the
-    # forward (see the module docstring).
-    def reverse_step(t, y_bar):
-        j = len(steps) - 1 - t
-        x_j = _iterate(products, x0, steps, j)
-        a, b, cc = _coefficients(steps, j)
-        gram = products.tmm(x_j, x_j)
-        if products.bfloat16:
-            # bfloat16: Ȳ P(G) added before XᵀȲ is formed, so that Ȳ is dead after it
-            # (cubic steps): at most four tiles live (X_j, Ȳ, G or XᵀȲ, the sum). By the
-            # compile report (D = 64, against the order below): no spills instead of
-            # 36 B (ns_read, sm_80), 136 B instead of 196-212 (chunk read, sm_80).
-            poly = _polynomial(products, gram, b, cc, quintic)
-            y_bar_next = a * y_bar + products.mm(y_bar, poly)
-            xt_y_bar = products.tmm(x_j, y_bar)
-            gram_bar = b * xt_y_bar
-            if quintic:
-                gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
-            return y_bar_next + products.mm(x_j, gram_bar + gram_bar.T)
+    a, b, cc = _coefficients(steps, j)
+    gram = products.tmm(x_j, x_j)
+    if products.bfloat16:
+        # bfloat16: Ȳ P(G) added before XᵀȲ is formed, so that Ȳ is dead after it
+        # (cubic steps): at most four tiles live (X_j, Ȳ, G or XᵀȲ, the sum).
+        poly = _polynomial(products, gram, b, cc, quintic)
+        y_bar_next = a * y_bar + products.mm(y_bar, poly)
         xt_y_bar = products.tmm(x_j, y_bar)
         gram_bar = b * xt_y_bar
         if quintic:
             gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
-        poly = _polynomial(products, gram, b, cc, quintic)
-        if products.split:
-            # 3xTF32: both products into one accumulator started at a Ȳ, X (Ḡ + Ḡᵀ)
-            # first, the symmetric factors contracted along their second axis. By the
-            # compile report (D = 64, against the sum below): spills 280 instead of
-            # 468 B (ns_read) and 564 instead of 844 B (chunk read) on sm_80, 112 and
-            # 148 instead of 140 and 208 B on sm_90.
-            return products.mm(
-                x_j, gram_bar + gram_bar.T, y_bar, poly, init=a * y_bar, symmetric=True
-            )
-        # TensorFloat-32: separate sums spilled least (chunk backward: 44-68 B on sm_80
-        # and none on sm_90; in the bfloat16 order above 100-132 and 44-52 B).
-        return a * y_bar + products.mm(y_bar, poly) + products.mm(x_j, gram_bar + gram_bar.T)
+        return y_bar_next + products.mm(x_j, gram_bar + gram_bar.T)
+    xt_y_bar = products.tmm(x_j, y_bar)
+    gram_bar = b * xt_y_bar
+    if quintic:
+        gram_bar += cc * (products.mm(gram, xt_y_bar) + products.mm(xt_y_bar, gram))
+    poly = _polynomial(products, gram, b, cc, quintic)
+    if products.split:
+        # 3xTF32: both products into one accumulator started at a Ȳ, Ȳ P(G) first (X_j
+        # loaded once more for the second), the symmetric factors contracted along their
+        # second axis. By the compile report (D = 64, NS backward, sm_80): 48 B of
+        # spills against 64 with X (Ḡ + Ḡᵀ) first and 64 with separate sums.
+        return products.mm(y_bar, poly, x_j, gram_bar + gram_bar.T, init=a * y_bar, symmetric=True)
+    # TensorFloat-32: separate sums spilled least.
+    return a * y_bar + products.mm(y_bar, poly) + products.mm(x_j, gram_bar + gram_bar.T)
+
+
+def _read_reverse(products: _Products, steps: Steps, floor: float, q, h_bar, load_x, load_c):
+    """The second half of the backward, in a kernel body: C̄ of h = qᵀ NS(C) for h̄
+    (``newton_schulz._jax_backward`` on one rescaled block), from the iterates X_j that
+    ``load_x(j)`` gives (written by ``_read_iterates``), and C from ``load_c()`` for the
+    normalization's VJP: the reverse sweep holds Ȳ and one step's tiles, nothing is
+    recomputed."""
+
+    def reverse_step(t, y_bar):
+        j = len(steps) - 1 - t
+        return _reverse_step(products, steps, j, load_x(j), y_bar)
 
     y_bar = jax.lax.fori_loop(0, len(steps), reverse_step, q[:, None] * h_bar[None, :])
-    if reload is not None:
-        c = reload()
+    c = load_c()
+    s, r = _inverse_norm(c, floor)
     # X0 = C r, r = rsqrt(max(s, floor²)), s = ΣC²: where s > floor²,
     # dr/ds = -r³/2, so C̄ = r X̄0 - r³ <X̄0, C> C; below the floor r is constant.
     # At s == floor² jnp.maximum's derivative is split evenly between its
@@ -659,34 +698,68 @@ class _Call:
         )
 
     def backward(self):
-        """(count, d, d) rescaled memories, (count, d) queries and h̄ -> (x̄, q̄)."""
-        d, steps, products = self.d, self.steps, self.products
+        """(count, d, d) rescaled memories, (count, d) queries and h̄ -> (x̄, q̄), by two
+        kernels: the iterations, writing every step's input X_j (count, k, D, D) to
+        global memory, then the reverse sweep reading them (module docstring)."""
+        d, w, steps, products = self.d, self.width, self.steps, self.products
+        k = len(steps)
         floor = scaling.FROBENIUS_FLOOR
 
-        def ns_read_backward_kernel(memory_ref, query_ref, h_bar_ref, memory_bar_ref, q_bar_ref):
-            vector_mask, matrix_mask = _masks(d, self.width)
+        def ns_read_iterates_kernel(memory_ref, h_bar_ref, iterates_ref, q_bar_ref):
+            vector_mask, matrix_mask = _masks(d, w)
             c = plgpu.load(memory_ref, mask=matrix_mask, other=0.0)
-            q = plgpu.load(query_ref, mask=vector_mask, other=0.0)
             h_bar = plgpu.load(h_bar_ref, mask=vector_mask, other=0.0)
-            memory_bar = _read_backward(
+            _read_iterates(
                 products,
                 steps,
                 floor,
                 c,
+                h_bar,
+                lambda j, x: plgpu.store(iterates_ref.at[j], x),
+                lambda q_bar: plgpu.store(q_bar_ref, q_bar, mask=vector_mask),
+            )
+
+        def ns_read_backward_kernel(memory_ref, query_ref, h_bar_ref, iterates_ref, memory_bar_ref):
+            vector_mask, matrix_mask = _masks(d, w)
+            q = plgpu.load(query_ref, mask=vector_mask, other=0.0)
+            h_bar = plgpu.load(h_bar_ref, mask=vector_mask, other=0.0)
+            memory_bar = _read_reverse(
+                products,
+                steps,
+                floor,
                 q,
                 h_bar,
-                lambda q_bar: plgpu.store(q_bar_ref, q_bar, mask=vector_mask),
-                # The memory again (from global memory, cached) rather than kept live.
-                reload=lambda: plgpu.load(memory_ref, mask=matrix_mask, other=0.0),
+                # Loaded where each product needs it, the Gram-type ones by blocks.
+                lambda j: _Loaded(iterates_ref, j),
+                lambda: plgpu.load(memory_ref, mask=matrix_mask, other=0.0),
             )
             plgpu.store(memory_bar_ref, memory_bar, mask=matrix_mask)
 
-        return self._pallas_call(
-            ns_read_backward_kernel,
-            in_specs=[self._matrix_spec(), self._vector_spec(), self._vector_spec()],
-            out_specs=[self._matrix_spec(), self._vector_spec()],
+        iterates_spec = pl.BlockSpec((None, k, w, w), lambda i: (i, 0, 0, 0))
+        iterates_call = self._pallas_call(
+            ns_read_iterates_kernel,
+            in_specs=[self._matrix_spec(), self._vector_spec()],
+            out_specs=[iterates_spec, self._vector_spec()],
             out_shape=[
-                jax.ShapeDtypeStruct((self.count, d, d), jnp.float32),
+                # Padded to the block (no masks): the zeros are exact (module docstring).
+                jax.ShapeDtypeStruct((self.count, k, w, w), jnp.float32),
                 jax.ShapeDtypeStruct((self.count, d), jnp.float32),
             ],
         )
+        reverse_call = self._pallas_call(
+            ns_read_backward_kernel,
+            in_specs=[
+                self._matrix_spec(),
+                self._vector_spec(),
+                self._vector_spec(),
+                iterates_spec,
+            ],
+            out_specs=self._matrix_spec(),
+            out_shape=jax.ShapeDtypeStruct((self.count, d, d), jnp.float32),
+        )
+
+        def backward(memory, query, h_bar):
+            iterates, q_bar = iterates_call(memory, h_bar)
+            return reverse_call(memory, query, h_bar, iterates), q_bar
+
+        return backward

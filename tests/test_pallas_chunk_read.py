@@ -102,7 +102,11 @@ def test_lowers_for_cuda_with_triton_kernels():
 
     text = jax.jit(both).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     names = [name for name, _ in _triton_kernels(text)]
-    assert names == ["chunk_read_forward_kernel", "chunk_read_backward_kernel"]
+    assert names == [
+        "chunk_read_forward_kernel",
+        "chunk_read_iterates_kernel",
+        "chunk_read_backward_kernel",
+    ]
 
 
 def test_rejects_bad_shapes():

@@ -351,30 +351,43 @@ def test_lowers_for_cuda_to_triton_kernels_on_tensor_cores_for_highest():
     text = _export_for_cuda("highest")
     assert f"stablehlo.custom_call @{pallas_read.TRITON_CUSTOM_CALL}" in text
     kernels = _triton_kernels(text)
-    assert [name for name, _ in kernels] == ["ns_read_forward_kernel", "ns_read_backward_kernel"]
-    (_, forward), (_, backward) = kernels
+    assert [name for name, _ in kernels] == [
+        "ns_read_forward_kernel",
+        "ns_read_iterates_kernel",
+        "ns_read_backward_kernel",
+    ]
+    (_, forward), (_, iterates), (_, backward) = kernels
     # Float32 products as three TF32 products each (3xTF32), the Gram-type ones (XᵀX,
     # XᵀȲ) in 4 blocks of 16 along their contraction (D = 64). Cubic steps, as loops: the
-    # forward's step has G and X P(G); the backward has the forward's loop, and a reverse
-    # step that recomputes its input (a loop of the same), then G, Ȳ (aI + P(G)), XᵀȲ
-    # and X (Ḡ + Ḡᵀ) added to the same accumulator.
+    # forward's step has G and X P(G), and so has the backward's first kernel (which
+    # writes every step's input X_j); the second kernel's reverse step reads X_j (nothing
+    # recomputed) and has G, XᵀȲ, and Ȳ (aI + P(G)) and X (Ḡ + Ḡᵀ) added to the same
+    # accumulator.
     gram, product = 3 * 4, 3
     assert _tf32_products(forward) == gram + product
-    assert _tf32_products(backward) == 2 * (gram + product) + 2 * gram + 2 * product
-    assert len(re.findall(r'"scf\.(for|while)"', backward)) == 3
+    assert _tf32_products(iterates) == gram + product
+    assert _tf32_products(backward) == 2 * gram + 2 * product
+    for asm in (forward, iterates, backward):
+        assert len(re.findall(r'"scf\.(for|while)"', asm)) == 1
     # The operands are rounded to TF32 in the kernel (bit masks), so the tensor cores'
     # own conversion is exact.
     assert "arith.andi" in forward and "tt.bitcast" in forward
     # d = 48 in 64 x 64 blocks, loaded and stored with masks from and to the unpadded
-    # arrays. (Pallas lowers a store as a swap, whose unused load of the old value Triton
-    # drops as dead code.)
-    for asm, stored in ((forward, ["64"]), (backward, ["64", "64x64"])):
+    # arrays; the iterates (an array of the backward's own) padded to the block, without
+    # masks, loaded whole and by blocks of 16 rows. (Pallas lowers a store as a swap,
+    # whose unused load of the old value Triton drops as dead code.)
+    for asm, stored in ((forward, ["64"]), (iterates, ["64x64", "64"]), (backward, ["64x64"])):
         memory_ops = re.findall(r'"tt\.(load|store)".*: \((.*)\)', asm)
-        assert memory_ops and all("i1>" in types for _, types in memory_ops)
-        assert "tensor<64x64x!tt.ptr<f32>>" in memory_ops[0][1]
+        assert any("tensor<64x64x!tt.ptr<f32>>, tensor<64x64xi1>" in t for _, t in memory_ops)
         assert [
             re.match(r"tensor<(\w+)x!tt", types)[1] for op, types in memory_ops if op == "store"
         ] == stored
+    forward_ops = re.findall(r'"tt\.(?:load|store)".*: \((.*)\)', forward)
+    assert all("i1>" in types for types in forward_ops)
+    # The reverse step loads X_j in blocks of 16 rows for its Gram-type products (4 + 4
+    # for XᵀX, 4 for XᵀȲ) and whole for X (Ḡ + Ḡᵀ).
+    loaded = re.findall(r'"tt\.load".*: \((.*)\)', backward)
+    assert sum(t.startswith("tensor<16x64x!tt.ptr<f32>>") for t in loaded) == 12
 
 
 @pytest.mark.parametrize(
@@ -392,12 +405,13 @@ def test_lowered_product_precision(jax_precision, precision, dtype, passes):
 
     steps = ns.iteration_coefficients("muon", 1)
     expected = (str(int(getattr(tt_dialect.InputPrecision, precision))), dtype)
-    forward, backward = _triton_kernels(_export_for_cuda(jax_precision, steps, d=13))
-    # Quintic: 3 products forward (G, G², X (aI + P(G))); the backward has the forward's
-    # loop (3), its reverse step's recomputation (3) and the reverse step's 6 (G, G²,
-    # XᵀȲ, G XᵀȲ, XᵀȲ G, and Ȳ (aI + P(G)) + X (Ḡ + Ḡᵀ) as 2 into one accumulator).
+    # Quintic: 3 products forward (G, G², X (aI + P(G))), as many in the backward's
+    # first kernel; its second kernel's reverse step has 7 (G, G², XᵀȲ, G XᵀȲ, XᵀȲ G,
+    # Ȳ (aI + P(G)) and X (Ḡ + Ḡᵀ)).
+    forward, iterates, backward = _triton_kernels(_export_for_cuda(jax_precision, steps, d=13))
     assert _dots(forward[1]) == [expected] * 3 * passes
-    assert _dots(backward[1]) == [expected] * 13 * passes
+    assert _dots(iterates[1]) == [expected] * 3 * passes
+    assert _dots(backward[1]) == [expected] * 7 * passes
 
 
 # --- Selected for GPUs: newton_schulz_read and the model ---------------------------------
@@ -480,6 +494,10 @@ def test_the_models_training_step_lowers_with_the_kernel_for_cuda(monkeypatch):
     kernels = _triton_kernels(text)
     names = {name for name, _ in kernels}
     # The chunkwise form's reads: the chunk kernels (each C_t formed on chip).
-    assert names == {"chunk_read_forward_kernel", "chunk_read_backward_kernel"}
+    assert names == {
+        "chunk_read_forward_kernel",
+        "chunk_read_iterates_kernel",
+        "chunk_read_backward_kernel",
+    }
     for _, asm in kernels:
         _tf32_products(asm)
