@@ -230,14 +230,16 @@ class _Call:
     def _row_spec(self):
         return pl.BlockSpec((None, None, self.width), lambda i, t: (i, t, 0))
 
-    def _pallas_call(self, kernel, in_specs, out_specs, out_shape):
+    def _pallas_call(self, kernel, in_specs, out_specs, out_shape, num_stages=1):
         return pl.pallas_call(
             kernel,
             grid=(self.count, self.length),
             in_specs=in_specs,
             out_specs=out_specs,
             out_shape=out_shape,
-            compiler_params=plgpu.CompilerParams(num_warps=pallas_read.NUM_WARPS, num_stages=1),
+            compiler_params=plgpu.CompilerParams(
+                num_warps=pallas_read.NUM_WARPS, num_stages=num_stages
+            ),
             interpret=self.interpret,
         )
 
@@ -376,6 +378,7 @@ class _Call:
                 jax.ShapeDtypeStruct((n, length), jnp.float32),
                 jax.ShapeDtypeStruct((n, length, length), jnp.float32),
             ],
+            num_stages=pallas_read.REVERSE_STAGES,
         )
 
         def backward(*operands):

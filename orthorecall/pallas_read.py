@@ -40,10 +40,11 @@ offer. So the backward is two kernels (``_Call.backward``): the first writes X_0
 X_{k-1} (k D² floats per memory, padded to the block), the kernel boundary orders the
 writes before the reads, and the second's reverse step loads X_j where each product
 needs it (``_Loaded``): by blocks of 16 rows for the Gram-type products XᵀX and XᵀȲ,
-whole for X (Ḡ + Ḡᵀ), so that no copy of X_j stays live across the step. The cost is
-k D² floats written and about 3k D² read per memory (L2-resident at these sizes: 80 KB
-per memory at D = 64 for NS5) and one more launch; ``results/gpu_compile_report.json``
-has what it saves in spills.
+whole for X (Ḡ + Ḡᵀ), so that no copy of X_j stays live across the step, and its loop
+is software-pipelined (``REVERSE_STAGES``). The cost is k D² floats written and 4k D²
+loaded per memory (80 and 320 KB at D = 64 for NS5; the loads mostly hit the caches)
+and one more launch; ``results/gpu_compile_report.json`` has what it saves in spills,
+docs/accelerators.md weighs the two.
 
 Precision. Every product is requested explicitly (``jax_precision`` as recorded by
 ``orthorecall.precision.current()``), since Triton's float32 ``tt.dot`` defaults to
@@ -106,6 +107,14 @@ MAX_WIDTH = 64
 # program of 8 warps instead of three of 4); none reached zero. 16 warps capped the
 # registers at 128 and spilled 1-6 KB.
 NUM_WARPS = 4
+# Software-pipelining stages of the backward's reverse-sweep kernel, whose loop loads the
+# iterates X_j from global memory (the other kernels' loops load nothing: one stage).
+# With 2, Triton's pipeliner stages the loads of X_j's blocks through shared memory
+# (asynchronous copies) instead of registers: by the compile report ("highest",
+# D = 64) the reverse kernel's spills on sm_80 48-56 -> 0-16 B (NS read) and 32-40 -> 0
+# (chunk read), none on sm_90 either way, for 16 (sm_80) and 32 KiB (sm_90) more
+# shared memory; 3 stages were no better (16 B, 64-96 KiB).
+REVERSE_STAGES = 2
 # Smallest block side: Triton's tt.dot needs every dimension >= 16.
 _MIN_BLOCK = 16
 # The custom call pallas_call's Triton lowering emits with jaxlib <= 0.10.2 (later
@@ -654,7 +663,7 @@ class _Call:
     def width(self) -> int:
         return block_width(self.d)
 
-    def _pallas_call(self, kernel, in_specs, out_specs, out_shape):
+    def _pallas_call(self, kernel, in_specs, out_specs, out_shape, num_stages=1):
         return pl.pallas_call(
             kernel,
             grid=(self.count,),
@@ -662,9 +671,9 @@ class _Call:
             out_specs=out_specs,
             out_shape=out_shape,
             # Without Triton's parameters JAX 0.10 lowers pallas_call with Mosaic GPU.
-            # 4 warps, one warp group, at every width: ``NUM_WARPS``. The loops have no
-            # loads to software-pipeline, so one stage.
-            compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+            # 4 warps, one warp group, at every width: ``NUM_WARPS``. One stage, except
+            # for the reverse sweep's loads (``REVERSE_STAGES``).
+            compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=num_stages),
             interpret=self.interpret,
         )
 
@@ -756,6 +765,7 @@ class _Call:
             ],
             out_specs=self._matrix_spec(),
             out_shape=jax.ShapeDtypeStruct((self.count, d, d), jnp.float32),
+            num_stages=REVERSE_STAGES,
         )
 
         def backward(memory, query, h_bar):
