@@ -555,10 +555,15 @@ def _iterate(products: _Products, x, steps: Steps):
     return jax.lax.fori_loop(0, len(steps), functools.partial(_step, products, steps), x)
 
 
-def _read_iterates(products: _Products, steps: Steps, floor: float, c, h_bar, store_x, store_q_bar):
+def _read_iterates(
+    products: _Products, steps: Steps, floor: float, c, load_h_bar, store_x, store_q_bar
+):
     """The first half of the backward, in a kernel body: the forward iterations from the
     (rescaled) block C, each step's input X_j handed to ``store_x(j, X_j)`` (for the
-    reverse sweep, ``_read_reverse``), and q̄ = X_k h̄ to ``store_q_bar``."""
+    reverse sweep, ``_read_reverse``), and q̄ = X_k h̄ to ``store_q_bar``, h̄ from
+    ``load_h_bar()`` after the iterations (not kept live through them: by the compile
+    report no spills instead of 8 B in the NS kernel at d = 48 on sm_80, 161 registers
+    instead of 177 on sm_90)."""
     _, r = _inverse_norm(c, floor)
 
     def step(i, x):
@@ -567,7 +572,7 @@ def _read_iterates(products: _Products, steps: Steps, floor: float, c, h_bar, st
 
     x_k = jax.lax.fori_loop(0, len(steps), step, c * r)
     # h = qᵀ X_k: q̄ = X_k h̄ (and X̄_k = q h̄ᵀ, the reverse sweep's start).
-    store_q_bar(jnp.sum(x_k * h_bar[None, :], axis=1))
+    store_q_bar(jnp.sum(x_k * load_h_bar()[None, :], axis=1))
 
 
 def _reverse_step(products: _Products, steps: Steps, j, x_j, y_bar):
@@ -717,13 +722,12 @@ class _Call:
         def ns_read_iterates_kernel(memory_ref, h_bar_ref, iterates_ref, q_bar_ref):
             vector_mask, matrix_mask = _masks(d, w)
             c = plgpu.load(memory_ref, mask=matrix_mask, other=0.0)
-            h_bar = plgpu.load(h_bar_ref, mask=vector_mask, other=0.0)
             _read_iterates(
                 products,
                 steps,
                 floor,
                 c,
-                h_bar,
+                lambda: plgpu.load(h_bar_ref, mask=vector_mask, other=0.0),
                 lambda j, x: plgpu.store(iterates_ref.at[j], x),
                 lambda q_bar: plgpu.store(q_bar_ref, q_bar, mask=vector_mask),
             )
