@@ -111,9 +111,10 @@ NUM_WARPS = 4
 # iterates X_j from global memory (the other kernels' loops load nothing: one stage).
 # With 2, Triton's pipeliner stages the loads of X_j's blocks through shared memory
 # (asynchronous copies) instead of registers: by the compile report ("highest",
-# D = 64) the reverse kernel's spills on sm_80 48-56 -> 0-16 B (NS read) and 32-40 -> 0
-# (chunk read), none on sm_90 either way, for 16 (sm_80) and 32 KiB (sm_90) more
-# shared memory; 3 stages were no better (16 B, 64-96 KiB).
+# D = 48/64) the reverse kernel's spills on sm_80 48-56 -> 0-16 B (NS read) and
+# 32-40 -> 0 (chunk read), and none with the reverse step's products of
+# ``_reverse_step``; none on sm_90 either way; for 16 (sm_80) and 32 KiB (sm_90) more
+# shared memory. 3 stages were no better (16 B, 64-96 KiB).
 REVERSE_STAGES = 2
 # Smallest block side: Triton's tt.dot needs every dimension >= 16.
 _MIN_BLOCK = 16
@@ -601,9 +602,10 @@ def _reverse_step(products: _Products, steps: Steps, j, x_j, y_bar):
     if products.split:
         # 3xTF32: both products into one accumulator started at a Ȳ, Ȳ P(G) first (X_j
         # loaded once more for the second), the symmetric factors contracted along their
-        # second axis. By the compile report (D = 64, NS backward, sm_80): 48 B of
-        # spills against 64 with X (Ḡ + Ḡᵀ) first and 64 with separate sums.
-        return products.mm(y_bar, poly, x_j, gram_bar + gram_bar.T, init=a * y_bar, symmetric=True)
+        # first axis. By the compile report (D = 48/64, sm_80, with ``REVERSE_STAGES``):
+        # no spills, against 16 B (NS, d = 48) contracting their second axis, 40-56 B
+        # with X (Ḡ + Ḡᵀ) first, 0-64 B with separate sums.
+        return products.mm(y_bar, poly, x_j, gram_bar + gram_bar.T, init=a * y_bar)
     # TensorFloat-32: separate sums spilled least.
     return a * y_bar + products.mm(y_bar, poly) + products.mm(x_j, gram_bar + gram_bar.T)
 
