@@ -289,13 +289,10 @@ class _Call:
             out_shape=jax.ShapeDtypeStruct((n, length, d), jnp.float32),
         )
 
-    def backward(self):
-        """The backward as two kernels per (chunk, position): the iterations of the read
-        of C_t, writing every step's input X_j (n, L, k, D, D) to global memory, then the
-        reverse sweep reading them and the cotangents (module docstring)."""
-        n, length, d, w = self.count, self.length, self.d, self.width
-        steps, products = self.steps, self.products
-        k = len(steps)
+    def _iterates_kernel(self):
+        """The backward's first kernel: the iterations of the read of C_t, writing every
+        step's input X_j and then C_t itself to ``iterates_ref``, and q̄."""
+        steps, products, k = self.steps, self.products, len(self.steps)
         floor = scaling.FROBENIUS_FLOOR
 
         def chunk_read_iterates_kernel(*refs):
@@ -315,6 +312,14 @@ class _Call:
                 lambda j, x: plgpu.store(iterates_ref.at[j], x),
                 lambda q_bar: plgpu.store(q_bar_ref, q_bar, mask=vector_mask),
             )
+
+        return chunk_read_iterates_kernel
+
+    def _reverse_kernel(self):
+        """The backward's second kernel: the reverse sweep over the stored iterates, and
+        the cotangents of the chunk-start memory's scale and of the decay matrix."""
+        steps, products, k = self.steps, self.products, len(self.steps)
+        floor = scaling.FROBENIUS_FLOOR
 
         def chunk_read_backward_kernel(*refs):
             *inputs, h_bar_ref, iterates_ref = refs[:-3]
@@ -355,10 +360,18 @@ class _Call:
             decay_bar = jnp.sum(products.mm(k_, c_bar) * v, axis=1)
             plgpu.store(decay_bar_ref, decay_bar, mask=chunk_mask)
 
+        return chunk_read_backward_kernel
+
+    def backward(self):
+        """The backward as two kernels per (chunk, position): the iterations of the read
+        of C_t, writing every step's input X_j (n, L, k, D, D) to global memory, then the
+        reverse sweep reading them and the cotangents (module docstring)."""
+        n, length, d, w = self.count, self.length, self.d, self.width
+        k = len(self.steps)
         ln = self.chunk
         iterates_spec = pl.BlockSpec((None, None, k + 1, w, w), lambda i, t: (i, t, 0, 0, 0))
         iterates_call = self._pallas_call(
-            chunk_read_iterates_kernel,
+            self._iterates_kernel(),
             in_specs=self._specs() + [self._row_spec()],
             out_specs=[iterates_spec, self._row_spec()],
             out_shape=[
@@ -368,7 +381,7 @@ class _Call:
             ],
         )
         reverse_call = self._pallas_call(
-            chunk_read_backward_kernel,
+            self._reverse_kernel(),
             in_specs=self._specs() + [self._row_spec(), iterates_spec],
             out_specs=[
                 pl.BlockSpec((None, None, w, w), lambda i, t: (i, t, 0, 0)),
