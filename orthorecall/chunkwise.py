@@ -8,14 +8,14 @@ computes it (``stabilizer``): the running max of the carried-in log-scale and ev
 source's log-weight, so the two forms agree to float32 rounding even for reads that are
 not scale invariant.
 
-Non-finite values (``output_faults``, ``end_state_faults``). The L x L products mix
-every position of the chunk with every other, and a masked entry is an exact 0, but
-0 x NaN = NaN: a NaN or inf anywhere in the chunk would reach earlier positions and
-later episodes. So the arithmetic runs on sanitized values (bad ones replaced by 0,
-the result for finite inputs bit for bit unchanged), and NaN is put back with
-``jnp.where`` where the recurrence would have it (were every bad value a NaN): a bad q
-at its own position; a bad k, v, gate or carried-in state from its position (or the
-chunk start) up to the next reset. Selecting rather than multiplying also keeps
+Non-finite values (``output_faults``, ``bad_outputs``, ``end_faults``, ``end_state``).
+The L x L products mix every position of the chunk with every other, and a masked entry
+is an exact 0, but 0 x NaN = NaN: a NaN or inf anywhere in the chunk would reach earlier
+positions and later episodes. So the arithmetic runs on sanitized values (bad ones
+replaced by 0, the result for finite inputs bit for bit unchanged), and NaN is put back
+with ``jnp.where`` where the recurrence would have it (were every bad value a NaN): a
+bad q at its own position; a bad k, v, gate or carried-in state from its position (or
+the chunk start) up to the next reset. Selecting rather than multiplying also keeps
 backward clean: the poisoned positions pass a zero cotangent to finite arithmetic, so
 gradients of other episodes stay finite. A forget gate of exactly -inf (f = 0) forgets
 as in the recurrence: its prefix sum would be -inf - (-inf), so it is treated as a
@@ -176,7 +176,7 @@ def state_scale(geo: Geometry, m0: jax.Array, m: jax.Array) -> jax.Array:
 
 class Faults(NamedTuple):
     """Where the recurrence's values would be NaN (or inf), from the chunk's own inputs
-    (the start state's part is added by ``with_state``).
+    (the start state's part is added by ``bad_outputs``).
 
     The recurrence's stabilizer m turns NaN from a NaN gate (log f NaN, ĩ NaN or +inf)
     or a bad m₀, and then so does everything; feature i of n from feature i of a key or

@@ -72,7 +72,6 @@ from orthorecall.validation import check_int
 
 # Added to the normalizer, as in the reference.
 DENOMINATOR_EPS = 1e-6
-_LOG_ZERO = chunkwise.LOG_ZERO
 # The one intermediate a chunk keeps for backward besides its boundary state:
 # the read qᵀ R(C_t) (B, H, L, d), the expensive part of the forward.
 READ_CHECKPOINT_NAME = "mlstm_read"
@@ -380,7 +379,7 @@ def _padded_inputs(q, k, v, input_gate, forget_gate, reset, length: int):
         )
         q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
         log_f = time_pad(log_f, 0.0)
-        i_pre = time_pad(i_pre, _LOG_ZERO)
+        i_pre = time_pad(i_pre, chunkwise.LOG_ZERO)
         reset = time_pad(reset, False)
     return q, k, v, log_f, i_pre, reset
 
