@@ -224,10 +224,45 @@ def layer_norm(x: jax.Array, scale: jax.Array, groups: int = 1) -> jax.Array:
     return x * (1.0 + scale)
 
 
+def _block_products(blocks, weight):
+    # Σ_i blocks[..., j, i] weight[j, :, i], one term per column of the (small) blocks.
+    return sum(blocks[..., i, None] * weight[:, :, i] for i in range(weight.shape[2]))
+
+
+@jax.custom_vjp
 def _block_diagonal(x, weight):
-    # weight [block, out, in]: output block j = W[j] @ input block j.
+    """x (..., J·n) through the block-diagonal matrix of ``weight`` [block j, out, in]:
+    output block j = W[j] @ input block j.
+
+    The blocks are tiny (4 x 4), so the products run as n broadcast multiply-adds, and
+    the backward is written out: as a dot over 48 block-batches, XLA:CPU transposed x, g
+    and the output to put the blocks first, which took about a tenth of the raw model's
+    training step (v80/s512, batch 16: 194 -> 180 ms with this form).
+    """
     blocks = x.reshape(x.shape[:-1] + (weight.shape[0], weight.shape[2]))
-    return jnp.einsum("...ji,joi->...jo", blocks, weight.astype(x.dtype)).reshape(x.shape)
+    return _block_products(blocks, weight.astype(x.dtype)).reshape(x.shape)
+
+
+def _block_diagonal_forward(x, weight):
+    return _block_diagonal(x, weight), (x, weight)
+
+
+def _block_diagonal_backward(residuals, g):
+    x, weight = residuals
+    num_blocks, out, width = weight.shape
+    g_blocks = g.reshape(g.shape[:-1] + (num_blocks, out))
+    x_blocks = x.reshape(x.shape[:-1] + (num_blocks, width))
+    x_bar = _block_products(g_blocks, jnp.swapaxes(weight, 1, 2).astype(g.dtype))
+    # W̄[j, o, i] = Σ over every position of g[j, o] x[j, i].
+    # Summed in float32 whatever the compute dtype: it runs over every position.
+    g_blocks, x_blocks = (a.astype(jnp.float32) for a in (g_blocks, x_blocks))
+    weight_bar = jnp.sum(
+        g_blocks[..., :, :, None] * x_blocks[..., :, None, :], axis=tuple(range(g.ndim - 1))
+    )
+    return x_bar.reshape(x.shape).astype(x.dtype), weight_bar.astype(weight.dtype)
+
+
+_block_diagonal.defvjp(_block_diagonal_forward, _block_diagonal_backward)
 
 
 def _projections(params, x_m, x_c, config):
@@ -235,13 +270,17 @@ def _projections(params, x_m, x_c, config):
     q = _block_diagonal(x_c, params["q_proj"])
     k = _block_diagonal(x_c, params["k_proj"])
     v = _block_diagonal(x_m, params["v_proj"])
-    gate_input = jnp.concatenate([q, k, v], axis=-1)
-    gates = [
-        gate_input @ params[name]["kernel"].astype(x_c.dtype) + params[name]["bias"]
-        for name in ("input_gate", "forget_gate")
-    ]
+    # Both gates read [q, k, v]: one product per part with both gates' kernels side by
+    # side, rather than concatenating q, k, v (and slicing the concatenation's cotangent).
+    names = ("input_gate", "forget_gate")
+    kernel = jnp.concatenate([params[name]["kernel"] for name in names], axis=1)
+    kernel = kernel.astype(x_c.dtype)
+    width = q.shape[-1]
+    gates = sum(part @ kernel[j * width : (j + 1) * width] for j, part in enumerate((q, k, v)))
+    gates = (gates + jnp.concatenate([params[name]["bias"] for name in names])).astype(jnp.float32)
     split = lambda t: t.reshape(t.shape[:-1] + (config.num_heads, config.head_dim))
-    return split(q), split(k), split(v), gates[0].astype(jnp.float32), gates[1].astype(jnp.float32)
+    h = config.num_heads
+    return split(q), split(k), split(v), gates[..., :h], gates[..., h:]
 
 
 def _output(params, h, x_c, z, config):
