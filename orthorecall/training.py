@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from orthorecall import evaluation
+from orthorecall import compilation, evaluation
 from orthorecall import model as model_lib
 from orthorecall.validation import check_int, check_real
 
@@ -371,7 +371,7 @@ def make_train_step(
             metrics[read] = {"loss": loss, "grad_norm": grad_norm}
         return new_states, keys, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    return compilation.jit(step, donate_argnums=(0,))
 
 
 def _check_divides(seed_groups: int, num_seeds: int) -> None:
@@ -419,7 +419,7 @@ def make_eval_step(configs: dict[str, model_lib.ModelConfig], seed_groups: int =
             )
         return out
 
-    return jax.jit(evaluate)
+    return compilation.jit(evaluate)
 
 
 def seed_mesh(devices=None) -> Mesh:
