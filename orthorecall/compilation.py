@@ -1,18 +1,25 @@
-"""The XLA compiler options the library's jitted steps are compiled with.
+"""The XLA compiler options of the study's training step (``training.make_train_step``).
 
-On the CPU, XLA hands fusions to the YNNPACK library: matrix products, and by default
-also the elementwise work and reductions around them. For this model's small
-reductions over (batch, heads, positions) the library's fusions ran far slower than
-XLA's own loops: with products only, the raw model's training step (v80/s512, batch
-16, 2-core CPU) went from 49k to 65k tokens/s and the ns5 step from 12.0k to 13.4k,
-the evaluation forwards unchanged (docs/speed.md). So the training and evaluation
-steps ask for products only (``compiler_options``), on the CPU and nowhere else.
+On the CPU, XLA hands work to the YNNPACK library: matrix products, and by default also
+the elementwise work and reductions it can fuse with them or on their own. In the
+training step, whose backward is full of small reductions over (batch, heads,
+positions), those library fusions ran far slower than XLA's own loops. Compiled with
+library calls for single matrix products only, the raw model's training step
+(v80/s512, batch 16, 2-core CPU) went from 40k-49k to 58k tokens/s, the ns5 step from
+11.9k-12.2k to 12.4k-13.3k (docs/speed.md). Forward passes run better with XLA's
+defaults (the raw evaluation forward lost a third with this option), and so do the
+agents, whose jitted updates are mostly acting: only the training step takes it.
 
-The option is XLA's own and marked experimental: it is tried once on a tiny program,
-and left out (with one warning) where this JAX does not take it. Set
+Why single products rather than XLA's "dot" setting (products with their fused
+consumers), which was as fast: with that setting XLA:CPU crashed (segmentation fault)
+compiling mlstm_kernels' chunkwise backward at B16 H4 T1024 d64; single products did
+not (``tests/test_benchmark_chunkwise.py`` keeps the case).
+
+The option is XLA's own and marked experimental: it is tried once on a tiny program
+and left out, with one warning, where this JAX does not take it. Set
 ``ORTHORECALL_XLA_OPTIONS=0`` to compile with XLA's defaults; an
-``xla_cpu_experimental_ynn_fusion_type`` in ``XLA_FLAGS`` is the user's choice and is
-left to apply.
+``xla_cpu_experimental_ynn_fusion_type`` in ``XLA_FLAGS`` is the user's choice and
+stays in force.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 from orthorecall.validation import switched_on
 
 YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-CPU_OPTIONS = {YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_DOT"}
+CPU_TRAINING_OPTIONS = {YNN_FUSION_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 @functools.cache
@@ -37,27 +44,28 @@ def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
         program.lower(jnp.ones((4, 4), jnp.float32)).compile()
     except Exception as e:  # Any refusal means: compile with XLA's defaults.
         warnings.warn(
-            f"XLA did not take the compiler options {dict(options)} ({e}); the library's "
-            "steps compile with XLA's defaults.",
+            f"XLA did not take the compiler options {dict(options)} ({e}); the training "
+            "step compiles with XLA's defaults.",
             stacklevel=3,
         )
         return False
     return True
 
 
-def compiler_options(backend: str | None = None) -> dict[str, str] | None:
-    """The options for a step compiled for ``backend`` (default: JAX's), or None for
-    XLA's defaults: off the CPU, when switched off, or when ``XLA_FLAGS`` sets them."""
+def training_options(backend: str | None = None) -> dict[str, str] | None:
+    """The options for a training step compiled for ``backend`` (default: JAX's), or
+    None for XLA's defaults: off the CPU, when switched off, or when ``XLA_FLAGS`` sets
+    the option itself."""
     backend = backend or jax.default_backend()
     if backend != "cpu" or not switched_on("ORTHORECALL_XLA_OPTIONS"):
         return None
     if YNN_FUSION_OPTION in os.environ.get("XLA_FLAGS", ""):
         return None
-    if not _accepted(tuple(sorted(CPU_OPTIONS.items()))):
+    if not _accepted(tuple(sorted(CPU_TRAINING_OPTIONS.items()))):
         return None
-    return dict(CPU_OPTIONS)
+    return dict(CPU_TRAINING_OPTIONS)
 
 
-def jit(fn, **kwargs):
-    """``jax.jit(fn, **kwargs)`` with the library's ``compiler_options``."""
-    return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
+def jit_training_step(fn, **kwargs):
+    """``jax.jit(fn, **kwargs)`` compiled with ``training_options``."""
+    return jax.jit(fn, compiler_options=training_options(), **kwargs)

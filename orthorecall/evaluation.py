@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from orthorecall import compilation
 from orthorecall import model as model_lib
 from orthorecall.validation import check_int
 
@@ -91,7 +90,7 @@ def per_batch_metrics(
     return jax.lax.map(one_batch, (inputs, targets))
 
 
-_per_batch_metrics = compilation.jit(per_batch_metrics, static_argnames=("config", "ignore_index"))
+_per_batch_metrics = jax.jit(per_batch_metrics, static_argnames=("config", "ignore_index"))
 
 
 def evaluate(

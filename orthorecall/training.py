@@ -371,7 +371,7 @@ def make_train_step(
             metrics[read] = {"loss": loss, "grad_norm": grad_norm}
         return new_states, keys, metrics
 
-    return compilation.jit(step, donate_argnums=(0,))
+    return compilation.jit_training_step(step, donate_argnums=(0,))
 
 
 def _check_divides(seed_groups: int, num_seeds: int) -> None:
@@ -419,7 +419,7 @@ def make_eval_step(configs: dict[str, model_lib.ModelConfig], seed_groups: int =
             )
         return out
 
-    return compilation.jit(evaluate)
+    return jax.jit(evaluate)
 
 
 def seed_mesh(devices=None) -> Mesh:

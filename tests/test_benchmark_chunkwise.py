@@ -3,6 +3,7 @@ comparison benchmark that times the two (experiments/benchmarks/chunkwise.py).""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 pytest.importorskip("mlstm_kernels")
 
 from experiments.benchmarks import chunkwise as bench
-from orthorecall import mlstm, reads
+from orthorecall import compilation, mlstm, reads
 
 
 def _inputs(seed, b, t, h, d):
@@ -39,6 +40,18 @@ def test_our_forms_agree_with_mlstm_kernels(chunk_size):
         np.testing.assert_allclose(state.m, m, rtol=0, atol=1e-5)
         np.testing.assert_allclose(state.c * np.sqrt(24), c, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(state.n * np.sqrt(24), n, rtol=1e-4, atol=1e-5)
+
+
+def test_training_options_compile_a_backward_xlas_fused_products_crashed_on():
+    # With XLA's "dot" setting (products and their fused consumers in YNNPACK), XLA:CPU
+    # died (segmentation fault) compiling this gradient; the training step's option
+    # (single products) must compile and run it.
+    native = bench.load_native_chunkwise()
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+    args = tuple(map(heads_first, _inputs(0, 16, 1024, 4, 64)))
+    loss = lambda *a: jnp.sum(jnp.square(native.mlstm_chunkwise_fw(*a, chunk_size=64)[0]))
+    grads = compilation.jit_training_step(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
 
 def test_benchmark_smoke_writes_figures(tmp_path, capsys):

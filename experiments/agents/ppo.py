@@ -26,7 +26,6 @@ import optax
 
 from experiments.agents import envs as envs_lib
 from experiments.agents.networks import ActorCritic, CoreConfig, initial_carry
-from orthorecall import compilation
 from orthorecall.validation import check_int
 
 
@@ -332,7 +331,7 @@ def make_train_chunk(agents: dict[str, Agent], updates_per_call: int):
             )
         return out, metrics
 
-    return compilation.jit(chunk, donate_argnums=0)
+    return jax.jit(chunk, donate_argnums=0)
 
 
 def init_runners(agent: Agent, seeds) -> RunnerState:

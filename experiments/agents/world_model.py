@@ -79,7 +79,6 @@ from experiments.agents.world_model_acting import (
 )
 from experiments.agents.world_model_rssm import Config
 from experiments.agents.world_model_training import init_train_state, train_step
-from orthorecall import compilation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +135,7 @@ def make_functions(env, config: Config, loop: LoopConfig) -> Functions:
         state, metrics = train_step(config, state, batch, train_key)
         return state, actor, replay, metrics
 
-    evaluate_jit = compilation.jit(
+    evaluate_jit = jax.jit(
         lambda state, key, code: evaluate(env, config, state, key, loop.eval_envs, code)
     )
 
@@ -145,7 +144,7 @@ def make_functions(env, config: Config, loop: LoopConfig) -> Functions:
 
     return Functions(
         init=jax.jit(init),
-        prefill=compilation.jit(prefill, static_argnums=4),
-        update=compilation.jit(update, donate_argnums=(2,)),
+        prefill=jax.jit(prefill, static_argnums=4),
+        update=jax.jit(update, donate_argnums=(2,)),
         evaluate=evaluate_fn,
     )

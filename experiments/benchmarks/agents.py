@@ -37,7 +37,6 @@ from experiments.study.cli import (
     library_logging_at_warning,
 )
 from experiments.study.config_checks import FLAGS as FLAG_CHECKS
-from orthorecall import compilation
 
 _CORES = flags.DEFINE_string("cores", "gru,raw,ns5", "Comma-separated cores.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Environments stepped together.", lower_bound=1)
@@ -67,7 +66,7 @@ def measure(core: CoreConfig, batch: int, unroll: int, obs_size: int, actions: i
     obs = jax.random.normal(key, (batch, obs_size))
     reset = jnp.zeros((batch,), bool)
     params = network.init(key, carry, obs, reset)
-    step = compilation.jit(lambda p, c, o, r: network.apply(p, c, o, r, method=ActorCritic.step))
+    step = jax.jit(lambda p, c, o, r: network.apply(p, c, o, r, method=ActorCritic.step))
     step_seconds = _median_seconds(step, params, carry, obs, reset, repeats=repeats)
 
     obs_seq = jax.random.normal(key, (unroll, batch, obs_size))
@@ -77,7 +76,7 @@ def measure(core: CoreConfig, batch: int, unroll: int, obs_size: int, actions: i
         _, logits, value = network.apply(p, carry, obs_seq, reset_seq, method=ActorCritic.unroll)
         return jnp.mean(jax.nn.logsumexp(logits, -1)) + jnp.mean(value**2)
 
-    grad = compilation.jit(jax.value_and_grad(loss))
+    grad = jax.jit(jax.value_and_grad(loss))
     unroll_seconds = _median_seconds(grad, params, repeats=max(3, repeats // 4))
     leaves = jax.tree_util.tree_leaves(params)
     return {

@@ -9,10 +9,9 @@ memory, and all of a raw agent's) against ``mlstm_chunkwise_fw`` of mlstm_kernel
 imported), forward and forward+backward (the gradient of Σh² with respect to q, k, v
 and both gates), on the same random inputs, each in its own layout: ours takes
 (B, T, H, d), theirs (B, H, T, d). Both use their default chunk lengths unless
---chunk_size is given, theirs 64, and both are compiled with the library's XLA options
-(``orthorecall.compilation``). The two forms' outputs are compared first (they compute
-the same function; ours also handles resets, NaN containment and any chunk length,
-which these inputs do not exercise).
+--chunk_size is given, theirs 64, and XLA's default compiler options. The two forms'
+outputs are compared first (they compute the same function; ours also handles resets,
+NaN containment and any chunk length, which these inputs do not exercise).
 
 Each round times every function once, in turn, after compilation and a warm-up;
 the figures are medians over rounds, in tokens per second, and the ratio is ours over
@@ -65,7 +64,7 @@ def make_functions(shape, chunk_size: int | None, native):
     import jax.numpy as jnp
     import numpy as np
 
-    from orthorecall import compilation, mlstm, reads
+    from orthorecall import mlstm, reads
 
     b, h, t, d = shape
     rng = np.random.default_rng(0)
@@ -85,12 +84,11 @@ def make_functions(shape, chunk_size: int | None, native):
 
     def forward_backward(fn):
         loss = lambda *args: jnp.sum(jnp.square(fn(*args)))
-        return compilation.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
-    # Both compiled as the library compiles its steps (orthorecall.compilation).
     functions = {
-        "ours_forward": (compilation.jit(ours), ours_args),
-        "theirs_forward": (compilation.jit(theirs), theirs_args),
+        "ours_forward": (jax.jit(ours), ours_args),
+        "theirs_forward": (jax.jit(theirs), theirs_args),
         "ours_forward_backward": (forward_backward(ours), ours_args),
         "theirs_forward_backward": (forward_backward(theirs), theirs_args),
     }

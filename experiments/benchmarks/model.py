@@ -252,7 +252,7 @@ def _device_peak() -> dict:
 def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN, *, cell_fields=None):
     import jax
 
-    from orthorecall import compilation, data, model
+    from orthorecall import data, model
 
     config = _model_config(read_name, cell_fields)
     params = model.init_params(jax.random.PRNGKey(0), config)
@@ -262,7 +262,7 @@ def bench_eval_forward(read_name, batch, repeats, seq_len=SEQ_LEN, *, cell_field
         batch_size=batch,
         is_training=False,
     )
-    forward = compilation.jit(model.apply, static_argnames="config")
+    forward = jax.jit(model.apply, static_argnames="config")
     seconds = _median_seconds(lambda: forward(params, tokens, config=config), repeats)
     count = batch * (seq_len - 1)
     return {
