@@ -10,7 +10,8 @@ install:
 test:
 	$(PYTHON) -m pytest -q -n auto --dist loadscope
 
-# The suite without the tests marked slow: well under a minute.
+# The suite without the tests marked slow (decorated, or listed in tests/slow_tests.txt):
+# under a minute on 2 cores.
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 

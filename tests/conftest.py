@@ -107,3 +107,17 @@ def report_study(tmp_path_factory):
     from tests import report_fixtures  # imports experiments.report, for its tests only
 
     return report_fixtures.build_study(tmp_path_factory.mktemp("study"))
+
+
+# The tests `make test-fast` leaves out for their time alone, listed with how they were
+# chosen in tests/slow_tests.txt; marked slow here, so that the list, not each module,
+# is what a new measurement updates.
+SLOW_TESTS = REPO_ROOT / "tests" / "slow_tests.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    lines = SLOW_TESTS.read_text().splitlines()
+    slow = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    for item in items:
+        if item.nodeid.split("[")[0] in slow:
+            item.add_marker(pytest.mark.slow)
