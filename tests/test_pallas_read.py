@@ -288,38 +288,13 @@ def _export_for_cuda(jax_precision, steps=CUBIC5, d=48):
 
 
 def _triton_kernels(module_text):
-    """(name, Triton IR in generic form) of each Triton custom call of ``module_text``.
+    """(name, Triton IR in generic form) of each Triton custom call of ``module_text``, as
+    the compile report reads them (``compile_report.triton_kernels``). The generic form
+    prints attributes that the pretty form leaves out at their default, tt.dot's
+    inputPrecision = IEEE among them."""
+    from experiments.accelerators import compile_report
 
-    The kernel travels as MLIR bytecode in the call's backend_config ("ir"); parsing it
-    needs the Triton dialect, which jaxlib ships (as Pallas' lowering uses it). The
-    generic form prints attributes that the pretty form leaves out at their default,
-    tt.dot's inputPrecision = IEEE among them.
-    """
-    from jax._src.interpreters import mlir
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.triton import dialect as tt_dialect
-
-    context = mlir.make_ir_context()
-    tt_dialect.register_dialect(context)
-    kernels = []
-
-    def walk(operation):
-        for region in operation.regions:
-            for block in region.blocks:
-                for op in block.operations:
-                    if op.operation.name == "stablehlo.custom_call":
-                        target = ir.StringAttr(op.attributes["call_target_name"]).value
-                        assert target == pallas_read.TRITON_CUSTOM_CALL
-                        config = ir.DictAttr(op.attributes["mhlo.backend_config"])
-                        kernel = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
-                        name = ir.StringAttr(config["name"]).value
-                        asm = kernel.operation.get_asm(print_generic_op_form=True)
-                        kernels.append((name, asm))
-                    walk(op.operation)
-
-    with context:
-        walk(ir.Module.parse(module_text).operation)
-    return kernels
+    return [(name, asm) for name, asm, _ in compile_report.triton_kernels(module_text)]
 
 
 def _dots(asm):
