@@ -45,7 +45,11 @@ FORWARD_TARGET = "orthorecall_ns_read_forward"
 BACKWARD_TARGET = "orthorecall_ns_read_backward"
 CHUNK_FORWARD_TARGET = "orthorecall_chunk_read_forward"
 CHUNK_BACKWARD_TARGET = "orthorecall_chunk_read_backward"
-_SOURCE = pathlib.Path(__file__).with_name("kernels") / "ns_read.cc"
+RAW_FORWARD_TARGET = "orthorecall_raw_memory_forward"
+RAW_BACKWARD_TARGET = "orthorecall_raw_memory_backward"
+_KERNELS = pathlib.Path(__file__).with_name("kernels")
+_SOURCES = (_KERNELS / "ns_read.cc", _KERNELS / "raw_memory.cc")
+_HEADERS = (_KERNELS / "parallel_for.h",)
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -93,7 +97,7 @@ def build(force: bool = False) -> pathlib.Path:
             "no C++ compiler found (tried $CXX, c++, g++, clang++); install one or "
             "set ORTHORECALL_CPU_KERNEL=0 to use the pure-JAX read."
         )
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     key = hashlib.sha256(
         b"\0".join(
             [
@@ -105,7 +109,7 @@ def build(force: bool = False) -> pathlib.Path:
             ]
         )
     ).hexdigest()[:16]
-    target = _cache_dir() / f"ns_read-{key}.so"
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,12 +117,13 @@ def build(force: bool = False) -> pathlib.Path:
     # a half-written library.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", partial]
+    command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", partial]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise KernelBuildError(
-                f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-4000:]}"
+                f"compiling {', '.join(p.name for p in _SOURCES)} failed "
+                f"({' '.join(command)}):\n{done.stderr[-4000:]}"
             )
         os.replace(partial, target)
     finally:
@@ -143,6 +148,8 @@ def available() -> bool:
             (BACKWARD_TARGET, library.OrthorecallNsReadBackward),
             (CHUNK_FORWARD_TARGET, library.OrthorecallChunkReadForward),
             (CHUNK_BACKWARD_TARGET, library.OrthorecallChunkReadBackward),
+            (RAW_FORWARD_TARGET, library.OrthorecallRawMemoryForward),
+            (RAW_BACKWARD_TARGET, library.OrthorecallRawMemoryBackward),
         ):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as error:
@@ -233,15 +240,38 @@ def _matrix_factors(rule: str) -> tuple[str, ...]:
 @functools.cache
 def _operation(direction: str, steps: Steps):
     target, operand_ranks, result_operands, rule = _SIGNATURES[direction]
-    result_ranks = tuple(operand_ranks[i] for i in result_operands)
+
+    def results(*operands):
+        return tuple(jax.ShapeDtypeStruct(operands[i].shape, jnp.float32) for i in result_operands)
+
     coefficients = np.asarray(steps, np.float32).reshape(-1)
+    return _batched_kernel_call(
+        target,
+        operand_ranks,
+        tuple(operand_ranks[i] for i in result_operands),
+        rule,
+        results,
+        coefficients=coefficients,
+    )
+
+
+def _batched_kernel_call(target, operand_ranks, result_ranks, rule, results, **attributes):
+    """``jax.ffi.ffi_call(target)`` for a kernel that treats every leading axis as batch
+    (the last ``operand_ranks[i]`` axes of operand i are its own): works under jit, vmap,
+    and sharding of the leading axes (each device runs its own shard). ``results`` maps
+    the operands to the results' ``ShapeDtypeStruct``s."""
 
     def call(*operands):
-        results = tuple(
-            jax.ShapeDtypeStruct(operands[i].shape, jnp.float32) for i in result_operands
-        )
-        return jax.ffi.ffi_call(target, results if len(results) > 1 else results[0])(
-            *operands, coefficients=coefficients
+        # Registers the targets in this process (a direct call may come before any read
+        # asked for them).
+        if not available():
+            raise KernelBuildError(
+                f"{target}: the CPU kernels are disabled or failed to build (the warning "
+                "says why); use the pure-JAX formulation instead."
+            )
+        shapes = results(*operands)
+        return jax.ffi.ffi_call(target, shapes if len(shapes) > 1 else shapes[0])(
+            *operands, **attributes
         )
 
     # Without a rule the SPMD partitioner would gather every shard onto every
@@ -253,15 +283,15 @@ def _operation(direction: str, steps: Steps):
         spec = tuple(getattr(first.sharding, "spec", ())) + (None,) * first.ndim
         batch = spec[: first.ndim - operand_ranks[0]]
         sharding = lambda rank: NamedSharding(mesh, PartitionSpec(*batch, *(None,) * rank))
-        results = tuple(sharding(rank) for rank in result_ranks)
+        out = tuple(sharding(rank) for rank in result_ranks)
         return (
             tuple(sharding(rank) for rank in operand_ranks),
-            results if len(results) > 1 else results[0],
+            out if len(out) > 1 else out[0],
         )
 
     def partition(mesh, arg_shapes, result_shape):
-        operands, results = shardings(mesh, arg_shapes)
-        return mesh, call, results, operands
+        operands, out = shardings(mesh, arg_shapes)
+        return mesh, call, out, operands
 
     partitioned = custom_partitioning(call)
     # JAX 0.6 lacks the replication hint; `partition` still keeps
@@ -294,3 +324,83 @@ def _operation(direction: str, steps: Steps):
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
     return operation
+
+
+# The raw memory's operands: q, k̂, v (..., T, H, d), log f, ĩ (..., T, H), reset (..., T),
+# C0 (..., H, d, d), n0 (..., H, d), m0 (..., H); the saved states (..., J, H, ...).
+_RAW_OPERANDS = (
+    "... t h i, ... t h i, ... t h j, ... t h, ... t h, ... t, ... h i j, ... h i, ... h"
+)
+_RAW_OPERAND_RANKS = (3, 3, 3, 2, 2, 1, 3, 2, 1)
+_RAW_OUTPUTS = "... t h j, ... h i j, ... h i, ... h"
+_RAW_OUTPUT_RANKS = (3, 3, 2, 1)
+_RAW_SAVED = "... s h i j, ... s h i, ... s h"
+_RAW_SAVED_RANKS = (4, 3, 2)
+
+
+def saved_intervals(length: int, interval: int) -> int:
+    """How many states ``raw_memory_forward`` saves: one per ``interval`` steps (0: none)."""
+    return -(-length // interval) if interval else 0
+
+
+@functools.cache
+def _raw_operation(direction: str, interval: int):
+    if direction == "forward":
+
+        def results(q, k, v, log_f, i_pre, reset, c0, n0, m0):
+            lead, (t, h, d) = q.shape[:-3], q.shape[-3:]
+            saved = lead + (saved_intervals(t, interval), h)
+            return tuple(
+                jax.ShapeDtypeStruct(shape, jnp.float32)
+                for shape in (
+                    v.shape,
+                    c0.shape,
+                    n0.shape,
+                    m0.shape,
+                    saved + (d, d),
+                    saved + (d,),
+                    saved,
+                )
+            )
+
+        return _batched_kernel_call(
+            RAW_FORWARD_TARGET,
+            _RAW_OPERAND_RANKS,
+            _RAW_OUTPUT_RANKS + _RAW_SAVED_RANKS,
+            f"{_RAW_OPERANDS} -> {_RAW_OUTPUTS}, {_RAW_SAVED}",
+            results,
+            interval=np.int64(interval),
+        )
+
+    def gradients(*operands):
+        return tuple(
+            jax.ShapeDtypeStruct(operands[i].shape, jnp.float32) for i in (0, 1, 2, 3, 4, 6, 7, 8)
+        )
+
+    return _batched_kernel_call(
+        RAW_BACKWARD_TARGET,
+        _RAW_OPERAND_RANKS + _RAW_SAVED_RANKS + _RAW_OUTPUT_RANKS * 2,
+        tuple(_RAW_OPERAND_RANKS[i] for i in (0, 1, 2, 3, 4, 6, 7, 8)),
+        f"{_RAW_OPERANDS}, {_RAW_SAVED}, {_RAW_OUTPUTS}, {_RAW_OUTPUTS} -> "
+        "... t h i, ... t h i, ... t h j, ... t h, ... t h, ... h i j, ... h i, ... h",
+        gradients,
+        interval=np.int64(interval),
+    )
+
+
+def raw_memory_forward(q, k, v, log_f, i_pre, reset, c0, n0, m0, interval: int = 0):
+    """The raw-read mLSTM over a whole sequence by the kernel (``kernels/raw_memory.cc``).
+
+    q, k̂ (= k/√d), v (..., T, H, d); log f, ĩ (..., T, H) float32; reset (..., T) bool;
+    the start state C0 (..., H, d, d), n0 (..., H, d), m0 (..., H). Returns h (..., T, H, d),
+    the end state (C, n, m), and the sanitized state at every ``interval``-th step
+    (for ``raw_memory_backward``; empty for ``interval=0``). Requires ``available()``.
+    """
+    return _raw_operation("forward", interval)(q, k, v, log_f, i_pre, reset, c0, n0, m0)
+
+
+def raw_memory_backward(operands, saved, outputs, cotangents, interval: int):
+    """The VJP of ``raw_memory_forward``: cotangents of q, k̂, v, log f, ĩ, C0, n0, m0, from
+    its operands, the states it saved every ``interval`` steps, its outputs (h and the end
+    state) and their cotangents."""
+    return _raw_operation("backward", interval)(*operands, *saved, *outputs, *cotangents)

@@ -66,8 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from orthorecall import chunk_read, chunkwise, gram_read
-from orthorecall.reads import ReadConfig
+from orthorecall import chunk_read, chunkwise, gram_read, raw_memory
+from orthorecall.reads import RAW, ReadConfig
 from orthorecall.validation import check_int
 
 # Added to the normalizer, as in the reference.
@@ -362,26 +362,40 @@ def recurrent_sequence(
     return jnp.moveaxis(outs, 0, 1), final
 
 
-def _padded_inputs(q, k, v, input_gate, forget_gate, reset, length: int):
-    """float32 q, k/√d, v, log f, ĩ and a bool reset, padded in time to ``length`` with
-    identity steps (f = 1, i = 0: the state is unchanged) whose outputs are dropped."""
+def _prepared_inputs(q, k, v, input_gate, forget_gate, reset):
+    """float32 q, k/√d, v, log f, ĩ and a bool reset (all False when None)."""
     b, t, _, d = q.shape
     if reset is None:
         reset = jnp.zeros((b, t), bool)
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     k = k / math.sqrt(d)
     log_f = jax.nn.log_sigmoid(forget_gate.astype(jnp.float32))
-    i_pre = input_gate.astype(jnp.float32)
-    pad = length - t
-    if pad:
-        time_pad = lambda x, value: jnp.pad(
-            x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
-        )
-        q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
-        log_f = time_pad(log_f, 0.0)
-        i_pre = time_pad(i_pre, chunkwise.LOG_ZERO)
-        reset = time_pad(reset, False)
-    return q, k, v, log_f, i_pre, reset
+    return q, k, v, log_f, input_gate.astype(jnp.float32), reset
+
+
+def _padded_in_time(q, k, v, log_f, i_pre, reset, length: int):
+    """Prepared inputs padded in time to ``length`` with identity steps (f = 1, i = 0:
+    the state is unchanged) whose outputs are dropped."""
+    pad = length - q.shape[1]
+    if not pad:
+        return q, k, v, log_f, i_pre, reset
+    time_pad = lambda x, value: jnp.pad(
+        x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
+    )
+    q, k, v = (time_pad(x, 0.0) for x in (q, k, v))
+    return (
+        q,
+        k,
+        v,
+        time_pad(log_f, 0.0),
+        time_pad(i_pre, chunkwise.LOG_ZERO),
+        time_pad(reset, False),
+    )
+
+
+def _padded_inputs(q, k, v, input_gate, forget_gate, reset, length: int):
+    """``_prepared_inputs`` padded in time to ``length`` (``_padded_in_time``)."""
+    return _padded_in_time(*_prepared_inputs(q, k, v, input_gate, forget_gate, reset), length)
 
 
 def _gram_step(carry, xs, steps):
@@ -544,35 +558,81 @@ def chunkwise_sequence(
     state: MemoryState | None = None,
     chunk_size: int | None = None,
     read_mix: jax.Array | float | None = None,
+    implementation: str = "auto",
 ) -> tuple[jax.Array, MemoryState]:
     """The same function as ``recurrent_sequence``, chunk by chunk.
 
     ``chunk_size`` need not divide T: the tail is padded with identity steps
     (forget 1, input 0) that leave the state unchanged and are dropped.
 
+    On the CPU the raw read (additive write) runs its recurrence in a fused kernel
+    instead (``orthorecall.raw_memory``; ``chunk_size`` is then the number of steps
+    between the states it keeps for backward): the same function, a fraction of the
+    chunk form's time there.
+
     Args and returns: as ``recurrent_sequence`` (``read_mix`` included), plus
-    ``chunk_size`` (>= 1, or None for ``default_chunk_size(read)``).
+    ``chunk_size`` (>= 1, or None for ``default_chunk_size(read)``) and
+    ``implementation``: "auto" (the kernel where ``raw_memory.applies``) or "xla" (the
+    chunk form everywhere).
 
     Raises:
-        ValueError: inconsistent shapes or a bad chunk size.
+        ValueError: inconsistent shapes, a bad chunk size or an unknown implementation.
     """
     _check_sequence_inputs(q, k, v, input_gate, forget_gate, reset, state, read)
     check_read_mix(read, read_mix)
+    if implementation not in ("auto", "xla"):
+        raise ValueError(f'implementation must be "auto" or "xla", got {implementation!r}.')
     if chunk_size is None:
         chunk_size = default_chunk_size(read)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
-    b, t, h, d = q.shape
+    b, _, h, d = q.shape
     if state is None:
         state = initial_memory_state(b, h, d, read)
     if not read.has_chunkwise_form:
         return _checkpointed_recurrence(
             q, k, v, input_gate, forget_gate, read, reset, state, chunk_size, read_mix
         )
+    raw_beside = read_mix is not None or read.straight_through != "none"
+    if implementation == "auto" and raw_beside and raw_memory.applies(RAW):
+        return _beside_the_raw_kernel(
+            q, k, v, input_gate, forget_gate, read, reset, state, chunk_size, read_mix
+        )
+    inputs = _prepared_inputs(q, k, v, input_gate, forget_gate, reset)
+    scan = functools.partial(_chunk_scan, read=read, chunk_size=chunk_size, read_mix=read_mix)
+    if implementation == "auto" and raw_memory.applies(read):
+        outs = raw_memory.sequence(
+            *inputs, state.c, state.n, state.m, interval=chunk_size, fallback=scan
+        )
+    else:
+        outs = scan(*inputs, state.c, state.n, state.m)
+    h, c, n, m = outs
+    return h, MemoryState(c, n, m, state.p)
+
+
+def _beside_the_raw_kernel(
+    q, k, v, input_gate, forget_gate, read, reset, state, chunk_size, read_mix
+):
+    """A read that mixes (``read_mix``) or swaps (straight-through) in the raw read, where
+    the raw read runs in the CPU kernel: the own read's and the raw read's outputs, each
+    computed (and normalized) as that read alone computes it, combined after the
+    normalization, which they share. So α = 1 is the read's output and α = 0 the raw
+    read's, bit for bit, and a straight-through half's value is exactly one read's."""
+    run = lambda r: chunkwise_sequence(
+        q, k, v, input_gate, forget_gate, read=r, reset=reset, state=state, chunk_size=chunk_size
+    )
+    own, end = run(read.own_read)
+    raw, _ = run(RAW)
+    h = read.combine_straight_through(own, raw)
+    return _mixed_with_raw(h, lambda: raw, read_mix), end
+
+
+def _chunk_scan(q, k, v, log_f, i_pre, reset, c0, n0, m0, *, read, chunk_size, read_mix):
+    """``chunkwise_sequence``'s chunk form on prepared inputs (``_prepared_inputs``):
+    h and the end state's (C, n, m)."""
+    b, t, h, d = q.shape
     size = min(chunk_size, t)
     num_chunks = -(-t // size)
-    q, k, v, log_f, i_pre, reset = _padded_inputs(
-        q, k, v, input_gate, forget_gate, reset, num_chunks * size
-    )
+    q, k, v, log_f, i_pre, reset = _padded_in_time(q, k, v, log_f, i_pre, reset, num_chunks * size)
 
     def to_chunks(x):
         # (B, T, ...) -> (num_chunks, B, L, ...): whole chunks of time moved, each
@@ -596,10 +656,10 @@ def chunkwise_sequence(
         policy=jax.checkpoint_policies.save_only_these_names(READ_CHECKPOINT_NAME),
     )
     xs = tuple(map(to_chunks, (q, k, v, log_f, i_pre, reset)))
-    final, outs = jax.lax.scan(body, state, xs)
+    final, outs = jax.lax.scan(body, MemoryState(c0, n0, m0), xs)
     # (num_chunks, B, L, H, d) -> (B, T, H, d)
     outs = jnp.moveaxis(outs, 0, 1).reshape(b, num_chunks * size, h, d)
-    return outs[:, :t], final
+    return outs[:, :t], final.c, final.n, final.m
 
 
 def _chunk(state: MemoryState, chunk, read: ReadConfig, read_mix=None):

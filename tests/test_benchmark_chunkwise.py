@@ -1,6 +1,7 @@
 """mlstm_kernels' JAX chunkwise mLSTM as an external oracle for our raw read, and the
 comparison benchmark that times the two (experiments/benchmarks/chunkwise.py)."""
 
+import functools
 import json
 
 import jax
@@ -31,9 +32,13 @@ def test_our_forms_agree_with_mlstm_kernels(chunk_size):
         *map(heads_first, (q, k, v, i, f)), chunk_size=chunk_size, return_last_states=True
     )[::3]
     theirs = np.asarray(heads_first(theirs))
-    for form in (mlstm.chunkwise_sequence, mlstm.recurrent_sequence):
-        extra = {"chunk_size": chunk_size} if form is mlstm.chunkwise_sequence else {}
-        h, state = form(q, k, v, i, f, read=reads.RAW, **extra)
+    forms = [
+        functools.partial(mlstm.chunkwise_sequence, chunk_size=chunk_size),  # the CPU kernel
+        functools.partial(mlstm.chunkwise_sequence, chunk_size=chunk_size, implementation="xla"),
+        mlstm.recurrent_sequence,
+    ]
+    for form in forms:
+        h, state = form(q, k, v, i, f, read=reads.RAW)
         scale = np.abs(theirs).max()
         np.testing.assert_allclose(np.asarray(h) / scale, theirs / scale, rtol=0, atol=1e-5)
         # Their memory is ours un-normalized by √d (their keys are not scaled; q·k is).
@@ -66,6 +71,10 @@ def test_benchmark_smoke_writes_figures(tmp_path, capsys):
         r = record[direction]
         assert r["ours_tokens_per_s"] > 0 and r["theirs_tokens_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["theirs_tokens_per_s"])
+        assert r["chunk_form_ratio"] == pytest.approx(
+            r["chunk_form_tokens_per_s"] / r["theirs_tokens_per_s"]
+        )
+    assert record["ours_runs"] == "cpu kernel"
     assert "ours / theirs" in capsys.readouterr().out
 
 

@@ -1,6 +1,7 @@
 """The recurrence and the chunkwise form against a float64 numpy recurrence."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +41,15 @@ def _run(form, read, q, k, v, igate, fgate, reset, chunk_size=None, state=None):
     reset = None if reset is None else jnp.asarray(reset)
     if form == "recurrent":
         return mlstm.recurrent_sequence(*args, read=read, reset=reset, state=state)
+    # "chunkwise_xla": the chunk form itself where the CPU runs a kernel (the raw read).
+    implementation = "xla" if form == "chunkwise_xla" else "auto"
     return mlstm.chunkwise_sequence(
-        *args, read=read, reset=reset, state=state, chunk_size=chunk_size
+        *args,
+        read=read,
+        reset=reset,
+        state=state,
+        chunk_size=chunk_size,
+        implementation=implementation,
     )
 
 
@@ -59,6 +67,8 @@ READS = [reads.RAW, reads.NS5, reads.ReadConfig("newton_schulz", 3, "polar_expre
         ("chunkwise", 29),
         ("chunkwise", 64),
         ("chunkwise", None),
+        ("chunkwise_xla", 8),
+        ("chunkwise_xla", 29),
     ],
 )
 @pytest.mark.slow
@@ -155,8 +165,8 @@ def test_gradients_agree_between_forms(read):
 
     args = tuple(jnp.asarray(a) for a in (q, k, v, igate, fgate))
     want = jax.grad(loss)(args, "recurrent", None)
-    for chunk in (4, 7):
-        got = jax.grad(loss)(args, "chunkwise", chunk)
+    for form, chunk in itertools.product(("chunkwise", "chunkwise_xla"), (4, 7)):
+        got = jax.grad(loss)(args, form, chunk)
         for g, w in zip(got, want):
             # Gradients that are exactly zero in the recurrence (a forget gate
             # at a reset step) come out of the chunk's cumulative sums as
@@ -273,12 +283,14 @@ def _assert_bad_exactly_where_reachable(got, want, reachable, err_msg=""):
     assert not np.any(np.isinf(got)), err_msg
 
 
-POISON_READS = [reads.RAW, reads.NS5, reads.POLAR]
+# The raw read twice: on the CPU its kernel ("auto"), and the chunk form ("xla").
+POISON_CASES = [(reads.RAW, "auto"), (reads.RAW, "xla"), (reads.NS5, "auto"), (reads.POLAR, "auto")]
+POISON_IDS = ["raw", "raw-xla", "newton_schulz", "polar"]
 
 
-@pytest.mark.parametrize("read", POISON_READS, ids=lambda r: r.kind)
+@pytest.mark.parametrize("read,implementation", POISON_CASES, ids=POISON_IDS)
 @pytest.mark.slow
-def test_non_finite_values_stay_causal_and_inside_their_episode(read):
+def test_non_finite_values_stay_causal_and_inside_their_episode(read, implementation):
     args, reset, state = _poisoned(20)
     want, want_state = mlstm.recurrent_sequence(*args, read=read, reset=reset, state=state)
     nan_args, _, nan_state = _poisoned(20, inf_as_nan=True)
@@ -292,13 +304,20 @@ def test_non_finite_values_stay_causal_and_inside_their_episode(read):
         {"atol": 2e-3, "rtol": 2e-3} if read.kind == "polar" else {"atol": 2e-5, "rtol": 2e-4}
     )
     # A fresh start at the reset: what every element with a reset must give from there.
-    fresh, _ = mlstm.chunkwise_sequence(*(a[:, RESET_AT:] for a in args), read=read, chunk_size=8)
+    fresh, _ = mlstm.chunkwise_sequence(
+        *(a[:, RESET_AT:] for a in args), read=read, chunk_size=8, implementation=implementation
+    )
     with_reset = np.asarray(reset)[:, RESET_AT]
     # 5 splits BAD_AT and RESET_AT over different chunks; 16 puts BAD_AT mid-chunk and
     # RESET_AT in the next; 24 holds all of them in one chunk.
     for chunk_size in (5, 16, 24):
         got, got_state = mlstm.chunkwise_sequence(
-            *args, read=read, reset=reset, state=state, chunk_size=chunk_size
+            *args,
+            read=read,
+            reset=reset,
+            state=state,
+            chunk_size=chunk_size,
+            implementation=implementation,
         )
         message = f"chunk_size={chunk_size}"
         _assert_bad_exactly_where_reachable(got, want, reachable, message)
@@ -313,9 +332,9 @@ def test_non_finite_values_stay_causal_and_inside_their_episode(read):
         )
 
 
-@pytest.mark.parametrize("read", POISON_READS, ids=lambda r: r.kind)
+@pytest.mark.parametrize("read,implementation", POISON_CASES, ids=POISON_IDS)
 @pytest.mark.slow
-def test_non_finite_values_do_not_spread_through_gradients(read):
+def test_non_finite_values_do_not_spread_through_gradients(read, implementation):
     # The loss takes every output no bad value reaches; a bad value must not turn the
     # gradient of another episode (or any the recurrence keeps finite) into NaN.
     args, reset, state = _poisoned(21)
@@ -329,7 +348,12 @@ def test_non_finite_values_do_not_spread_through_gradients(read):
             h, _ = mlstm.recurrent_sequence(*args, read=read, reset=reset, state=state)
         else:
             h, _ = mlstm.chunkwise_sequence(
-                *args, read=read, reset=reset, state=state, chunk_size=16
+                *args,
+                read=read,
+                reset=reset,
+                state=state,
+                chunk_size=16,
+                implementation=implementation,
             )
         return jnp.sum(jnp.where(keep, h * weight, 0.0))
 
