@@ -600,8 +600,10 @@ def chunkwise_sequence(
     inputs = _prepared_inputs(q, k, v, input_gate, forget_gate, reset)
     scan = functools.partial(_chunk_scan, read=read, chunk_size=chunk_size, read_mix=read_mix)
     if implementation == "auto" and raw_memory.applies(read):
+        # The states saved for backward: one per chunk_size steps, no more than T apart.
+        interval = max(1, min(chunk_size, q.shape[1]))
         outs = raw_memory.sequence(
-            *inputs, state.c, state.n, state.m, interval=chunk_size, fallback=scan
+            *inputs, state.c, state.n, state.m, interval=interval, fallback=scan
         )
     else:
         outs = scan(*inputs, state.c, state.n, state.m)

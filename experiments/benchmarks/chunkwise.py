@@ -16,9 +16,13 @@ default compiler options. The outputs are compared first (they compute the same
 function; ours also handles resets, NaN containment and any chunk length, which these
 inputs do not exercise).
 
-Each round times every function once, in turn, after compilation and a warm-up;
-the figures are medians over rounds, in tokens per second, and the ratio is ours over
-theirs. Install the pinned package with ``pip install -e ".[compare]"``.
+Each round visits every function in turn (after compilation and a warm-up): one
+untimed call, then three timed calls, whose median is the round's figure. The untimed
+call matters: the first call after another function pays for that function's cache and
+allocator state (measured: our forward 4.8 ms right after mlstm_kernels' backward, 2.3
+ms otherwise), which a loop calling one function does not. The figures are medians over
+rounds, in tokens per second, and the ratio is ours over theirs. Install the pinned
+package with ``pip install -e ".[compare]"``.
 """
 
 from __future__ import annotations
@@ -110,8 +114,11 @@ def make_functions(shape, chunk_size: int | None, native):
     return functions, difference
 
 
-def time_alternated(functions: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed once per round, in turn."""
+def time_alternated(functions: dict, rounds: int, calls: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function: every round visits the functions in
+    turn, and each one, after an untimed call (the previous function's buffers and
+    cache lines replaced by its own, as in a loop that calls it repeatedly), is timed
+    over ``calls`` calls; the figure is the median over rounds of each round's median."""
     import jax
 
     for fn, args in functions.values():
@@ -119,9 +126,13 @@ def time_alternated(functions: dict, rounds: int) -> dict[str, float]:
     times = {name: [] for name in functions}
     for _ in range(rounds):
         for name, (fn, args) in functions.items():
-            start = time.perf_counter()
             jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
+            within = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                within.append(time.perf_counter() - start)
+            times[name].append(statistics.median(within))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
