@@ -104,3 +104,13 @@ def mlstm_variant_recurrence(
                 denom = max(abs(query @ n) * scale, scale) + 1e-6
                 out[bi, ti, hi] = (query @ read(c * scale)) / denom
     return out
+
+
+def assert_directional_derivative(f64, x, gradient, seed, eps=1e-5, tolerance=2e-3):
+    """That ``gradient`` (of a float32 function at ``x``) agrees with the central
+    difference of the float64 function ``f64`` along a random direction."""
+    x = np.asarray(x, np.float64)
+    direction = np.random.default_rng(seed).standard_normal(x.shape)
+    want = (f64(x + eps * direction) - f64(x - eps * direction)) / (2 * eps)
+    got = float(np.sum(np.asarray(gradient, np.float64) * direction))
+    assert abs(got - want) < tolerance * max(1.0, abs(want)), (got, want)

@@ -187,11 +187,7 @@ def test_gradient_matches_float64_finite_differences():
     grad = jax.grad(
         lambda ig: jnp.sum(_run("chunkwise", reads.NS5, q, k, v, ig, fgate, reset, 8)[0] * weight)
     )(jnp.asarray(igate))
-    direction = np.random.default_rng(11).standard_normal(igate.shape)
-    eps = 1e-5
-    want = (f64(igate + eps * direction) - f64(igate - eps * direction)) / (2 * eps)
-    got = float(np.sum(np.asarray(grad, np.float64) * direction))
-    assert abs(got - want) < 2e-3 * max(1.0, abs(want)), (got, want)
+    ref.assert_directional_derivative(f64, igate, grad, seed=11)
 
 
 @pytest.mark.slow

@@ -132,11 +132,7 @@ def test_gradient_matches_float64_finite_differences():
             * weight
         )
     )(jnp.asarray(igate))
-    direction = np.random.default_rng(15).standard_normal(igate.shape)
-    eps = 1e-5
-    want = (f64(igate + eps * direction) - f64(igate - eps * direction)) / (2 * eps)
-    got = float(np.sum(np.asarray(grad, np.float64) * direction))
-    assert abs(got - want) < 2e-3 * max(1.0, abs(want)), (got, want)
+    ref.assert_directional_derivative(f64, igate, grad, seed=15)
 
 
 def test_vmap_over_seeds_with_leading_axes_and_low_precision_inputs():
