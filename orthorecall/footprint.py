@@ -27,7 +27,10 @@ them, asserting a factor within [1, 2.5]. Since the CPU kernel forms each C_t it
 (``orthorecall.chunk_read``) its Newton-Schulz cases no longer hold the chunk's memories;
 re-measured on eight of them (NS1/NS5 cubic and muon, 1-3 seeds, lengths 15-1023, with
 and without segments, d = 8-48): 1.12-1.64x for training, 1.30-1.44x for evaluation.
-The terms follow what the code keeps
+The raw read on the CPU runs its recurrence in a kernel (``orthorecall.raw_memory``),
+without the chunk's L x L matrices; re-measured on eight raw and raw + ns5 cases (1-3
+seeds, batch 4-16, lengths 15-1023, chunks 16-64, with and without segments): 1.32-2.43x
+for training. The terms follow what the code keeps
 (``mlstm.chunkwise_sequence``'s checkpointed chunk, the Newton-Schulz read's custom
 VJPs): a change there may need a change here, which that test would show. Not measured on
 a GPU or TPU, whose compilers fuse differently.
@@ -39,7 +42,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from orthorecall import model as model_lib
-from orthorecall import newton_schulz
+from orthorecall import newton_schulz, raw_memory
 from orthorecall.mlstm import default_chunk_size
 from orthorecall.reads import ReadConfig
 
@@ -136,6 +139,9 @@ def _activation_bytes(config: model_lib.ModelConfig, batch_size, seq_len, backen
     tokens = batch_size * seq_len
     padded_tokens = batch_size * num_chunks * chunk
     non_raw = not cell.read.is_raw
+    # The raw read's recurrence kernel (CPU) keeps no L x L matrices, only its output and
+    # the states it saves every chunk for backward.
+    recurrence = raw_memory.applies(cell.read, backend)
     # What one chunk's body holds (the scan runs one chunk at a time, and backward
     # recomputes one chunk at a time under its jax.checkpoint), in float32 elements.
     carry = batch_size * h * (hd * hd + hd + 1)  # (C, n, m)
@@ -148,16 +154,19 @@ def _activation_bytes(config: model_lib.ModelConfig, batch_size, seq_len, backen
         # The forward pass's residuals and the cotangents alive with them: projections,
         # gates, the chunked q, k, v and the output path per token; a non-raw read also
         # keeps its output (B, T, I) through the chunk's checkpoint.
-        per_token_block = compute * 26 * i + _F32 * (8 * i + 8 * h + 8 * d + non_raw * i)
+        keeps_output = non_raw or recurrence
+        per_token_block = compute * 26 * i + _F32 * (8 * i + 8 * h + 8 * d + keeps_output * i)
         per_token = _F32 * (6 * d + 3 * v)  # embedding, norms, residual; logits, softmax
         states = (num_chunks + 2) * carry  # every chunk-start state is kept for backward
         chunk_work = 5 * square + formed * (4 * weighted + (3 + reads) * memories)
+        if recurrence:
+            chunk_work = 0
     else:
         # Forward only: a few token-wide buffers at a time, the chunk's work, the logits.
         per_token_block = compute * 6 * i + _F32 * (4 * i + 2 * h + 4 * d)
         per_token = _F32 * (3 * d + 3 * v)
         states = 3 * carry
-        chunk_work = 4 * square + formed * (weighted + (2 + reads) * memories)
+        chunk_work = 0 if recurrence else 4 * square + formed * (weighted + (2 + reads) * memories)
     block = per_token_block * padded_tokens + _F32 * (states + chunk_work)
     return cell.num_blocks * block + per_token * tokens
 
