@@ -1,4 +1,4 @@
-"""The fused Newton–Schulz read kernel for XLA:CPU: build, load, register.
+"""The CPU kernels (XLA FFI): build, load, register, and the calls of each.
 
 XLA:CPU runs batches of small (48 x 48) products far below the machine's
 matrix-product speed and on a single thread, and the orthogonalized read is
@@ -9,14 +9,15 @@ recomputing the iterates per matrix). ``orthorecall.newton_schulz`` uses it on
 the CPU backend; GPU/TPU lower the pure-JAX formulation instead. A second pair of
 entry points, the chunk read (``chunk_read_forward``/``chunk_read_backward``, used by
 ``orthorecall.chunk_read``), also forms each position's memory of a chunkwise-mLSTM
-chunk inside the kernel.
+chunk inside the kernel. ``kernels/raw_memory.cc`` runs the raw read's whole recurrence
+(``raw_memory_forward``/``raw_memory_backward``, used by ``orthorecall.raw_memory``).
 
-The kernel is compiled on first use with the system's C++ compiler against the
-XLA FFI headers that ship with jaxlib, for this machine's instruction set, and
-cached under ``$ORTHORECALL_CACHE_DIR`` (default ``~/.cache/orthorecall``),
-keyed by source, JAX version, compiler and CPU. Without a compiler (or with
-``ORTHORECALL_CPU_KERNEL=0``) the read falls back to the pure-JAX formulation,
-which computes the same function, with one warning.
+The kernels are compiled on first use, into one library, with the system's C++ compiler
+against the XLA FFI headers that ship with jaxlib, for this machine's instruction set,
+and cached under ``$ORTHORECALL_CACHE_DIR`` (default ``~/.cache/orthorecall``), keyed
+by source, JAX version, compiler and CPU. Without a compiler (or with
+``ORTHORECALL_CPU_KERNEL=0``) the reads fall back to their pure-JAX formulations,
+which compute the same functions, with one warning.
 """
 
 from __future__ import annotations
@@ -154,8 +155,9 @@ def available() -> bool:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as error:
         warnings.warn(
-            f"orthorecall: the fused CPU read kernel is unavailable, using the pure-JAX "
-            f"Newton–Schulz read (same results, several times slower on CPU): {error}",
+            f"orthorecall: the fused CPU kernels are unavailable, using the pure-JAX "
+            f"Newton–Schulz read and raw-read chunk form (the same function, several times "
+            f"slower on CPU): {error}",
             RuntimeWarning,
             stacklevel=2,
         )
