@@ -62,7 +62,9 @@ inline bool AllFinite(const float* x, int d) {
   }
   return any_bad == 0;
 }
-inline float Max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : (a > b ? a : b); }
+inline float Max(float a, float b) {
+  return (std::isnan(a) || std::isnan(b)) ? kNaN : (a > b ? a : b);
+}
 
 // d(max(a, b)) split between a and b as jnp.maximum's JVP does: all to the larger, halves
 // at a tie.
@@ -90,7 +92,6 @@ struct Strides {
   }
   int64_t Gate(int64_t b, int64_t t, int64_t h) const { return (b * s.length + t) * s.heads + h; }
   int64_t Reset(int64_t b, int64_t t) const { return b * s.length + t; }
-  int64_t Pair(int64_t b, int64_t h) const { return b * s.heads + h; }
   int64_t Intervals(int interval) const { return (s.length + interval - 1) / interval; }
   // Saved state (b, j, h) of a (B, J, H, ...) array of J intervals.
   int64_t Saved(int64_t b, int64_t j, int64_t h, int interval) const {
