@@ -40,6 +40,8 @@ Two sequence forms compute the same thing:
   elsewhere one batched product forms all L). The chunk body runs under ``jax.checkpoint``:
   backward keeps the chunk-boundary states and the read's output (B, H, L, d),
   recomputes the rest, and never repeats the read itself.
+  On the CPU the raw read runs its recurrence in a fused kernel instead
+  (``orthorecall.raw_memory``): the same function, without the chunk's L x L work.
 
 Resets (per batch element and step) mean "this step starts a new episode": the
 state is cleared (C, n, m = 0) before the step is processed.
@@ -568,7 +570,8 @@ def chunkwise_sequence(
     On the CPU the raw read (additive write) runs its recurrence in a fused kernel
     instead (``orthorecall.raw_memory``; ``chunk_size`` is then the number of steps
     between the states it keeps for backward): the same function, a fraction of the
-    chunk form's time there.
+    chunk form's time there. A read that mixes in (``read_mix``) or swaps with
+    (straight-through) the raw read then combines the two reads' normalized outputs.
 
     Args and returns: as ``recurrent_sequence`` (``read_mix`` included), plus
     ``chunk_size`` (>= 1, or None for ``default_chunk_size(read)``) and
