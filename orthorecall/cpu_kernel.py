@@ -334,13 +334,15 @@ _RAW_OPERANDS = (
     "... t h i, ... t h i, ... t h j, ... t h, ... t h, ... t, ... h i j, ... h i, ... h"
 )
 _RAW_OPERAND_RANKS = (3, 3, 3, 2, 2, 1, 3, 2, 1)
+# The operands with a cotangent: all but the resets.
+_RAW_DIFFERENTIABLE = (0, 1, 2, 3, 4, 6, 7, 8)
 _RAW_OUTPUTS = "... t h j, ... h i j, ... h i, ... h"
 _RAW_OUTPUT_RANKS = (3, 3, 2, 1)
 _RAW_SAVED = "... s h i j, ... s h i, ... s h"
 _RAW_SAVED_RANKS = (4, 3, 2)
 
 
-def saved_intervals(length: int, interval: int) -> int:
+def _saved_intervals(length: int, interval: int) -> int:
     """How many states ``raw_memory_forward`` saves: one per ``interval`` steps (0: none)."""
     return -(-length // interval) if interval else 0
 
@@ -351,7 +353,7 @@ def _raw_operation(direction: str, interval: int):
 
         def results(q, k, v, log_f, i_pre, reset, c0, n0, m0):
             lead, (t, h, d) = q.shape[:-3], q.shape[-3:]
-            saved = lead + (saved_intervals(t, interval), h)
+            saved = lead + (_saved_intervals(t, interval), h)
             return tuple(
                 jax.ShapeDtypeStruct(shape, jnp.float32)
                 for shape in (
@@ -376,15 +378,16 @@ def _raw_operation(direction: str, interval: int):
 
     def gradients(*operands):
         return tuple(
-            jax.ShapeDtypeStruct(operands[i].shape, jnp.float32) for i in (0, 1, 2, 3, 4, 6, 7, 8)
+            jax.ShapeDtypeStruct(operands[i].shape, jnp.float32) for i in _RAW_DIFFERENTIABLE
         )
 
+    operand_factors = _RAW_OPERANDS.split(", ")
     return _batched_kernel_call(
         RAW_BACKWARD_TARGET,
         _RAW_OPERAND_RANKS + _RAW_SAVED_RANKS + _RAW_OUTPUT_RANKS * 2,
-        tuple(_RAW_OPERAND_RANKS[i] for i in (0, 1, 2, 3, 4, 6, 7, 8)),
+        tuple(_RAW_OPERAND_RANKS[i] for i in _RAW_DIFFERENTIABLE),
         f"{_RAW_OPERANDS}, {_RAW_SAVED}, {_RAW_OUTPUTS}, {_RAW_OUTPUTS} -> "
-        "... t h i, ... t h i, ... t h j, ... t h, ... t h, ... h i j, ... h i, ... h",
+        + ", ".join(operand_factors[i] for i in _RAW_DIFFERENTIABLE),
         gradients,
         interval=np.int64(interval),
     )

@@ -62,6 +62,13 @@ inline bool AllFinite(const float* x, int d) {
   }
   return any_bad == 0;
 }
+// x itself when all of x[0..d) is finite (the common case, no copy), else a copy in
+// `scratch` with the bad entries replaced by 0.
+inline const float* Sanitized(const float* x, float* scratch, int d) {
+  if (AllFinite(x, d)) return x;
+  for (int i = 0; i < d; ++i) scratch[i] = FiniteOrZero(x[i]);
+  return scratch;
+}
 inline float Max(float a, float b) {
   return (std::isnan(a) || std::isnan(b)) ? kNaN : (a > b ? a : b);
 }
@@ -318,26 +325,20 @@ void ForwardPairs(const Shape& shape, const Operands& in, const ForwardResults& 
       for (int u = 0; u < steps; ++u) {
         const int64_t x = at.Vector(b, t + u, hd), g = at.Gate(b, t + u, hd);
         const float *qx = in.q + x, *kx = in.k + x, *vx = in.v + x;
-        bool bad_query = false;
-        if (AllFinite(qx, d) && AllFinite(kx, d) && AllFinite(vx, d)) {
-          q[u] = qx, k[u] = kx, v[u] = vx;
-        } else {
-          // Sanitized copies, and the faults of every feature.
-          float* qs = inputs.data() + (3 * u) * d;
-          float* ks = qs + d;
-          float* vs = ks + d;
+        float* scratch = inputs.data() + 3 * u * d;
+        q[u] = Sanitized(qx, scratch, d);
+        k[u] = Sanitized(kx, scratch + d, d);
+        v[u] = Sanitized(vx, scratch + 2 * d, d);
+        const bool bad_query = q[u] != qx;
+        if (k[u] != kx || v[u] != vx) {
+          // The faults of every feature.
           for (int i = 0; i < d; ++i) {
-            bad_query |= !std::isfinite(qx[i]);
-            const bool bad_key = !std::isfinite(kx[i]);
+            const bool bad_key = !std::isfinite(kx[i]), bad_value = !std::isfinite(vx[i]);
             faults.key[i] |= bad_key;
             faults.any_key |= bad_key;
-            faults.value[i] |= !std::isfinite(vx[i]);
-            faults.any_value |= !std::isfinite(vx[i]);
-            qs[i] = FiniteOrZero(qx[i]);
-            ks[i] = FiniteOrZero(kx[i]);
-            vs[i] = FiniteOrZero(vx[i]);
+            faults.value[i] |= bad_value;
+            faults.any_value |= bad_value;
           }
-          q[u] = qs, k[u] = ks, v[u] = vs;
         }
         faults.stabilizer |= std::isnan(in.log_f[g]) || NanOrPlusInf(in.i_pre[g]);
         bad_row[u] =
@@ -489,7 +490,7 @@ void BackwardPairs(const Shape& shape, const Operands& in, const BackwardOperand
   // The states after every step of one interval, and what the adjoint needs of each step.
   std::vector<float> cs(span * dd), ns(span * d), nums(span * d), ms_prev(span);
   std::vector<StepResult> steps(span);
-  std::vector<float> zeros(dd, 0.0f), c_bar(dd), n_bar(d), qs(d), ks(d), vs(d), num_bar(d);
+  std::vector<float> zeros(dd, 0.0f), c_bar(dd), n_bar(d), scratch(3 * d), num_bar(d);
   for (int64_t pair = begin; pair < end; ++pair) {
     const int64_t b = pair / shape.heads, hd = pair % shape.heads;
     for (size_t i = 0; i < dd; ++i)
@@ -508,12 +509,12 @@ void BackwardPairs(const Shape& shape, const Operands& in, const BackwardOperand
             cleared ? zeros.data() : (s == 0 ? start_c : cs.data() + (s - 1) * dd),
             cleared ? zeros.data() : (s == 0 ? start_n : ns.data() + (s - 1) * d));
       };
+      // Step t's q, k, v as the forward used them (sanitized).
+      const float *qs, *ks, *vs;
       auto load = [&](int64_t x) {
-        for (int i = 0; i < d; ++i) {
-          qs[i] = FiniteOrZero(in.q[x + i]);
-          ks[i] = FiniteOrZero(in.k[x + i]);
-          vs[i] = FiniteOrZero(in.v[x + i]);
-        }
+        qs = Sanitized(in.q + x, scratch.data(), d);
+        ks = Sanitized(in.k + x, scratch.data() + d, d);
+        vs = Sanitized(in.v + x, scratch.data() + 2 * d, d);
       };
       float m = bw.saved_m[slot];
       for (int64_t t = t0; t < t1; ++t) {
@@ -525,12 +526,12 @@ void BackwardPairs(const Shape& shape, const Operands& in, const BackwardOperand
         load(x);
         ms_prev[s] = m;
         const StepGates gates = Gates(SanitizedLogF(in.log_f[g]), SanitizedInput(in.i_pre[g]), m);
-        const float* q[1] = {qs.data()};
-        const float* k[1] = {ks.data()};
-        const float* v[1] = {vs.data()};
+        const float* q[1] = {qs};
+        const float* k[1] = {ks};
+        const float* v[1] = {vs};
         float* num[1] = {nums.data() + s * d};
         Pass<D, 1>::Run(q, k, v, &gates, c_prev, cs.data() + s * dd, num, d);
-        const float q_dot_n = UpdateNormalizer(qs.data(), ks.data(), gates, n_prev, ns.data() + s * d, d);
+        const float q_dot_n = UpdateNormalizer(qs, ks, gates, n_prev, ns.data() + s * d, d);
         steps[s] = {gates.alpha, gates.beta, gates.m, q_dot_n, Denominator(q_dot_n, gates.m)};
         m = gates.m;
       }
@@ -555,8 +556,8 @@ void BackwardPairs(const Shape& shape, const Operands& in, const BackwardOperand
         MaxCotangent(std::fabs(r.q_dot_n), floor, den_bar, &abs_bar, &floor_bar);
         const float sign = r.q_dot_n > 0.0f ? 1.0f : (r.q_dot_n < 0.0f ? -1.0f : 0.0f);
         float alpha_bar, beta_bar;
-        StepAdjoint<D>(cs.data() + s * dd, c_prev, ns.data() + s * d, n_prev, qs.data(),
-                       ks.data(), vs.data(), num_bar.data(), abs_bar * sign, r.alpha, r.beta,
+        StepAdjoint<D>(cs.data() + s * dd, c_prev, ns.data() + s * d, n_prev, qs, ks, vs,
+                       num_bar.data(), abs_bar * sign, r.alpha, r.beta,
                        c_bar.data(), n_bar.data(), out.q + x, out.k + x, out.v + x,
                        &alpha_bar, &beta_bar, d);
         // α = exp(a - m), β = exp(ĩ - m), m = max(a, ĩ), a = log f + m_{t-1}.
@@ -681,20 +682,25 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The binding of the operands both directions take first.
+template <typename Binding>
+auto WithOperands(Binding&& binding) {
+  return std::forward<Binding>(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()   // q
+      .template Arg<ffi::Buffer<ffi::F32>>()   // k̂
+      .template Arg<ffi::Buffer<ffi::F32>>()   // v
+      .template Arg<ffi::Buffer<ffi::F32>>()   // log f
+      .template Arg<ffi::Buffer<ffi::F32>>()   // ĩ
+      .template Arg<ffi::Buffer<ffi::PRED>>()  // reset
+      .template Arg<ffi::Buffer<ffi::F32>>()   // C0
+      .template Arg<ffi::Buffer<ffi::F32>>()   // n0
+      .template Arg<ffi::Buffer<ffi::F32>>();  // m0
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthorecallRawMemoryForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k̂
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // log f
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // ĩ
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // reset
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // C0
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // n0
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // m0
+                              WithOperands(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                                   .Attr<int64_t>("interval")
                                   .Ret<ffi::Buffer<ffi::F32>>()    // h
                                   .Ret<ffi::Buffer<ffi::F32>>()    // C end
@@ -705,17 +711,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthorecallRawMemoryForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>());  // saved m
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthorecallRawMemoryBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k̂
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // log f
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // ĩ
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // reset
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // C0
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // n0
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // m0
+                              WithOperands(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())
                                   .Arg<ffi::Buffer<ffi::F32>>()   // saved C
                                   .Arg<ffi::Buffer<ffi::F32>>()   // saved n
                                   .Arg<ffi::Buffer<ffi::F32>>()   // saved m
