@@ -158,9 +158,9 @@ def _activation_bytes(config: model_lib.ModelConfig, batch_size, seq_len, backen
         per_token_block = compute * 26 * i + _F32 * (8 * i + 8 * h + 8 * d + keeps_output * i)
         per_token = _F32 * (6 * d + 3 * v)  # embedding, norms, residual; logits, softmax
         states = (num_chunks + 2) * carry  # every chunk-start state is kept for backward
-        chunk_work = 5 * square + formed * (4 * weighted + (3 + reads) * memories)
-        if recurrence:
-            chunk_work = 0
+        chunk_work = (
+            0 if recurrence else 5 * square + formed * (4 * weighted + (3 + reads) * memories)
+        )
     else:
         # Forward only: a few token-wide buffers at a time, the chunk's work, the logits.
         per_token_block = compute * 6 * i + _F32 * (4 * i + 2 * h + 4 * d)
